@@ -1,0 +1,203 @@
+//! Errors: one enum per operation area, and the umbrella [`Error`].
+//!
+//! Every variant that concerns a file names it, and the messages say what to do about the problem.
+
+use crate::object::DType;
+use std::path::PathBuf;
+use thiserror::Error;
+
+/// A safetensors file that breaks the format's rules.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum SafetensorsError {
+    #[error("file is {len} bytes, shorter than the 8-byte header length: the file is truncated")]
+    Truncated { len: u64 },
+    #[error("header length {declared} exceeds the limit of {limit} bytes (header bomb or not a safetensors file)")]
+    HeaderTooLarge { declared: u64, limit: u64 },
+    #[error("header length {declared} is larger than the file ({file_len} bytes): the file is truncated or not safetensors")]
+    HeaderBeyondFile { declared: u64, file_len: u64 },
+    #[error("header is not valid UTF-8")]
+    HeaderNotUtf8,
+    #[error("header is not valid safetensors JSON: {0}")]
+    HeaderJson(String),
+    #[error("tensor name {name:?} appears twice in the header")]
+    DuplicateTensor { name: String },
+    #[error("tensor {tensor:?} has dtype {dtype}; peftdb stores F32, F16 and BF16 adapters (convert with `tensor.float()` before saving)")]
+    UnsupportedDtype { tensor: String, dtype: String },
+    #[error("tensor {tensor:?}: {reason}")]
+    BadShape { tensor: String, reason: String },
+    #[error("tensor {tensor:?}: data offsets [{begin}, {end}) are outside the data section ({data_len} bytes): the file is truncated or corrupt")]
+    OffsetsOutOfRange {
+        tensor: String,
+        begin: u64,
+        end: u64,
+        data_len: u64,
+    },
+    #[error("tensor {tensor:?}: dtype {dtype} with shape {shape:?} needs {expected} bytes but its offsets span {found}")]
+    LengthMismatch {
+        tensor: String,
+        dtype: DType,
+        shape: Vec<u64>,
+        expected: u64,
+        found: u64,
+    },
+    #[error("tensors {first:?} and {second:?} overlap in the data section")]
+    Overlap { first: String, second: String },
+    #[error("the data section has a gap at byte {at} (next tensor starts at {next})")]
+    Gap { at: u64, next: u64 },
+    #[error("the data section has {} unused trailing bytes", data_len - used)]
+    TrailingBytes { used: u64, data_len: u64 },
+    #[error("rejected by the reference safetensors reader: {0}")]
+    Reference(String),
+}
+
+/// Reading an adapter from files.
+#[derive(Debug, Error)]
+pub enum ReadError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not an adapter folder (no adapter_config.json); point at the folder PEFT's save_pretrained wrote")]
+    NotAnAdapter { path: PathBuf },
+    #[error("{path}: pickle weights are never loaded (unpickling can run arbitrary code); convert them once with Python: `import torch; from safetensors.torch import save_file; save_file(torch.load(p, weights_only=True), 'adapter_model.safetensors')`, or re-save with `save_pretrained(..., safe_serialization=True)`")]
+    PickleRefused { path: PathBuf },
+    #[error("{dir}: no weights file (expected {expected})")]
+    MissingWeights { dir: PathBuf, expected: String },
+    #[error("{path}: invalid adapter config: {reason}")]
+    Config { path: PathBuf, reason: String },
+    #[error("{path}: unknown peft_type {peft_type:?}; peftdb reads LORA, IA3, PREFIX_TUNING, PROMPT_TUNING, BITFIT (its own) and AdapterHub bottleneck adapters")]
+    UnknownPeftType { path: PathBuf, peft_type: String },
+    #[error("{path}: {source}")]
+    Safetensors {
+        path: PathBuf,
+        #[source]
+        source: SafetensorsError,
+    },
+    #[error("{path}: tensor {tensor:?} has shape {found:?}, but the config implies {expected}")]
+    ShapeMismatch {
+        path: PathBuf,
+        tensor: String,
+        expected: String,
+        found: Vec<usize>,
+    },
+    #[error("{path}: tensors have different dtypes ({first:?} is {first_dtype}, {second:?} is {second_dtype}); save all tensors in one dtype")]
+    MixedDtypes {
+        path: PathBuf,
+        first: String,
+        first_dtype: DType,
+        second: String,
+        second_dtype: DType,
+    },
+    #[error("{path}: tensor {tensor:?} does not belong to a {method} adapter ({reason})")]
+    UnexpectedTensor {
+        path: PathBuf,
+        tensor: String,
+        method: String,
+        reason: String,
+    },
+    #[error("{path}: {reason}")]
+    MissingTensor { path: PathBuf, reason: String },
+    #[error("{path}: the adapter has no tensors")]
+    Empty { path: PathBuf },
+    #[error("{path}: tensor {tensor:?} holds a NaN or infinite value at element {index}; the training run diverged (pass --allow-non-finite to store it anyway)")]
+    NonFinite {
+        path: PathBuf,
+        tensor: String,
+        index: usize,
+    },
+}
+
+/// Opening, reading or writing the store.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("{path}: the store is open for writing by another process{}; close it (one writer at a time), or open read-only", holder.as_ref().map(|h| format!(" ({h})")).unwrap_or_default())]
+    Locked {
+        path: PathBuf,
+        holder: Option<String>,
+    },
+    #[error("{path}: store schema version {found} is newer than this peftdb supports ({supported}); upgrade peftdb")]
+    NewerSchema {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("{path}: store schema version {found} is older than {supported} and has no migration; re-ingest the zoo into a new store")]
+    OlderSchema {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("{path}: not a peftdb store ({reason})")]
+    NotAStore { path: PathBuf, reason: String },
+    #[error("{path}: no store here; create one with `peftdb init` (or `Store::create`)")]
+    Missing { path: PathBuf },
+    #[error("{path}: store already exists")]
+    Exists { path: PathBuf },
+    #[error("{path}: storage error while {during}: {detail}; the store keeps every earlier commit (free disk space and re-run)")]
+    Storage {
+        path: PathBuf,
+        during: String,
+        detail: String,
+    },
+    #[error("{path}: corrupt record in table {table} (key {key}): {detail}")]
+    Corrupt {
+        path: PathBuf,
+        table: &'static str,
+        key: String,
+        detail: String,
+    },
+    #[error("no {what} {key:?} in the store")]
+    NotFound { what: &'static str, key: String },
+    #[error("adapter for base model {base_model:?} does not fit that model: {detail}")]
+    BaseModelMismatch { base_model: String, detail: String },
+    #[error("the store is read-only (opened with open_read_only)")]
+    ReadOnly,
+}
+
+/// Batch ingestion of a zoo (errors that stop the whole batch; per-adapter problems are reported in the
+/// [`crate::ingest::IngestReport`]).
+#[derive(Debug, Error)]
+pub enum IngestError {
+    #[error("{path}: {reason}")]
+    Walk { path: PathBuf, reason: String },
+    #[error("{path}: invalid zoo manifest: {reason}")]
+    Manifest { path: PathBuf, reason: String },
+    #[error("{path}: rejected (--strict stops at the first bad adapter): {source}")]
+    Strict {
+        path: PathBuf,
+        #[source]
+        source: Box<Error>,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Writing an object back to files.
+#[derive(Debug, Error)]
+pub enum ExportError {
+    #[error("{path}: already exists and is not empty; choose a new folder or remove it")]
+    TargetExists { path: PathBuf },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Any peftdb error.
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error(transparent)]
+    Export(#[from] ExportError),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,437 @@
+//! Lightweight objects: the typed model of a parameter-efficient adapter.
+//!
+//! A [`LightweightObject`] is what every reader produces and every writer consumes: the method and its
+//! configuration ([`Method`]), the base model it was tuned on, its tensors ([`Tensor`], bytes kept in their
+//! stored dtype) and the verbatim configuration file it came with, so that an export is byte-identical.
+//!
+//! Submodules:
+//! - [`layout`]: the tensor-name parser (layer index, module path, role) for BERT, Llama/Qwen/Mistral, T5
+//!   and GPT-2 layouts, and the per-layer split of prefix tuning's `prompt_embeddings`.
+//! - [`safetensors_io`]: a validating safetensors reader that keeps tensor order and metadata, and the writer
+//!   that reproduces the file byte for byte.
+//! - [`formats`]: PEFT folders, AdapterHub bottleneck adapters and peftdb's BitFit bias sets.
+
+pub mod formats;
+pub mod layout;
+pub mod safetensors_io;
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+pub use formats::{read_adapter, write_adapter, AdapterFormat};
+pub use layout::{parse_tensor_name, LayerRef, Role, TensorLocation};
+
+/// Element type of a stored tensor. peftdb keeps the bytes as stored and converts to f32 only to compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+    /// The safetensors spelling (`F32`, `F16`, `BF16`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+        }
+    }
+    /// Parse the safetensors spelling; `None` for dtypes peftdb does not store (integers, f64, f8...).
+    pub fn parse(s: &str) -> Option<DType> {
+        match s {
+            "F32" => Some(DType::F32),
+            "F16" => Some(DType::F16),
+            "BF16" => Some(DType::BF16),
+            _ => None,
+        }
+    }
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            DType::BF16 => 2,
+        }
+    }
+    pub(crate) fn from_code(c: u8) -> Option<DType> {
+        match c {
+            0 => Some(DType::F32),
+            1 => Some(DType::F16),
+            2 => Some(DType::BF16),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One tensor of an adapter: its name as in the file, dtype, shape and little-endian bytes in that dtype.
+#[derive(Clone, PartialEq)]
+pub struct Tensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tensor")
+            .field("name", &self.name)
+            .field("dtype", &self.dtype)
+            .field("shape", &self.shape)
+            .field("bytes", &self.data.len())
+            .finish()
+    }
+}
+
+impl Tensor {
+    /// Build an f32 tensor from values (used by writers of new adapters and by tests).
+    pub fn from_f32(name: impl Into<String>, shape: Vec<usize>, values: &[f32]) -> Tensor {
+        let mut data = Vec::with_capacity(values.len() * 4);
+        for v in values {
+            data.extend_from_slice(&v.to_le_bytes());
+        }
+        Tensor {
+            name: name.into(),
+            dtype: DType::F32,
+            shape,
+            data,
+        }
+    }
+
+    /// Number of elements (product of the shape).
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The values converted to f32, whatever the stored dtype.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.numel());
+        self.extend_f32(&mut out);
+        out
+    }
+
+    /// Append the values, converted to f32, to `out`.
+    pub fn extend_f32(&self, out: &mut Vec<f32>) {
+        match self.dtype {
+            DType::F32 => out.extend(
+                self.data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
+            DType::F16 => out.extend(
+                self.data
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+            ),
+            DType::BF16 => out.extend(
+                self.data
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+            ),
+        }
+    }
+
+    /// Index of the first element that is NaN or infinite, if any.
+    pub fn first_non_finite(&self) -> Option<usize> {
+        match self.dtype {
+            DType::F32 => self
+                .data
+                .chunks_exact(4)
+                .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+            DType::F16 => self
+                .data
+                .chunks_exact(2)
+                .position(|c| !half::f16::from_le_bytes([c[0], c[1]]).is_finite()),
+            DType::BF16 => self
+                .data
+                .chunks_exact(2)
+                .position(|c| !half::bf16::from_le_bytes([c[0], c[1]]).is_finite()),
+        }
+    }
+}
+
+/// The kind of parameter-efficient method, without its hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MethodKind {
+    Lora,
+    Ia3,
+    Prefix,
+    Prompt,
+    Bitfit,
+    /// Bottleneck (Houlsby / Pfeiffer) adapter.
+    Adapter,
+}
+
+impl MethodKind {
+    pub const ALL: [MethodKind; 6] = [
+        MethodKind::Lora,
+        MethodKind::Ia3,
+        MethodKind::Prefix,
+        MethodKind::Prompt,
+        MethodKind::Bitfit,
+        MethodKind::Adapter,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MethodKind::Lora => "lora",
+            MethodKind::Ia3 => "ia3",
+            MethodKind::Prefix => "prefix",
+            MethodKind::Prompt => "prompt",
+            MethodKind::Bitfit => "bitfit",
+            MethodKind::Adapter => "adapter",
+        }
+    }
+    pub fn parse(s: &str) -> Option<MethodKind> {
+        MethodKind::ALL
+            .into_iter()
+            .find(|m| m.as_str().eq_ignore_ascii_case(s))
+    }
+}
+
+impl fmt::Display for MethodKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// LoRA's `bias` option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraBias {
+    #[default]
+    None,
+    All,
+    LoraOnly,
+}
+
+/// LoRA hyper-parameters, as in PEFT's `LoraConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub use_rslora: bool,
+    /// Per-module rank overrides; keys are module-name suffixes (PEFT matches them as `(.*\.)?key$`).
+    pub rank_pattern: BTreeMap<String, usize>,
+    pub alpha_pattern: BTreeMap<String, f64>,
+    pub target_modules: Vec<String>,
+    pub bias: LoraBias,
+}
+
+impl LoraConfig {
+    /// Rank and alpha that apply to a module (its full dotted path, e.g.
+    /// `encoder.layer.0.attention.self.query`), following PEFT's suffix matching of the patterns.
+    pub fn rank_alpha_for(&self, module_path: &str) -> (usize, f64) {
+        let r = pattern_lookup(&self.rank_pattern, module_path).unwrap_or(self.r);
+        let alpha = pattern_lookup(&self.alpha_pattern, module_path).unwrap_or(self.alpha);
+        (r, alpha)
+    }
+
+    /// The LoRA scaling of a module: alpha/r, or alpha/sqrt(r) with rsLoRA.
+    pub fn scaling_for(&self, module_path: &str) -> f64 {
+        let (r, alpha) = self.rank_alpha_for(module_path);
+        if r == 0 {
+            return 0.0;
+        }
+        if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        }
+    }
+}
+
+fn pattern_lookup<V: Copy>(patterns: &BTreeMap<String, V>, module_path: &str) -> Option<V> {
+    // PEFT: the first key k (in insertion order) with re.match(rf"(.*\.)?{k}$", name). JSON object order is
+    // not kept by our config map, so prefer the longest matching key, which is what users mean by a
+    // specific override ("layer.0.attention.self.query" over "query").
+    patterns
+        .iter()
+        .filter(|(k, _)| {
+            module_path == k.as_str()
+                || (module_path.ends_with(k.as_str())
+                    && module_path.as_bytes()[module_path.len() - k.len() - 1] == b'.')
+        })
+        .max_by_key(|(k, _)| k.len())
+        .map(|(_, v)| *v)
+}
+
+/// IA3 hyper-parameters, as in PEFT's `IA3Config`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ia3Config {
+    pub target_modules: Vec<String>,
+    pub feedforward_modules: Vec<String>,
+}
+
+/// Prefix tuning (P-tuning v2 style key/value prefixes in every layer).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrefixConfig {
+    pub num_virtual_tokens: usize,
+    pub num_layers: usize,
+    pub token_dim: usize,
+    pub num_attention_heads: usize,
+    /// PEFT's reparameterisation; only its output (`prompt_embeddings`) is stored and used.
+    pub prefix_projection: bool,
+}
+
+/// Prompt tuning (virtual tokens before the input, in the embedding layer only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptConfig {
+    pub num_virtual_tokens: usize,
+    pub token_dim: usize,
+}
+
+/// BitFit: replacement biases (peftdb's own format, see schema/bitfit_config.schema.json).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct BitFitConfig {}
+
+/// Bottleneck adapter (AdapterHub's `adapters` library layout).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BottleneckConfig {
+    /// Adapter name as it appears in the tensor names (`...adapters.{name}.adapter_down...`).
+    pub name: String,
+    pub hidden_size: usize,
+    pub bottleneck_size: usize,
+    /// `relu`, `swish`/`silu`, `gelu`, `tanh`.
+    pub non_linearity: String,
+    /// Adapter after the attention output (Houlsby's first adapter).
+    pub mh_adapter: bool,
+    /// Adapter after the feed-forward output.
+    pub output_adapter: bool,
+}
+
+/// A method with its hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Method {
+    Lora(LoraConfig),
+    Ia3(Ia3Config),
+    Prefix(PrefixConfig),
+    Prompt(PromptConfig),
+    Bitfit(BitFitConfig),
+    Adapter(BottleneckConfig),
+}
+
+impl Method {
+    pub fn kind(&self) -> MethodKind {
+        match self {
+            Method::Lora(_) => MethodKind::Lora,
+            Method::Ia3(_) => MethodKind::Ia3,
+            Method::Prefix(_) => MethodKind::Prefix,
+            Method::Prompt(_) => MethodKind::Prompt,
+            Method::Bitfit(_) => MethodKind::Bitfit,
+            Method::Adapter(_) => MethodKind::Adapter,
+        }
+    }
+}
+
+/// A parameter-efficient adapter ("lightweight object") in memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LightweightObject {
+    pub method: Method,
+    /// The base model it was tuned on, as named by its config (`base_model_name_or_path`, `model_name`).
+    pub base_model: String,
+    /// Which on-disk format it was read from / is written as.
+    pub format: AdapterFormat,
+    /// Tensors in file order.
+    pub tensors: Vec<Tensor>,
+    /// The safetensors `__metadata__` map, kept for byte-identical export.
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// The configuration file's exact bytes (adapter_config.json), written back verbatim on export.
+    pub config_json: Vec<u8>,
+}
+
+impl LightweightObject {
+    pub fn tensor(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+    /// Total bytes of tensor data.
+    pub fn data_bytes(&self) -> usize {
+        self.tensors.iter().map(|t| t.data.len()).sum()
+    }
+    /// Total number of parameters.
+    pub fn num_params(&self) -> usize {
+        self.tensors.iter().map(|t| t.numel()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_conversions() {
+        let t = Tensor::from_f32("x", vec![3], &[1.0, -2.5, 0.0]);
+        assert_eq!(t.to_f32(), vec![1.0, -2.5, 0.0]);
+        let mut h = Tensor {
+            name: "h".into(),
+            dtype: DType::F16,
+            shape: vec![2],
+            data: vec![],
+        };
+        for v in [1.5f32, -3.0] {
+            h.data
+                .extend_from_slice(&half::f16::from_f32(v).to_le_bytes());
+        }
+        assert_eq!(h.to_f32(), vec![1.5, -3.0]);
+        let mut b = h.clone();
+        b.dtype = DType::BF16;
+        b.data.clear();
+        for v in [0.5f32, 4.0] {
+            b.data
+                .extend_from_slice(&half::bf16::from_f32(v).to_le_bytes());
+        }
+        assert_eq!(b.to_f32(), vec![0.5, 4.0]);
+        assert_eq!(b.first_non_finite(), None);
+        let n = Tensor::from_f32("n", vec![2], &[0.0, f32::NAN]);
+        assert_eq!(n.first_non_finite(), Some(1));
+    }
+
+    #[test]
+    fn rank_pattern_lookup_follows_suffix_rule() {
+        let mut c = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            use_rslora: false,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            target_modules: vec!["query".into(), "value".into()],
+            bias: LoraBias::None,
+        };
+        c.rank_pattern
+            .insert("layer.0.attention.self.query".into(), 2);
+        c.rank_pattern.insert("value".into(), 6);
+        assert_eq!(
+            c.rank_alpha_for("encoder.layer.0.attention.self.query").0,
+            2
+        );
+        assert_eq!(
+            c.rank_alpha_for("encoder.layer.10.attention.self.query").0,
+            4
+        );
+        assert_eq!(
+            c.rank_alpha_for("encoder.layer.3.attention.self.value").0,
+            6
+        );
+        // "value" must not match "xvalue".
+        assert_eq!(c.rank_alpha_for("encoder.layer.3.attention.self.xvalue").0, 4);
+        assert_eq!(c.scaling_for("encoder.layer.3.attention.self.value"), 8.0 / 6.0);
+        c.use_rslora = true;
+        assert!((c.scaling_for("encoder.layer.3.attention.self.key") - 4.0).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,116 @@
+//! Binary value encodings of the store (specified in schema/store.md).
+
+use crate::object::{DType, Tensor};
+
+/// Version byte of the tensor value encoding.
+pub const TENSOR_CODEC_V1: u8 = 1;
+
+/// Encode a tensor value:
+/// `u8 version(=1) | u8 dtype (0=F32,1=F16,2=BF16) | u8 ndim | u16 LE name length | name (UTF-8) |
+/// ndim x u64 LE dims | data (little-endian elements)`.
+pub fn encode_tensor(t: &Tensor) -> Vec<u8> {
+    let name = t.name.as_bytes();
+    let mut v = Vec::with_capacity(5 + name.len() + 8 * t.shape.len() + t.data.len());
+    v.push(TENSOR_CODEC_V1);
+    v.push(t.dtype.code());
+    v.push(t.shape.len() as u8);
+    v.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    v.extend_from_slice(name);
+    for d in &t.shape {
+        v.extend_from_slice(&(*d as u64).to_le_bytes());
+    }
+    v.extend_from_slice(&t.data);
+    v
+}
+
+/// Decode a tensor value, validating every length.
+pub fn decode_tensor(b: &[u8]) -> Result<Tensor, String> {
+    if b.len() < 5 {
+        return Err(format!("tensor value of {} bytes is shorter than its 5-byte header", b.len()));
+    }
+    if b[0] != TENSOR_CODEC_V1 {
+        return Err(format!("unknown tensor codec version {}", b[0]));
+    }
+    let dtype = DType::from_code(b[1]).ok_or_else(|| format!("unknown dtype code {}", b[1]))?;
+    let ndim = b[2] as usize;
+    let name_len = u16::from_le_bytes([b[3], b[4]]) as usize;
+    let mut pos = 5;
+    let name_end = pos + name_len;
+    if b.len() < name_end + 8 * ndim {
+        return Err("tensor value truncated in its name or shape".into());
+    }
+    let name = std::str::from_utf8(&b[pos..name_end])
+        .map_err(|_| "tensor name is not UTF-8".to_string())?
+        .to_string();
+    pos = name_end;
+    let mut shape = Vec::with_capacity(ndim);
+    let mut numel: usize = 1;
+    for _ in 0..ndim {
+        let d = u64::from_le_bytes(b[pos..pos + 8].try_into().expect("8 bytes"));
+        let d = usize::try_from(d).map_err(|_| "dimension too large".to_string())?;
+        numel = numel.checked_mul(d).ok_or("shape overflows")?;
+        shape.push(d);
+        pos += 8;
+    }
+    let need = numel.checked_mul(dtype.size()).ok_or("shape overflows")?;
+    if b.len() - pos != need {
+        return Err(format!(
+            "tensor {name:?}: {} data bytes where dtype {dtype} x shape {shape:?} needs {need}",
+            b.len() - pos
+        ));
+    }
+    Ok(Tensor {
+        name,
+        dtype,
+        shape,
+        data: b[pos..].to_vec(),
+    })
+}
+
+/// Encode an embedding value: f32 little-endian elements.
+pub fn encode_f32(v: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() * 4);
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+/// Decode an embedding value.
+pub fn decode_f32(b: &[u8]) -> Result<Vec<f32>, String> {
+    if b.len() % 4 != 0 {
+        return Err(format!("embedding value of {} bytes is not a multiple of 4", b.len()));
+    }
+    Ok(b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn tensor_round_trip(name in "[a-zA-Z0-9._-]{0,40}", shape in proptest::collection::vec(0usize..6, 0..4), dt in 0u8..3) {
+            let dtype = DType::from_code(dt).unwrap();
+            let n: usize = shape.iter().product();
+            let t = Tensor { name, dtype, shape, data: (0..n * dtype.size()).map(|i| i as u8).collect() };
+            let enc = encode_tensor(&t);
+            prop_assert_eq!(decode_tensor(&enc).unwrap(), t);
+        }
+
+        #[test]
+        fn tensor_decode_never_panics(b in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = decode_tensor(&b);
+        }
+
+        #[test]
+        fn f32_round_trip(v in proptest::collection::vec(any::<f32>(), 0..64)) {
+            let d = decode_f32(&encode_f32(&v)).unwrap();
+            prop_assert_eq!(d.len(), v.len());
+            for (a, b) in d.iter().zip(&v) { prop_assert_eq!(a.to_bits(), b.to_bits()); }
+        }
+    }
+}

@@ -1,0 +1,1042 @@
+//! The store: one redb file holding tasks, objects, their tensors, embeddings and spaces.
+//!
+//! Tables, keys and value encodings are specified in `schema/store.md`; [`SCHEMA_VERSION`] is the version
+//! this code reads and writes. Concurrency model: **one writer process, many readers**. A process opens the
+//! store for writing with [`Store::open`] (redb's `SingleWriter` mode: a second writer is refused with
+//! [`StoreError::Locked`], naming the holder's pid), or read-only with [`Store::open_read_only`], which
+//! follows the writer's commits. Inside a process, a [`Store`] is `Sync`: many threads may read while one
+//! writes; every read sees a consistent snapshot (a redb read transaction).
+//!
+//! Every ingestion batch is one write transaction: an object, its tensors and its embedding become visible
+//! together or not at all.
+
+pub mod codec;
+
+use crate::embed::{tupate, Embedding, EmbeddingKind, NoEmbedding, SpaceId, SpaceKey};
+use crate::error::StoreError;
+use crate::object::layout::{parse_tensor_name, Role};
+use crate::object::{AdapterFormat, LightweightObject, Method, MethodKind};
+use redb::{
+    ConcurrencyMode, Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable,
+    ReadableTableMetadata, TableDefinition, WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// The schema version this peftdb reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
+pub(crate) const OBJECTS: TableDefinition<u64, &[u8]> = TableDefinition::new("objects");
+pub(crate) const OBJECT_BY_HASH: TableDefinition<&[u8], u64> = TableDefinition::new("object_by_hash");
+pub(crate) const TENSORS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("tensors");
+pub(crate) const EMBEDDINGS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("embeddings");
+pub(crate) const SPACES: TableDefinition<u64, &[u8]> = TableDefinition::new("spaces");
+pub(crate) const BASE_MODELS: TableDefinition<&str, &[u8]> = TableDefinition::new("base_models");
+
+/// The object id: allocated in increasing order by the store, never reused.
+pub type ObjectId = u64;
+
+/// A task: the unit the zoo is organised by (one task may have several objects: methods, checkpoints).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct TaskRecord {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+impl TaskRecord {
+    pub fn named(name: impl Into<String>) -> TaskRecord {
+        TaskRecord {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+    /// Fill fields this record lacks from `other` (later information wins where both have a value).
+    fn merge_from(&mut self, other: &TaskRecord) {
+        if other.group.is_some() {
+            self.group = other.group.clone();
+        }
+        for t in &other.tags {
+            if !self.tags.contains(t) {
+                self.tags.push(t.clone());
+            }
+        }
+        if other.train_size.is_some() {
+            self.train_size = other.train_size;
+        }
+        if other.description.is_some() {
+            self.description = other.description.clone();
+        }
+    }
+}
+
+/// Which embedding an object has in which space.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmbeddingRef {
+    pub kind: EmbeddingKind,
+    pub space: SpaceId,
+}
+
+/// Why an object has no embedding of a kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MissingEmbedding {
+    pub kind: EmbeddingKind,
+    pub reason: String,
+}
+
+/// An object's record (everything but its tensors and embedding vectors).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ObjectRecord {
+    pub id: ObjectId,
+    pub task: String,
+    pub method: Method,
+    pub base_model: String,
+    pub format: AdapterFormat,
+    /// Where it was ingested from (a path or a label), if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// BLAKE3 of the object's content (hex), see [`content_hash`].
+    pub content_hash: String,
+    /// Training stage, e.g. `early` or `best`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
+    pub dtype: crate::object::DType,
+    pub tensor_count: u32,
+    pub num_params: u64,
+    pub data_bytes: u64,
+    #[serde(default)]
+    pub embeddings: Vec<EmbeddingRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub no_embedding: Vec<MissingEmbedding>,
+    /// safetensors `__metadata__`, for byte-identical export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safetensors_metadata: Option<BTreeMap<String, String>>,
+    /// The verbatim adapter_config.json.
+    pub config_json: String,
+    /// Seconds since the Unix epoch.
+    pub added_at: u64,
+}
+
+impl ObjectRecord {
+    pub fn method_kind(&self) -> MethodKind {
+        self.method.kind()
+    }
+    /// The TuPaTE space of this object, if it has an embedding there.
+    pub fn tupate_space(&self) -> Option<SpaceId> {
+        self.embeddings
+            .iter()
+            .find(|e| e.kind == EmbeddingKind::Tupate)
+            .map(|e| e.space)
+    }
+}
+
+/// A space's record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpaceRecord {
+    pub id: SpaceId,
+    pub key: SpaceKey,
+    pub dim: usize,
+    /// Number of embeddings in the space.
+    pub count: u64,
+}
+
+/// What the store learned of a base model's shapes from the adapters ingested for it: a dimension per
+/// (module, side), e.g. `attention.self.query.in` = 384. A new adapter that contradicts it was trained on
+/// another model and is refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct BaseModelProfile {
+    pub name: String,
+    pub dims: BTreeMap<String, usize>,
+}
+
+/// Per-module dimensions an object implies about its base model (key -> (dim, tensor that shows it)).
+pub fn implied_dims(obj: &LightweightObject) -> BTreeMap<String, (usize, String)> {
+    let mut m = BTreeMap::new();
+    for t in &obj.tensors {
+        let loc = parse_tensor_name(&t.name);
+        let module = loc.module.clone();
+        let (key, dim) = match (&loc.role, t.shape.as_slice()) {
+            (Role::LoraA, [_, i]) => (format!("{module}.in"), *i),
+            (Role::LoraB, [o, _]) => (format!("{module}.out"), *o),
+            (Role::Bias, [o]) => (format!("{module}.out"), *o),
+            (Role::Ia3, [o, 1]) => (format!("{module}.ia3"), *o),
+            (Role::Ia3, [1, i]) => (format!("{module}.ia3"), *i),
+            (Role::AdapterDownWeight, [_, h]) => ("hidden".to_string(), *h),
+            (Role::PromptEmbeddings, [_, w]) => match &obj.method {
+                Method::Prefix(c) => {
+                    m.insert("hidden".to_string(), (c.token_dim, t.name.clone()));
+                    ("layers".to_string(), w / (2 * c.token_dim.max(1)))
+                }
+                _ => ("hidden".to_string(), *w),
+            },
+            _ => continue,
+        };
+        m.entry(key).or_insert((dim, t.name.clone()));
+    }
+    m
+}
+
+/// Content hash of an object: BLAKE3 over a domain tag, the config bytes, then each tensor's name, dtype,
+/// shape and data (lengths prefixed). Two ingestions of the same adapter bytes hash equal.
+pub fn content_hash(obj: &LightweightObject) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"peftdb-object-v1\0");
+    h.update(&(obj.config_json.len() as u64).to_le_bytes());
+    h.update(&obj.config_json);
+    if let Some(m) = &obj.metadata {
+        for (k, v) in m {
+            h.update(&(k.len() as u64).to_le_bytes());
+            h.update(k.as_bytes());
+            h.update(&(v.len() as u64).to_le_bytes());
+            h.update(v.as_bytes());
+        }
+    }
+    for t in &obj.tensors {
+        h.update(&(t.name.len() as u64).to_le_bytes());
+        h.update(t.name.as_bytes());
+        h.update(&[t.dtype.code(), t.shape.len() as u8]);
+        for d in &t.shape {
+            h.update(&(*d as u64).to_le_bytes());
+        }
+        h.update(&(t.data.len() as u64).to_le_bytes());
+        h.update(&t.data);
+    }
+    *h.finalize().as_bytes()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// An object to ingest, with the task it belongs to and its provenance.
+#[derive(Debug, Clone)]
+pub struct NewObject {
+    pub object: LightweightObject,
+    pub task: TaskRecord,
+    pub source: Option<String>,
+    pub stage: Option<String>,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// An object with its hash and embedding computed (the parallel part of ingestion).
+#[derive(Debug, Clone)]
+pub struct PreparedObject {
+    pub new: NewObject,
+    pub hash: [u8; 32],
+    pub tupate: Result<Embedding, NoEmbedding>,
+}
+
+impl PreparedObject {
+    pub fn prepare(new: NewObject) -> PreparedObject {
+        let hash = content_hash(&new.object);
+        let tupate = tupate(&new.object);
+        PreparedObject { new, hash, tupate }
+    }
+}
+
+/// What happened to one object of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Added(ObjectId),
+    /// The same content is already stored under this id.
+    AlreadyPresent(ObjectId),
+    /// Refused (e.g. it does not fit its base model); nothing of it was stored.
+    Rejected(String),
+}
+
+enum Db {
+    Rw(Database),
+    Ro(ReadOnlyDatabase),
+}
+
+/// An open store.
+pub struct Store {
+    db: Db,
+    path: PathBuf,
+    owner_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+/// The sidecar naming the process that holds the store for writing (removed on close).
+fn owner_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".owner");
+    PathBuf::from(s)
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Statistics of a store.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreStats {
+    pub path: PathBuf,
+    pub schema_version: u32,
+    pub file_bytes: u64,
+    pub tasks: u64,
+    pub objects: u64,
+    pub tensor_bytes: u64,
+    pub objects_by_method: BTreeMap<String, u64>,
+    pub objects_without_embedding: u64,
+    pub spaces: Vec<SpaceRecord>,
+}
+
+impl Store {
+    fn storage_err(&self, during: &str) -> impl FnOnce(redb::Error) -> StoreError + '_ {
+        let during = during.to_string();
+        move |e| StoreError::Storage {
+            path: self.path.clone(),
+            during,
+            detail: e.to_string(),
+        }
+    }
+
+    fn map_open_err(path: &Path, e: redb::DatabaseError) -> StoreError {
+        match e {
+            redb::DatabaseError::DatabaseAlreadyOpen | redb::DatabaseError::LockProtocolMismatch => {
+                let holder = std::fs::read_to_string(owner_path(path))
+                    .ok()
+                    .map(|s| s.trim().to_string());
+                StoreError::Locked {
+                    path: path.to_path_buf(),
+                    holder,
+                }
+            }
+            redb::DatabaseError::UpgradeRequired(v) => StoreError::NotAStore {
+                path: path.to_path_buf(),
+                reason: format!("redb file format {v} needs an upgrade"),
+            },
+            redb::DatabaseError::Storage(redb::StorageError::Io(io)) => StoreError::Storage {
+                path: path.to_path_buf(),
+                during: "opening".into(),
+                detail: io.to_string(),
+            },
+            other => StoreError::NotAStore {
+                path: path.to_path_buf(),
+                reason: other.to_string(),
+            },
+        }
+    }
+
+    /// Create a new, empty store. Fails if the file exists.
+    pub fn create(path: impl AsRef<Path>) -> Result<Store, StoreError> {
+        let path = path.as_ref();
+        if path.exists() {
+            return Err(StoreError::Exists {
+                path: path.to_path_buf(),
+            });
+        }
+        let db = redb::Builder::new()
+            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .create(path)
+            .map_err(|e| Self::map_open_err(path, e))?;
+        let store = Store {
+            db: Db::Rw(db),
+            path: path.to_path_buf(),
+            owner_file: None,
+        };
+        store.init_schema()?;
+        Ok(store.with_owner_file())
+    }
+
+    /// Open an existing store for writing (and reading).
+    pub fn open(path: impl AsRef<Path>) -> Result<Store, StoreError> {
+        let path = path.as_ref();
+        if !path.exists() {
+            return Err(StoreError::Missing {
+                path: path.to_path_buf(),
+            });
+        }
+        let db = redb::Builder::new()
+            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .open(path)
+            .map_err(|e| Self::map_open_err(path, e))?;
+        let store = Store {
+            db: Db::Rw(db),
+            path: path.to_path_buf(),
+            owner_file: None,
+        };
+        store.check_schema()?;
+        Ok(store.with_owner_file())
+    }
+
+    /// Open the store, creating it if it does not exist.
+    pub fn open_or_create(path: impl AsRef<Path>) -> Result<Store, StoreError> {
+        if path.as_ref().exists() {
+            Store::open(path)
+        } else {
+            Store::create(path)
+        }
+    }
+
+    /// Open read-only. Works while another process has the store open for writing, and sees its commits.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Store, StoreError> {
+        let path = path.as_ref();
+        if !path.exists() {
+            return Err(StoreError::Missing {
+                path: path.to_path_buf(),
+            });
+        }
+        let db = redb::Builder::new()
+            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .open_read_only(path)
+            .map_err(|e| Self::map_open_err(path, e))?;
+        let store = Store {
+            db: Db::Ro(db),
+            path: path.to_path_buf(),
+            owner_file: None,
+        };
+        store.check_schema()?;
+        Ok(store)
+    }
+
+    fn with_owner_file(mut self) -> Store {
+        let p = owner_path(&self.path);
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let text = format!("pid {} on {host}", std::process::id());
+        if std::fs::write(&p, text).is_ok() {
+            self.owner_file = Some(p);
+        }
+        self
+    }
+
+    /// The store's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether this handle can write.
+    pub fn is_writable(&self) -> bool {
+        matches!(self.db, Db::Rw(_))
+    }
+
+    fn read(&self) -> Result<ReadTransaction, StoreError> {
+        let r = match &self.db {
+            Db::Rw(d) => d.begin_read(),
+            Db::Ro(d) => d.begin_read(),
+        };
+        r.map_err(|e| StoreError::Storage {
+            path: self.path.clone(),
+            during: "starting a read".into(),
+            detail: e.to_string(),
+        })
+    }
+
+    fn write(&self) -> Result<WriteTransaction, StoreError> {
+        match &self.db {
+            Db::Rw(d) => d.begin_write().map_err(|e| StoreError::Storage {
+                path: self.path.clone(),
+                during: "starting a write".into(),
+                detail: e.to_string(),
+            }),
+            Db::Ro(_) => Err(StoreError::ReadOnly),
+        }
+    }
+
+    fn init_schema(&self) -> Result<(), StoreError> {
+        let w = self.write()?;
+        {
+            let mut meta = w.open_table(META).map_err(|e| self.storage_err("creating tables")(e.into()))?;
+            meta.insert("format", b"peftdb".as_slice())
+                .map_err(|e| self.storage_err("creating tables")(e.into()))?;
+            meta.insert("schema_version", SCHEMA_VERSION.to_le_bytes().as_slice())
+                .map_err(|e| self.storage_err("creating tables")(e.into()))?;
+            meta.insert("next_object_id", 1u64.to_le_bytes().as_slice())
+                .map_err(|e| self.storage_err("creating tables")(e.into()))?;
+            for t in [TASKS, BASE_MODELS] {
+                w.open_table(t).map_err(|e| self.storage_err("creating tables")(e.into()))?;
+            }
+            for t in [OBJECTS, SPACES] {
+                w.open_table(t).map_err(|e| self.storage_err("creating tables")(e.into()))?;
+            }
+            w.open_table(OBJECT_BY_HASH)
+                .map_err(|e| self.storage_err("creating tables")(e.into()))?;
+            w.open_table(TENSORS)
+                .map_err(|e| self.storage_err("creating tables")(e.into()))?;
+            w.open_table(EMBEDDINGS)
+                .map_err(|e| self.storage_err("creating tables")(e.into()))?;
+        }
+        w.commit()
+            .map_err(|e| self.storage_err("creating tables")(e.into()))
+    }
+
+    fn check_schema(&self) -> Result<(), StoreError> {
+        let r = self.read()?;
+        let not_store = |reason: &str| StoreError::NotAStore {
+            path: self.path.clone(),
+            reason: reason.to_string(),
+        };
+        let meta = r
+            .open_table(META)
+            .map_err(|_| not_store("a redb file without peftdb's meta table"))?;
+        let fmt = meta
+            .get("format")
+            .map_err(|e| self.storage_err("reading meta")(e.into()))?
+            .ok_or_else(|| not_store("no format marker"))?;
+        if fmt.value() != b"peftdb" {
+            return Err(not_store("wrong format marker"));
+        }
+        let v = meta
+            .get("schema_version")
+            .map_err(|e| self.storage_err("reading meta")(e.into()))?
+            .ok_or_else(|| not_store("no schema version"))?;
+        let v = v.value();
+        if v.len() != 4 {
+            return Err(not_store("malformed schema version"));
+        }
+        let found = u32::from_le_bytes(v.try_into().expect("4 bytes"));
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                path: self.path.clone(),
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if found < SCHEMA_VERSION {
+            // No older version has ever been released; a future migration goes here.
+            return Err(StoreError::OlderSchema {
+                path: self.path.clone(),
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        Ok(())
+    }
+
+    /// The schema version recorded in the file.
+    pub fn schema_version(&self) -> Result<u32, StoreError> {
+        self.check_schema()?;
+        Ok(SCHEMA_VERSION)
+    }
+
+    fn corrupt(&self, table: &'static str, key: impl ToString, detail: impl ToString) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            table,
+            key: key.to_string(),
+            detail: detail.to_string(),
+        }
+    }
+
+    fn decode_object(&self, id: u64, bytes: &[u8]) -> Result<ObjectRecord, StoreError> {
+        serde_json::from_slice(bytes).map_err(|e| self.corrupt("objects", id, e))
+    }
+
+    /// Commit a batch of prepared objects in one transaction. Per-object refusals come back as
+    /// [`Outcome::Rejected`]; a storage failure aborts the whole batch (nothing of it is stored, every
+    /// earlier batch stays).
+    pub fn commit_batch(&self, batch: Vec<PreparedObject>) -> Result<Vec<Outcome>, StoreError> {
+        let w = self.write()?;
+        let outcomes = self.apply_batch(&w, batch)?;
+        w.commit()
+            .map_err(|e| self.storage_err("committing a batch")(e.into()))?;
+        Ok(outcomes)
+    }
+
+    fn apply_batch(&self, w: &WriteTransaction, batch: Vec<PreparedObject>) -> Result<Vec<Outcome>, StoreError> {
+        let se = |during: &'static str| move |e: redb::Error| StoreError::Storage {
+            path: self.path.clone(),
+            during: during.into(),
+            detail: e.to_string(),
+        };
+        let mut meta = w.open_table(META).map_err(|e| se("ingesting")(e.into()))?;
+        let mut tasks = w.open_table(TASKS).map_err(|e| se("ingesting")(e.into()))?;
+        let mut objects = w.open_table(OBJECTS).map_err(|e| se("ingesting")(e.into()))?;
+        let mut by_hash = w.open_table(OBJECT_BY_HASH).map_err(|e| se("ingesting")(e.into()))?;
+        let mut tensors = w.open_table(TENSORS).map_err(|e| se("ingesting")(e.into()))?;
+        let mut embeddings = w.open_table(EMBEDDINGS).map_err(|e| se("ingesting")(e.into()))?;
+        let mut spaces = w.open_table(SPACES).map_err(|e| se("ingesting")(e.into()))?;
+        let mut base_models = w.open_table(BASE_MODELS).map_err(|e| se("ingesting")(e.into()))?;
+
+        let mut next_id = {
+            let v = meta
+                .get("next_object_id")
+                .map_err(|e| se("ingesting")(e.into()))?
+                .ok_or_else(|| self.corrupt("meta", "next_object_id", "missing"))?;
+            let b: [u8; 8] = v
+                .value()
+                .try_into()
+                .map_err(|_| self.corrupt("meta", "next_object_id", "not 8 bytes"))?;
+            u64::from_le_bytes(b)
+        };
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for p in batch {
+            if let Some(id) = by_hash
+                .get(p.hash.as_slice())
+                .map_err(|e| se("ingesting")(e.into()))?
+            {
+                outcomes.push(Outcome::AlreadyPresent(id.value()));
+                continue;
+            }
+            let obj = &p.new.object;
+            // Base-model fit: the adapter's implied dimensions must agree with what is known of the model.
+            let mut profile: BaseModelProfile = match base_models
+                .get(obj.base_model.as_str())
+                .map_err(|e| se("ingesting")(e.into()))?
+            {
+                Some(v) => serde_json::from_slice(v.value())
+                    .map_err(|e| self.corrupt("base_models", &obj.base_model, e))?,
+                None => BaseModelProfile {
+                    name: obj.base_model.clone(),
+                    dims: BTreeMap::new(),
+                },
+            };
+            let mut conflict = None;
+            for (k, (d, tname)) in implied_dims(obj) {
+                match profile.dims.get(&k) {
+                    Some(known) if *known != d => {
+                        conflict = Some(format!(
+                            "tensor {tname:?} implies {k} = {d}, but adapters already stored for this model have {k} = {known}; is it for another base model?"
+                        ));
+                        break;
+                    }
+                    Some(_) => {}
+                    None => {
+                        profile.dims.insert(k, d);
+                    }
+                }
+            }
+            if let Some(c) = conflict {
+                outcomes.push(Outcome::Rejected(
+                    StoreError::BaseModelMismatch {
+                        base_model: obj.base_model.clone(),
+                        detail: c,
+                    }
+                    .to_string(),
+                ));
+                continue;
+            }
+            base_models
+                .insert(
+                    obj.base_model.as_str(),
+                    serde_json::to_vec(&profile).expect("serializes").as_slice(),
+                )
+                .map_err(|e| se("ingesting")(e.into()))?;
+
+            // Task: create, or merge new metadata in.
+            let mut task = match tasks
+                .get(p.new.task.name.as_str())
+                .map_err(|e| se("ingesting")(e.into()))?
+            {
+                Some(v) => serde_json::from_slice::<TaskRecord>(v.value())
+                    .map_err(|e| self.corrupt("tasks", &p.new.task.name, e))?,
+                None => TaskRecord::named(p.new.task.name.clone()),
+            };
+            task.merge_from(&p.new.task);
+            tasks
+                .insert(task.name.as_str(), serde_json::to_vec(&task).expect("serializes").as_slice())
+                .map_err(|e| se("ingesting")(e.into()))?;
+
+            let id = next_id;
+            next_id += 1;
+            for (i, t) in obj.tensors.iter().enumerate() {
+                tensors
+                    .insert((id, i as u32), codec::encode_tensor(t).as_slice())
+                    .map_err(|e| se("writing tensors")(e.into()))?;
+            }
+            let mut emb_refs = Vec::new();
+            let mut missing = Vec::new();
+            match &p.tupate {
+                Ok(e) => {
+                    let sid = e.space.id();
+                    let mut rec = match spaces.get(sid.0).map_err(|e| se("ingesting")(e.into()))? {
+                        Some(v) => serde_json::from_slice::<SpaceRecord>(v.value())
+                            .map_err(|e| self.corrupt("spaces", sid, e))?,
+                        None => SpaceRecord {
+                            id: sid,
+                            key: e.space.clone(),
+                            dim: e.vector.len(),
+                            count: 0,
+                        },
+                    };
+                    rec.count += 1;
+                    spaces
+                        .insert(sid.0, serde_json::to_vec(&rec).expect("serializes").as_slice())
+                        .map_err(|e| se("ingesting")(e.into()))?;
+                    embeddings
+                        .insert((sid.0, id), codec::encode_f32(&e.vector).as_slice())
+                        .map_err(|e| se("writing embeddings")(e.into()))?;
+                    emb_refs.push(EmbeddingRef {
+                        kind: EmbeddingKind::Tupate,
+                        space: sid,
+                    });
+                }
+                Err(n) => missing.push(MissingEmbedding {
+                    kind: EmbeddingKind::Tupate,
+                    reason: n.reason.clone(),
+                }),
+            }
+            let rec = ObjectRecord {
+                id,
+                task: task.name.clone(),
+                method: obj.method.clone(),
+                base_model: obj.base_model.clone(),
+                format: obj.format,
+                source: p.new.source.clone(),
+                content_hash: hex(&p.hash),
+                stage: p.new.stage.clone(),
+                metrics: p.new.metrics.clone(),
+                dtype: obj.tensors.first().map(|t| t.dtype).unwrap_or(crate::object::DType::F32),
+                tensor_count: obj.tensors.len() as u32,
+                num_params: obj.num_params() as u64,
+                data_bytes: obj.data_bytes() as u64,
+                embeddings: emb_refs,
+                no_embedding: missing,
+                safetensors_metadata: obj.metadata.clone(),
+                config_json: String::from_utf8_lossy(&obj.config_json).into_owned(),
+                added_at: now_secs(),
+            };
+            objects
+                .insert(id, serde_json::to_vec(&rec).expect("serializes").as_slice())
+                .map_err(|e| se("ingesting")(e.into()))?;
+            by_hash
+                .insert(p.hash.as_slice(), id)
+                .map_err(|e| se("ingesting")(e.into()))?;
+            outcomes.push(Outcome::Added(id));
+        }
+        meta.insert("next_object_id", next_id.to_le_bytes().as_slice())
+            .map_err(|e| se("ingesting")(e.into()))?;
+        Ok(outcomes)
+    }
+
+    /// Ingest one object (hash, embed, commit). Returns what happened.
+    pub fn ingest(&self, new: NewObject) -> Result<Outcome, StoreError> {
+        let p = PreparedObject::prepare(new);
+        Ok(self.commit_batch(vec![p])?.pop().expect("one outcome"))
+    }
+
+    /// Insert or update a task's metadata.
+    pub fn put_task(&self, task: &TaskRecord) -> Result<(), StoreError> {
+        let w = self.write()?;
+        {
+            let mut tasks = w.open_table(TASKS).map_err(|e| self.storage_err("writing a task")(e.into()))?;
+            let mut cur = match tasks
+                .get(task.name.as_str())
+                .map_err(|e| self.storage_err("writing a task")(e.into()))?
+            {
+                Some(v) => serde_json::from_slice::<TaskRecord>(v.value())
+                    .map_err(|e| self.corrupt("tasks", &task.name, e))?,
+                None => TaskRecord::named(task.name.clone()),
+            };
+            cur.merge_from(task);
+            tasks
+                .insert(task.name.as_str(), serde_json::to_vec(&cur).expect("serializes").as_slice())
+                .map_err(|e| self.storage_err("writing a task")(e.into()))?;
+        }
+        w.commit().map_err(|e| self.storage_err("writing a task")(e.into()))
+    }
+
+    /// All tasks, by name.
+    pub fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        let r = self.read()?;
+        let t = r.open_table(TASKS).map_err(|e| self.storage_err("listing tasks")(e.into()))?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(|e| self.storage_err("listing tasks")(e.into()))? {
+            let (k, v) = item.map_err(|e| self.storage_err("listing tasks")(e.into()))?;
+            out.push(
+                serde_json::from_slice(v.value()).map_err(|e| self.corrupt("tasks", k.value(), e))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// One task.
+    pub fn task(&self, name: &str) -> Result<TaskRecord, StoreError> {
+        let r = self.read()?;
+        let t = r.open_table(TASKS).map_err(|e| self.storage_err("reading a task")(e.into()))?;
+        let v = t
+            .get(name)
+            .map_err(|e| self.storage_err("reading a task")(e.into()))?
+            .ok_or_else(|| StoreError::NotFound {
+                what: "task",
+                key: name.to_string(),
+            })?;
+        serde_json::from_slice(v.value()).map_err(|e| self.corrupt("tasks", name, e))
+    }
+
+    /// All object records, by id.
+    pub fn objects(&self) -> Result<Vec<ObjectRecord>, StoreError> {
+        let r = self.read()?;
+        let t = r.open_table(OBJECTS).map_err(|e| self.storage_err("listing objects")(e.into()))?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(|e| self.storage_err("listing objects")(e.into()))? {
+            let (k, v) = item.map_err(|e| self.storage_err("listing objects")(e.into()))?;
+            out.push(self.decode_object(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// One object's record.
+    pub fn object(&self, id: ObjectId) -> Result<ObjectRecord, StoreError> {
+        let r = self.read()?;
+        self.object_in(&r, id)
+    }
+
+    fn object_in(&self, r: &ReadTransaction, id: ObjectId) -> Result<ObjectRecord, StoreError> {
+        let t = r.open_table(OBJECTS).map_err(|e| self.storage_err("reading an object")(e.into()))?;
+        let v = t
+            .get(id)
+            .map_err(|e| self.storage_err("reading an object")(e.into()))?
+            .ok_or_else(|| StoreError::NotFound {
+                what: "object",
+                key: id.to_string(),
+            })?;
+        self.decode_object(id, v.value())
+    }
+
+    /// Find an object by its content hash (full hex, or a unique prefix of at least 8 hex digits).
+    pub fn find_by_hash(&self, hex_prefix: &str) -> Result<Option<ObjectId>, StoreError> {
+        if hex_prefix.len() < 8 {
+            return Ok(None);
+        }
+        let objs = self.objects()?;
+        let hits: Vec<_> = objs
+            .iter()
+            .filter(|o| o.content_hash.starts_with(&hex_prefix.to_ascii_lowercase()))
+            .collect();
+        Ok(if hits.len() == 1 { Some(hits[0].id) } else { None })
+    }
+
+    /// Load an object with its tensors (from one consistent snapshot).
+    pub fn get(&self, id: ObjectId) -> Result<(ObjectRecord, LightweightObject), StoreError> {
+        let r = self.read()?;
+        let rec = self.object_in(&r, id)?;
+        let t = r.open_table(TENSORS).map_err(|e| self.storage_err("reading tensors")(e.into()))?;
+        let mut tensors = Vec::with_capacity(rec.tensor_count as usize);
+        for item in t
+            .range((id, 0u32)..=(id, u32::MAX))
+            .map_err(|e| self.storage_err("reading tensors")(e.into()))?
+        {
+            let (k, v) = item.map_err(|e| self.storage_err("reading tensors")(e.into()))?;
+            let (_, idx) = k.value();
+            tensors.push(
+                codec::decode_tensor(v.value())
+                    .map_err(|e| self.corrupt("tensors", format!("({id}, {idx})"), e))?,
+            );
+        }
+        if tensors.len() != rec.tensor_count as usize {
+            return Err(self.corrupt(
+                "tensors",
+                id,
+                format!("{} tensors stored, record says {}", tensors.len(), rec.tensor_count),
+            ));
+        }
+        let obj = LightweightObject {
+            method: rec.method.clone(),
+            base_model: rec.base_model.clone(),
+            format: rec.format,
+            tensors,
+            metadata: rec.safetensors_metadata.clone(),
+            config_json: rec.config_json.clone().into_bytes(),
+        };
+        Ok((rec, obj))
+    }
+
+    /// Export an object as a folder in its format (byte-identical to what was ingested).
+    pub fn export(&self, id: ObjectId, dir: &Path) -> Result<(), crate::Error> {
+        let (_, obj) = self.get(id)?;
+        crate::object::write_adapter(&obj, dir)?;
+        Ok(())
+    }
+
+    /// Every space.
+    pub fn spaces(&self) -> Result<Vec<SpaceRecord>, StoreError> {
+        let r = self.read()?;
+        let t = r.open_table(SPACES).map_err(|e| self.storage_err("listing spaces")(e.into()))?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(|e| self.storage_err("listing spaces")(e.into()))? {
+            let (k, v) = item.map_err(|e| self.storage_err("listing spaces")(e.into()))?;
+            out.push(
+                serde_json::from_slice(v.value()).map_err(|e| self.corrupt("spaces", SpaceId(k.value()), e))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// One space.
+    pub fn space(&self, id: SpaceId) -> Result<SpaceRecord, StoreError> {
+        self.spaces()?
+            .into_iter()
+            .find(|s| s.id == id)
+            .ok_or_else(|| StoreError::NotFound {
+                what: "space",
+                key: id.to_string(),
+            })
+    }
+
+    /// All embeddings of a space, by object id (one snapshot).
+    pub fn embeddings(&self, space: SpaceId) -> Result<Vec<(ObjectId, Vec<f32>)>, StoreError> {
+        let r = self.read()?;
+        let t = r.open_table(EMBEDDINGS).map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
+        let mut out = Vec::new();
+        for item in t
+            .range((space.0, 0u64)..=(space.0, u64::MAX))
+            .map_err(|e| self.storage_err("reading embeddings")(e.into()))?
+        {
+            let (k, v) = item.map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
+            let (_, id) = k.value();
+            out.push((
+                id,
+                codec::decode_f32(v.value()).map_err(|e| self.corrupt("embeddings", format!("({space}, {id})"), e))?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// An object's embedding in a space.
+    pub fn embedding(&self, space: SpaceId, id: ObjectId) -> Result<Option<Vec<f32>>, StoreError> {
+        let r = self.read()?;
+        let t = r.open_table(EMBEDDINGS).map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
+        match t
+            .get((space.0, id))
+            .map_err(|e| self.storage_err("reading embeddings")(e.into()))?
+        {
+            Some(v) => Ok(Some(
+                codec::decode_f32(v.value()).map_err(|e| self.corrupt("embeddings", format!("({space}, {id})"), e))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Remove objects (with their tensors and embeddings) in one transaction. Unknown ids are an error and
+    /// nothing is removed.
+    pub fn remove(&self, ids: &[ObjectId]) -> Result<Vec<ObjectRecord>, StoreError> {
+        let w = self.write()?;
+        let mut removed = Vec::new();
+        {
+            let se = |e: redb::Error| StoreError::Storage {
+                path: self.path.clone(),
+                during: "removing".into(),
+                detail: e.to_string(),
+            };
+            let mut objects = w.open_table(OBJECTS).map_err(|e| se(e.into()))?;
+            let mut by_hash = w.open_table(OBJECT_BY_HASH).map_err(|e| se(e.into()))?;
+            let mut tensors = w.open_table(TENSORS).map_err(|e| se(e.into()))?;
+            let mut embeddings = w.open_table(EMBEDDINGS).map_err(|e| se(e.into()))?;
+            let mut spaces = w.open_table(SPACES).map_err(|e| se(e.into()))?;
+            for &id in ids {
+                let rec = match objects.remove(id).map_err(|e| se(e.into()))? {
+                    Some(v) => self.decode_object(id, v.value())?,
+                    None => {
+                        return Err(StoreError::NotFound {
+                            what: "object",
+                            key: id.to_string(),
+                        })
+                    }
+                };
+                let hash: Vec<u8> = (0..rec.content_hash.len() / 2)
+                    .filter_map(|i| u8::from_str_radix(&rec.content_hash[2 * i..2 * i + 2], 16).ok())
+                    .collect();
+                by_hash.remove(hash.as_slice()).map_err(|e| se(e.into()))?;
+                tensors
+                    .retain_in((id, 0u32)..=(id, u32::MAX), |_, _| false)
+                    .map_err(|e| se(e.into()))?;
+                for er in &rec.embeddings {
+                    embeddings.remove((er.space.0, id)).map_err(|e| se(e.into()))?;
+                    let cur = spaces
+                        .get(er.space.0)
+                        .map_err(|e| se(e.into()))?
+                        .map(|v| serde_json::from_slice::<SpaceRecord>(v.value()));
+                    if let Some(cur) = cur {
+                        let mut s = cur.map_err(|e| self.corrupt("spaces", er.space, e))?;
+                        s.count = s.count.saturating_sub(1);
+                        if s.count == 0 {
+                            spaces.remove(er.space.0).map_err(|e| se(e.into()))?;
+                        } else {
+                            spaces
+                                .insert(er.space.0, serde_json::to_vec(&s).expect("serializes").as_slice())
+                                .map_err(|e| se(e.into()))?;
+                        }
+                    }
+                }
+                removed.push(rec);
+            }
+        }
+        w.commit()
+            .map_err(|e| self.storage_err("removing")(e.into()))?;
+        Ok(removed)
+    }
+
+    /// Remove a task and all its objects.
+    pub fn remove_task(&self, name: &str) -> Result<Vec<ObjectRecord>, StoreError> {
+        self.task(name)?;
+        let ids: Vec<_> = self
+            .objects()?
+            .into_iter()
+            .filter(|o| o.task == name)
+            .map(|o| o.id)
+            .collect();
+        let removed = self.remove(&ids)?;
+        let w = self.write()?;
+        {
+            let mut tasks = w.open_table(TASKS).map_err(|e| self.storage_err("removing")(e.into()))?;
+            tasks.remove(name).map_err(|e| self.storage_err("removing")(e.into()))?;
+        }
+        w.commit().map_err(|e| self.storage_err("removing")(e.into()))?;
+        Ok(removed)
+    }
+
+    /// Counts and sizes.
+    pub fn stats(&self) -> Result<StoreStats, StoreError> {
+        let objects = self.objects()?;
+        let r = self.read()?;
+        let tasks = r
+            .open_table(TASKS)
+            .and_then(|t| t.len().map_err(Into::into))
+            .map_err(|e| self.storage_err("counting")(e.into()))?;
+        let mut by_method: BTreeMap<String, u64> = BTreeMap::new();
+        for o in &objects {
+            *by_method.entry(o.method_kind().to_string()).or_default() += 1;
+        }
+        Ok(StoreStats {
+            path: self.path.clone(),
+            schema_version: SCHEMA_VERSION,
+            file_bytes: std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0),
+            tasks,
+            objects: objects.len() as u64,
+            tensor_bytes: objects.iter().map(|o| o.data_bytes).sum(),
+            objects_by_method: by_method,
+            objects_without_embedding: objects.iter().filter(|o| o.embeddings.is_empty()).count() as u64,
+            spaces: self.spaces()?,
+        })
+    }
+
+    /// Object counts per task (for listings).
+    pub fn objects_per_task(&self) -> Result<HashMap<String, usize>, StoreError> {
+        let mut m = HashMap::new();
+        for o in self.objects()? {
+            *m.entry(o.task).or_default() += 1;
+        }
+        Ok(m)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(p) = &self.owner_file {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
