@@ -164,12 +164,8 @@ pub enum IngestError {
     Walk { path: PathBuf, reason: String },
     #[error("{path}: invalid zoo manifest: {reason}")]
     Manifest { path: PathBuf, reason: String },
-    #[error("{path}: rejected (--strict stops at the first bad adapter): {source}")]
-    Strict {
-        path: PathBuf,
-        #[source]
-        source: Box<Error>,
-    },
+    #[error("{path}: rejected, and --strict stops at the first bad adapter (adapters committed before it stay): {reason}")]
+    Strict { path: PathBuf, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
