@@ -1,0 +1,320 @@
+//! Batch ingestion of generated zoos (200+ adapters of three methods), manifests, re-runs, and the CLI.
+
+use peftdb::ingest::{ingest_zoo, IngestOptions, ItemOutcome};
+use peftdb::object::formats::ReadOptions;
+use peftdb::object::{read_adapter, MethodKind};
+use peftdb::store::Store;
+use peftdb::synth::{write_zoo, ModelShape};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const METHODS: [MethodKind; 3] = [MethodKind::Lora, MethodKind::Bitfit, MethodKind::Ia3];
+
+fn no_progress() -> impl Fn(peftdb::ingest::IngestEvent) + Sync {
+    |_| {}
+}
+
+#[test]
+fn ingest_a_zoo_of_210_adapters_and_read_every_one_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let zoo = dir.path().join("zoo");
+    let items = write_zoo(&zoo, &ModelShape::minilm(), 70, 7, &METHODS, 42).unwrap();
+    assert_eq!(items.len(), 210);
+    let store = Store::create(dir.path().join("z.redb")).unwrap();
+    let report = ingest_zoo(
+        &store,
+        &[zoo.clone()],
+        None,
+        &IngestOptions::default(),
+        &no_progress(),
+    )
+    .unwrap();
+    assert_eq!(
+        report.ingested(),
+        210,
+        "{:?}",
+        report
+            .items
+            .iter()
+            .find(|i| !matches!(i.outcome, ItemOutcome::Ingested { .. }))
+    );
+    assert_eq!(report.rejected(), 0);
+
+    // Every object reads back identical to its source folder, with its task, group and space.
+    let objects = store.objects().unwrap();
+    assert_eq!(objects.len(), 210);
+    for rec in &objects {
+        let src = PathBuf::from(rec.source.as_ref().unwrap());
+        let want = read_adapter(&src, &ReadOptions::default()).unwrap();
+        let (_, got) = store.get(rec.id).unwrap();
+        assert_eq!(got, want, "object {} ({})", rec.id, src.display());
+        let item = items.iter().find(|i| i.path == src).unwrap();
+        assert_eq!(rec.task, item.task);
+        assert_eq!(rec.method_kind(), item.method);
+        assert!(rec.tupate_space().is_some());
+    }
+    let tasks = store.tasks().unwrap();
+    assert_eq!(tasks.len(), 70);
+    assert!(tasks
+        .iter()
+        .all(|t| t.group.as_deref().unwrap().starts_with("group-")));
+    // One space per method, each with 70 embeddings of the right dimension.
+    let spaces = store.spaces().unwrap();
+    assert_eq!(spaces.len(), 3);
+    for s in &spaces {
+        assert_eq!(s.count, 70);
+        let embs = store.embeddings(s.id).unwrap();
+        assert_eq!(embs.len(), 70);
+        assert!(embs.iter().all(|(_, v)| v.len() == s.dim));
+    }
+    let dims: BTreeSet<usize> = spaces.iter().map(|s| s.dim).collect();
+    // LoRA r=8 q,v: 4*8*384; BitFit: 7*384+1536; IA3: 2*384+1536.
+    assert_eq!(dims, BTreeSet::from([12288, 4224, 2304]));
+
+    // Same bytes again: nothing new.
+    let again = ingest_zoo(
+        &store,
+        &[zoo],
+        None,
+        &IngestOptions::default(),
+        &no_progress(),
+    )
+    .unwrap();
+    assert_eq!(again.already_present(), 210);
+    assert_eq!(store.objects().unwrap().len(), 210);
+}
+
+#[test]
+fn an_interrupted_ingestion_rerun_finishes_without_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let zoo = dir.path().join("zoo");
+    write_zoo(&zoo, &ModelShape::minilm(), 12, 3, &METHODS, 7).unwrap();
+    // Reference: one uninterrupted run.
+    let full = Store::create(dir.path().join("full.redb")).unwrap();
+    ingest_zoo(
+        &full,
+        &[zoo.clone()],
+        None,
+        &IngestOptions::default(),
+        &no_progress(),
+    )
+    .unwrap();
+    // "Interrupted": only some task folders got in before the stop.
+    let part = Store::create(dir.path().join("part.redb")).unwrap();
+    let some: Vec<PathBuf> = (0..5).map(|t| zoo.join(format!("task-{t:03}"))).collect();
+    let opts = IngestOptions {
+        batch_size: 4,
+        ..Default::default()
+    };
+    let r1 = ingest_zoo(&part, &some, None, &opts, &no_progress()).unwrap();
+    assert_eq!(r1.ingested(), 15);
+    let r2 = ingest_zoo(&part, &[zoo], None, &opts, &no_progress()).unwrap();
+    assert_eq!((r2.ingested(), r2.already_present()), (21, 15));
+    let key = |s: &Store| -> BTreeSet<(String, String, String)> {
+        s.objects()
+            .unwrap()
+            .into_iter()
+            .map(|o| (o.method_kind().to_string(), o.task, o.content_hash))
+            .collect()
+    };
+    assert_eq!(key(&part), key(&full));
+    assert_eq!(part.tasks().unwrap(), full.tasks().unwrap());
+}
+
+#[test]
+fn manifest_names_tasks_and_rejects_escaping_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let zoo = dir.path().join("zoo");
+    write_zoo(&zoo, &ModelShape::minilm(), 2, 1, &[MethodKind::Lora], 3).unwrap();
+    let manifest = dir.path().join("zoo").join("manifest.json");
+    std::fs::write(
+        &manifest,
+        serde_json::to_vec(&serde_json::json!({
+            "version": 1,
+            "tasks": [{"name": "sst2", "group": "sentiment", "train_size": 67349, "tags": ["glue"]}],
+            "objects": [
+                {"path": "task-000/lora", "task": "sst2", "stage": "best", "metrics": {"dev_acc": 0.91}},
+                {"path": "../zoo/task-001/lora", "task": "evil"},
+                {"path": "task-001/lora", "task": "../etc"}
+            ]
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let store = Store::create(dir.path().join("z.redb")).unwrap();
+    let r = ingest_zoo(
+        &store,
+        &[],
+        Some(&manifest),
+        &IngestOptions::default(),
+        &no_progress(),
+    )
+    .unwrap();
+    assert_eq!((r.ingested(), r.rejected()), (1, 2));
+    let reasons: Vec<String> = r
+        .items
+        .iter()
+        .filter_map(|i| match &i.outcome {
+            ItemOutcome::Rejected { reason } => Some(reason.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(reasons[0].contains("`..`"), "{}", reasons[0]);
+    assert!(reasons[1].contains("path separator"), "{}", reasons[1]);
+    let t = store.task("sst2").unwrap();
+    assert_eq!(
+        (t.group.as_deref(), t.train_size),
+        (Some("sentiment"), Some(67349))
+    );
+    let objs = store.objects().unwrap();
+    assert_eq!(
+        (objs[0].stage.as_deref(), objs[0].metrics["dev_acc"]),
+        (Some("best"), 0.91)
+    );
+}
+
+fn peftdb(db: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_peftdb"));
+    c.arg("--db").arg(db);
+    c
+}
+
+#[test]
+fn cli_ingest_ls_export_cmp() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("cli.redb");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peft-fixtures");
+    let out = peftdb(&db).arg("init").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = peftdb(&db)
+        .args(["ingest", "--json"])
+        .arg(&fixtures)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ingested"], 7);
+
+    let out = peftdb(&db)
+        .args(["ls", "objects", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let objs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(objs.len(), 7);
+    let lora = objs.iter().find(|o| o["task"] == "lora_r8_qv").unwrap();
+    assert_eq!(lora["method"], "lora");
+    assert_eq!(lora["spaces"].as_array().unwrap().len(), 1);
+    let rp = objs
+        .iter()
+        .find(|o| o["task"] == "lora_rank_pattern")
+        .unwrap();
+    assert!(rp["spaces"].as_array().unwrap().is_empty());
+
+    let id = lora["id"].as_u64().unwrap().to_string();
+    let target = dir.path().join("exported");
+    let out = peftdb(&db)
+        .args(["export", &id, "--out"])
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cmp = Command::new("cmp")
+        .arg(target.join("adapter_model.safetensors"))
+        .arg(fixtures.join("lora_r8_qv/adapter_model.safetensors"))
+        .status()
+        .unwrap();
+    assert!(cmp.success(), "exported tensors differ");
+
+    // Exporting onto a non-empty folder is refused.
+    let out = peftdb(&db)
+        .args(["export", &id, "--out"])
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+
+    // Unknown object: exit code 5. Bad adapter: exit code 3 with the reason.
+    let out = peftdb(&db).args(["show", "999"]).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad = dir.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    std::fs::write(
+        bad.join("adapter_config.json"),
+        br#"{"peft_type": "LOHA", "base_model_name_or_path": "m"}"#,
+    )
+    .unwrap();
+    let out = peftdb(&db).arg("ingest").arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown peft_type \"LOHA\""));
+
+    // rm, then stats.
+    let out = peftdb(&db).args(["rm", &id]).output().unwrap();
+    assert!(out.status.success());
+    let out = peftdb(&db).args(["stats", "--json"]).output().unwrap();
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["objects"], 6);
+}
+
+#[test]
+fn a_second_writer_is_refused_naming_the_holder_and_readers_still_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("lock.redb");
+    let store = Store::create(&db).unwrap();
+    // Another process tries to write.
+    let out = peftdb(&db)
+        .arg("ingest")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peft-fixtures/ia3"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+    // Readers in other processes are fine.
+    let out = peftdb(&db).args(["ls", "--json"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(store);
+    let out = peftdb(&db)
+        .arg("ingest")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peft-fixtures/ia3"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
