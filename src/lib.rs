@@ -1,4 +1,37 @@
-//! peftdb: an embedded database for parameter-efficient adapters.
+//! # peftdb
+//!
+//! An embedded database for parameter-efficient adapters ("lightweight objects": LoRA, IA3, prefix and
+//! prompt tuning, BitFit, bottleneck adapters). It stores a zoo of adapters with their **TuPaTE** task
+//! embeddings (tuned parameters of each layer concatenated, then averaged over layers) in one crash-safe
+//! redb file, so that for a new task one can find the source tasks most likely to transfer.
+//!
+//! Data flows one way: files -> [`object`] -> [`embed`] -> [`store`] (via [`ingest`] for whole zoos).
+//!
+//! ```
+//! use peftdb::object::{formats::ReadOptions, read_adapter};
+//! use peftdb::store::{NewObject, Outcome, Store, TaskRecord};
+//! # let dir = tempfile::tempdir().unwrap();
+//! # let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peft-fixtures");
+//! let store = Store::create(dir.path().join("zoo.redb"))?;
+//! let object = read_adapter(&fixtures.join("lora_r8_qv"), &ReadOptions::default())?;
+//! let outcome = store.ingest(NewObject {
+//!     object,
+//!     task: TaskRecord::named("sst2"),
+//!     source: None,
+//!     stage: Some("best".into()),
+//!     metrics: Default::default(),
+//! })?;
+//! let Outcome::Added(id) = outcome else { panic!("new store") };
+//! let record = store.object(id)?;
+//! let space = record.tupate_space().expect("uniform layers embed");
+//! assert_eq!(store.space(space)?.dim, 4 * 8 * 384); // q and v, A (8x384) and B (384x8)
+//! store.export(id, &dir.path().join("out"))?; // byte-identical PEFT folder
+//! # Ok::<(), peftdb::Error>(())
+//! ```
+//!
+//! The library never prints; the `peftdb` binary is a thin shell over it. See ARCHITECTURE.md for the
+//! module map and schema/store.md for the file format.
+
 pub mod embed;
 pub mod error;
 pub mod ingest;

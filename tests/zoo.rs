@@ -24,7 +24,7 @@ fn ingest_a_zoo_of_210_adapters_and_read_every_one_back() {
     let store = Store::create(dir.path().join("z.redb")).unwrap();
     let report = ingest_zoo(
         &store,
-        &[zoo.clone()],
+        std::slice::from_ref(&zoo),
         None,
         &IngestOptions::default(),
         &no_progress(),
@@ -94,7 +94,7 @@ fn an_interrupted_ingestion_rerun_finishes_without_duplicates() {
     let full = Store::create(dir.path().join("full.redb")).unwrap();
     ingest_zoo(
         &full,
-        &[zoo.clone()],
+        std::slice::from_ref(&zoo),
         None,
         &IngestOptions::default(),
         &no_progress(),
