@@ -358,6 +358,45 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Any layer index, module path and role in any supported layout parses back to its parts.
+        #[test]
+        fn prop_layouts_parse(layout in 0usize..5, index in 0usize..200,
+                              module in proptest::collection::vec("[a-z][a-z_]{0,8}", 1..4),
+                              role in 0usize..5) {
+            let module: Vec<String> = module.into_iter()
+                .filter(|m| !matches!(m.as_str(), "layer" | "layers" | "block" | "h" | "base_layer" | "lora_a" | "bias" | "weight" | "ia3_l"))
+                .collect();
+            proptest::prop_assume!(!module.is_empty());
+            let module = module.join(".");
+            let (prefix, stack) = match layout {
+                0 => ("base_model.model.encoder.layer", Stack::Encoder),
+                1 => ("base_model.model.model.layers", Stack::Layers),
+                2 => ("base_model.model.encoder.block", Stack::Encoder),
+                3 => ("base_model.model.decoder.block", Stack::Decoder),
+                _ => ("base_model.model.transformer.h", Stack::Layers),
+            };
+            let (suffix, want) = match role {
+                0 => ("lora_A.weight", Role::LoraA),
+                1 => ("lora_B.weight", Role::LoraB),
+                2 => ("lora_A.default.weight", Role::LoraA),
+                3 => ("ia3_l", Role::Ia3),
+                _ => ("base_layer.bias", Role::Bias),
+            };
+            let name = format!("{prefix}.{index}.{module}.{suffix}");
+            let loc = parse_tensor_name(&name);
+            proptest::prop_assert_eq!(loc.layer, Some(LayerRef { stack, index }), "{}", name);
+            proptest::prop_assert_eq!(&loc.module, &module, "{}", name);
+            proptest::prop_assert_eq!(loc.role, want, "{}", name);
+        }
+
+        /// The parser never panics, whatever the name.
+        #[test]
+        fn prop_parser_total(name in "\\PC{0,80}") {
+            let _ = parse_tensor_name(&name);
+        }
+    }
+
     #[test]
     fn prefix_split() {
         let p = prefix_parts(6, 384);
