@@ -37,6 +37,7 @@ pub mod ensemble;
 pub mod error;
 pub mod ingest;
 pub mod object;
+pub mod rerank;
 pub mod store;
 pub mod synth;
 
