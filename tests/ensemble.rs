@@ -213,3 +213,59 @@ fn baselines() {
     let w = softmax_weights(&[0.1, 5.0], 1.0).unwrap();
     assert!(w[1] > 0.99);
 }
+
+#[test]
+fn cli_merge_writes_a_loadable_adapter_and_one_hot_is_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peft-fixtures");
+    let run = |args: &[&str], out: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_peftdb"))
+            .args(["merge", "--adapter"])
+            .arg(fx.join("lora_r8_qv"))
+            .arg("--adapter")
+            .arg(fx.join("lora_rslora"))
+            .args(args)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let one_hot = dir.path().join("one-hot");
+    let o = run(&["--weights", "0,1", "--merge", "delta-cat"], &one_hot);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        assert_eq!(
+            std::fs::read(one_hot.join(f)).unwrap(),
+            std::fs::read(fx.join("lora_rslora").join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let soft = dir.path().join("soft");
+    let o = run(
+        &[
+            "--scores",
+            "0.2,0.1",
+            "--tau",
+            "0.1",
+            "--merge",
+            "delta-svd",
+        ],
+        &soft,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let back = read_adapter(&soft, &ReadOptions::default()).unwrap();
+    assert!(matches!(back.method, Method::Lora(_)));
+    // Mixed ranks in parameter space: a clear error, nothing written.
+    let bad = dir.path().join("bad");
+    let o = run(&[], &bad);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("delta merge"));
+    assert!(!bad.exists());
+    // A temperature <= 0 is refused.
+    let o = run(&["--scores", "1,2", "--tau", "0"], &dir.path().join("t0"));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("temperature"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

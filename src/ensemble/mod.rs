@@ -193,7 +193,11 @@ fn merge_params(
             return Err(EnsembleError::MixedShapes {
                 a: order[0],
                 b: i,
-                detail: format!("method configuration ({:?} vs {:?})", base.method, c.method),
+                detail: format!(
+                    "method configuration ({} vs {})",
+                    base.method.summary(),
+                    c.method.summary()
+                ),
             });
         }
         if c.tensors.len() != base.tensors.len() {

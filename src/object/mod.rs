@@ -328,6 +328,45 @@ pub enum Method {
 }
 
 impl Method {
+    /// A short human description, e.g. `lora r=8 alpha=16 rslora`.
+    pub fn summary(&self) -> String {
+        match self {
+            Method::Lora(c) => {
+                let mut s = format!("lora r={} alpha={}", c.r, c.alpha);
+                if c.use_rslora {
+                    s.push_str(" rslora");
+                }
+                if !c.rank_pattern.is_empty() {
+                    s.push_str(&format!(" rank_pattern={:?}", c.rank_pattern));
+                }
+                if !c.alpha_pattern.is_empty() {
+                    s.push_str(&format!(" alpha_pattern={:?}", c.alpha_pattern));
+                }
+                s.push_str(&format!(" targets={:?}", c.target_modules));
+                if c.bias != LoraBias::None {
+                    s.push_str(&format!(" bias={:?}", c.bias));
+                }
+                s
+            }
+            Method::Ia3(c) => format!(
+                "ia3 targets={:?} feedforward={:?}",
+                c.target_modules, c.feedforward_modules
+            ),
+            Method::Prefix(c) => format!(
+                "prefix tokens={} layers={} dim={}",
+                c.num_virtual_tokens, c.num_layers, c.token_dim
+            ),
+            Method::Prompt(c) => {
+                format!("prompt tokens={} dim={}", c.num_virtual_tokens, c.token_dim)
+            }
+            Method::Bitfit(_) => "bitfit".into(),
+            Method::Adapter(c) => format!(
+                "adapter bottleneck={} hidden={} {}",
+                c.bottleneck_size, c.hidden_size, c.non_linearity
+            ),
+        }
+    }
+
     pub fn kind(&self) -> MethodKind {
         match self {
             Method::Lora(_) => MethodKind::Lora,

@@ -3,6 +3,7 @@
 //! Exit codes: 0 success; 1 error; 2 usage error; 3 finished, but some adapters were rejected (ingest);
 //! 4 the store is held by another writer; 5 not found.
 
+mod cmd_merge;
 mod cmd_store;
 mod table;
 
@@ -45,6 +46,8 @@ enum Cmd {
     Export(cmd_store::ExportArgs),
     /// Counts, sizes and embedding spaces.
     Stats,
+    /// Merge objects or adapter folders (weights, or softmax of scores) into one adapter folder.
+    Merge(cmd_merge::MergeArgs),
 }
 
 /// An error with the exit code it maps to.
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
         Cmd::Rm(a) => cmd_store::rm(&cli.db, a, cli.json),
         Cmd::Export(a) => cmd_store::export(&cli.db, a, cli.json),
         Cmd::Stats => cmd_store::stats(&cli.db, cli.json),
+        Cmd::Merge(a) => cmd_merge::run(&cli.db, a, cli.json),
     };
     match r {
         Ok(code) => ExitCode::from(code),

@@ -1,0 +1,103 @@
+//! `peftdb merge`: combine stored objects and/or adapter folders into one adapter folder.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use peftdb::ensemble::{merge, softmax_weights, MergeMode};
+use peftdb::object::{formats::ReadOptions, read_adapter, write_adapter, LightweightObject};
+use peftdb::store::Store;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeArg {
+    /// Weighted average of the parameters (same method, configuration and shapes).
+    Param,
+    /// LoRA only: exact merge of the weight updates by concatenating factors (rank = sum of ranks).
+    DeltaCat,
+    /// LoRA only: merge of the weight updates re-factored by truncated SVD.
+    DeltaSvd,
+}
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// Stored objects to merge (ids).
+    #[arg(long = "object", value_delimiter = ',')]
+    pub objects: Vec<u64>,
+    /// Adapter folders to merge.
+    #[arg(long = "adapter")]
+    pub adapters: Vec<PathBuf>,
+    /// Weights, one per candidate (objects first, then folders); they must sum to 1. Default: equal.
+    #[arg(long, value_delimiter = ',', conflicts_with = "scores")]
+    pub weights: Vec<f64>,
+    /// Indicator scores, one per candidate: weights = softmax(scores / tau).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    pub scores: Vec<f64>,
+    /// Softmax temperature for --scores.
+    #[arg(long, default_value_t = 1.0)]
+    pub tau: f64,
+    /// How to merge.
+    #[arg(long = "merge", value_enum, default_value = "param")]
+    pub mode: MergeArg,
+    /// Target rank for delta-svd (default: the highest-weight candidate's rank per module).
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// Output adapter folder (must not exist, or be empty).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run(db: &Path, a: &MergeArgs, json: bool) -> Result<u8> {
+    let mut cands: Vec<LightweightObject> = Vec::new();
+    let mut labels = Vec::new();
+    if !a.objects.is_empty() {
+        let store = Store::open_read_only(db)?;
+        for id in &a.objects {
+            cands.push(store.get(*id)?.1);
+            labels.push(format!("object {id}"));
+        }
+    }
+    for p in &a.adapters {
+        cands.push(
+            read_adapter(p, &ReadOptions::default())
+                .with_context(|| format!("reading {}", p.display()))?,
+        );
+        labels.push(p.display().to_string());
+    }
+    if cands.is_empty() {
+        bail!("nothing to merge: give --object IDS and/or --adapter DIR");
+    }
+    let weights = if !a.scores.is_empty() {
+        if a.scores.len() != cands.len() {
+            bail!("{} scores for {} candidates", a.scores.len(), cands.len());
+        }
+        softmax_weights(&a.scores, a.tau)?
+    } else if !a.weights.is_empty() {
+        a.weights.clone()
+    } else {
+        vec![1.0 / cands.len() as f64; cands.len()]
+    };
+    let mode = match a.mode {
+        MergeArg::Param => MergeMode::Param,
+        MergeArg::DeltaCat => MergeMode::DeltaCat,
+        MergeArg::DeltaSvd => MergeMode::DeltaSvd { rank: a.rank },
+    };
+    let refs: Vec<&LightweightObject> = cands.iter().collect();
+    let merged = merge(&refs, &weights, mode)?;
+    write_adapter(&merged, &a.out)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "out": a.out,
+                "candidates": labels.iter().zip(&weights).map(|(l, w)| json!({"candidate": l, "weight": w})).collect::<Vec<_>>(),
+                "method": merged.method.kind(),
+            }))?
+        );
+    } else {
+        for (l, w) in labels.iter().zip(&weights) {
+            println!("{w:>8.4}  {l}");
+        }
+        println!("wrote {} ({})", a.out.display(), merged.method.kind());
+    }
+    Ok(0)
+}
