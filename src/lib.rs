@@ -1,5 +1,6 @@
 //! peftdb: an embedded database for parameter-efficient adapters.
 pub mod embed;
+pub mod engine;
 pub mod error;
 pub mod object;
 pub mod store;
