@@ -461,9 +461,8 @@ impl BertModel {
             .iter()
             .all(|&k| lin_ad(k).map(|a| a.is_empty()).unwrap_or(true));
         let (q, k, v) = if qkv_plain {
-            let qkv = x2
-                .matmul(&layer.qkv_weight.t()?)?
-                .broadcast_add(&layer.qkv_bias)?;
+            let qkv =
+                frozen_matmul(&x2, &layer.qkv_weight, grad)?.broadcast_add(&layer.qkv_bias)?;
             let qkv = qkv
                 .reshape((b, s, 3, nh, hd))?
                 .permute((2, 0, 3, 1, 4))?
@@ -473,9 +472,9 @@ impl BertModel {
             let heads = |t: Tensor| -> candle_core::Result<Tensor> {
                 t.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous()
             };
-            let q = linear(&layer.linears[Q], lin_ad(Q), &x2)?;
-            let k = linear(&layer.linears[K], lin_ad(K), &x2)?;
-            let v = linear(&layer.linears[V], lin_ad(V), &x2)?;
+            let q = linear(&layer.linears[Q], lin_ad(Q), &x2, grad)?;
+            let k = linear(&layer.linears[K], lin_ad(K), &x2, grad)?;
+            let v = linear(&layer.linears[V], lin_ad(V), &x2, grad)?;
             (heads((q * scale)?)?, heads(k)?, heads(v)?)
         };
         let (k, v) = match la.and_then(|l| l.prefix.as_ref()) {
@@ -493,7 +492,7 @@ impl BertModel {
         let scores = q.matmul(&k.t()?)?.broadcast_add(add_mask)?;
         let probs = softmax(&scores, grad)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * s, h))?;
-        let attn = linear(&layer.linears[ATTN_OUT], lin_ad(ATTN_OUT), &ctx)?;
+        let attn = linear(&layer.linears[ATTN_OUT], lin_ad(ATTN_OUT), &ctx, grad)?;
         let attn = match la.and_then(|l| l.bottlenecks[0].as_ref()) {
             Some(bn) => bottleneck(bn, &attn)?,
             None => attn,
@@ -502,9 +501,9 @@ impl BertModel {
             .and_then(|l| l.norm_bias[0].as_ref())
             .unwrap_or(&layer.norms[0].1);
         let h1 = layer_norm(&(attn + &x2)?, &layer.norms[0].0, ln0_bias, eps, grad)?;
-        let inter = linear(&layer.linears[INTER], lin_ad(INTER), &h1)?;
+        let inter = linear(&layer.linears[INTER], lin_ad(INTER), &h1, grad)?;
         let inter = self.activation.apply(&inter)?;
-        let out = linear(&layer.linears[OUT], lin_ad(OUT), &inter)?;
+        let out = linear(&layer.linears[OUT], lin_ad(OUT), &inter, grad)?;
         let out = match la.and_then(|l| l.bottlenecks[1].as_ref()) {
             Some(bn) => bottleneck(bn, &out)?,
             None => out,
@@ -519,16 +518,21 @@ impl BertModel {
 
 /// A linear layer with its adapters: IA3 input scaling (feed-forward modules), the bias (replaced by
 /// BitFit / LoRA `bias="all"`), LoRA's low-rank update and IA3 output scaling, in PEFT's order.
-fn linear(base: &Linear, ad: Option<&LinearAdapter>, x: &Tensor) -> candle_core::Result<Tensor> {
+fn linear(
+    base: &Linear,
+    ad: Option<&LinearAdapter>,
+    x: &Tensor,
+    grad: Grad,
+) -> candle_core::Result<Tensor> {
     let Some(ad) = ad else {
-        return x.matmul(&base.weight.t()?)?.broadcast_add(&base.bias);
+        return frozen_matmul(x, &base.weight, grad)?.broadcast_add(&base.bias);
     };
     let xin = match &ad.ia3_in {
         Some(s) => x.broadcast_mul(s)?,
         None => x.clone(),
     };
     let bias = ad.bias.as_ref().unwrap_or(&base.bias);
-    let mut y = xin.matmul(&base.weight.t()?)?.broadcast_add(bias)?;
+    let mut y = frozen_matmul(&xin, &base.weight, grad)?.broadcast_add(bias)?;
     if let Some(l) = &ad.lora {
         let d = x.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
         y = (y + (d * l.scale)?)?;
@@ -547,6 +551,54 @@ fn bottleneck(bn: &Bottleneck, h: &Tensor) -> candle_core::Result<Tensor> {
     let d = bn.activation.apply(&d)?;
     let u = d.matmul(&bn.up_weight.t()?)?.broadcast_add(&bn.up_bias)?;
     u + h
+}
+
+/// `x @ w^T` for a frozen weight `w` (out, in). candle's matmul backward also computes the gradient of
+/// the weight, which a frozen base model never needs and which doubles the backward pass; on the CPU the
+/// differentiable path uses a custom op whose backward returns the input's gradient only.
+fn frozen_matmul(x: &Tensor, w: &Tensor, grad: Grad) -> candle_core::Result<Tensor> {
+    if grad == Grad::No || !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return x.matmul(&w.t()?);
+    }
+    x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })
+}
+
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul: non-contiguous input".into()))?;
+        let x = Tensor::from_slice(
+            &storage.as_slice::<f32>()?[start..end],
+            layout.shape(),
+            &Device::Cpu,
+        )?;
+        let y = x.matmul(&self.w.t()?)?;
+        let shape = y.shape().clone();
+        let v = y.flatten_all()?.to_vec1::<f32>()?;
+        Ok((candle_core::CpuStorage::F32(v), shape))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad_res.matmul(&self.w)?))
+    }
 }
 
 fn layer_norm(
