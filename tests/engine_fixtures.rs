@@ -157,3 +157,66 @@ fn adapter_for_another_model_names_tensor_and_shapes() {
         "{msg}"
     );
 }
+
+/// A model folder missing a file, an unsupported architecture, a broken tokenizer.json and a missing
+/// weight are clear errors naming the file / tensor, never panics.
+#[test]
+fn bad_model_folders_are_clear_errors() {
+    let real = common::model_dir();
+    let make = |skip: &str| {
+        let d = tempfile::tempdir().expect("tempdir");
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            if f != skip {
+                std::os::unix::fs::symlink(real.join(f), d.path().join(f)).expect("link");
+            }
+        }
+        d
+    };
+    for missing in ["config.json", "model.safetensors", "tokenizer.json"] {
+        let d = make(missing);
+        let e = Engine::load(d.path(), &Device::Cpu).expect_err("missing file");
+        assert!(
+            matches!(e, EngineError::ModelFileMissing { file, .. } if file == missing),
+            "{e}"
+        );
+        assert!(e.to_string().contains(missing));
+    }
+    // Unsupported architecture.
+    let d = make("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(real.join("config.json")).expect("read"))
+            .expect("json");
+    cfg["model_type"] = "llama".into();
+    cfg["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+    std::fs::write(d.path().join("config.json"), cfg.to_string()).expect("write");
+    let e = Engine::load(d.path(), &Device::Cpu).expect_err("llama");
+    assert!(
+        matches!(e, EngineError::UnsupportedArchitecture { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("llama"), "{e}");
+    // A config whose sizes do not fit the weights names the tensor and both shapes.
+    cfg["model_type"] = "bert".into();
+    cfg["architectures"] = serde_json::json!(["BertModel"]);
+    cfg["intermediate_size"] = 1000.into();
+    std::fs::write(d.path().join("config.json"), cfg.to_string()).expect("write");
+    let e = Engine::load(d.path(), &Device::Cpu).expect_err("shape");
+    assert!(matches!(e, EngineError::WeightShape { .. }), "{e}");
+    assert!(
+        e.to_string().contains("intermediate.dense.weight") && e.to_string().contains("1536"),
+        "{e}"
+    );
+    // A tokenizer.json that does not load.
+    let d = make("tokenizer.json");
+    std::fs::write(
+        d.path().join("tokenizer.json"),
+        b"{\"version\": \"1.0\", \"model\": 5}",
+    )
+    .expect("write");
+    let e = Engine::load(d.path(), &Device::Cpu).expect_err("tokenizer");
+    assert!(matches!(e, EngineError::Tokenizer { .. }), "{e}");
+    assert!(e.to_string().contains("tokenizer.json"), "{e}");
+    // Not a folder at all.
+    let e = Engine::load(&real.join("nope"), &Device::Cpu).expect_err("no folder");
+    assert!(e.to_string().contains("nope"), "{e}");
+}
