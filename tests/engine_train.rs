@@ -16,6 +16,14 @@ use peftdb::object::{
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 
+/// The heavy tests take turns: candle's CPU thread pool spins while it waits, so two trainings at once on
+/// 2 cores slow each other down far more than twice.
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn engine(max_len: usize) -> Engine {
     Engine::load_with(
         &common::model_dir(),
@@ -29,19 +37,21 @@ fn bbc() -> Task {
     Task::load(&common::shared_dir().join("tasks/bbc_topic")).expect("task loads")
 }
 
-/// Train `kind` for 30 steps of 8 on 8 examples per class of bbc_topic (5 classes, chance 0.2,
-/// majority 0.23 on test) and check: test accuracy is clearly above chance, and the dev loss is lower
-/// than the bare model's (the training improved on zero-shot scoring, not only kept it).
+/// Train `kind` for 24 steps of 8 on 8 examples per class of bbc_topic (5 classes, chance 0.2,
+/// majority 0.23 on test; texts truncated to 32 tokens) and check: test accuracy (on 126 test examples)
+/// is clearly above chance, and the dev loss is lower than the bare model's (the training improved on
+/// zero-shot scoring, not only kept it).
 fn learns_bbc(kind: MethodKind) -> TrainOutcome {
+    let _turn = heavy();
     let engine = engine(32);
     let task = bbc();
     let train_ex = few_shot(&task.train, task.labels.len(), 8, 0).expect("sample");
-    let dev: Vec<_> = task.dev.iter().step_by(4).cloned().collect(); // 51
-    let test: Vec<_> = task.test.iter().step_by(3).cloned().collect(); // 167
+    let dev: Vec<_> = task.dev.iter().step_by(5).cloned().collect(); // 41
+    let test: Vec<_> = task.test.iter().step_by(4).cloned().collect(); // 126
     let labels = task.label_texts();
     let mut cfg = TrainConfig::new(kind);
-    cfg.max_steps = Some(30);
-    cfg.eval_every = 15;
+    cfg.max_steps = Some(24);
+    cfg.eval_every = 12;
     cfg.patience = None;
     cfg.seed = 1;
     let out = train(
@@ -50,7 +60,7 @@ fn learns_bbc(kind: MethodKind) -> TrainOutcome {
             label_texts: &labels,
             train: &train_ex,
             dev: &dev,
-            test: Some(&test),
+            test: None,
         },
         &cfg,
         &mut |_| {},
@@ -65,7 +75,15 @@ fn learns_bbc(kind: MethodKind) -> TrainOutcome {
         .score(None, &lab, &dev_ids, &ScoreOptions::default())
         .expect("score")
         .cross_entropy(&dev_t);
-    let acc = out.best.test_accuracy.expect("test accuracy");
+    let best = engine.prepare(&out.best.object).expect("prepare");
+    let test_ids = engine
+        .tokenize(&test.iter().map(|e| e.text.as_str()).collect::<Vec<_>>())
+        .expect("tok");
+    let test_t: Vec<usize> = test.iter().map(|e| e.label).collect();
+    let acc = engine
+        .score(Some(&best), &lab, &test_ids, &ScoreOptions::default())
+        .expect("score")
+        .accuracy(&test_t);
     let chance = 1.0 / labels.len() as f64;
     eprintln!(
         "{kind}: test accuracy {acc:.3} (chance {chance:.2}, margin {:.3}); dev loss zero-shot {zero:.4} -> {:?}",
@@ -97,7 +115,7 @@ fn learns_bbc(kind: MethodKind) -> TrainOutcome {
 #[test]
 fn lora_learns_bbc_topic() {
     let out = learns_bbc(MethodKind::Lora);
-    assert!(out.early.step == 15 && out.best.step >= 15);
+    assert!(out.early.step == 12 && out.best.step >= 12);
 }
 
 #[test]
@@ -133,6 +151,7 @@ fn tiny_run(engine: &Engine, kind: MethodKind, seed: u64) -> LightweightObject {
 
 #[test]
 fn training_is_bit_identical_for_a_seed() {
+    let _turn = heavy();
     let engine = engine(24);
     for kind in [MethodKind::Lora, MethodKind::Adapter] {
         let a = tiny_run(&engine, kind, 5);
@@ -229,6 +248,7 @@ fn perturb(obj: &mut LightweightObject, rng: &mut rand_chacha::ChaCha8Rng) {
 
 #[test]
 fn adapter_gradients_match_finite_differences() {
+    let _turn = heavy();
     let engine = tiny_engine();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
     // Token ids below the tiny vocabulary (40); [CLS]=2-like structure is irrelevant here.
