@@ -33,6 +33,7 @@
 //! module map and schema/store.md for the file format.
 
 pub mod embed;
+pub mod engine;
 pub mod ensemble;
 pub mod error;
 pub mod ingest;

@@ -11,6 +11,7 @@
 //!   that reproduces the file byte for byte.
 //! - [`formats`]: PEFT folders, AdapterHub bottleneck adapters and peftdb's BitFit bias sets.
 
+pub mod build;
 pub mod formats;
 pub mod layout;
 pub mod safetensors_io;

@@ -3,8 +3,10 @@
 //! Exit codes: 0 success; 1 error; 2 usage error; 3 finished, but some adapters were rejected (ingest);
 //! 4 the store is held by another writer; 5 not found.
 
+mod cmd_eval;
 mod cmd_merge;
 mod cmd_store;
+mod cmd_train;
 mod table;
 
 use clap::{Parser, Subcommand};
@@ -48,6 +50,10 @@ enum Cmd {
     Stats,
     /// Merge objects or adapter folders (weights, or softmax of scores) into one adapter folder.
     Merge(cmd_merge::MergeArgs),
+    /// Train a new adapter of any method on a task folder (few-shot or full).
+    Train(cmd_train::TrainArgs),
+    /// Accuracy and loss of an adapter (folder or stored object) on a task split.
+    Eval(cmd_eval::EvalArgs),
 }
 
 /// An error with the exit code it maps to.
@@ -78,6 +84,16 @@ fn main() -> ExitCode {
         Cmd::Export(a) => cmd_store::export(&cli.db, a, cli.json),
         Cmd::Stats => cmd_store::stats(&cli.db, cli.json),
         Cmd::Merge(a) => cmd_merge::run(&cli.db, a, cli.json),
+        Cmd::Train(a) => {
+            let mut a = a.clone();
+            a.db = Some(cli.db.clone());
+            cmd_train::run(a, cli.json).map(|()| 0)
+        }
+        Cmd::Eval(a) => {
+            let mut a = a.clone();
+            a.db = Some(cli.db.clone());
+            cmd_eval::run(a, cli.json).map(|()| 0)
+        }
     };
     match r {
         Ok(code) => ExitCode::from(code),

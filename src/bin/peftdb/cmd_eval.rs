@@ -1,0 +1,122 @@
+//! `peftdb eval`: accuracy and loss of an adapter (or the bare model) on a task split, by head-free label
+//! scoring.
+
+use anyhow::Context;
+use indicatif::ProgressBar;
+use peftdb::engine::scoring::ScoreOptions;
+use peftdb::engine::task::{Split, Task};
+use peftdb::engine::{parse_device, Engine, EngineOptions};
+use peftdb::object::{formats::ReadOptions, read_adapter};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+fn parse_split(s: &str) -> Result<Split, String> {
+    Split::parse(s).ok_or_else(|| format!("unknown split {s:?}; one of train, dev, test"))
+}
+
+/// Evaluate an adapter on a task split.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Task folder (task.json + train/dev/test.jsonl).
+    #[arg(long)]
+    pub task: PathBuf,
+    /// Adapter folder (PEFT, AdapterHub or BitFit); neither this nor --object: the bare model.
+    #[arg(long, conflicts_with = "object")]
+    pub adapter: Option<PathBuf>,
+    /// Stored object id (needs --db).
+    #[arg(long)]
+    pub object: Option<u64>,
+    /// The peftdb store: the global --db (filled in by main).
+    #[arg(skip)]
+    pub db: Option<PathBuf>,
+    #[arg(long, value_parser = parse_split, default_value = "test")]
+    pub split: Split,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Label-scoring temperature (logits = cosine / T).
+    #[arg(long, default_value_t = peftdb::engine::scoring::DEFAULT_TEMPERATURE)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Maximum tokens per text.
+    #[arg(long, default_value_t = 128)]
+    pub max_len: usize,
+}
+
+pub fn run(args: EvalArgs, json: bool) -> anyhow::Result<()> {
+    let device = parse_device(&args.device)?;
+    let engine = Engine::load_with(
+        &args.model,
+        &device,
+        &EngineOptions {
+            max_len: args.max_len,
+        },
+    )?;
+    let task = Task::load(&args.task)?;
+    let (obj, source) = if let Some(dir) = &args.adapter {
+        (
+            Some(read_adapter(dir, &ReadOptions::default())?),
+            dir.display().to_string(),
+        )
+    } else if let Some(id) = args.object {
+        let db = args.db.as_ref().context("--object needs --db")?;
+        let store = peftdb::store::Store::open_read_only(db)?;
+        (Some(store.get(id)?.1), format!("object {id}"))
+    } else {
+        (None, "base model".to_string())
+    };
+    let set = obj.as_ref().map(|o| engine.prepare(o)).transpose()?;
+    let examples = task.split(args.split);
+    let labels = engine.tokenize(&task.label_texts())?;
+    let opts = ScoreOptions {
+        temperature: args.temperature,
+        batch_size: args.batch_size.max(1),
+    };
+    let bar = std::io::stderr()
+        .is_terminal()
+        .then(|| ProgressBar::new(examples.len() as u64));
+    // Score in chunks so the bar moves; label embeddings are cheap to recompute per chunk.
+    let mut logits = Vec::with_capacity(examples.len());
+    let mut probs = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(opts.batch_size * 4) {
+        let texts: Vec<&str> = chunk.iter().map(|e| e.text.as_str()).collect();
+        let ids = engine.tokenize(&texts)?;
+        let s = engine.score(set.as_ref(), &labels, &ids, &opts)?;
+        logits.extend(s.logits);
+        probs.extend(s.probs);
+        if let Some(b) = &bar {
+            b.inc(chunk.len() as u64);
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let scores = peftdb::engine::scoring::LabelScores { logits, probs };
+    let targets: Vec<usize> = examples.iter().map(|e| e.label).collect();
+    let acc = scores.accuracy(&targets);
+    let loss = scores.cross_entropy(&targets);
+    let majority = task.majority_rate(args.split);
+    let split = format!("{:?}", args.split).to_lowercase();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "task": task.name, "split": split, "adapter": source,
+                "examples": examples.len(), "accuracy": acc, "loss": loss,
+                "majority_rate": majority, "temperature": args.temperature,
+            }))?
+        );
+    } else {
+        println!(
+            "{} on {} {split} ({} examples): accuracy {acc:.4} (majority {majority:.4}), loss {loss:.4}",
+            source,
+            task.name,
+            examples.len()
+        );
+    }
+    Ok(())
+}

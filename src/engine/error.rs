@@ -1,0 +1,105 @@
+//! Errors of the model engine ([`EngineError`]) and of task data ([`TaskError`]).
+//!
+//! Every variant that concerns a file or a tensor names it, and the message says what to do.
+
+use std::path::PathBuf;
+use thiserror::Error;
+
+/// Loading task data (task.json + JSONL splits).
+#[derive(Debug, Error)]
+pub enum TaskError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}: missing; a task folder holds task.json and train.jsonl, dev.jsonl, test.jsonl"
+    )]
+    MissingFile { path: PathBuf },
+    #[error("{path}: invalid task.json: {reason} (see schema/task.schema.json)")]
+    Config { path: PathBuf, reason: String },
+    #[error("{path}: label {label:?} has no verbalizer text; give labels[].text a non-empty string (the text the label is scored by)")]
+    NoVerbalizer { path: PathBuf, label: String },
+    #[error("{path}:{line}: {reason}; each line must be {{\"text\": string, \"label\": one of the task's labels}}")]
+    BadLine {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("{path}:{line}: unknown label {label:?}; task.json declares {known:?}")]
+    UnknownLabel {
+        path: PathBuf,
+        line: usize,
+        label: String,
+        known: Vec<String>,
+    },
+    #[error("{path}: the split is empty; every split needs at least one example")]
+    EmptySplit { path: PathBuf },
+    #[error("few-shot sampling: {0}")]
+    Sampling(String),
+}
+
+/// Anything the model engine can fail with.
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error("{dir}: model folder has no {file}; a Hugging Face model folder needs config.json, model.safetensors and tokenizer.json (run scripts/fetch-model.sh for the test model)")]
+    ModelFileMissing { dir: PathBuf, file: &'static str },
+    #[error("{path}: invalid model config: {reason}")]
+    ModelConfig { path: PathBuf, reason: String },
+    #[error("{path}: unsupported architecture {found}; the engine runs BERT-family encoders (model_type bert, roberta, xlm-roberta; absolute position embeddings)")]
+    UnsupportedArchitecture { path: PathBuf, found: String },
+    #[error("{path}: weight {tensor:?} is missing{hint}")]
+    MissingWeight {
+        path: PathBuf,
+        tensor: String,
+        hint: String,
+    },
+    #[error("{path}: weight {tensor:?} has shape {found:?} but config.json implies {expected:?}")]
+    WeightShape {
+        path: PathBuf,
+        tensor: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{path}: cannot read the weights: {reason}")]
+    Weights { path: PathBuf, reason: String },
+    #[error("{path}: tokenizer does not load: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+    #[error("tokenizing failed: {0}")]
+    Tokenize(String),
+    #[error("adapter tensor {tensor:?} has shape {found:?} but this base model needs {expected:?}; the adapter was trained for another base model")]
+    AdapterShape {
+        tensor: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("adapter tensor {tensor:?}: {reason}")]
+    AdapterTensor { tensor: String, reason: String },
+    #[error("adapter: {0}")]
+    Adapter(String),
+    #[error("device {requested:?} requested, but this peftdb was built without CUDA; rebuild with `--features cuda` or use --device cpu")]
+    CudaNotCompiled { requested: String },
+    #[error("device {spec:?}: {reason}")]
+    Device { spec: String, reason: String },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Task(#[from] TaskError),
+    #[error(transparent)]
+    Read(#[from] crate::error::ReadError),
+    #[error(transparent)]
+    Export(#[from] crate::error::ExportError),
+    #[error("tensor computation failed: {0}")]
+    Compute(#[from] candle_core::Error),
+}
+
+/// Result of the engine.
+pub type EngineResult<T> = std::result::Result<T, EngineError>;

@@ -1,0 +1,153 @@
+//! The model engine: a BERT-family encoder (candle) that runs any stored adapter, scores any task's labels
+//! without a task head, and trains new adapters.
+//!
+//! - [`model`]: config + weights + the forward pass with adapter hooks ([`BertModel`]).
+//! - [`adapters`]: a [`LightweightObject`] turned into tensors the forward pass applies ([`AdapterSet`]).
+//! - [`tokenize`]: `tokenizer.json`, tokenize-once [`TokenIds`], padded [`Batch`]es.
+//! - [`scoring`]: head-free label scoring: the logit of label c is `cos(e(x), e(verbalizer_c)) / T`, both
+//!   embeddings mean-pooled with the adapter applied; softmax gives P; cross-entropy on P is the training
+//!   and indicator loss. Gradients of that loss w.r.t. an adapter's tensors (for GraNd) are exposed.
+//! - [`train`]: few-shot training of a new adapter of any method (AdamW on the adapter's parameters only,
+//!   seeded and deterministic on CPU), returning the "early" and "best" checkpoints as PEFT objects.
+//! - [`task`]: task folders (task.json + JSONL splits, schema/task.schema.json) and k-shot sampling.
+//! - [`device`]: `--device cpu|cuda[:N]`.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), peftdb::engine::EngineError> {
+//! use peftdb::engine::{Engine, task::Task, scoring::ScoreOptions};
+//! let engine = Engine::load("models/all-MiniLM-L6-v2".as_ref(), &candle_core::Device::Cpu)?;
+//! let task = Task::load("../shared/tasks/movie_sentiment".as_ref())?;
+//! let probs = engine.label_probs(None, &task.label_texts(), &["a fine film"], &ScoreOptions::default())?;
+//! # Ok(()) }
+//! ```
+
+pub mod adapters;
+pub mod device;
+pub mod error;
+pub mod model;
+pub mod scoring;
+pub mod task;
+pub mod tokenize;
+pub mod train;
+
+pub use adapters::AdapterSet;
+pub use device::parse_device;
+pub use error::{EngineError, EngineResult, TaskError};
+pub use model::{BertConfig, BertModel, Grad};
+pub use tokenize::{Batch, TextTokenizer, TokenIds};
+
+use crate::object::LightweightObject;
+use candle_core::{Device, Tensor};
+use std::path::{Path, PathBuf};
+
+/// Options of [`Engine::load_with`].
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Texts are truncated to this many tokens (special tokens included).
+    pub max_len: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            max_len: tokenize::DEFAULT_MAX_LEN,
+        }
+    }
+}
+
+/// A loaded base model with its tokenizer, on one device.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    pub model: BertModel,
+    pub tokenizer: TextTokenizer,
+    pub device: Device,
+    pub model_dir: PathBuf,
+}
+
+impl Engine {
+    /// Load a Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
+    pub fn load(model_dir: &Path, device: &Device) -> EngineResult<Engine> {
+        Engine::load_with(model_dir, device, &EngineOptions::default())
+    }
+
+    pub fn load_with(
+        model_dir: &Path,
+        device: &Device,
+        opts: &EngineOptions,
+    ) -> EngineResult<Engine> {
+        if !model_dir.is_dir() {
+            return Err(EngineError::Io {
+                path: model_dir.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such model folder (run scripts/fetch-model.sh for the test model)",
+                ),
+            });
+        }
+        for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+            if !model_dir.join(file).is_file() {
+                return Err(EngineError::ModelFileMissing {
+                    dir: model_dir.to_path_buf(),
+                    file,
+                });
+            }
+        }
+        let model = BertModel::load(model_dir, device)?;
+        let tokenizer = TextTokenizer::from_file(
+            &model_dir.join("tokenizer.json"),
+            opts.max_len
+                .min(model.config.max_position_embeddings - model.config.position_offset()),
+        )?;
+        Ok(Engine {
+            model,
+            tokenizer,
+            device: device.clone(),
+            model_dir: model_dir.to_path_buf(),
+        })
+    }
+
+    /// Prepare a stored adapter for the forward pass (checks every tensor's shape against this model).
+    pub fn prepare(&self, obj: &LightweightObject) -> EngineResult<AdapterSet> {
+        AdapterSet::from_object(&self.model, obj)
+    }
+
+    /// Tokenize texts once (reuse the result across epochs and adapters).
+    pub fn tokenize<S: AsRef<str>>(&self, texts: &[S]) -> EngineResult<Vec<TokenIds>> {
+        self.tokenizer.tokenize(texts)
+    }
+
+    /// Pad token rows into a batch on this engine's device.
+    pub fn batch(&self, rows: &[&[u32]]) -> EngineResult<Batch> {
+        Batch::pad(rows, self.tokenizer.pad_id(), &self.device)
+    }
+
+    /// Mean-pooled embeddings (B, H) of a batch, with an optional adapter.
+    pub fn embed(&self, batch: &Batch, adapter: Option<&AdapterSet>) -> EngineResult<Tensor> {
+        Ok(self.embed_grad(batch, adapter, Grad::No)?)
+    }
+
+    pub(crate) fn embed_grad(
+        &self,
+        batch: &Batch,
+        adapter: Option<&AdapterSet>,
+        grad: Grad,
+    ) -> candle_core::Result<Tensor> {
+        let (h, m) = self.model.forward(&batch.ids, &batch.mask, adapter, grad)?;
+        model::mean_pool(&h, &m)
+    }
+
+    /// Mean-pooled embeddings of texts, `batch_size` at a time.
+    pub fn embed_texts<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        adapter: Option<&AdapterSet>,
+        batch_size: usize,
+    ) -> EngineResult<Vec<Vec<f32>>> {
+        let ids = self.tokenize(texts)?;
+        let mut out = Vec::with_capacity(texts.len());
+        for b in tokenize::batches(&ids, batch_size, self.tokenizer.pad_id(), &self.device)? {
+            out.extend(self.embed(&b, adapter)?.to_vec2::<f32>()?);
+        }
+        Ok(out)
+    }
+}

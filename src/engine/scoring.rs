@@ -1,0 +1,256 @@
+//! Head-free label scoring.
+//!
+//! The logit of label c for input x is `cos(e(x), e(v_c)) / T`, where `e` is the mean-pooled encoder
+//! output *with the adapter applied* and `v_c` is the label's verbalizer text (task.json's
+//! `labels[].text`); `P = softmax(logits)`, and the cross-entropy of P against the gold label is both the
+//! training loss and the indicators' loss.
+//!
+//! Why this choice: any adapter (trained on any labels, or on none) can score any task without a
+//! task-specific head, which the indicators need; the cosine is the similarity the sentence encoder was
+//! trained with, so the base model is already a sensible zero-shot classifier; and the temperature
+//! ([`ScoreOptions::temperature`], default [`DEFAULT_TEMPERATURE`] = 0.05, i.e. the scale 20 that
+//! sentence-transformers uses for in-batch contrastive training) turns cosines in [-1, 1] into a usable
+//! spread of probabilities. Label embeddings are computed with the same adapter, so training moves both
+//! sides; in training they get gradients too.
+
+use super::adapters::AdapterSet;
+use super::error::{EngineError, EngineResult};
+use super::model::Grad;
+use super::tokenize::{batches, Batch, TokenIds};
+use super::Engine;
+use crate::object::LightweightObject;
+use candle_core::{Tensor, Var, D};
+
+/// The default temperature (logits are cosines / 0.05).
+pub const DEFAULT_TEMPERATURE: f64 = 0.05;
+
+/// Options of label scoring.
+#[derive(Debug, Clone)]
+pub struct ScoreOptions {
+    pub temperature: f64,
+    /// Inputs per forward pass.
+    pub batch_size: usize,
+}
+
+impl Default for ScoreOptions {
+    fn default() -> Self {
+        ScoreOptions {
+            temperature: DEFAULT_TEMPERATURE,
+            batch_size: 32,
+        }
+    }
+}
+
+impl ScoreOptions {
+    fn check(&self) -> EngineResult<()> {
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return Err(EngineError::InvalidArgument(format!(
+                "temperature must be a positive number, got {}",
+                self.temperature
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Logits and probabilities of a set of inputs over a task's labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelScores {
+    /// (inputs x labels) logits.
+    pub logits: Vec<Vec<f32>>,
+    /// (inputs x labels) softmax probabilities.
+    pub probs: Vec<Vec<f32>>,
+}
+
+impl LabelScores {
+    /// Index of the most probable label of each input (ties: the first).
+    pub fn predictions(&self) -> Vec<usize> {
+        self.logits
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .enumerate()
+                    .fold(
+                        (0, f32::NEG_INFINITY),
+                        |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc },
+                    )
+                    .0
+            })
+            .collect()
+    }
+
+    /// Fraction of inputs whose prediction equals the target.
+    pub fn accuracy(&self, targets: &[usize]) -> f64 {
+        let p = self.predictions();
+        let hits = p.iter().zip(targets).filter(|(a, b)| a == b).count();
+        hits as f64 / targets.len().max(1) as f64
+    }
+
+    /// Mean cross-entropy against the targets.
+    pub fn cross_entropy(&self, targets: &[usize]) -> f64 {
+        let s: f64 = self
+            .probs
+            .iter()
+            .zip(targets)
+            .map(|(p, &t)| -(p[t].max(1e-30) as f64).ln())
+            .sum();
+        s / targets.len().max(1) as f64
+    }
+}
+
+/// Gradients of the mean cross-entropy w.r.t. each tensor of an adapter.
+#[derive(Debug, Clone)]
+pub struct AdapterGradients {
+    pub loss: f32,
+    /// (tensor name, gradient values in the tensor's shape, row-major), in the object's tensor order.
+    pub grads: Vec<(String, Vec<f32>)>,
+}
+
+impl AdapterGradients {
+    /// The L2 norm of all gradients together (GraNd).
+    pub fn norm(&self) -> f64 {
+        self.grads
+            .iter()
+            .flat_map(|(_, g)| g.iter())
+            .map(|&v| (v as f64) * (v as f64))
+            .sum::<f64>()
+            .sqrt()
+    }
+}
+
+/// Row-normalise (B, H) embeddings.
+fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
+    let n = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?;
+    x.broadcast_div(&n)
+}
+
+/// Logits (B, C) from input embeddings (B, H) and label embeddings (C, H).
+pub fn cosine_logits(
+    inputs: &Tensor,
+    labels: &Tensor,
+    temperature: f64,
+) -> candle_core::Result<Tensor> {
+    let a = l2_normalize(inputs)?;
+    let b = l2_normalize(labels)?;
+    a.matmul(&b.t()?)? / temperature
+}
+
+/// Mean cross-entropy of logits (B, C) against u32 targets (B).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    candle_nn::loss::cross_entropy(logits, targets)
+}
+
+impl Engine {
+    /// Label logits (B, C) of a padded batch, with the adapter applied to both the inputs and the labels'
+    /// verbalizers. `grad` selects the differentiable forward (training, gradients).
+    pub fn label_logits(
+        &self,
+        adapter: Option<&AdapterSet>,
+        labels: &Batch,
+        inputs: &Batch,
+        temperature: f64,
+        grad: Grad,
+    ) -> EngineResult<Tensor> {
+        let e_in = self.embed_grad(inputs, adapter, grad)?;
+        let e_lab = self.embed_grad(labels, adapter, grad)?;
+        Ok(cosine_logits(&e_in, &e_lab, temperature)?)
+    }
+
+    /// Score tokenized inputs against tokenized verbalizers (label embeddings are computed once).
+    pub fn score(
+        &self,
+        adapter: Option<&AdapterSet>,
+        labels: &[TokenIds],
+        inputs: &[TokenIds],
+        opts: &ScoreOptions,
+    ) -> EngineResult<LabelScores> {
+        opts.check()?;
+        let pad = self.tokenizer.pad_id();
+        let lab_rows: Vec<&[u32]> = labels.iter().map(|r| r.as_slice()).collect();
+        let lab = Batch::pad(&lab_rows, pad, &self.device)?;
+        let e_lab = self.embed(&lab, adapter)?;
+        let mut logits = Vec::with_capacity(inputs.len());
+        let mut probs = Vec::with_capacity(inputs.len());
+        for b in batches(inputs, opts.batch_size, pad, &self.device)? {
+            let e_in = self.embed(&b, adapter)?;
+            let l = cosine_logits(&e_in, &e_lab, opts.temperature)?;
+            let p = candle_nn::ops::softmax_last_dim(&l)?;
+            logits.extend(l.to_vec2::<f32>()?);
+            probs.extend(p.to_vec2::<f32>()?);
+        }
+        Ok(LabelScores { logits, probs })
+    }
+
+    /// Tokenize and score texts against verbalizer texts (probabilities, inputs x labels).
+    pub fn label_probs<L: AsRef<str>, S: AsRef<str>>(
+        &self,
+        adapter: Option<&AdapterSet>,
+        label_texts: &[L],
+        texts: &[S],
+        opts: &ScoreOptions,
+    ) -> EngineResult<Vec<Vec<f32>>> {
+        let labels = self.tokenize(label_texts)?;
+        let inputs = self.tokenize(texts)?;
+        Ok(self.score(adapter, &labels, &inputs, opts)?.probs)
+    }
+
+    /// Gradients of the mean cross-entropy over `inputs` (targets: label indices) w.r.t. every tensor of
+    /// `obj`, e.g. for GraNd (call with one input for per-example norms).
+    pub fn ce_gradients(
+        &self,
+        obj: &LightweightObject,
+        labels: &[TokenIds],
+        inputs: &[TokenIds],
+        targets: &[usize],
+        opts: &ScoreOptions,
+    ) -> EngineResult<AdapterGradients> {
+        opts.check()?;
+        if inputs.len() != targets.len() || inputs.is_empty() {
+            return Err(EngineError::InvalidArgument(format!(
+                "{} inputs but {} targets (need the same, non-zero, number)",
+                inputs.len(),
+                targets.len()
+            )));
+        }
+        if let Some(&t) = targets.iter().find(|&&t| t >= labels.len()) {
+            return Err(EngineError::InvalidArgument(format!(
+                "target {t} out of range for {} labels",
+                labels.len()
+            )));
+        }
+        let mut vars = Vec::with_capacity(obj.tensors.len());
+        let mut named = Vec::with_capacity(obj.tensors.len());
+        for t in &obj.tensors {
+            let v = Var::from_tensor(&super::adapters::to_candle(t, &self.device)?)?;
+            named.push((t.name.clone(), v.as_tensor().clone()));
+            vars.push(v);
+        }
+        let set = AdapterSet::from_named(&self.model, &obj.method, &named)?;
+        let pad = self.tokenizer.pad_id();
+        let lab_rows: Vec<&[u32]> = labels.iter().map(|r| r.as_slice()).collect();
+        let lab = Batch::pad(&lab_rows, pad, &self.device)?;
+        let in_rows: Vec<&[u32]> = inputs.iter().map(|r| r.as_slice()).collect();
+        let inp = Batch::pad(&in_rows, pad, &self.device)?;
+        let logits = self.label_logits(Some(&set), &lab, &inp, opts.temperature, Grad::Yes)?;
+        let tg: Vec<u32> = targets.iter().map(|&t| t as u32).collect();
+        let tg = Tensor::from_vec(tg, targets.len(), &self.device)?;
+        let loss = cross_entropy(&logits, &tg)?;
+        let store = loss.backward()?;
+        let mut grads = Vec::with_capacity(vars.len());
+        for (v, t) in vars.iter().zip(&obj.tensors) {
+            let g = match store.get(v.as_tensor()) {
+                Some(g) => g.flatten_all()?.to_vec1::<f32>()?,
+                None => vec![0.0; t.numel()],
+            };
+            grads.push((t.name.clone(), g));
+        }
+        Ok(AdapterGradients {
+            loss: loss.to_scalar::<f32>()?,
+            grads,
+        })
+    }
+}

@@ -1,0 +1,351 @@
+//! Task data: a folder with `task.json` (schema/task.schema.json) and `train.jsonl`, `dev.jsonl`,
+//! `test.jsonl` (one `{"text": ..., "label": ...}` per line), and seeded k-shot sampling.
+
+use super::error::TaskError;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// A label: its id as it appears in the data, and the verbalizer text it is scored by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Label {
+    pub id: String,
+    pub text: String,
+}
+
+/// One example: text and label index (into [`Task::labels`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    pub text: String,
+    pub label: usize,
+}
+
+/// Which split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Dev,
+    Test,
+}
+
+impl Split {
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Split::Train => "train.jsonl",
+            Split::Dev => "dev.jsonl",
+            Split::Test => "test.jsonl",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Split> {
+        match s {
+            "train" => Some(Split::Train),
+            "dev" | "validation" => Some(Split::Dev),
+            "test" => Some(Split::Test),
+            _ => None,
+        }
+    }
+}
+
+/// A loaded task.
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub dir: PathBuf,
+    pub name: String,
+    pub group: Option<String>,
+    pub description: Option<String>,
+    pub labels: Vec<Label>,
+    pub train: Vec<Example>,
+    pub dev: Vec<Example>,
+    pub test: Vec<Example>,
+}
+
+fn label_key(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+impl Task {
+    /// Load a task folder; every split must exist and be non-empty, every label known.
+    pub fn load(dir: &Path) -> Result<Task, TaskError> {
+        let cfg_path = dir.join("task.json");
+        let (name, group, description, labels) = read_task_json(&cfg_path)?;
+        let read = |split: Split| read_split(&dir.join(split.file_name()), &labels);
+        Ok(Task {
+            dir: dir.to_path_buf(),
+            name,
+            group,
+            description,
+            train: read(Split::Train)?,
+            dev: read(Split::Dev)?,
+            test: read(Split::Test)?,
+            labels,
+        })
+    }
+
+    /// The verbalizer texts, in label order.
+    pub fn label_texts(&self) -> Vec<String> {
+        self.labels.iter().map(|l| l.text.clone()).collect()
+    }
+
+    pub fn split(&self, split: Split) -> &[Example] {
+        match split {
+            Split::Train => &self.train,
+            Split::Dev => &self.dev,
+            Split::Test => &self.test,
+        }
+    }
+
+    /// Accuracy of always predicting the most frequent test label (the "chance" baseline).
+    pub fn majority_rate(&self, split: Split) -> f64 {
+        let ex = self.split(split);
+        let mut counts = vec![0usize; self.labels.len()];
+        for e in ex {
+            counts[e.label] += 1;
+        }
+        counts.into_iter().max().unwrap_or(0) as f64 / ex.len().max(1) as f64
+    }
+}
+
+type TaskHeader = (String, Option<String>, Option<String>, Vec<Label>);
+
+fn read_task_json(path: &Path) -> Result<TaskHeader, TaskError> {
+    if !path.is_file() {
+        return Err(TaskError::MissingFile {
+            path: path.to_path_buf(),
+        });
+    }
+    let bytes = std::fs::read(path).map_err(|source| TaskError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let cfg_err = |reason: String| TaskError::Config {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let v: Value = serde_json::from_slice(&bytes).map_err(|e| cfg_err(format!("not JSON: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| cfg_err("the top level must be an object".into()))?;
+    let name = obj
+        .get("name")
+        .and_then(|v| v.as_str())
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| cfg_err("name must be a non-empty string".into()))?
+        .to_string();
+    let opt_str = |k: &str| obj.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    let arr = obj
+        .get("labels")
+        .and_then(|v| v.as_array())
+        .ok_or_else(|| cfg_err("labels must be an array of {id, text}".into()))?;
+    if arr.len() < 2 {
+        return Err(cfg_err(format!(
+            "a classification task needs at least 2 labels, found {}",
+            arr.len()
+        )));
+    }
+    let mut labels = Vec::with_capacity(arr.len());
+    for (i, l) in arr.iter().enumerate() {
+        let id = l
+            .get("id")
+            .and_then(label_key)
+            .ok_or_else(|| cfg_err(format!("labels[{i}].id must be a string or number")))?;
+        let text = l
+            .get("text")
+            .and_then(|v| v.as_str())
+            .map(str::trim)
+            .unwrap_or_default();
+        if text.is_empty() {
+            return Err(TaskError::NoVerbalizer {
+                path: path.to_path_buf(),
+                label: id,
+            });
+        }
+        if labels.iter().any(|x: &Label| x.id == id) {
+            return Err(cfg_err(format!("label id {id:?} appears twice")));
+        }
+        labels.push(Label {
+            id,
+            text: text.to_string(),
+        });
+    }
+    Ok((name, opt_str("group"), opt_str("description"), labels))
+}
+
+fn read_split(path: &Path, labels: &[Label]) -> Result<Vec<Example>, TaskError> {
+    if !path.is_file() {
+        return Err(TaskError::MissingFile {
+            path: path.to_path_buf(),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| TaskError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line_no = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |reason: String| TaskError::BadLine {
+            path: path.to_path_buf(),
+            line: line_no,
+            reason,
+        };
+        let v: Value = serde_json::from_str(line).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let t = v
+            .get("text")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| bad("no string \"text\"".into()))?;
+        let key = v
+            .get("label")
+            .and_then(label_key)
+            .ok_or_else(|| bad("no \"label\"".into()))?;
+        let label =
+            labels
+                .iter()
+                .position(|l| l.id == key)
+                .ok_or_else(|| TaskError::UnknownLabel {
+                    path: path.to_path_buf(),
+                    line: line_no,
+                    label: key.clone(),
+                    known: labels.iter().map(|l| l.id.clone()).collect(),
+                })?;
+        out.push(Example {
+            text: t.to_string(),
+            label,
+        });
+    }
+    if out.is_empty() {
+        return Err(TaskError::EmptySplit {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(out)
+}
+
+/// Fisher-Yates shuffle with a seeded ChaCha8 stream (the same seed gives the same order everywhere).
+pub fn shuffle<T>(items: &mut [T], rng: &mut ChaCha8Rng) {
+    for i in (1..items.len()).rev() {
+        let j = rng.random_range(0..=i);
+        items.swap(i, j);
+    }
+}
+
+/// k examples per class, drawn without replacement with `seed`, in a seeded shuffled order. A class with
+/// fewer than k examples contributes all of them; a class with none is an error.
+pub fn few_shot(
+    examples: &[Example],
+    num_labels: usize,
+    k: usize,
+    seed: u64,
+) -> Result<Vec<Example>, TaskError> {
+    if k == 0 {
+        return Err(TaskError::Sampling("k must be at least 1".into()));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = Vec::with_capacity(k * num_labels);
+    for c in 0..num_labels {
+        let mut idx: Vec<usize> = (0..examples.len())
+            .filter(|&i| examples[i].label == c)
+            .collect();
+        if idx.is_empty() {
+            return Err(TaskError::Sampling(format!(
+                "label {c} has no example to sample"
+            )));
+        }
+        shuffle(&mut idx, &mut rng);
+        out.extend(idx.into_iter().take(k).map(|i| examples[i].clone()));
+    }
+    shuffle(&mut out, &mut rng);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, body: &str) {
+        std::fs::write(dir.join(name), body).expect("write");
+    }
+
+    fn task_dir(labels: &str, train: &str) -> tempfile::TempDir {
+        let d = tempfile::tempdir().expect("tempdir");
+        write(
+            d.path(),
+            "task.json",
+            &format!(r#"{{"name":"t","group":"g","labels":{labels}}}"#),
+        );
+        write(d.path(), "train.jsonl", train);
+        write(d.path(), "dev.jsonl", "{\"text\":\"a\",\"label\":\"x\"}\n");
+        write(d.path(), "test.jsonl", "{\"text\":\"b\",\"label\":\"y\"}\n");
+        d
+    }
+
+    const LABELS: &str = r#"[{"id":"x","text":"ex"},{"id":"y","text":"why"}]"#;
+
+    #[test]
+    fn loads_a_small_task() {
+        let d = task_dir(
+            LABELS,
+            "{\"text\":\"a\",\"label\":\"x\"}\n{\"text\":\"b\",\"label\":\"y\"}\n",
+        );
+        let t = Task::load(d.path()).expect("loads");
+        assert_eq!(t.labels.len(), 2);
+        assert_eq!(t.train[1].label, 1);
+        assert_eq!(t.label_texts(), vec!["ex", "why"]);
+    }
+
+    #[test]
+    fn unknown_label_names_file_line_and_label() {
+        let d = task_dir(
+            LABELS,
+            "{\"text\":\"a\",\"label\":\"x\"}\n{\"text\":\"b\",\"label\":\"z\"}\n",
+        );
+        let e = Task::load(d.path()).expect_err("unknown label");
+        let m = e.to_string();
+        assert!(matches!(e, TaskError::UnknownLabel { line: 2, .. }), "{m}");
+        assert!(m.contains("train.jsonl:2") && m.contains("\"z\""), "{m}");
+    }
+
+    #[test]
+    fn empty_split_and_missing_verbalizer_are_errors() {
+        let d = task_dir(LABELS, "\n");
+        assert!(matches!(
+            Task::load(d.path()),
+            Err(TaskError::EmptySplit { .. })
+        ));
+        let d = task_dir(
+            r#"[{"id":"x","text":""},{"id":"y","text":"why"}]"#,
+            "{\"text\":\"a\",\"label\":\"x\"}\n",
+        );
+        let e = Task::load(d.path()).expect_err("no verbalizer");
+        assert!(
+            matches!(e, TaskError::NoVerbalizer { ref label, .. } if label == "x"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn few_shot_is_seeded_and_balanced() {
+        let ex: Vec<Example> = (0..50)
+            .map(|i| Example {
+                text: format!("t{i}"),
+                label: i % 3,
+            })
+            .collect();
+        let a = few_shot(&ex, 3, 4, 7).expect("sample");
+        let b = few_shot(&ex, 3, 4, 7).expect("sample");
+        let c = few_shot(&ex, 3, 4, 8).expect("sample");
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        for l in 0..3 {
+            assert_eq!(a.iter().filter(|e| e.label == l).count(), 4);
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The forward pass against Hugging Face PEFT: for the base model and every adapter in
+//! ../shared/peft-fixtures, the mean-pooled output matches reference_outputs.json to 1e-4.
+
+mod common;
+
+use candle_core::Device;
+use peftdb::engine::{Engine, EngineError};
+use peftdb::object::{formats::ReadOptions, read_adapter};
+use serde_json::Value;
+
+const TOL: f32 = 1e-4;
+
+fn reference() -> Value {
+    let p = common::shared_dir().join("peft-fixtures/reference_outputs.json");
+    serde_json::from_slice(&std::fs::read(&p).expect("reference_outputs.json")).expect("json")
+}
+
+fn pooled(engine: &Engine, adapter: Option<&str>, text: &str) -> Vec<f32> {
+    let set = adapter.map(|name| {
+        let dir = common::shared_dir().join("peft-fixtures").join(name);
+        let obj = read_adapter(&dir, &ReadOptions::default()).expect("fixture reads");
+        engine.prepare(&obj).expect("fixture fits the model")
+    });
+    let out = engine
+        .embed_texts(&[text], set.as_ref(), 1)
+        .expect("forward");
+    out.into_iter().next().expect("one row")
+}
+
+#[test]
+fn base_and_every_fixture_match_peft() {
+    let engine = Engine::load(&common::model_dir(), &Device::Cpu).expect("model loads");
+    let r = reference();
+    let text = r["input"]["text"].as_str().expect("text");
+    let want_ids: Vec<u32> = r["input"]["input_ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|v| v.as_u64().expect("id") as u32)
+        .collect();
+    let ids = engine.tokenize(&[text]).expect("tokenize");
+    assert_eq!(ids[0], want_ids, "tokenization differs from the reference");
+
+    let mut worst = Vec::new();
+    let names = [
+        "base",
+        "lora_r8_qv",
+        "lora_rank_pattern",
+        "lora_bias_all",
+        "lora_rslora",
+        "ia3",
+        "prefix_20",
+    ];
+    for name in names {
+        let want: Vec<f32> = r[name]["mean_pooled_first8"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no reference for {name}"))
+            .iter()
+            .map(|v| v.as_f64().expect("number") as f32)
+            .collect();
+        let got = pooled(&engine, (name != "base").then_some(name), text);
+        let err = want
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{name}: max abs error {err:.2e}");
+        worst.push((name, err, got[..8].to_vec(), want));
+    }
+    for (name, err, got, want) in &worst {
+        assert!(
+            *err <= TOL,
+            "{name}: max abs error {err} > {TOL}\n got  {got:?}\n want {want:?}"
+        );
+    }
+}
+
+/// prompt_10 has no reference output; check that the virtual tokens change the output, that the pooled
+/// mean covers the input tokens only (padding the batch does not change it), and that it is finite.
+#[test]
+fn prompt_tuning_runs_and_pools_over_input_tokens() {
+    let engine = Engine::load(&common::model_dir(), &Device::Cpu).expect("model loads");
+    let dir = common::shared_dir().join("peft-fixtures/prompt_10");
+    let obj = read_adapter(&dir, &ReadOptions::default()).expect("reads");
+    let set = engine.prepare(&obj).expect("fits");
+    let texts = [
+        "peftdb checks its forward pass against PEFT.",
+        "a much longer second sentence, so that the first one is padded in the batch",
+    ];
+    let alone = engine
+        .embed_texts(&texts[..1], Some(&set), 1)
+        .expect("forward");
+    let batched = engine.embed_texts(&texts, Some(&set), 2).expect("forward");
+    let base = engine.embed_texts(&texts[..1], None, 1).expect("forward");
+    let d: f32 = alone[0]
+        .iter()
+        .zip(&batched[0])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(
+        d < 1e-4,
+        "padding changed the prompt-tuned embedding by {d}"
+    );
+    let moved: f32 = alone[0]
+        .iter()
+        .zip(&base[0])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(moved > 1e-3, "virtual tokens did not change the output");
+    assert!(alone[0].iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn padding_does_not_change_adapted_embeddings() {
+    let engine = Engine::load(&common::model_dir(), &Device::Cpu).expect("model loads");
+    for name in ["lora_bias_all", "ia3", "prefix_20"] {
+        let dir = common::shared_dir().join("peft-fixtures").join(name);
+        let obj = read_adapter(&dir, &ReadOptions::default()).expect("reads");
+        let set = engine.prepare(&obj).expect("fits");
+        let texts = [
+            "short one",
+            "a considerably longer sentence that forces padding of the first row",
+        ];
+        let alone = engine
+            .embed_texts(&texts[..1], Some(&set), 1)
+            .expect("forward");
+        let batched = engine.embed_texts(&texts, Some(&set), 2).expect("forward");
+        let d: f32 = alone[0]
+            .iter()
+            .zip(&batched[0])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(d < 1e-4, "{name}: padding changed the embedding by {d}");
+    }
+}
+
+#[test]
+fn adapter_for_another_model_names_tensor_and_shapes() {
+    let engine = Engine::load(&common::model_dir(), &Device::Cpu).expect("model loads");
+    let dir = common::shared_dir().join("peft-fixtures/lora_r8_qv");
+    let mut obj = read_adapter(&dir, &ReadOptions::default()).expect("reads");
+    // Pretend it was trained for a 512-wide model: truncate lora_A of one module to (8, 256).
+    let t = &mut obj.tensors[0];
+    let name = t.name.clone();
+    let vals = t.to_f32();
+    let rows = t.shape[0];
+    let narrow: Vec<f32> = vals
+        .chunks(t.shape[1])
+        .flat_map(|r| r[..256].to_vec())
+        .collect();
+    *t = peftdb::object::Tensor::from_f32(name.clone(), vec![rows, 256], &narrow);
+    let err = engine.prepare(&obj).expect_err("must not fit");
+    let msg = err.to_string();
+    assert!(matches!(err, EngineError::AdapterShape { .. }), "{msg}");
+    assert!(
+        msg.contains(&name) && msg.contains("256") && msg.contains("384"),
+        "{msg}"
+    );
+}
+
+/// A model folder missing a file, an unsupported architecture, a broken tokenizer.json and a missing
+/// weight are clear errors naming the file / tensor, never panics.
+#[test]
+fn bad_model_folders_are_clear_errors() {
+    let real = common::model_dir();
+    let make = |skip: &str| {
+        let d = tempfile::tempdir().expect("tempdir");
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            if f != skip {
+                std::os::unix::fs::symlink(real.join(f), d.path().join(f)).expect("link");
+            }
+        }
+        d
+    };
+    for missing in ["config.json", "model.safetensors", "tokenizer.json"] {
+        let d = make(missing);
+        let e = Engine::load(d.path(), &Device::Cpu).expect_err("missing file");
+        assert!(
+            matches!(e, EngineError::ModelFileMissing { file, .. } if file == missing),
+            "{e}"
+        );
+        assert!(e.to_string().contains(missing));
+    }
+    // Unsupported architecture.
+    let d = make("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(real.join("config.json")).expect("read"))
+            .expect("json");
+    cfg["model_type"] = "llama".into();
+    cfg["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+    std::fs::write(d.path().join("config.json"), cfg.to_string()).expect("write");
+    let e = Engine::load(d.path(), &Device::Cpu).expect_err("llama");
+    assert!(
+        matches!(e, EngineError::UnsupportedArchitecture { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("llama"), "{e}");
+    // A config whose sizes do not fit the weights names the tensor and both shapes.
+    cfg["model_type"] = "bert".into();
+    cfg["architectures"] = serde_json::json!(["BertModel"]);
+    cfg["intermediate_size"] = 1000.into();
+    std::fs::write(d.path().join("config.json"), cfg.to_string()).expect("write");
+    let e = Engine::load(d.path(), &Device::Cpu).expect_err("shape");
+    assert!(matches!(e, EngineError::WeightShape { .. }), "{e}");
+    assert!(
+        e.to_string().contains("intermediate.dense.weight") && e.to_string().contains("1536"),
+        "{e}"
+    );
+    // A tokenizer.json that does not load.
+    let d = make("tokenizer.json");
+    std::fs::write(
+        d.path().join("tokenizer.json"),
+        b"{\"version\": \"1.0\", \"model\": 5}",
+    )
+    .expect("write");
+    let e = Engine::load(d.path(), &Device::Cpu).expect_err("tokenizer");
+    assert!(matches!(e, EngineError::Tokenizer { .. }), "{e}");
+    assert!(e.to_string().contains("tokenizer.json"), "{e}");
+    // Not a folder at all.
+    let e = Engine::load(&real.join("nope"), &Device::Cpu).expect_err("no folder");
+    assert!(e.to_string().contains("nope"), "{e}");
+}
