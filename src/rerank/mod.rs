@@ -4,6 +4,7 @@
 //! the stage that runs the model engine with each candidate on the new task's examples sits on top of them.
 
 pub mod indicators;
+pub mod stage;
 
 use serde::{Deserialize, Serialize};
 

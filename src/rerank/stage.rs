@@ -1,0 +1,239 @@
+//! The rerank stage: run the base model with each candidate on the new task's examples and compute the
+//! requested indicators.
+//!
+//! Passes are shared: the verbalizers and the examples are tokenized once; each candidate needs one
+//! batched forward pass over the examples for all data-based indicators (Loss, KL, EL2N, cosine of logits
+//! and labels), one backward pass for GraNd, and `m` training steps for Euclidean and Performance. The
+//! reference adapter O~ (for KL and weight cosine) is scored once. Candidates of different methods can be
+//! scored together. Not done yet: several LoRA candidates in one forward pass (each candidate is its own
+//! pass).
+
+use super::indicators;
+use super::Indicator;
+use crate::engine::scoring::ScoreOptions;
+use crate::engine::task::Example;
+use crate::engine::train::{train, TrainConfig, TrainData};
+use crate::engine::{Engine, EngineError, TokenIds};
+use crate::object::LightweightObject;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::Instant;
+use thiserror::Error;
+
+/// Errors of the rerank stage.
+#[derive(Debug, Error)]
+pub enum RerankError {
+    #[error("no candidates to rerank")]
+    NoCandidates,
+    #[error("no examples to score candidates on")]
+    NoExamples,
+    #[error(
+        "indicator {0} needs a reference adapter (a fresh adapter briefly trained on the new task)"
+    )]
+    NeedsReference(&'static str),
+    #[error("candidate {index}: {source}")]
+    Candidate {
+        index: usize,
+        #[source]
+        source: EngineError,
+    },
+    #[error(
+        "candidate {index} cannot be compared with the reference adapter by weights: {detail}"
+    )]
+    WeightMismatch { index: usize, detail: String },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Options of the rerank stage.
+#[derive(Debug, Clone)]
+pub struct RerankOptions {
+    pub indicators: Vec<Indicator>,
+    pub score: ScoreOptions,
+    /// Steps of training for Euclidean / Performance.
+    pub m_steps: usize,
+    pub seed: u64,
+}
+
+impl Default for RerankOptions {
+    fn default() -> Self {
+        RerankOptions {
+            indicators: vec![
+                Indicator::Loss,
+                Indicator::Kl,
+                Indicator::El2n,
+                Indicator::CosLogits,
+            ],
+            score: ScoreOptions::default(),
+            m_steps: 10,
+            seed: 0,
+        }
+    }
+}
+
+/// The scores of one candidate.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CandidateScores {
+    /// Indicator name -> S_i (higher is better).
+    pub scores: BTreeMap<String, f64>,
+    /// Accuracy of the candidate as is on the examples.
+    pub accuracy: f64,
+    /// Mean cross-entropy on the examples.
+    pub cross_entropy: f64,
+    /// Seconds spent on this candidate.
+    pub seconds: f64,
+}
+
+/// The new task's side of the stage: its verbalizers, its examples and (for KL / weight cosine) the
+/// reference adapter.
+pub struct RerankInput<'a> {
+    pub engine: &'a Engine,
+    pub label_texts: &'a [String],
+    pub examples: &'a [Example],
+    pub reference: Option<&'a LightweightObject>,
+}
+
+fn flat(o: &LightweightObject) -> Vec<f32> {
+    let mut v = Vec::new();
+    for t in &o.tensors {
+        t.extend_f32(&mut v);
+    }
+    v
+}
+
+fn same_layout(a: &LightweightObject, b: &LightweightObject) -> Result<(), String> {
+    if a.tensors.len() != b.tensors.len() {
+        return Err(format!(
+            "{} tensors vs {}",
+            a.tensors.len(),
+            b.tensors.len()
+        ));
+    }
+    for (x, y) in a.tensors.iter().zip(&b.tensors) {
+        if x.name != y.name || x.shape != y.shape {
+            return Err(format!(
+                "{} {:?} vs {} {:?}",
+                x.name, x.shape, y.name, y.shape
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Score every candidate with every requested indicator.
+pub fn rerank(
+    input: &RerankInput<'_>,
+    candidates: &[&LightweightObject],
+    opts: &RerankOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<CandidateScores>, RerankError> {
+    if candidates.is_empty() {
+        return Err(RerankError::NoCandidates);
+    }
+    if input.examples.is_empty() {
+        return Err(RerankError::NoExamples);
+    }
+    let engine = input.engine;
+    let want = |i: Indicator| opts.indicators.contains(&i);
+    let needs_ref = [Indicator::Kl, Indicator::WeightCosine]
+        .into_iter()
+        .find(|i| want(*i));
+    if let (Some(i), None) = (needs_ref, input.reference) {
+        return Err(RerankError::NeedsReference(i.as_str()));
+    }
+    let labels: Vec<TokenIds> = engine.tokenize(input.label_texts)?;
+    let texts: Vec<&str> = input.examples.iter().map(|e| e.text.as_str()).collect();
+    let inputs: Vec<TokenIds> = engine.tokenize(&texts)?;
+    let targets: Vec<usize> = input.examples.iter().map(|e| e.label).collect();
+    let classes = input.label_texts.len();
+    let flatten = |rows: Vec<Vec<f32>>| rows.into_iter().flatten().collect::<Vec<f32>>();
+    let reference_probs = match (input.reference, want(Indicator::Kl)) {
+        (Some(r), true) => {
+            let set = engine.prepare(r)?;
+            Some(flatten(
+                engine
+                    .score(Some(&set), &labels, &inputs, &opts.score)?
+                    .probs,
+            ))
+        }
+        _ => None,
+    };
+    let reference_flat = match (input.reference, want(Indicator::WeightCosine)) {
+        (Some(r), true) => Some(flat(r)),
+        _ => None,
+    };
+    let mut out = Vec::with_capacity(candidates.len());
+    for (index, cand) in candidates.iter().enumerate() {
+        progress(index, candidates.len());
+        let t0 = Instant::now();
+        let ce = |source| RerankError::Candidate { index, source };
+        let set = engine.prepare(cand).map_err(ce)?;
+        let sc = engine
+            .score(Some(&set), &labels, &inputs, &opts.score)
+            .map_err(ce)?;
+        let accuracy = sc.accuracy(&targets);
+        let cross_entropy = sc.cross_entropy(&targets);
+        let probs = flatten(sc.probs);
+        let mut scores = BTreeMap::new();
+        for ind in &opts.indicators {
+            let s = match ind {
+                Indicator::Loss => indicators::loss(&probs, classes, &targets),
+                Indicator::Kl => indicators::kl(
+                    &probs,
+                    reference_probs.as_deref().expect("checked"),
+                    classes,
+                ),
+                Indicator::El2n => indicators::el2n(&probs, classes, &targets),
+                Indicator::CosLogits => indicators::cosine_logits_labels(&probs, classes, &targets),
+                Indicator::Grand => {
+                    let g = engine
+                        .ce_gradients(cand, &labels, &inputs, &targets, &opts.score)
+                        .map_err(ce)?;
+                    indicators::grand(g.norm().powi(2))
+                }
+                Indicator::WeightCosine => {
+                    let r = input.reference.expect("checked");
+                    same_layout(cand, r)
+                        .map_err(|detail| RerankError::WeightMismatch { index, detail })?;
+                    indicators::weight_cosine(
+                        &flat(cand),
+                        reference_flat.as_deref().expect("checked"),
+                    )
+                }
+                Indicator::Euclidean | Indicator::Performance => {
+                    // Train the candidate m steps on the examples; evaluate on the same examples.
+                    let mut cfg = TrainConfig::new(cand.method.kind());
+                    cfg.init = Some((*cand).clone());
+                    cfg.max_steps = Some(opts.m_steps.max(1));
+                    cfg.eval_every = opts.m_steps.max(1);
+                    cfg.patience = None;
+                    cfg.seed = opts.seed;
+                    cfg.temperature = opts.score.temperature;
+                    let data = TrainData {
+                        label_texts: input.label_texts,
+                        train: input.examples,
+                        dev: input.examples,
+                        test: None,
+                    };
+                    let outcome = train(engine, &data, &cfg, &mut |_| {}).map_err(ce)?;
+                    // With one evaluation at step m, the "early" checkpoint is the state after m steps.
+                    let after = &outcome.early;
+                    if *ind == Indicator::Euclidean {
+                        indicators::euclidean(&flat(cand), &flat(&after.object))
+                    } else {
+                        indicators::performance(accuracy, after.dev_accuracy)
+                    }
+                }
+            };
+            scores.insert(ind.as_str().to_string(), s);
+        }
+        out.push(CandidateScores {
+            scores,
+            accuracy,
+            cross_entropy,
+            seconds: t0.elapsed().as_secs_f64(),
+        });
+    }
+    progress(candidates.len(), candidates.len());
+    Ok(out)
+}

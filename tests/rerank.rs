@@ -1,0 +1,142 @@
+//! The rerank stage on the real model with real PEFT adapters and a real task.
+
+mod common;
+
+use peftdb::engine::task::{few_shot, Task};
+use peftdb::engine::{Engine, EngineError};
+use peftdb::object::{formats::ReadOptions, read_adapter, LightweightObject};
+use peftdb::rerank::indicators;
+use peftdb::rerank::stage::{rerank, RerankError, RerankInput, RerankOptions};
+use peftdb::rerank::Indicator;
+use std::path::Path;
+
+fn fixture(name: &str) -> LightweightObject {
+    read_adapter(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/peft-fixtures")
+            .join(name),
+        &ReadOptions::default(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn indicators_on_real_adapters_agree_with_direct_computation() {
+    let engine = Engine::load(&common::model_dir(), &candle_core::Device::Cpu).unwrap();
+    let task =
+        Task::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tasks/movie_sentiment"))
+            .unwrap();
+    let examples = few_shot(&task.dev, task.labels.len(), 8, 1).unwrap();
+    let labels = task.label_texts();
+    let (a, b, c) = (
+        fixture("lora_r8_qv"),
+        fixture("lora_rslora"),
+        fixture("ia3"),
+    );
+    let input = RerankInput {
+        engine: &engine,
+        label_texts: &labels,
+        examples: &examples,
+        reference: Some(&a),
+    };
+    let opts = RerankOptions {
+        indicators: vec![
+            Indicator::Loss,
+            Indicator::Kl,
+            Indicator::El2n,
+            Indicator::CosLogits,
+            Indicator::Grand,
+            Indicator::WeightCosine,
+        ],
+        ..Default::default()
+    };
+    // Weight cosine needs candidates shaped like the reference: score the LoRA r=8 one against itself.
+    let out = rerank(&input, &[&a], &opts, &mut |_, _| {}).unwrap();
+    let s = &out[0].scores;
+    assert!(
+        s["kl"].abs() < 1e-6,
+        "KL of the reference against itself: {}",
+        s["kl"]
+    );
+    assert!((s["weight-cosine"] - 1.0).abs() < 1e-6);
+    assert!(
+        (s["loss"] + out[0].cross_entropy).abs() < 1e-4,
+        "Loss = -CE"
+    );
+    assert!(s["grand"] < 0.0);
+
+    // Mixed methods scored together; KL against a reference of another method is fine, weight cosine not.
+    let opts = RerankOptions {
+        indicators: vec![
+            Indicator::Loss,
+            Indicator::Kl,
+            Indicator::El2n,
+            Indicator::CosLogits,
+        ],
+        ..Default::default()
+    };
+    let out = rerank(&input, &[&b, &c], &opts, &mut |_, _| {}).unwrap();
+    // Direct computation from the engine's probabilities.
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let targets: Vec<usize> = examples.iter().map(|e| e.label).collect();
+    let set = engine.prepare(&c).unwrap();
+    let p: Vec<f32> = engine
+        .label_probs(Some(&set), &labels, &texts, &Default::default())
+        .unwrap()
+        .into_iter()
+        .flatten()
+        .collect();
+    let s = &out[1].scores;
+    assert!((s["el2n"] - indicators::el2n(&p, 2, &targets)).abs() < 1e-9);
+    assert!((s["cos-logits"] - indicators::cosine_logits_labels(&p, 2, &targets)).abs() < 1e-9);
+    for o in &out {
+        assert!(o.scores.values().all(|v| v.is_finite()));
+        assert!(o.scores["kl"] <= 0.0);
+    }
+
+    // Errors: no reference for KL; weight cosine across shapes; an adapter for another model.
+    let no_ref = RerankInput {
+        reference: None,
+        ..input
+    };
+    assert!(matches!(
+        rerank(&no_ref, &[&b], &opts, &mut |_, _| {}),
+        Err(RerankError::NeedsReference("kl"))
+    ));
+    let wc = RerankOptions {
+        indicators: vec![Indicator::WeightCosine],
+        ..Default::default()
+    };
+    let input = RerankInput {
+        engine: &engine,
+        label_texts: &labels,
+        examples: &examples,
+        reference: Some(&a),
+    };
+    assert!(matches!(
+        rerank(&input, &[&b], &wc, &mut |_, _| {}),
+        Err(RerankError::WeightMismatch { index: 0, .. })
+    ));
+    let big = peftdb::synth::lora(
+        &peftdb::synth::ModelShape::bert_base(),
+        8,
+        &["query"],
+        peftdb::synth::Seeds {
+            group: 1,
+            task: 2,
+            object: 3,
+        },
+    );
+    let e = rerank(&input, &[&big], &opts, &mut |_, _| {}).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RerankError::Candidate {
+                index: 0,
+                source: EngineError::AdapterShape { .. }
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("768"), "{e}");
+}
