@@ -5,3 +5,5 @@ pub mod object;
 pub mod store;
 
 pub use error::{Error, Result};
+pub mod index;
+pub mod query;
