@@ -43,3 +43,5 @@ pub mod store;
 pub mod synth;
 
 pub use error::{Error, Result};
+pub mod index;
+pub mod query;

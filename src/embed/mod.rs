@@ -25,6 +25,8 @@
 //! A [`SpaceKey`] (base model, method, embedding kind, per-layer shape signature) names the set of embeddings
 //! that are comparable with each other.
 
+pub mod delta;
+
 use crate::object::layout::{parse_tensor_name, prefix_parts, LayerRef, Role, Stack};
 use crate::object::{LightweightObject, Method, MethodKind};
 use serde::{Deserialize, Serialize};

@@ -11,6 +11,7 @@
 //! together or not at all.
 
 pub mod codec;
+pub mod index_meta;
 
 use crate::embed::{tupate, Embedding, EmbeddingKind, NoEmbedding, SpaceId, SpaceKey};
 use crate::error::StoreError;

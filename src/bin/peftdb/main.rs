@@ -5,6 +5,7 @@
 
 mod cmd_eval;
 mod cmd_merge;
+mod cmd_nearest;
 mod cmd_store;
 mod cmd_train;
 mod table;
@@ -50,6 +51,8 @@ enum Cmd {
     Stats,
     /// Merge objects or adapter folders (weights, or softmax of scores) into one adapter folder.
     Merge(cmd_merge::MergeArgs),
+    /// Nearest tasks to a stored task, a stored object or an adapter folder (TuPaTE similarity).
+    Nearest(cmd_nearest::NearestArgs),
     /// Train a new adapter of any method on a task folder (few-shot or full).
     Train(cmd_train::TrainArgs),
     /// Accuracy and loss of an adapter (folder or stored object) on a task split.
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
         Cmd::Export(a) => cmd_store::export(&cli.db, a, cli.json),
         Cmd::Stats => cmd_store::stats(&cli.db, cli.json),
         Cmd::Merge(a) => cmd_merge::run(&cli.db, a, cli.json),
+        Cmd::Nearest(a) => cmd_nearest::run(&cli.db, a, cli.json).map(|()| 0),
         Cmd::Train(a) => {
             let mut a = a.clone();
             a.db = Some(cli.db.clone());

@@ -1,0 +1,239 @@
+//! `peftdb nearest`: the tasks nearest to a task, an object or an adapter folder.
+
+use anyhow::Context;
+use clap::{ArgGroup, Args, ValueEnum};
+use peftdb::index::manager::Progress;
+use peftdb::index::{IndexConfig, IndexManager, SearchMode, SpaceState};
+use peftdb::object::MethodKind;
+use peftdb::query::{Nearest, NearestResult, Similarity};
+use peftdb::store::Store;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SimilarityArg {
+    /// Cosine of raw TuPaTE embeddings (the paper).
+    Tupate,
+    /// Cosine after subtracting each space's mean embedding.
+    Centered,
+    /// Cosine of LoRA weight updates delta-W = s B A (LoRA only).
+    Delta,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ModeArg {
+    /// HNSW for large spaces, exact scan for small ones and restrictive filters.
+    Auto,
+    /// Always the exact scan.
+    Exact,
+    /// Always the HNSW graph.
+    Hnsw,
+}
+
+/// Arguments of `peftdb nearest`.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("target").required(true).args(["task", "object", "adapter"])))]
+pub struct NearestArgs {
+    /// A stored task (its objects in every space; several spaces are averaged, "3 ENSEMBLE").
+    #[arg(long)]
+    pub task: Option<String>,
+    /// A stored object id.
+    #[arg(long)]
+    pub object: Option<u64>,
+    /// An adapter folder that is not stored (read and embedded now).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Number of tasks to return.
+    #[arg(short = 'k', long = "top", default_value_t = 10)]
+    pub k: usize,
+    /// Similarity variant.
+    #[arg(long, value_enum, default_value_t = SimilarityArg::Tupate)]
+    pub similarity: SimilarityArg,
+    /// Only objects of this method (lora, ia3, prefix, prompt, bitfit, adapter).
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Only tasks of this group.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Only tasks with this tag (repeatable; all must be present).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Only objects of this base model.
+    #[arg(long)]
+    pub base_model: Option<String>,
+    /// Keep the query's own task in the results (excluded by default: leave-one-out).
+    #[arg(long)]
+    pub include_self: bool,
+    /// Search engine.
+    #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
+    pub mode: ModeArg,
+}
+
+/// Run `peftdb nearest`.
+pub fn run(store_path: &Path, args: &NearestArgs, json: bool) -> anyhow::Result<()> {
+    // Writable when possible (so rebuilt indexes are saved), read-only when another process writes.
+    let store = match Store::open(store_path) {
+        Ok(s) => s,
+        Err(peftdb::error::StoreError::Locked { .. }) => Store::open_read_only(store_path)?,
+        Err(e) => return Err(e.into()),
+    };
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.enable_steady_tick(std::time::Duration::from_millis(120));
+        b
+    });
+    let progress = |p: Progress<'_>| {
+        if let Some(b) = &bar {
+            match p {
+                Progress::Building { space, total } => {
+                    b.set_message(format!("building the index of {space} ({total} vectors)"))
+                }
+                Progress::Built { space } => b.set_message(format!("built {space}")),
+            }
+        }
+    };
+    let mode = match args.mode {
+        ModeArg::Auto => SearchMode::Auto,
+        ModeArg::Exact => SearchMode::Exact,
+        ModeArg::Hnsw => SearchMode::Hnsw,
+    };
+    let config = IndexConfig {
+        mode,
+        ..IndexConfig::default()
+    };
+    let (index, report) = IndexManager::open(&store, config, &progress)
+        .with_context(|| format!("opening the indexes of {}", store_path.display()))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    for (space, st) in &report.spaces {
+        if let SpaceState::Rebuilt { reason } = st {
+            if std::io::stderr().is_terminal() {
+                eprintln!("rebuilt the index of space {space} ({reason})");
+            }
+        }
+    }
+    let mut q = if let Some(t) = &args.task {
+        Nearest::task(t.clone())
+    } else if let Some(id) = args.object {
+        Nearest::object(id)
+    } else if let Some(dir) = &args.adapter {
+        Nearest::adapter(dir.clone())
+    } else {
+        anyhow::bail!("give --task, --object or --adapter");
+    };
+    q = q
+        .k(args.k)
+        .search_mode(mode)
+        .similarity(match args.similarity {
+            SimilarityArg::Tupate => Similarity::Tupate,
+            SimilarityArg::Centered => Similarity::Centered,
+            SimilarityArg::Delta => Similarity::Delta,
+        });
+    if let Some(m) = &args.method {
+        let m = MethodKind::parse(m).with_context(|| {
+            format!("unknown method {m:?} (lora, ia3, prefix, prompt, bitfit, adapter)")
+        })?;
+        q = q.method(m);
+    }
+    if let Some(g) = &args.group {
+        q = q.group(g.clone());
+    }
+    for t in &args.tags {
+        q = q.tag(t.clone());
+    }
+    if let Some(b) = &args.base_model {
+        q = q.base_model(b.clone());
+    }
+    if args.include_self {
+        q = q.exclude_query_task(false);
+    }
+    let res = q.run(&store, &index)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&res)?);
+    } else {
+        print!("{}", render(&res));
+    }
+    Ok(())
+}
+
+fn render(res: &NearestResult) -> String {
+    let mut out = format!(
+        "nearest tasks to {} {} (similarity {}, k {})\n",
+        res.target,
+        res.query,
+        res.similarity.as_str(),
+        res.k
+    );
+    for s in &res.spaces {
+        out.push_str(&format!(
+            "  space {} via {}{}\n",
+            s.label,
+            s.engine,
+            s.object
+                .map(|o| format!(", query object {o}"))
+                .unwrap_or_default()
+        ));
+    }
+    let labels: Vec<&str> = res.spaces.iter().map(|s| s.label.as_str()).collect();
+    let mut header = vec!["rank".to_string(), "task".into(), "score".into()];
+    if labels.len() > 1 {
+        header.extend(res.spaces.iter().map(|s| s.method.to_string()));
+    }
+    header.push("objects".into());
+    let mut rows = Vec::new();
+    for t in &res.tasks {
+        let mut r = vec![
+            t.rank.to_string(),
+            t.task.clone(),
+            format!("{:.4}", t.score),
+        ];
+        if labels.len() > 1 {
+            for l in &labels {
+                r.push(
+                    t.per_space
+                        .iter()
+                        .find(|p| p.label == *l)
+                        .map(|p| format!("{:.4}", p.score))
+                        .unwrap_or_else(|| "-".into()),
+                );
+            }
+        }
+        let mut ids: Vec<String> = t.objects.iter().map(|o| o.id.to_string()).collect();
+        ids.dedup();
+        r.push(ids.join(","));
+        rows.push(r);
+    }
+    if rows.is_empty() {
+        out.push_str("no task passes the filters\n");
+        return out;
+    }
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i > 0 {
+                s.push_str("  ");
+            }
+            s.push_str(c);
+            if i + 1 < cells.len() {
+                s.push_str(&" ".repeat(w[i] - c.chars().count()));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    out.push_str(&line(&header));
+    out.push_str(&line(&w.iter().map(|x| "-".repeat(*x)).collect::<Vec<_>>()));
+    for r in &rows {
+        out.push_str(&line(r));
+    }
+    out
+}

@@ -1,0 +1,285 @@
+//! LoRA weight updates compared through their factors: `delta-W = s * B A` (`A`: r x k, `B`: d x r, `s`
+//! the module's scaling, alpha/r or alpha/sqrt(r) with rsLoRA).
+//!
+//! The Frobenius inner product of two low-rank updates needs no `d x k` matrix:
+//!
+//! `<s1 B1 A1, s2 B2 A2>_F = s1 s2 tr((B1^T B2) (A2 A1^T))`,
+//!
+//! with `B1^T B2` (r1 x r2) costing `r1 r2 d` and `A2 A1^T` (r2 x r1) costing `r1 r2 k`: O(r1 r2 (d + k))
+//! per module, for any two ranks (so LoRAs with a `rank_pattern` compare too). The value depends on the
+//! update only, not on its factorisation: `A -> R A`, `B -> B R^-1` leaves it unchanged.
+//!
+//! **Similarity rule** ([`delta_cosine`]): an adapter's update is the concatenation of its per-module
+//! updates over all layers (modules keyed by their full path, e.g. `encoder.layer.3.attention.self.query`).
+//! The cosine of two adapters is `sum_m <dW1_m, dW2_m> / (||dW1|| ||dW2||)`, the sum over modules present
+//! in both and the norms over all modules of each: a module adapted by only one adapter lowers the
+//! similarity.
+//!
+//! **Sketch** ([`DeltaSketch`]): `Y_m = Phi_m dW_m Psi_m^T` (p x q) with seeded Rademacher matrices scaled so
+//! that `E[Phi^T Phi] = I`, `E[Psi^T Psi] = I`; then `E[<Y1, Y2>] = <dW1, dW2>`. It is computed from the
+//! factors as `(Phi B)(A Psi^T)`, in O(r (p d + q k) + p q r), and is exactly as factorisation-invariant as
+//! the update. The concatenated sketch is a fixed-length vector for a given set of modules and can be
+//! indexed like any embedding (the query engine scans it exactly for now; see [`crate::query`]).
+
+use crate::object::layout::{parse_tensor_name, Role};
+use crate::object::{LightweightObject, Method};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// One module's low-rank update `scale * B A`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LowRank {
+    /// r x k, row-major.
+    pub a: Vec<f32>,
+    /// d x r, row-major.
+    pub b: Vec<f32>,
+    pub r: usize,
+    pub k: usize,
+    pub d: usize,
+    pub scale: f64,
+}
+
+impl LowRank {
+    pub fn new(a: Vec<f32>, b: Vec<f32>, r: usize, k: usize, d: usize, scale: f64) -> LowRank {
+        LowRank {
+            a,
+            b,
+            r,
+            k,
+            d,
+            scale,
+        }
+    }
+
+    /// `scale * B A` formed explicitly (d x k): for tests and small checks only.
+    pub fn dense(&self) -> Vec<f64> {
+        let mut w = vec![0f64; self.d * self.k];
+        for i in 0..self.d {
+            for t in 0..self.r {
+                let b = self.b[i * self.r + t] as f64;
+                for j in 0..self.k {
+                    w[i * self.k + j] += self.scale * b * self.a[t * self.k + j] as f64;
+                }
+            }
+        }
+        w
+    }
+}
+
+/// Frobenius inner product of two low-rank updates (0 when their shapes differ).
+pub fn inner(x: &LowRank, y: &LowRank) -> f64 {
+    if x.d != y.d || x.k != y.k {
+        return 0.0;
+    }
+    let (r1, r2) = (x.r, y.r);
+    // G = B1^T B2 (r1 x r2)
+    let mut g = vec![0f64; r1 * r2];
+    for i in 0..x.d {
+        let b1 = &x.b[i * r1..(i + 1) * r1];
+        let b2 = &y.b[i * r2..(i + 1) * r2];
+        for (s, &u) in b1.iter().enumerate() {
+            for (t, &v) in b2.iter().enumerate() {
+                g[s * r2 + t] += u as f64 * v as f64;
+            }
+        }
+    }
+    // H = A2 A1^T (r2 x r1); tr(G H) = sum_{s,t} G[s,t] H[t,s]
+    let mut tr = 0f64;
+    for t in 0..r2 {
+        let a2 = &y.a[t * x.k..(t + 1) * x.k];
+        for s in 0..r1 {
+            let a1 = &x.a[s * x.k..(s + 1) * x.k];
+            let h: f64 = a2.iter().zip(a1).map(|(p, q)| *p as f64 * *q as f64).sum();
+            tr += g[s * r2 + t] * h;
+        }
+    }
+    x.scale * y.scale * tr
+}
+
+/// Why an object has no delta representation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotLora(pub String);
+
+impl fmt::Display for NotLora {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An adapter's per-module updates, keyed by full module path.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LoraDelta {
+    pub modules: BTreeMap<String, LowRank>,
+}
+
+impl LoraDelta {
+    /// Collect the LoRA factors of an object (`lora_A`/`lora_B`, and `lora_embedding_A`/`_B` whose update
+    /// is compared in the same transposed layout for every adapter).
+    pub fn from_object(obj: &LightweightObject) -> Result<LoraDelta, NotLora> {
+        let cfg = match &obj.method {
+            Method::Lora(c) => c,
+            other => {
+                return Err(NotLora(format!(
+                    "a {} adapter has no LoRA factors",
+                    other.kind()
+                )))
+            }
+        };
+        let mut a_of: BTreeMap<String, (Vec<f32>, usize, usize)> = BTreeMap::new();
+        let mut b_of: BTreeMap<String, (Vec<f32>, usize, usize)> = BTreeMap::new();
+        for t in &obj.tensors {
+            let loc = parse_tensor_name(&t.name);
+            let side = match loc.role {
+                Role::LoraA | Role::LoraEmbeddingA => &mut a_of,
+                Role::LoraB | Role::LoraEmbeddingB => &mut b_of,
+                _ => continue,
+            };
+            if t.shape.len() != 2 {
+                return Err(NotLora(format!(
+                    "{}: shape {:?} is not a matrix",
+                    t.name, t.shape
+                )));
+            }
+            side.insert(
+                loc.module_path.clone(),
+                (t.to_f32(), t.shape[0], t.shape[1]),
+            );
+        }
+        let mut modules = BTreeMap::new();
+        for (path, (a, r, k)) in a_of {
+            let Some((b, d, rb)) = b_of.remove(&path) else {
+                return Err(NotLora(format!("{path}: lora_A without lora_B")));
+            };
+            if rb != r {
+                return Err(NotLora(format!(
+                    "{path}: lora_A has rank {r} but lora_B {rb}"
+                )));
+            }
+            let scale = cfg.scaling_for(&path);
+            modules.insert(path, LowRank::new(a, b, r, k, d, scale));
+        }
+        if let Some(path) = b_of.keys().next() {
+            return Err(NotLora(format!("{path}: lora_B without lora_A")));
+        }
+        if modules.is_empty() {
+            return Err(NotLora("no LoRA factors".into()));
+        }
+        Ok(LoraDelta { modules })
+    }
+
+    /// Squared Frobenius norm of the whole update.
+    pub fn norm_sq(&self) -> f64 {
+        self.modules.values().map(|m| inner(m, m)).sum()
+    }
+
+    /// Inner product with another adapter's update (modules present in both).
+    pub fn inner(&self, other: &LoraDelta) -> f64 {
+        self.modules
+            .iter()
+            .filter_map(|(p, m)| other.modules.get(p).map(|o| inner(m, o)))
+            .sum()
+    }
+}
+
+/// Cosine of two adapters' updates (0 when either is zero). See the module docs for the rule.
+pub fn delta_cosine(x: &LoraDelta, y: &LoraDelta) -> f64 {
+    let (nx, ny) = (x.norm_sq(), y.norm_sq());
+    if nx <= 0.0 || ny <= 0.0 {
+        return 0.0;
+    }
+    x.inner(y) / (nx.sqrt() * ny.sqrt())
+}
+
+#[inline]
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Seeded sketch of LoRA updates (see module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeltaSketch {
+    pub seed: u64,
+    /// Rows of the left sketch (output side).
+    pub p: usize,
+    /// Rows of the right sketch (input side).
+    pub q: usize,
+}
+
+impl Default for DeltaSketch {
+    fn default() -> Self {
+        DeltaSketch {
+            seed: 0x64656c7461,
+            p: 16,
+            q: 16,
+        }
+    }
+}
+
+impl DeltaSketch {
+    fn sign(&self, module: u64, side: u64, row: usize, col: usize) -> f64 {
+        let h = mix(self.seed ^ mix(module ^ mix(side ^ mix((row as u64) << 32 | col as u64))));
+        if h & 1 == 1 {
+            1.0
+        } else {
+            -1.0
+        }
+    }
+
+    /// `Phi dW Psi^T` of one module (p x q, row-major), from the factors.
+    pub fn module(&self, path: &str, m: &LowRank) -> Vec<f32> {
+        let key = u64::from_le_bytes(
+            blake3::hash(path.as_bytes()).as_bytes()[..8]
+                .try_into()
+                .expect("8"),
+        );
+        let (p, q, r) = (self.p, self.q, m.r);
+        let sp = 1.0 / (p as f64).sqrt();
+        let sq = 1.0 / (q as f64).sqrt();
+        // L = Phi B (p x r)
+        let mut l = vec![0f64; p * r];
+        for i in 0..m.d {
+            let brow = &m.b[i * r..(i + 1) * r];
+            for u in 0..p {
+                let s = self.sign(key, 1, u, i) * sp;
+                for t in 0..r {
+                    l[u * r + t] += s * brow[t] as f64;
+                }
+            }
+        }
+        // Rt = A Psi^T (r x q)
+        let mut rt = vec![0f64; r * q];
+        for j in 0..m.k {
+            for v in 0..q {
+                let s = self.sign(key, 2, v, j) * sq;
+                for t in 0..r {
+                    rt[t * q + v] += m.a[t * m.k + j] as f64 * s;
+                }
+            }
+        }
+        let mut y = vec![0f32; p * q];
+        for u in 0..p {
+            for v in 0..q {
+                let mut acc = 0f64;
+                for t in 0..r {
+                    acc += l[u * r + t] * rt[t * q + v];
+                }
+                y[u * q + v] = (m.scale * acc) as f32;
+            }
+        }
+        y
+    }
+
+    /// The concatenated sketch of every module, in module-path order, with the paths.
+    pub fn sketch(&self, delta: &LoraDelta) -> (Vec<String>, Vec<f32>) {
+        let mut paths = Vec::new();
+        let mut out = Vec::with_capacity(delta.modules.len() * self.p * self.q);
+        for (path, m) in &delta.modules {
+            paths.push(path.clone());
+            out.extend(self.module(path, m));
+        }
+        (paths, out)
+    }
+}

@@ -1,0 +1,167 @@
+//! Exact search: a flat scan of unit-normalised vectors by dot product (= cosine).
+//!
+//! Used for spaces below the HNSW switch-over ([`crate::index::DEFAULT_HNSW_MIN_VECTORS`]), for
+//! restrictive filters, and as the ground truth in tests.
+
+use rayon::prelude::*;
+
+/// Normalise to unit length in place; returns the original norm (zero vectors stay zero).
+pub fn normalize(v: &mut [f32]) -> f32 {
+    let n = v
+        .iter()
+        .map(|x| (*x as f64) * (*x as f64))
+        .sum::<f64>()
+        .sqrt();
+    if n > 0.0 {
+        let inv = (1.0 / n) as f32;
+        v.iter_mut().for_each(|x| *x *= inv);
+    }
+    n as f32
+}
+
+/// Dot product of two equal-length slices (8 independent accumulators so the compiler vectorises it).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// Keep the best `k` (highest score; ties by lower id) of scored ids.
+pub fn top_k(mut v: Vec<(u64, f32)>, k: usize) -> Vec<(u64, f32)> {
+    let cmp = |a: &(u64, f32), b: &(u64, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if v.len() > k && k > 0 {
+        v.select_nth_unstable_by(k - 1, cmp);
+        v.truncate(k);
+    }
+    v.sort_by(cmp);
+    v.truncate(k);
+    v
+}
+
+/// Unit vectors and their ids, scanned exactly.
+#[derive(Debug, Clone, Default)]
+pub struct FlatIndex {
+    dim: usize,
+    ids: Vec<u64>,
+    data: Vec<f32>,
+}
+
+impl FlatIndex {
+    pub fn new(dim: usize) -> FlatIndex {
+        FlatIndex {
+            dim,
+            ids: Vec::new(),
+            data: Vec::new(),
+        }
+    }
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+    pub fn ids(&self) -> &[u64] {
+        &self.ids
+    }
+    /// The unit vector at a position.
+    pub fn vector_at(&self, pos: usize) -> &[f32] {
+        &self.data[pos * self.dim..(pos + 1) * self.dim]
+    }
+    /// Add a vector that is already unit-normalised (caller's duty) and of length `dim`.
+    pub fn push_unit(&mut self, id: u64, v: &[f32]) {
+        debug_assert_eq!(v.len(), self.dim);
+        self.ids.push(id);
+        self.data.extend_from_slice(v);
+    }
+    /// Drop the rows whose id fails `keep`.
+    pub fn retain(&mut self, keep: impl Fn(u64) -> bool) {
+        let mut w = 0;
+        for r in 0..self.ids.len() {
+            if keep(self.ids[r]) {
+                if w != r {
+                    self.ids[w] = self.ids[r];
+                    self.data
+                        .copy_within(r * self.dim..(r + 1) * self.dim, w * self.dim);
+                }
+                w += 1;
+            }
+        }
+        self.ids.truncate(w);
+        self.data.truncate(w * self.dim);
+    }
+
+    /// The `k` best (id, cosine) for a unit query among ids passing `filter`.
+    pub fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        filter: &(dyn Fn(u64) -> bool + Sync),
+    ) -> Vec<(u64, f32)> {
+        if k == 0 || self.dim == 0 {
+            return Vec::new();
+        }
+        let chunk = 4096;
+        let scored: Vec<(u64, f32)> = self
+            .ids
+            .par_chunks(chunk)
+            .enumerate()
+            .flat_map_iter(|(c, ids)| {
+                let mut local = Vec::with_capacity(ids.len().min(4 * k));
+                for (i, &id) in ids.iter().enumerate() {
+                    if !filter(id) {
+                        continue;
+                    }
+                    let pos = c * chunk + i;
+                    local.push((id, dot(query, self.vector_at(pos))));
+                }
+                top_k(local, k)
+            })
+            .collect();
+        top_k(scored, k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_best_and_filters() {
+        let mut f = FlatIndex::new(2);
+        for (id, v) in [(1u64, [1.0f32, 0.0]), (2, [0.0, 1.0]), (3, [0.6, 0.8])] {
+            let mut v = v.to_vec();
+            normalize(&mut v);
+            f.push_unit(id, &v);
+        }
+        let r = f.search(&[1.0, 0.0], 2, &|_| true);
+        assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 3]);
+        let r = f.search(&[1.0, 0.0], 2, &|id| id != 1);
+        assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), vec![3, 2]);
+        f.retain(|id| id != 3);
+        assert_eq!(f.ids(), &[1, 2]);
+        assert_eq!(f.vector_at(1), &[0.0, 1.0]);
+    }
+
+    #[test]
+    fn dot_matches_naive() {
+        let a: Vec<f32> = (0..37).map(|i| i as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..37).map(|i| 1.0 - i as f32 * 0.05).collect();
+        let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((dot(&a, &b) - naive).abs() < 1e-3);
+    }
+}

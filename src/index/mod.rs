@@ -1,0 +1,412 @@
+//! Nearest-neighbour indexes over the embedding spaces.
+//!
+//! One [`SpaceIndex`] per space (embeddings of different spaces are not comparable). A space index holds
+//! the unit-normalised vectors that are searched (a [`flat::FlatIndex`]) and, for spaces of at least
+//! [`IndexConfig::hnsw_min_vectors`] vectors, an HNSW graph over the same vectors ([`hnsw::HnswGraph`]).
+//!
+//! **Exact vs HNSW.** Below the switch-over the flat scan is both exact and fast; above it the graph is
+//! used. [`DEFAULT_HNSW_MIN_VECTORS`] = 5,000 comes from `benches/query.rs` on the 2-core build machine
+//! (dimension 384, k = 10): the flat scan takes about 0.1 ms per 1,000 vectors, a graph query about
+//! 0.25-0.5 ms almost independent of the size, so they cross between 2,500 and 5,000 vectors; the graph's
+//! build cost (about 1 s per 1,000 vectors on 2 cores) tips the default to the upper end. Force either with
+//! [`SearchMode`].
+//!
+//! **High-dimensional spaces** (dimension above [`IndexConfig::project_above`], default 4,096; a 7B LoRA
+//! has 100k+) index a seeded sparse random projection ([`projection::Projection`]) of dimension
+//! [`IndexConfig::projection_dim`] (default 512). The index proposes `max(rerank_factor * k, rerank_min)`
+//! candidates and they are reranked by exact cosine of the stored full embeddings, so the scores returned
+//! are exact; recall@10 against exact search on the full vectors is tested on 50k vectors
+//! (tests/index_recall.rs).
+//!
+//! **Deletes.** hnsw_rs cannot delete: a removed object becomes a tombstone, filtered out *during* the
+//! graph walk (so `k` results still come back). When tombstones exceed
+//! [`IndexConfig::tombstone_rebuild_fraction`] (default 0.2) of the graph's points, the space is rebuilt.
+//!
+//! **Persistence** (see [`manager`] and `schema/index.md`): graphs are dumped beside the store in
+//! `<store>.index/`, under temporary names then renamed; the store records each index's generation and
+//! checksum; on open a missing, stale, foreign or unreadable index is rebuilt from the store.
+//!
+//! **Memory**: a space holds its indexed vectors twice when it has a graph (flat copy + hnsw_rs's copy):
+//! 100k x 384 f32 is 2 x 150 MB. Projected spaces hold only projected vectors (100k x 512 x 4 B x 2);
+//! full embeddings stay in redb and are read only for the reranked candidates.
+
+pub mod error;
+pub mod flat;
+pub mod hnsw;
+pub mod manager;
+pub mod projection;
+
+pub use error::{IndexError, QueryError};
+pub use manager::{IndexManager, OpenReport, SpaceState};
+
+use crate::embed::SpaceId;
+use flat::{normalize, FlatIndex};
+use hnsw::{HnswGraph, HnswParams};
+use projection::Projection;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+
+/// Default switch-over from flat scan to HNSW (vectors in the space), measured: see module docs.
+pub const DEFAULT_HNSW_MIN_VECTORS: usize = 5_000;
+
+/// How to search a space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SearchMode {
+    /// HNSW at or above the switch-over, flat below it, flat for restrictive filters.
+    #[default]
+    Auto,
+    /// Always the exact flat scan.
+    Exact,
+    /// The graph whenever there is one (built on demand if missing).
+    Hnsw,
+}
+
+/// Index configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct IndexConfig {
+    pub hnsw: HnswParams,
+    /// Spaces with fewer vectors are searched by flat scan only (no graph is built).
+    pub hnsw_min_vectors: usize,
+    /// Spaces of a higher dimension are indexed through a random projection.
+    pub project_above: usize,
+    pub projection_dim: usize,
+    /// Seed of the projections (mixed with the space id).
+    pub seed: u64,
+    /// Candidates reranked in projected spaces: `max(rerank_factor * k, rerank_min)`.
+    pub rerank_factor: usize,
+    pub rerank_min: usize,
+    /// Rebuild a graph when its hidden points exceed this fraction.
+    pub tombstone_rebuild_fraction: f64,
+    /// A filter that lets through less than this fraction of a space is searched by flat scan (a graph
+    /// walk loses recall when most nodes are filtered out).
+    pub filter_flat_below: f64,
+    pub mode: SearchMode,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        IndexConfig {
+            hnsw: HnswParams::default(),
+            hnsw_min_vectors: DEFAULT_HNSW_MIN_VECTORS,
+            project_above: 4096,
+            projection_dim: 512,
+            seed: 0x7065_6674_6462,
+            rerank_factor: 10,
+            rerank_min: 100,
+            tombstone_rebuild_fraction: 0.2,
+            filter_flat_below: 0.1,
+            mode: SearchMode::Auto,
+        }
+    }
+}
+
+/// Which engine answered a search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    Flat,
+    Hnsw,
+}
+
+/// A search result: object id and cosine similarity (exact unless the space is projected and no full
+/// vectors were supplied for reranking).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hit {
+    pub id: u64,
+    pub score: f32,
+}
+
+/// Fetches an object's full embedding (for reranking projected spaces).
+pub type FullVectors<'a> = &'a (dyn Fn(u64) -> Option<Vec<f32>> + Sync);
+
+/// The index of one space.
+#[derive(Debug)]
+pub struct SpaceIndex {
+    space: SpaceId,
+    full_dim: usize,
+    projection: Option<Projection>,
+    config: IndexConfig,
+    flat: FlatIndex,
+    pos: HashMap<u64, usize>,
+    hnsw: Option<HnswGraph>,
+    /// Ids in the graph/flat rows that are no longer live.
+    dead: HashSet<u64>,
+}
+
+impl SpaceIndex {
+    /// An empty index for a space of dimension `full_dim`.
+    pub fn new(space: SpaceId, full_dim: usize, config: IndexConfig) -> SpaceIndex {
+        let projection = (full_dim > config.project_above)
+            .then(|| Projection::new(config.seed ^ space.0, full_dim, config.projection_dim));
+        let dim = projection.map(|p| p.out_dim).unwrap_or(full_dim);
+        SpaceIndex {
+            space,
+            full_dim,
+            projection,
+            config,
+            flat: FlatIndex::new(dim),
+            pos: HashMap::new(),
+            hnsw: None,
+            dead: HashSet::new(),
+        }
+    }
+
+    pub fn space(&self) -> SpaceId {
+        self.space
+    }
+    pub fn full_dim(&self) -> usize {
+        self.full_dim
+    }
+    pub fn indexed_dim(&self) -> usize {
+        self.flat.dim()
+    }
+    pub fn projection(&self) -> Option<Projection> {
+        self.projection
+    }
+    pub fn config(&self) -> &IndexConfig {
+        &self.config
+    }
+    /// Live vectors.
+    pub fn len(&self) -> usize {
+        self.flat.len() - self.dead.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn tombstones(&self) -> usize {
+        self.dead.len()
+    }
+    pub fn has_graph(&self) -> bool {
+        self.hnsw.is_some()
+    }
+    pub fn graph(&self) -> Option<&HnswGraph> {
+        self.hnsw.as_ref()
+    }
+    pub fn contains(&self, id: u64) -> bool {
+        self.pos.contains_key(&id) && !self.dead.contains(&id)
+    }
+    /// All ids in the index rows (live and hidden).
+    pub fn row_ids(&self) -> &[u64] {
+        self.flat.ids()
+    }
+    /// The indexed unit vector of a live id.
+    pub fn indexed_vector(&self, id: u64) -> Option<&[f32]> {
+        if self.dead.contains(&id) {
+            return None;
+        }
+        self.pos.get(&id).map(|&p| self.flat.vector_at(p))
+    }
+
+    /// The unit vector that is indexed for a full embedding (projected if the space is).
+    pub fn prepare(&self, full: &[f32]) -> Result<Vec<f32>, IndexError> {
+        if full.len() != self.full_dim {
+            return Err(IndexError::DimensionMismatch {
+                space: self.space.to_string(),
+                expected: self.full_dim,
+                found: full.len(),
+            });
+        }
+        let mut v = match &self.projection {
+            Some(p) => p.apply(full),
+            None => full.to_vec(),
+        };
+        normalize(&mut v);
+        Ok(v)
+    }
+
+    /// Add a full embedding to the flat rows (not to the graph; see [`SpaceIndex::add`]). An id already
+    /// present is revived if hidden and otherwise left alone.
+    fn push_row(&mut self, id: u64, full: &[f32]) -> Result<bool, IndexError> {
+        if self.pos.contains_key(&id) {
+            self.dead.remove(&id);
+            return Ok(false);
+        }
+        let v = self.prepare(full)?;
+        self.pos.insert(id, self.flat.len());
+        self.flat.push_unit(id, &v);
+        Ok(true)
+    }
+
+    /// Add embeddings (flat rows, and the graph if there is one). Returns how many were new.
+    pub fn add(&mut self, items: &[(u64, Vec<f32>)]) -> Result<usize, IndexError> {
+        let mut new = Vec::new();
+        for (id, v) in items {
+            if self.push_row(*id, v)? {
+                new.push(*id);
+            }
+        }
+        if let Some(g) = &self.hnsw {
+            let rows: Vec<(u64, &[f32])> = new
+                .iter()
+                .map(|id| (*id, self.flat.vector_at(self.pos[id])))
+                .collect();
+            g.insert_many(&rows)?;
+        }
+        Ok(new.len())
+    }
+
+    /// Hide ids (tombstones). Returns how many were live.
+    pub fn remove(&mut self, ids: &[u64]) -> usize {
+        ids.iter()
+            .filter(|id| self.pos.contains_key(id) && self.dead.insert(**id))
+            .count()
+    }
+
+    /// Whether hidden points exceed the rebuild fraction.
+    pub fn needs_compaction(&self) -> bool {
+        let n = self.flat.len();
+        n > 0 && self.dead.len() as f64 > self.config.tombstone_rebuild_fraction * n as f64
+    }
+
+    /// Whether a graph should exist for this space under the configuration.
+    pub fn wants_graph(&self) -> bool {
+        match self.config.mode {
+            SearchMode::Exact => false,
+            SearchMode::Hnsw => self.len() > 0,
+            SearchMode::Auto => self.len() >= self.config.hnsw_min_vectors,
+        }
+    }
+
+    /// Drop hidden rows and (re)build the graph over the live rows if [`SpaceIndex::wants_graph`].
+    pub fn rebuild(&mut self) -> Result<(), IndexError> {
+        if !self.dead.is_empty() {
+            let dead = std::mem::take(&mut self.dead);
+            self.flat.retain(|id| !dead.contains(&id));
+            self.pos = self
+                .flat
+                .ids()
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (*id, i))
+                .collect();
+        }
+        self.hnsw = None;
+        if self.wants_graph() {
+            let rows: Vec<(u64, &[f32])> = (0..self.flat.len())
+                .map(|p| (self.flat.ids()[p], self.flat.vector_at(p)))
+                .collect();
+            self.hnsw = Some(HnswGraph::build(self.flat.dim(), &rows, self.config.hnsw)?);
+        }
+        Ok(())
+    }
+
+    /// Use a graph loaded from disk, whose points are `graph_ids`: ids in it that are not rows become
+    /// tombstones (they were removed from the store), rows missing from it are inserted.
+    pub(crate) fn attach_graph(
+        &mut self,
+        g: HnswGraph,
+        graph_ids: &[u64],
+    ) -> Result<usize, IndexError> {
+        let in_graph: HashSet<u64> = graph_ids.iter().copied().collect();
+        let missing: Vec<u64> = self
+            .flat
+            .ids()
+            .iter()
+            .copied()
+            .filter(|id| !in_graph.contains(id))
+            .collect();
+        for id in graph_ids {
+            if !self.pos.contains_key(id) {
+                // Present in the graph only: keep a zero row so positions stay aligned, hidden.
+                self.pos.insert(*id, self.flat.len());
+                self.flat.push_unit(*id, &vec![0.0; self.flat.dim()]);
+                self.dead.insert(*id);
+            }
+        }
+        let rows: Vec<(u64, &[f32])> = missing
+            .iter()
+            .map(|id| (*id, self.flat.vector_at(self.pos[id])))
+            .collect();
+        g.insert_many(&rows)?;
+        self.hnsw = Some(g);
+        Ok(missing.len())
+    }
+
+    /// Search the `k` best live ids passing `filter`, for a full-dimensional query.
+    ///
+    /// For projected spaces, `full` supplies stored full embeddings for the exact rerank; without it the
+    /// scores are those of the projection. Returns the hits and the engine used.
+    pub fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        mode: SearchMode,
+        filter: &(dyn Fn(u64) -> bool + Sync),
+        full: Option<FullVectors<'_>>,
+    ) -> Result<(Vec<Hit>, Engine), IndexError> {
+        let q = self.prepare(query)?;
+        let live = |id: u64| !self.dead.contains(&id) && filter(id);
+        let want = match (&self.projection, full) {
+            (Some(_), Some(_)) => (self.config.rerank_factor * k).max(self.config.rerank_min),
+            _ => k,
+        };
+        let use_graph = match mode {
+            SearchMode::Exact => false,
+            SearchMode::Hnsw => self.hnsw.is_some(),
+            SearchMode::Auto => {
+                self.hnsw.is_some() && {
+                    // Estimate the filter's selectivity on a sample of rows.
+                    let ids = self.flat.ids();
+                    let step = (ids.len() / 512).max(1);
+                    let sample: Vec<u64> = ids.iter().step_by(step).copied().collect();
+                    let pass = sample.iter().filter(|id| live(**id)).count();
+                    pass as f64 >= self.config.filter_flat_below * sample.len() as f64
+                }
+            }
+        };
+        let (cands, engine) = if use_graph {
+            let g = self.hnsw.as_ref().expect("checked");
+            let ef = self.config.hnsw.ef_search.max(want);
+            (g.search(&q, want, ef, &live)?, Engine::Hnsw)
+        } else {
+            (self.flat.search(&q, want, &live), Engine::Flat)
+        };
+        let hits = match (&self.projection, full) {
+            (Some(_), Some(fetch)) => {
+                use rayon::prelude::*;
+                let rescored: Vec<(u64, f32)> = cands
+                    .par_iter()
+                    .filter_map(|(id, _)| {
+                        fetch(*id).map(|v| (*id, crate::embed::cosine(query, &v)))
+                    })
+                    .collect();
+                flat::top_k(rescored, k)
+            }
+            _ => cands,
+        };
+        Ok((
+            hits.into_iter()
+                .map(|(id, score)| Hit { id, score })
+                .collect(),
+            engine,
+        ))
+    }
+}
+
+/// Exact cosine top-k over full vectors: the ground truth for tests and benchmarks.
+pub fn brute_force(
+    query: &[f32],
+    vectors: &[(u64, Vec<f32>)],
+    k: usize,
+    filter: impl Fn(u64) -> bool,
+) -> Vec<Hit> {
+    let scored: Vec<(u64, f32)> = vectors
+        .iter()
+        .filter(|(id, _)| filter(*id))
+        .map(|(id, v)| (*id, crate::embed::cosine(query, v)))
+        .collect();
+    flat::top_k(scored, k)
+        .into_iter()
+        .map(|(id, score)| Hit { id, score })
+        .collect()
+}
+
+/// Fraction of `truth`'s ids found in `got`.
+pub fn recall(got: &[Hit], truth: &[Hit]) -> f64 {
+    if truth.is_empty() {
+        return 1.0;
+    }
+    let g: HashSet<u64> = got.iter().map(|h| h.id).collect();
+    truth.iter().filter(|h| g.contains(&h.id)).count() as f64 / truth.len() as f64
+}

@@ -1,0 +1,130 @@
+//! Index state kept in the store (table `indexes`), and streaming access to a space's embeddings for the
+//! index builder. See `schema/index.md`.
+
+use super::{codec, ObjectId, Store, EMBEDDINGS};
+use crate::embed::SpaceId;
+use crate::error::StoreError;
+use redb::{TableDefinition, TableError};
+use serde::{Deserialize, Serialize};
+
+/// space id -> JSON [`IndexMeta`].
+pub(crate) const INDEXES: TableDefinition<u64, &[u8]> = TableDefinition::new("indexes");
+
+/// What the store records about the current HNSW index files of a space.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IndexMeta {
+    /// Format of this record and of the files (bumped when either changes).
+    pub format: u32,
+    /// Increases with every write of the space's index; file names carry it.
+    pub generation: u64,
+    /// BLAKE3 (hex) over the files, in order, each prefixed by its length (u64 LE).
+    pub checksum: String,
+    /// File names, relative to the index directory.
+    pub files: Vec<String>,
+    /// Number of points in the graph when written (live or hidden).
+    pub built_from_count: u64,
+    /// Points in the graph that are no longer in the store when written.
+    pub tombstones: u64,
+    /// Dimension of the indexed vectors (the projected dimension for projected spaces).
+    pub indexed_dim: usize,
+    /// Dimension of the space's embeddings.
+    pub full_dim: usize,
+    /// Seed of the random projection, when the space is projected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projection_seed: Option<u64>,
+    /// hnsw_rs parameters (m, ef_construction).
+    pub m: usize,
+    pub ef_construction: usize,
+    /// `little` or `big`, and pointer width: hnsw_rs dumps in native byte order.
+    pub endian: String,
+    pub pointer_bits: u32,
+}
+
+impl Store {
+    /// The recorded index state of a space, if any.
+    pub fn index_meta(&self, space: SpaceId) -> Result<Option<IndexMeta>, StoreError> {
+        let r = self.read()?;
+        let t = match r.open_table(INDEXES) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.storage_err("reading index state")(e.into())),
+        };
+        match t
+            .get(space.0)
+            .map_err(|e| self.storage_err("reading index state")(e.into()))?
+        {
+            // An unreadable record is not fatal: the index is derived data and is rebuilt.
+            Some(v) => Ok(serde_json::from_slice(v.value()).ok()),
+            None => Ok(None),
+        }
+    }
+
+    /// Record (or with `None`, forget) the index state of a space.
+    pub fn set_index_meta(
+        &self,
+        space: SpaceId,
+        meta: Option<&IndexMeta>,
+    ) -> Result<(), StoreError> {
+        let w = self.write()?;
+        {
+            let mut t = w
+                .open_table(INDEXES)
+                .map_err(|e| self.storage_err("writing index state")(e.into()))?;
+            match meta {
+                Some(m) => {
+                    t.insert(
+                        space.0,
+                        serde_json::to_vec(m).expect("serializes").as_slice(),
+                    )
+                    .map_err(|e| self.storage_err("writing index state")(e.into()))?;
+                }
+                None => {
+                    t.remove(space.0)
+                        .map_err(|e| self.storage_err("writing index state")(e.into()))?;
+                }
+            }
+        }
+        w.commit()
+            .map_err(|e| self.storage_err("writing index state")(e.into()))
+    }
+
+    /// Visit every embedding of a space in id order, one at a time (one snapshot; nothing accumulates).
+    pub fn for_each_embedding(
+        &self,
+        space: SpaceId,
+        mut f: impl FnMut(ObjectId, Vec<f32>),
+    ) -> Result<(), StoreError> {
+        let r = self.read()?;
+        let t = r
+            .open_table(EMBEDDINGS)
+            .map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
+        for item in t
+            .range((space.0, 0u64)..=(space.0, u64::MAX))
+            .map_err(|e| self.storage_err("reading embeddings")(e.into()))?
+        {
+            let (k, v) = item.map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
+            let (_, id) = k.value();
+            let vec = codec::decode_f32(v.value())
+                .map_err(|e| self.corrupt("embeddings", format!("({space}, {id})"), e))?;
+            f(id, vec);
+        }
+        Ok(())
+    }
+
+    /// The ids of a space's embeddings, in order (keys only).
+    pub fn space_ids(&self, space: SpaceId) -> Result<Vec<ObjectId>, StoreError> {
+        let r = self.read()?;
+        let t = r
+            .open_table(EMBEDDINGS)
+            .map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
+        let mut out = Vec::new();
+        for item in t
+            .range((space.0, 0u64)..=(space.0, u64::MAX))
+            .map_err(|e| self.storage_err("reading embeddings")(e.into()))?
+        {
+            let (k, _) = item.map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
+            out.push(k.value().1);
+        }
+        Ok(out)
+    }
+}
