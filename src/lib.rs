@@ -40,6 +40,7 @@ pub mod ingest;
 pub mod object;
 pub mod rerank;
 pub mod store;
+pub mod suggest;
 pub mod synth;
 
 pub use error::{Error, Result};

@@ -7,6 +7,7 @@ mod cmd_eval;
 mod cmd_merge;
 mod cmd_nearest;
 mod cmd_store;
+mod cmd_suggest;
 mod cmd_train;
 mod table;
 
@@ -53,6 +54,10 @@ enum Cmd {
     Merge(cmd_merge::MergeArgs),
     /// Nearest tasks to a stored task, a stored object or an adapter folder (TuPaTE similarity).
     Nearest(cmd_nearest::NearestArgs),
+    /// For a new task: retrieve candidate adapters, score them, and write their ensemble as its initialization.
+    Suggest(cmd_suggest::SuggestArgs),
+    /// Score given candidate adapters on a new task's examples with the PEWE indicators.
+    Rerank(cmd_suggest::RerankArgs),
     /// Train a new adapter of any method on a task folder (few-shot or full).
     Train(cmd_train::TrainArgs),
     /// Accuracy and loss of an adapter (folder or stored object) on a task split.
@@ -88,6 +93,8 @@ fn main() -> ExitCode {
         Cmd::Stats => cmd_store::stats(&cli.db, cli.json),
         Cmd::Merge(a) => cmd_merge::run(&cli.db, a, cli.json),
         Cmd::Nearest(a) => cmd_nearest::run(&cli.db, a, cli.json).map(|()| 0),
+        Cmd::Suggest(a) => cmd_suggest::suggest_cmd(&cli.db, a, cli.json),
+        Cmd::Rerank(a) => cmd_suggest::rerank_cmd(&cli.db, a, cli.json),
         Cmd::Train(a) => {
             let mut a = a.clone();
             a.db = Some(cli.db.clone());

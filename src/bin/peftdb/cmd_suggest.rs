@@ -1,0 +1,368 @@
+//! `peftdb suggest` (the whole pipeline) and `peftdb rerank` (the indicator stage alone).
+
+use crate::table::render;
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use peftdb::engine::scoring::ScoreOptions;
+use peftdb::engine::task::{few_shot, Task};
+use peftdb::engine::{parse_device, Engine, EngineOptions};
+use peftdb::ensemble::MergeMode;
+use peftdb::index::{IndexConfig, IndexManager};
+use peftdb::object::{formats::ReadOptions, read_adapter, LightweightObject, MethodKind};
+use peftdb::query::Similarity;
+use peftdb::rerank::stage::{rerank, RerankInput, RerankOptions};
+use peftdb::rerank::Indicator;
+use peftdb::store::Store;
+use peftdb::suggest::{suggest, write_suggestion, SuggestConfig, SuggestEvent, SuggestInput};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeArg {
+    Param,
+    DeltaSvd,
+    DeltaCat,
+}
+
+fn parse_indicator(s: &str) -> Result<Indicator, String> {
+    Indicator::parse(s).ok_or_else(|| {
+        format!(
+            "unknown indicator {s:?}; one of {}",
+            Indicator::ALL
+                .iter()
+                .map(|i| i.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
+
+fn parse_method(s: &str) -> Result<MethodKind, String> {
+    MethodKind::parse(s).ok_or_else(|| {
+        format!("unknown method {s:?}; one of lora, ia3, prefix, prompt, bitfit, adapter")
+    })
+}
+
+fn bar() -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    if !std::io::stderr().is_terminal() {
+        pb.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {prefix:<15} [{bar:30}] {pos}/{len} {elapsed}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    pb
+}
+
+fn load_engine(model: &Path, device: &str, max_len: usize) -> Result<Engine> {
+    let device = parse_device(device)?;
+    Ok(Engine::load_with(
+        model,
+        &device,
+        &EngineOptions { max_len },
+    )?)
+}
+
+#[derive(Args, Debug)]
+pub struct SuggestArgs {
+    /// Base model folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The new task's folder (task.json + train/dev/test JSONL; only `--shots` per class are used).
+    #[arg(long)]
+    pub task: PathBuf,
+    /// A short-tuned adapter of the new task you already have (else one is trained for --steps).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Number of candidate tasks.
+    #[arg(short = 'k', long, default_value_t = 5)]
+    pub k: usize,
+    /// Indicator whose softmax weights the candidates.
+    #[arg(long, value_parser = parse_indicator, default_value = "cos-logits")]
+    pub indicator: Indicator,
+    /// Softmax temperature.
+    #[arg(long, default_value_t = 1.0)]
+    pub tau: f64,
+    /// Method of the target and the candidates.
+    #[arg(long, value_parser = parse_method, default_value = "lora")]
+    pub method: MethodKind,
+    /// How the candidates are combined.
+    #[arg(long = "merge", value_enum, default_value = "param")]
+    pub merge: MergeArg,
+    /// Target rank of delta-svd.
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// Stage-1 similarity: tupate, centered or delta.
+    #[arg(long, default_value = "tupate")]
+    pub similarity: String,
+    /// Examples per class (train for the short tune, dev for the indicators).
+    #[arg(long, default_value_t = 16)]
+    pub shots: usize,
+    /// Steps of the short tune.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Label-scoring temperature.
+    #[arg(long, default_value_t = peftdb::engine::scoring::DEFAULT_TEMPERATURE)]
+    pub temperature: f64,
+    /// Base model name of the target (default: the store's, for --method).
+    #[arg(long)]
+    pub base_model: Option<String>,
+    /// Maximum tokens per text.
+    #[arg(long, default_value_t = 128)]
+    pub max_len: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Output folder: the initialization (PEFT format) and peftdb_report.json.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
+    if a.out.exists()
+        && std::fs::read_dir(&a.out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        bail!(
+            "{}: already exists and is not empty; choose a new folder",
+            a.out.display()
+        );
+    }
+    let similarity: Similarity = a.similarity.parse()?;
+    let store = Store::open_read_only(db)?;
+    let pb = bar();
+    pb.set_prefix("index");
+    let (index, _) = IndexManager::open(&store, IndexConfig::default(), &|_| {})?;
+    let engine = load_engine(&a.model, &a.device, a.max_len)?;
+    let task = Task::load(&a.task)?;
+    let adapter = match &a.adapter {
+        Some(p) => Some(
+            read_adapter(p, &ReadOptions::default())
+                .with_context(|| format!("reading {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let cfg = SuggestConfig {
+        method: a.method,
+        k: a.k,
+        indicator: a.indicator,
+        tau: a.tau,
+        merge: match a.merge {
+            MergeArg::Param => MergeMode::Param,
+            MergeArg::DeltaCat => MergeMode::DeltaCat,
+            MergeArg::DeltaSvd => MergeMode::DeltaSvd { rank: a.rank },
+        },
+        similarity,
+        shots: a.shots,
+        short_tune_steps: a.steps,
+        seed: a.seed,
+        score: ScoreOptions {
+            temperature: a.temperature,
+            ..Default::default()
+        },
+        base_model: a.base_model.clone(),
+    };
+    let input = SuggestInput {
+        store: &store,
+        index: &index,
+        engine: &engine,
+        task: &task,
+        adapter,
+    };
+    let result = suggest(&input, &cfg, &mut |ev| match ev {
+        SuggestEvent::Stage(s) => {
+            pb.set_prefix(s);
+            pb.set_position(0);
+            pb.set_length(1);
+        }
+        SuggestEvent::TrainStep { step, total } => {
+            pb.set_length(total as u64);
+            pb.set_position(step as u64);
+        }
+        SuggestEvent::Candidate { done, total } => {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+        }
+    });
+    pb.finish_and_clear();
+    let (obj, report) = result?;
+    write_suggestion(&obj, &report, &a.out)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(0);
+    }
+    println!(
+        "new task {} ({} method, {} similarity); target adapter {}",
+        report.task, report.method, report.similarity, report.target
+    );
+    println!("space {}", report.space);
+    let mut header = vec!["rank", "task", "object", "similarity"];
+    let names: Vec<String> = report
+        .candidates
+        .first()
+        .map(|c| c.scores.keys().cloned().collect())
+        .unwrap_or_default();
+    header.extend(names.iter().map(|s| s.as_str()));
+    header.extend(["accuracy", "weight"]);
+    let rows: Vec<Vec<String>> = report
+        .candidates
+        .iter()
+        .map(|c| {
+            let mut r = vec![
+                c.rank.to_string(),
+                c.task.clone(),
+                c.object.to_string(),
+                format!("{:.4}", c.similarity),
+            ];
+            r.extend(names.iter().map(|n| format!("{:.4}", c.scores[n])));
+            r.push(format!("{:.3}", c.accuracy));
+            r.push(format!("{:.4}", c.weight));
+            r
+        })
+        .collect();
+    print!("{}", render(&header, &rows));
+    for n in &report.notes {
+        println!("note: {n}");
+    }
+    let t: Vec<String> = report
+        .timings
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.2}s"))
+        .collect();
+    println!("timings: {}", t.join(", "));
+    println!(
+        "wrote the initialization ({} merge of {} by {}, tau {}) to {}",
+        report.merge,
+        report.k_used,
+        report.indicator,
+        report.tau,
+        a.out.display()
+    );
+    Ok(0)
+}
+
+#[derive(Args, Debug)]
+pub struct RerankArgs {
+    /// Base model folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The new task's folder.
+    #[arg(long)]
+    pub task: PathBuf,
+    /// Candidate objects (ids in --db).
+    #[arg(long = "object", value_delimiter = ',')]
+    pub objects: Vec<u64>,
+    /// Candidate adapter folders.
+    #[arg(long = "adapter")]
+    pub adapters: Vec<PathBuf>,
+    /// Indicators to compute (comma-separated).
+    #[arg(long, value_delimiter = ',', value_parser = parse_indicator, default_value = "loss,el2n,cos-logits")]
+    pub indicator: Vec<Indicator>,
+    /// Reference adapter (a fresh adapter briefly trained on the new task), for kl and weight-cosine.
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+    /// Dev examples per class scored.
+    #[arg(long, default_value_t = 16)]
+    pub shots: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Training steps for euclidean / performance.
+    #[arg(long, default_value_t = 10)]
+    pub m_steps: usize,
+    #[arg(long, default_value_t = peftdb::engine::scoring::DEFAULT_TEMPERATURE)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 128)]
+    pub max_len: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn rerank_cmd(db: &Path, a: &RerankArgs, json: bool) -> Result<u8> {
+    let mut cands: Vec<(String, LightweightObject)> = Vec::new();
+    if !a.objects.is_empty() {
+        let store = Store::open_read_only(db)?;
+        for id in &a.objects {
+            let (rec, o) = store.get(*id)?;
+            cands.push((format!("object {id} ({})", rec.task), o));
+        }
+    }
+    for p in &a.adapters {
+        cands.push((
+            p.display().to_string(),
+            read_adapter(p, &ReadOptions::default())
+                .with_context(|| format!("reading {}", p.display()))?,
+        ));
+    }
+    if cands.is_empty() {
+        bail!("no candidates: give --object IDS and/or --adapter DIR");
+    }
+    let reference = match &a.reference {
+        Some(p) => Some(
+            read_adapter(p, &ReadOptions::default())
+                .with_context(|| format!("reading {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let engine = load_engine(&a.model, &a.device, a.max_len)?;
+    let task = Task::load(&a.task)?;
+    let examples = few_shot(&task.dev, task.labels.len(), a.shots, a.seed)?;
+    let labels = task.label_texts();
+    let input = RerankInput {
+        engine: &engine,
+        label_texts: &labels,
+        examples: &examples,
+        reference: reference.as_ref(),
+    };
+    let opts = RerankOptions {
+        indicators: a.indicator.clone(),
+        score: ScoreOptions {
+            temperature: a.temperature,
+            ..Default::default()
+        },
+        m_steps: a.m_steps,
+        seed: a.seed,
+    };
+    let pb = bar();
+    pb.set_prefix("rerank");
+    let refs: Vec<&LightweightObject> = cands.iter().map(|(_, o)| o).collect();
+    let scores = rerank(&input, &refs, &opts, &mut |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    });
+    pb.finish_and_clear();
+    let scores = scores?;
+    if json {
+        let v: Vec<_> = cands.iter().zip(&scores).map(|((n, _), s)| serde_json::json!({"candidate": n, "scores": s.scores, "accuracy": s.accuracy, "cross_entropy": s.cross_entropy, "seconds": s.seconds})).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    let names: Vec<&str> = a.indicator.iter().map(|i| i.as_str()).collect();
+    let mut header = vec!["candidate"];
+    header.extend(names.iter());
+    header.extend(["accuracy", "seconds"]);
+    let rows: Vec<Vec<String>> = cands
+        .iter()
+        .zip(&scores)
+        .map(|((n, _), s)| {
+            let mut r = vec![n.clone()];
+            r.extend(names.iter().map(|k| format!("{:.4}", s.scores[*k])));
+            r.push(format!("{:.3}", s.accuracy));
+            r.push(format!("{:.2}", s.seconds));
+            r
+        })
+        .collect();
+    print!("{}", render(&header, &rows));
+    println!(
+        "{} dev examples of {} ({} per class)",
+        examples.len(),
+        task.name,
+        a.shots
+    );
+    Ok(0)
+}
