@@ -51,13 +51,19 @@ pub enum SuggestError {
     #[error(transparent)]
     Query(#[from] QueryError),
     #[error(transparent)]
-    Rerank(#[from] RerankError),
+    Rerank(Box<RerankError>),
     #[error(transparent)]
     Ensemble(#[from] EnsembleError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Export(#[from] ExportError),
+}
+
+impl From<RerankError> for SuggestError {
+    fn from(e: RerankError) -> Self {
+        SuggestError::Rerank(Box::new(e))
+    }
 }
 
 /// Options of [`suggest`].
