@@ -194,6 +194,20 @@ pub enum Error {
     Ingest(#[from] IngestError),
     #[error(transparent)]
     Export(#[from] ExportError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error(transparent)]
+    Task(#[from] crate::engine::TaskError),
+    #[error(transparent)]
+    Index(#[from] crate::index::IndexError),
+    #[error(transparent)]
+    Query(#[from] crate::index::QueryError),
+    #[error(transparent)]
+    Rerank(#[from] crate::rerank::stage::RerankError),
+    #[error(transparent)]
+    Ensemble(#[from] crate::ensemble::EnsembleError),
+    #[error(transparent)]
+    Suggest(#[from] crate::suggest::SuggestError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -35,7 +35,7 @@ pub enum RerankError {
     Candidate {
         index: usize,
         #[source]
-        source: EngineError,
+        source: Box<EngineError>,
     },
     #[error(
         "candidate {index} cannot be compared with the reference adapter by weights: {detail}"
@@ -166,7 +166,10 @@ pub fn rerank(
     for (index, cand) in candidates.iter().enumerate() {
         progress(index, candidates.len());
         let t0 = Instant::now();
-        let ce = |source| RerankError::Candidate { index, source };
+        let ce = |source| RerankError::Candidate {
+            index,
+            source: Box::new(source),
+        };
         let set = engine.prepare(cand).map_err(ce)?;
         let sc = engine
             .score(Some(&set), &labels, &inputs, &opts.score)
