@@ -129,13 +129,7 @@ fn indicators_on_real_adapters_agree_with_direct_computation() {
     );
     let e = rerank(&input, &[&big], &opts, &mut |_, _| {}).unwrap_err();
     assert!(
-        matches!(
-            e,
-            RerankError::Candidate {
-                index: 0,
-                source: EngineError::AdapterShape { .. }
-            }
-        ),
+        matches!(&e, RerankError::Candidate { index: 0, source } if matches!(**source, EngineError::AdapterShape { .. })),
         "{e}"
     );
     assert!(e.to_string().contains("768"), "{e}");
