@@ -1,0 +1,188 @@
+//! The JSON Schemas in schema/ describe what peftdb actually reads and writes: every schema is valid, and
+//! real files and outputs validate against them.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn schema(name: &str) -> jsonschema::Validator {
+    let p = root().join("schema").join(name);
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&p).unwrap())
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    // Resolve the one relative $ref we use (the task record) by inlining it.
+    inline_refs(&mut v);
+    jsonschema::validator_for(&v).unwrap_or_else(|e| panic!("{name} is not a valid schema: {e}"))
+}
+
+fn inline_refs(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            if let Some(Value::String(r)) = m.get("$ref") {
+                if !r.starts_with('#') {
+                    let sub: Value = serde_json::from_slice(
+                        &std::fs::read(root().join("schema").join(r)).unwrap(),
+                    )
+                    .unwrap();
+                    *v = sub;
+                    inline_refs(v);
+                    return;
+                }
+            }
+            for x in m.values_mut() {
+                inline_refs(x);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(inline_refs),
+        _ => {}
+    }
+}
+
+fn check(validator: &jsonschema::Validator, doc: &Value, what: &str) {
+    let errors: Vec<String> = validator
+        .iter_errors(doc)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    assert!(errors.is_empty(), "{what}: {errors:?}");
+}
+
+#[test]
+fn every_schema_file_is_a_valid_schema() {
+    for e in std::fs::read_dir(root().join("schema"))
+        .unwrap()
+        .chain(std::fs::read_dir(root().join("schema/store")).unwrap())
+    {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "json") {
+            let rel = p
+                .strip_prefix(root().join("schema"))
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            schema(&rel);
+        }
+    }
+}
+
+#[test]
+fn shared_tasks_and_peft_configs_validate() {
+    let shared = root().join("../shared");
+    let task = schema("task.schema.json");
+    for e in std::fs::read_dir(shared.join("tasks")).unwrap() {
+        let p = e.unwrap().path().join("task.json");
+        check(
+            &task,
+            &serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap(),
+            &p.display().to_string(),
+        );
+    }
+    let peft = schema("peft_adapter_config.schema.json");
+    for e in std::fs::read_dir(shared.join("peft-fixtures")).unwrap() {
+        let p = e.unwrap().path().join("adapter_config.json");
+        if p.is_file() {
+            check(
+                &peft,
+                &serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap(),
+                &p.display().to_string(),
+            );
+        }
+    }
+}
+
+fn peftdb(db: &Path, args: &[&str]) -> Value {
+    let o = Command::new(env!("CARGO_BIN_EXE_peftdb"))
+        .arg("--db")
+        .arg(db)
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success() || o.status.code() == Some(3),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn written_files_and_records_validate() {
+    let dir = tempfile::tempdir().unwrap();
+    let zoo = dir.path().join("zoo");
+    let items = peftdb::synth::write_zoo(
+        &zoo,
+        &peftdb::synth::ModelShape::minilm(),
+        2,
+        1,
+        &[
+            peftdb::object::MethodKind::Lora,
+            peftdb::object::MethodKind::Bitfit,
+        ],
+        1,
+    )
+    .unwrap();
+    let sidecar = schema("sidecar.schema.json");
+    let bitfit = schema("bitfit_config.schema.json");
+    for it in &items {
+        check(
+            &sidecar,
+            &serde_json::from_slice(&std::fs::read(it.path.join("peftdb.json")).unwrap()).unwrap(),
+            "sidecar",
+        );
+        let cfg: Value =
+            serde_json::from_slice(&std::fs::read(it.path.join("adapter_config.json")).unwrap())
+                .unwrap();
+        if cfg["peft_type"] == "BITFIT" {
+            check(&bitfit, &cfg, "bitfit config");
+        }
+    }
+    let manifest = serde_json::json!({"version": 1, "tasks": [{"name": "a", "group": "g", "train_size": 3}],
+                                       "objects": [{"path": "task-000/lora", "task": "a", "stage": "best", "metrics": {"acc": 0.5}}]});
+    check(&schema("zoo_manifest.schema.json"), &manifest, "manifest");
+    std::fs::write(
+        zoo.join("manifest.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
+
+    let db = dir.path().join("z.redb");
+    peftdb(&db, &["init"]);
+    let mut args = vec![
+        "ingest".to_string(),
+        zoo.display().to_string(),
+        "--manifest".into(),
+        zoo.join("manifest.json").display().to_string(),
+    ];
+    args.push(root().join("../shared/peft-fixtures").display().to_string());
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let report = peftdb(&db, &a);
+    check(
+        &schema("ingest_report.schema.json"),
+        &report,
+        "ingest report",
+    );
+
+    // The store's JSON records.
+    let store = peftdb::store::Store::open_read_only(&db).unwrap();
+    let (obj_s, task_s, space_s) = (
+        schema("store/object.schema.json"),
+        schema("store/task.schema.json"),
+        schema("store/space.schema.json"),
+    );
+    for o in store.objects().unwrap() {
+        check(
+            &obj_s,
+            &serde_json::to_value(&o).unwrap(),
+            &format!("object {}", o.id),
+        );
+    }
+    for t in store.tasks().unwrap() {
+        check(&task_s, &serde_json::to_value(&t).unwrap(), &t.name);
+    }
+    for s in store.spaces().unwrap() {
+        check(&space_s, &serde_json::to_value(&s).unwrap(), "space");
+    }
+}
