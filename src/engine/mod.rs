@@ -95,8 +95,12 @@ impl Engine {
         let model = BertModel::load(model_dir, device)?;
         let tokenizer = TextTokenizer::from_file(
             &model_dir.join("tokenizer.json"),
-            opts.max_len
-                .min(model.config.max_position_embeddings - model.config.position_offset()),
+            opts.max_len.min(
+                model
+                    .config
+                    .max_position_embeddings
+                    .saturating_sub(model.config.position_offset()),
+            ),
         )?;
         Ok(Engine {
             model,
