@@ -3,7 +3,8 @@
 //! cross-entropy, backward, AdamW), then the same work in PyTorch + PEFT (benches/torch_reference.py)
 //! when torch, transformers and peft are importable, with the ratio.
 //!
-//! Run: `scripts/fetch-model.sh && cargo bench --bench engine` (PYTHON=... picks the interpreter).
+//! Run: `scripts/fetch-model.sh && cargo bench --bench engine` (PYTHON=... picks the interpreter;
+//! `-- none` skips the criterion part and prints only the side-by-side medians).
 
 use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
