@@ -3,7 +3,8 @@
 //! cross-entropy, backward, AdamW), then the same work in PyTorch + PEFT (benches/torch_reference.py)
 //! when torch, transformers and peft are importable, with the ratio.
 //!
-//! Run: `scripts/fetch-model.sh && cargo bench --bench engine` (PYTHON=... picks the interpreter).
+//! Run: `scripts/fetch-model.sh && cargo bench --bench engine` (PYTHON=... picks the interpreter;
+//! `-- none` skips the criterion part and prints only the side-by-side medians).
 
 use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
@@ -64,7 +65,6 @@ fn setup() -> Setup {
     let r32 = rows(32, 64);
     let r8 = rows(8, 64);
     let pad = engine.tokenizer.pad_id();
-    let as_rows = |r: &[Vec<u32>]| r.iter().map(|x| x.as_slice()).collect::<Vec<_>>();
     let big = Batch::pad(&as_rows(&r32), pad, &Device::Cpu).expect("batch");
     let small = Batch::pad(&as_rows(&r8), pad, &Device::Cpu).expect("batch");
     let lab_ids = engine.tokenize(&["positive", "negative"]).expect("tok");
@@ -117,6 +117,10 @@ fn train_step(s: &Setup, opt: &mut AdamW) {
     let loss = cross_entropy(&logits, &s.targets).expect("loss");
     let grads = loss.backward().expect("backward");
     opt.step(&grads).expect("step");
+}
+
+fn as_rows(r: &[Vec<u32>]) -> Vec<&[u32]> {
+    r.iter().map(|x| x.as_slice()).collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -220,3 +220,35 @@ fn bad_model_folders_are_clear_errors() {
     let e = Engine::load(&real.join("nope"), &Device::Cpu).expect_err("no folder");
     assert!(e.to_string().contains("nope"), "{e}");
 }
+
+/// prompt_10 against PEFT: reference_outputs.json has no entry for it, so these values were computed with
+/// the same PEFT 0.21.2 / transformers 5.23 / torch 2.15 by scripts/peft-prompt-reference.py (mean of the
+/// last hidden state over the input tokens, the 10 virtual tokens excluded).
+#[test]
+fn prompt_tuning_matches_peft() {
+    let want = [
+        -0.242_511_78f32,
+        0.033_116_832,
+        -0.147_035_94,
+        -0.120_948_62,
+        -0.007_479_163_4,
+        0.218_806_73,
+        0.391_649_37,
+        0.027_098_44,
+    ];
+    let engine = Engine::load(&common::model_dir(), &Device::Cpu).expect("model loads");
+    let r = reference();
+    let text = r["input"]["text"].as_str().expect("text");
+    let got = pooled(&engine, Some("prompt_10"), text);
+    let err = want
+        .iter()
+        .zip(&got)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("prompt_10: max abs error {err:.2e}");
+    assert!(
+        err <= TOL,
+        "prompt_10: {err}\n got  {:?}\n want {want:?}",
+        &got[..8]
+    );
+}

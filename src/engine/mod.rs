@@ -12,6 +12,20 @@
 //! - [`task`]: task folders (task.json + JSONL splits, schema/task.schema.json) and k-shot sampling.
 //! - [`device`]: `--device cpu|cuda[:N]`.
 //!
+//! Status and limits (honest list):
+//! - Checked against Hugging Face PEFT: the bare model, LoRA (r/alpha, rank_pattern, bias="all", rsLoRA),
+//!   IA3, prefix and prompt tuning (tests/engine_fixtures.rs, all within 1e-5). BitFit and bottleneck
+//!   adapters have no PEFT reference (PEFT has neither); their forward follows the semantics documented in
+//!   [`adapters`] and their gradients are checked by finite differences.
+//! - Bottleneck adapters always run with Houlsby placement (adapter on the sub-layer output, its own skip,
+//!   then the layer's residual + layer norm); AdapterHub's `original_ln_before`/`residual_before_ln`
+//!   variants (Pfeiffer) are not read from the config.
+//! - RoBERTa-style configs load (position offset pad+1, `roberta.` prefix) but no RoBERTa model is tested.
+//! - The CUDA path compiles with the `cuda` feature; the two CPU kernels (frozen-weight matmul, erf-GELU)
+//!   fall back to candle's ops there. Not run on a GPU in this project.
+//! - Accuracy after training is tested for LoRA and BitFit; IA3, prefix, prompt and bottleneck training
+//!   is covered by the gradient check and (bottleneck) the determinism test only.
+//!
 //! ```no_run
 //! # fn main() -> Result<(), peftdb::engine::EngineError> {
 //! use peftdb::engine::{Engine, task::Task, scoring::ScoreOptions};
@@ -95,8 +109,12 @@ impl Engine {
         let model = BertModel::load(model_dir, device)?;
         let tokenizer = TextTokenizer::from_file(
             &model_dir.join("tokenizer.json"),
-            opts.max_len
-                .min(model.config.max_position_embeddings - model.config.position_offset()),
+            opts.max_len.min(
+                model
+                    .config
+                    .max_position_embeddings
+                    .saturating_sub(model.config.position_offset()),
+            ),
         )?;
         Ok(Engine {
             model,

@@ -334,11 +334,24 @@ impl BertModel {
                 ))
             };
             let norms = [ln(LN_SLOTS[0])?, ln(LN_SLOTS[1])?];
+            // The attention scale 1/sqrt(head_dim) is folded into the fused query weight and bias.
+            let scale = 1.0 / (config.head_dim() as f64).sqrt();
             let qkv_weight = Tensor::cat(
-                &[&linears[Q].weight, &linears[K].weight, &linears[V].weight],
+                &[
+                    &(&linears[Q].weight * scale)?,
+                    &linears[K].weight,
+                    &linears[V].weight,
+                ],
                 0,
             )?;
-            let qkv_bias = Tensor::cat(&[&linears[Q].bias, &linears[K].bias, &linears[V].bias], 0)?;
+            let qkv_bias = Tensor::cat(
+                &[
+                    &(&linears[Q].bias * scale)?,
+                    &linears[K].bias,
+                    &linears[V].bias,
+                ],
+                0,
+            )?;
             layers.push(Layer {
                 linears,
                 norms,
@@ -429,13 +442,20 @@ impl BertModel {
         } else {
             attn_mask
         };
-        let add_mask = ((kv_mask - 1.0)? * 1e9)?
-            .reshape((b, 1, 1, n_prefix + total))?
-            .contiguous()?;
+        // No padding anywhere: skip the mask (one pass over the scores per layer).
+        let add_mask = if kv_mask.min_all()?.to_scalar::<f32>()? >= 1.0 {
+            None
+        } else {
+            Some(
+                ((kv_mask - 1.0)? * 1e9)?
+                    .reshape((b, 1, 1, n_prefix + total))?
+                    .contiguous()?,
+            )
+        };
 
         for (i, layer) in self.layers.iter().enumerate() {
             let la = adapter.and_then(|a| a.layers.get(i));
-            x = self.layer_forward(layer, la, &x, &add_mask, grad)?;
+            x = self.layer_forward(layer, la, &x, add_mask.as_ref(), grad)?;
         }
         Ok((x, pool_mask))
     }
@@ -445,7 +465,7 @@ impl BertModel {
         layer: &Layer,
         la: Option<&LayerAdapter>,
         x: &Tensor,
-        add_mask: &Tensor,
+        add_mask: Option<&Tensor>,
         grad: Grad,
     ) -> candle_core::Result<Tensor> {
         let (b, s, h) = x.dims3()?;
@@ -467,7 +487,7 @@ impl BertModel {
                 .reshape((b, s, 3, nh, hd))?
                 .permute((2, 0, 3, 1, 4))?
                 .contiguous()?;
-            ((qkv.get(0)? * scale)?, qkv.get(1)?, qkv.get(2)?)
+            (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?)
         } else {
             let heads = |t: Tensor| -> candle_core::Result<Tensor> {
                 t.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous()
@@ -489,7 +509,11 @@ impl BertModel {
             }
             None => (k, v),
         };
-        let scores = q.matmul(&k.t()?)?.broadcast_add(add_mask)?;
+        let scores = q.matmul(&k.t()?)?;
+        let scores = match add_mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
         let probs = softmax(&scores, grad)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * s, h))?;
         let attn = linear(&layer.linears[ATTN_OUT], lin_ad(ATTN_OUT), &ctx, grad)?;
