@@ -80,7 +80,11 @@ impl std::str::FromStr for Similarity {
         Similarity::ALL
             .into_iter()
             .find(|v| v.as_str().eq_ignore_ascii_case(s))
-            .ok_or_else(|| QueryError::Invalid(format!("unknown similarity {s:?} (tupate, centered, delta)")))
+            .ok_or_else(|| {
+                QueryError::Invalid(format!(
+                    "unknown similarity {s:?} (tupate, centered, delta)"
+                ))
+            })
     }
 }
 
@@ -188,7 +192,9 @@ struct QueryDelta {
     delta: LoraDelta,
 }
 
-fn pick_representative<'a>(objs: impl Iterator<Item = (ObjectId, Option<&'a str>)>) -> Option<ObjectId> {
+fn pick_representative<'a>(
+    objs: impl Iterator<Item = (ObjectId, Option<&'a str>)>,
+) -> Option<ObjectId> {
     let all: Vec<_> = objs.collect();
     all.iter()
         .filter(|(_, s)| *s == Some("best"))
@@ -274,7 +280,11 @@ impl Nearest {
         if self.method.is_some_and(|m| m != o.method) {
             return false;
         }
-        if self.base_model.as_deref().is_some_and(|b| b != o.base_model) {
+        if self
+            .base_model
+            .as_deref()
+            .is_some_and(|b| b != o.base_model)
+        {
             return false;
         }
         if exclude == Some(o.task.as_str()) {
@@ -311,7 +321,9 @@ impl Nearest {
                 ("task", n.clone(), Some(n.clone()))
             }
             Target::Object(id) => {
-                let o = index.object(*id).ok_or(QueryError::UnknownObject { id: *id })?;
+                let o = index
+                    .object(*id)
+                    .ok_or(QueryError::UnknownObject { id: *id })?;
                 ("object", id.to_string(), Some(o.task.clone()))
             }
             Target::Adapter(p) => ("adapter", p.display().to_string(), None),
@@ -322,7 +334,8 @@ impl Nearest {
         let filter = |id: ObjectId| self.passes(index, id, exclude.as_deref());
 
         // per task: space key -> SpaceScore; objects
-        let mut per_task: BTreeMap<String, (BTreeMap<String, SpaceScore>, Vec<ObjectHit>)> = BTreeMap::new();
+        let mut per_task: BTreeMap<String, (BTreeMap<String, SpaceScore>, Vec<ObjectHit>)> =
+            BTreeMap::new();
         let mut spaces_out = Vec::new();
         match self.similarity {
             Similarity::Delta => {
@@ -336,7 +349,9 @@ impl Nearest {
                 let mut ids: Vec<ObjectId> = index
                     .objects()
                     .iter()
-                    .filter(|(id, o)| o.method == MethodKind::Lora && o.base_model == q.base_model && filter(**id))
+                    .filter(|(id, o)| {
+                        o.method == MethodKind::Lora && o.base_model == q.base_model && filter(**id)
+                    })
                     .map(|(id, _)| *id)
                     .collect();
                 ids.sort_unstable();
@@ -351,7 +366,16 @@ impl Nearest {
                     .collect();
                 for (id, score) in scored {
                     let o = index.object(id).expect("filtered");
-                    add_score(&mut per_task, &o.task, &engine_label, None, MethodKind::Lora, id, o.stage.clone(), score);
+                    add_score(
+                        &mut per_task,
+                        &o.task,
+                        &engine_label,
+                        None,
+                        MethodKind::Lora,
+                        id,
+                        o.stage.clone(),
+                        score,
+                    );
                 }
                 spaces_out.push(QuerySpace {
                     space: None,
@@ -364,21 +388,36 @@ impl Nearest {
             Similarity::Tupate | Similarity::Centered => {
                 let qvs = self.query_vectors(store, index)?;
                 for qv in &qvs {
-                    let rec = index
-                        .space_record(qv.space)
-                        .ok_or_else(|| IndexError::UnknownSpace { space: qv.space.to_string() })?;
+                    let rec =
+                        index
+                            .space_record(qv.space)
+                            .ok_or_else(|| IndexError::UnknownSpace {
+                                space: qv.space.to_string(),
+                            })?;
                     let label = rec.key.label();
                     let method = rec.key.method;
                     let engine = if self.similarity == Similarity::Tupate {
-                        let si = index.space(qv.space).ok_or_else(|| IndexError::UnknownSpace {
-                            space: qv.space.to_string(),
-                        })?;
+                        let si = index
+                            .space(qv.space)
+                            .ok_or_else(|| IndexError::UnknownSpace {
+                                space: qv.space.to_string(),
+                            })?;
                         let fetch = |id: u64| store.embedding(qv.space, id).ok().flatten();
                         let k_obj = (self.k * 5).max(50);
-                        let (hits, engine) = si.search(&qv.vector, k_obj, self.mode, &filter, Some(&fetch))?;
+                        let (hits, engine) =
+                            si.search(&qv.vector, k_obj, self.mode, &filter, Some(&fetch))?;
                         for h in hits {
                             let o = index.object(h.id).expect("filtered");
-                            add_score(&mut per_task, &o.task, &label, Some(qv.space), method, h.id, o.stage.clone(), h.score);
+                            add_score(
+                                &mut per_task,
+                                &o.task,
+                                &label,
+                                Some(qv.space),
+                                method,
+                                h.id,
+                                o.stage.clone(),
+                                h.score,
+                            );
                         }
                         match engine {
                             Engine::Hnsw => "hnsw",
@@ -387,7 +426,16 @@ impl Nearest {
                     } else {
                         for (id, score) in centered_scan(store, qv.space, &qv.vector, &filter)? {
                             let o = index.object(id).expect("filtered");
-                            add_score(&mut per_task, &o.task, &label, Some(qv.space), method, id, o.stage.clone(), score);
+                            add_score(
+                                &mut per_task,
+                                &o.task,
+                                &label,
+                                Some(qv.space),
+                                method,
+                                id,
+                                o.stage.clone(),
+                                score,
+                            );
                         }
                         "scan"
                     };
@@ -405,25 +453,43 @@ impl Nearest {
                     for (id, o) in index.objects() {
                         if per_task.contains_key(&o.task) && filter(*id) {
                             for s in &o.spaces {
-                                by_task_space.entry((o.task.as_str(), *s)).or_default().push(*id);
+                                by_task_space
+                                    .entry((o.task.as_str(), *s))
+                                    .or_default()
+                                    .push(*id);
                             }
                         }
                     }
                     let names: Vec<String> = per_task.keys().cloned().collect();
                     for name in names {
                         for qv in &qvs {
-                            let label = index.space_record(qv.space).map(|r| r.key.label()).unwrap_or_default();
+                            let label = index
+                                .space_record(qv.space)
+                                .map(|r| r.key.label())
+                                .unwrap_or_default();
                             if per_task[&name].0.contains_key(&label) {
                                 continue;
                             }
                             let Some(ids) = by_task_space.get(&(name.as_str(), qv.space)) else {
                                 continue;
                             };
-                            let method = index.space_record(qv.space).map(|r| r.key.method).unwrap_or(MethodKind::Lora);
+                            let method = index
+                                .space_record(qv.space)
+                                .map(|r| r.key.method)
+                                .unwrap_or(MethodKind::Lora);
                             for id in ids {
                                 if let Some(v) = store.embedding(qv.space, *id)? {
                                     let o = index.object(*id).expect("filtered");
-                                    add_score(&mut per_task, &name, &label, Some(qv.space), method, *id, o.stage.clone(), cosine(&qv.vector, &v));
+                                    add_score(
+                                        &mut per_task,
+                                        &name,
+                                        &label,
+                                        Some(qv.space),
+                                        method,
+                                        *id,
+                                        o.stage.clone(),
+                                        cosine(&qv.vector, &v),
+                                    );
                                 }
                             }
                         }
@@ -435,7 +501,8 @@ impl Nearest {
             .into_iter()
             .map(|(task, (spaces, mut objects))| {
                 let per_space: Vec<SpaceScore> = spaces.into_values().collect();
-                let score = per_space.iter().map(|s| s.score as f64).sum::<f64>() / per_space.len().max(1) as f64;
+                let score = per_space.iter().map(|s| s.score as f64).sum::<f64>()
+                    / per_space.len().max(1) as f64;
                 objects.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
                 objects.dedup_by_key(|o| (o.id, o.space));
                 TaskHit {
@@ -464,7 +531,11 @@ impl Nearest {
         })
     }
 
-    fn query_vectors(&self, store: &Store, index: &IndexManager) -> Result<Vec<QueryVec>, QueryError> {
+    fn query_vectors(
+        &self,
+        store: &Store,
+        index: &IndexManager,
+    ) -> Result<Vec<QueryVec>, QueryError> {
         let method_ok = |s: SpaceId| {
             self.method
                 .is_none_or(|m| index.space_record(s).is_some_and(|r| r.key.method == m))
@@ -479,7 +550,10 @@ impl Nearest {
                 if let Some(o) = index.object(id) {
                     for s in &o.spaces {
                         if method_ok(*s) {
-                            by_space.entry(*s).or_default().push((id, o.stage.as_deref()));
+                            by_space
+                                .entry(*s)
+                                .or_default()
+                                .push((id, o.stage.as_deref()));
                         }
                     }
                 }
@@ -530,7 +604,9 @@ impl Nearest {
             Target::Vector { space, vector } => {
                 let si = index
                     .space(*space)
-                    .ok_or_else(|| IndexError::UnknownSpace { space: space.to_string() })?;
+                    .ok_or_else(|| IndexError::UnknownSpace {
+                        space: space.to_string(),
+                    })?;
                 if vector.len() != si.full_dim() {
                     return Err(IndexError::DimensionMismatch {
                         space: space.to_string(),
@@ -575,9 +651,11 @@ impl Nearest {
                     .filter(|(_, o)| &o.task == name && o.method == MethodKind::Lora)
                     .map(|(id, o)| (*id, o.stage.as_deref()))
                     .collect();
-                let id = pick_representative(lora.into_iter()).ok_or_else(|| QueryError::DeltaNeedsLora {
-                    what: format!("task {name:?}"),
-                    method: "without a LoRA object".into(),
+                let id = pick_representative(lora.into_iter()).ok_or_else(|| {
+                    QueryError::DeltaNeedsLora {
+                        what: format!("task {name:?}"),
+                        method: "without a LoRA object".into(),
+                    }
                 })?;
                 (store.get(id)?.1, Some(id))
             }

@@ -41,7 +41,14 @@ pub struct LowRank {
 
 impl LowRank {
     pub fn new(a: Vec<f32>, b: Vec<f32>, r: usize, k: usize, d: usize, scale: f64) -> LowRank {
-        LowRank { a, b, r, k, d, scale }
+        LowRank {
+            a,
+            b,
+            r,
+            k,
+            d,
+            scale,
+        }
     }
 
     /// `scale * B A` formed explicitly (d x k): for tests and small checks only.
@@ -111,7 +118,12 @@ impl LoraDelta {
     pub fn from_object(obj: &LightweightObject) -> Result<LoraDelta, NotLora> {
         let cfg = match &obj.method {
             Method::Lora(c) => c,
-            other => return Err(NotLora(format!("a {} adapter has no LoRA factors", other.kind()))),
+            other => {
+                return Err(NotLora(format!(
+                    "a {} adapter has no LoRA factors",
+                    other.kind()
+                )))
+            }
         };
         let mut a_of: BTreeMap<String, (Vec<f32>, usize, usize)> = BTreeMap::new();
         let mut b_of: BTreeMap<String, (Vec<f32>, usize, usize)> = BTreeMap::new();
@@ -123,9 +135,15 @@ impl LoraDelta {
                 _ => continue,
             };
             if t.shape.len() != 2 {
-                return Err(NotLora(format!("{}: shape {:?} is not a matrix", t.name, t.shape)));
+                return Err(NotLora(format!(
+                    "{}: shape {:?} is not a matrix",
+                    t.name, t.shape
+                )));
             }
-            side.insert(loc.module_path.clone(), (t.to_f32(), t.shape[0], t.shape[1]));
+            side.insert(
+                loc.module_path.clone(),
+                (t.to_f32(), t.shape[0], t.shape[1]),
+            );
         }
         let mut modules = BTreeMap::new();
         for (path, (a, r, k)) in a_of {
@@ -133,7 +151,9 @@ impl LoraDelta {
                 return Err(NotLora(format!("{path}: lora_A without lora_B")));
             };
             if rb != r {
-                return Err(NotLora(format!("{path}: lora_A has rank {r} but lora_B {rb}")));
+                return Err(NotLora(format!(
+                    "{path}: lora_A has rank {r} but lora_B {rb}"
+                )));
             }
             let scale = cfg.scaling_for(&path);
             modules.insert(path, LowRank::new(a, b, r, k, d, scale));
@@ -190,7 +210,11 @@ pub struct DeltaSketch {
 
 impl Default for DeltaSketch {
     fn default() -> Self {
-        DeltaSketch { seed: 0x64656c7461, p: 16, q: 16 }
+        DeltaSketch {
+            seed: 0x64656c7461,
+            p: 16,
+            q: 16,
+        }
     }
 }
 
@@ -206,7 +230,11 @@ impl DeltaSketch {
 
     /// `Phi dW Psi^T` of one module (p x q, row-major), from the factors.
     pub fn module(&self, path: &str, m: &LowRank) -> Vec<f32> {
-        let key = u64::from_le_bytes(blake3::hash(path.as_bytes()).as_bytes()[..8].try_into().expect("8"));
+        let key = u64::from_le_bytes(
+            blake3::hash(path.as_bytes()).as_bytes()[..8]
+                .try_into()
+                .expect("8"),
+        );
         let (p, q, r) = (self.p, self.q, m.r);
         let sp = 1.0 / (p as f64).sqrt();
         let sq = 1.0 / (q as f64).sqrt();

@@ -42,7 +42,7 @@ pub use manager::{IndexManager, OpenReport, SpaceState};
 use crate::embed::SpaceId;
 use flat::{normalize, FlatIndex};
 use hnsw::{HnswGraph, HnswParams};
-use projection::Projection;
+use projection::{Projection, ProjectionPlan};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 
@@ -126,6 +126,7 @@ pub struct SpaceIndex {
     space: SpaceId,
     full_dim: usize,
     projection: Option<Projection>,
+    plan: Option<ProjectionPlan>,
     config: IndexConfig,
     flat: FlatIndex,
     pos: HashMap<u64, usize>,
@@ -144,6 +145,7 @@ impl SpaceIndex {
             space,
             full_dim,
             projection,
+            plan: projection.map(ProjectionPlan::new),
             config,
             flat: FlatIndex::new(dim),
             pos: HashMap::new(),
@@ -207,7 +209,7 @@ impl SpaceIndex {
                 found: full.len(),
             });
         }
-        let mut v = match &self.projection {
+        let mut v = match &self.plan {
             Some(p) => p.apply(full),
             None => full.to_vec(),
         };
@@ -409,4 +411,85 @@ pub fn recall(got: &[Hit], truth: &[Hit]) -> f64 {
     }
     let g: HashSet<u64> = got.iter().map(|h| h.id).collect();
     truth.iter().filter(|h| g.contains(&h.id)).count() as f64 / truth.len() as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn data(n: usize, dim: usize, seed: u64) -> Vec<(u64, Vec<f32>)> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let centres: Vec<Vec<f32>> = (0..20)
+            .map(|_| (0..dim).map(|_| rng.random_range(-1.0f32..1.0)).collect())
+            .collect();
+        (0..n)
+            .map(|i| {
+                let c = &centres[i % 20];
+                (
+                    i as u64 + 1,
+                    c.iter()
+                        .map(|x| x + 0.3 * rng.random_range(-1.0f32..1.0))
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn compaction_rebuilds_over_live_rows() {
+        let d = data(600, 32, 1);
+        let config = IndexConfig {
+            mode: SearchMode::Hnsw,
+            ..IndexConfig::default()
+        };
+        let mut idx = SpaceIndex::new(SpaceId(9), 32, config);
+        idx.add(&d).unwrap();
+        idx.rebuild().unwrap();
+        assert_eq!(idx.graph().unwrap().len(), 600);
+        let gone: Vec<u64> = (1..=200).collect();
+        assert_eq!(idx.remove(&gone), 200);
+        assert_eq!(idx.remove(&gone), 0, "removing twice counts once");
+        assert!(idx.needs_compaction());
+        idx.rebuild().unwrap();
+        assert_eq!(idx.tombstones(), 0);
+        assert_eq!(idx.len(), 400);
+        assert_eq!(idx.graph().unwrap().len(), 400);
+        let (hits, engine) = idx
+            .search(&d[300].1, 10, SearchMode::Auto, &|_| true, None)
+            .unwrap();
+        assert_eq!(engine, Engine::Hnsw);
+        assert_eq!(hits[0].id, d[300].0);
+        assert!(hits.iter().all(|h| h.id > 200));
+    }
+
+    #[test]
+    fn projected_graph_with_rerank_gives_exact_scores() {
+        let dim = 5000;
+        let d = data(800, dim, 2);
+        let config = IndexConfig {
+            mode: SearchMode::Hnsw,
+            ..IndexConfig::default()
+        };
+        let mut idx = SpaceIndex::new(SpaceId(3), dim, config);
+        idx.add(&d).unwrap();
+        idx.rebuild().unwrap();
+        assert_eq!(idx.indexed_dim(), config.projection_dim);
+        let fetch = |id: u64| d.get(id as usize - 1).map(|(_, v)| v.clone());
+        let q = &d[17].1;
+        let (hits, engine) = idx
+            .search(q, 10, SearchMode::Auto, &|_| true, Some(&fetch))
+            .unwrap();
+        assert_eq!(engine, Engine::Hnsw);
+        let truth = brute_force(q, &d, 10, |_| true);
+        assert!(recall(&hits, &truth) >= 0.9);
+        assert_eq!(hits[0].id, 18);
+        assert!(
+            (hits[1].score - crate::embed::cosine(q, &fetch(hits[1].id).unwrap())).abs() < 1e-6
+        );
+        assert!(idx
+            .search(&[1.0; 3], 1, SearchMode::Auto, &|_| true, None)
+            .is_err());
+    }
 }

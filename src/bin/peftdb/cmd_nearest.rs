@@ -134,8 +134,9 @@ pub fn run(store_path: &Path, args: &NearestArgs, json: bool) -> anyhow::Result<
             SimilarityArg::Delta => Similarity::Delta,
         });
     if let Some(m) = &args.method {
-        let m = MethodKind::parse(m)
-            .with_context(|| format!("unknown method {m:?} (lora, ia3, prefix, prompt, bitfit, adapter)"))?;
+        let m = MethodKind::parse(m).with_context(|| {
+            format!("unknown method {m:?} (lora, ia3, prefix, prompt, bitfit, adapter)")
+        })?;
         q = q.method(m);
     }
     if let Some(g) = &args.group {
@@ -172,7 +173,9 @@ fn render(res: &NearestResult) -> String {
             "  space {} via {}{}\n",
             s.label,
             s.engine,
-            s.object.map(|o| format!(", query object {o}")).unwrap_or_default()
+            s.object
+                .map(|o| format!(", query object {o}"))
+                .unwrap_or_default()
         ));
     }
     let labels: Vec<&str> = res.spaces.iter().map(|s| s.label.as_str()).collect();
@@ -183,7 +186,11 @@ fn render(res: &NearestResult) -> String {
     header.push("objects".into());
     let mut rows = Vec::new();
     for t in &res.tasks {
-        let mut r = vec![t.rank.to_string(), t.task.clone(), format!("{:.4}", t.score)];
+        let mut r = vec![
+            t.rank.to_string(),
+            t.task.clone(),
+            format!("{:.4}", t.score),
+        ];
         if labels.len() > 1 {
             for l in &labels {
                 r.push(

@@ -7,7 +7,12 @@ use std::path::PathBuf;
 #[derive(Parser, Debug)]
 #[command(name = "peftdb")]
 struct Cli {
-    #[arg(long, global = true, env = "PEFTDB_PATH", default_value = "peftdb.redb")]
+    #[arg(
+        long,
+        global = true,
+        env = "PEFTDB_PATH",
+        default_value = "peftdb.redb"
+    )]
     db: PathBuf,
     #[arg(long, global = true)]
     json: bool,
