@@ -68,10 +68,15 @@ fn mean_recall(
 fn hnsw_recall_default_params_filters_and_deletes() {
     let data = clustered(10_000, 384, 200, 1.0, 1);
     let t = std::time::Instant::now();
-    let mut idx = SpaceIndex::new(SpaceId(1), 384, IndexConfig::default());
+    // Default graph parameters; the graph forced (10k is below the default switch-over of 15k).
+    let config = IndexConfig {
+        mode: SearchMode::Hnsw,
+        ..IndexConfig::default()
+    };
+    let mut idx = SpaceIndex::new(SpaceId(1), 384, config);
     idx.add(&data).unwrap();
     idx.rebuild().unwrap();
-    assert!(idx.has_graph(), "10k vectors are above the switch-over");
+    assert!(idx.has_graph());
     eprintln!("built 10k x 384 in {:?}", t.elapsed());
     let qs = queries(&data, 100, 2);
 

@@ -71,8 +71,16 @@ fn ingest(store: &Store, vs: &[Vec<f32>], first_task: usize) {
     }
 }
 
+/// Default graph parameters, the graph forced (10k objects are below the default switch-over).
+fn config() -> IndexConfig {
+    IndexConfig {
+        mode: SearchMode::Hnsw,
+        ..IndexConfig::default()
+    }
+}
+
 fn open(store: &Store) -> (IndexManager, SpaceState) {
-    let (m, report) = IndexManager::open(store, IndexConfig::default(), &|_| {}).unwrap();
+    let (m, report) = IndexManager::open(store, config(), &|_| {}).unwrap();
     assert_eq!(report.spaces.len(), 1);
     assert!(report.warnings.is_empty(), "{:?}", report.warnings);
     (m, report.spaces[0].1.clone())
@@ -132,7 +140,7 @@ fn reload_and_recovery() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("zoo.peftdb");
     let store = Store::create(&path).unwrap();
-    let data = vectors(10_000, 1);
+    let data = vectors(3_000, 1);
     ingest(&store, &data, 0);
     let space: SpaceId = store.spaces().unwrap()[0].id;
     let mut rng = ChaCha8Rng::seed_from_u64(2);
