@@ -20,7 +20,12 @@ fn clustered(n: usize, dim: usize, seed: u64) -> Vec<(u64, Vec<f32>)> {
     (0..n)
         .map(|i| {
             let c = &centres[rng.random_range(0..centres.len())];
-            (i as u64 + 1, c.iter().map(|x| x + 0.5 * rng.random_range(-1.0f32..1.0)).collect())
+            (
+                i as u64 + 1,
+                c.iter()
+                    .map(|x| x + 0.5 * rng.random_range(-1.0f32..1.0))
+                    .collect(),
+            )
         })
         .collect()
 }
@@ -35,20 +40,30 @@ fn mean_time(qs: &[Vec<f32>], mut f: impl FnMut(&[f32])) -> Duration {
 
 fn bench(c: &mut Criterion) {
     let full = std::env::var("PEFTDB_BENCH_FULL").is_ok();
-    let mut configs = vec![(384usize, 1_000usize), (384, 10_000), (24_576, 1_000), (24_576, 10_000)];
+    let mut configs = vec![
+        (384usize, 1_000usize),
+        (384, 10_000),
+        (24_576, 1_000),
+        (24_576, 10_000),
+    ];
     if full {
         configs.push((384, 100_000));
         configs.push((24_576, 100_000));
     }
     let mut group = c.benchmark_group("nearest");
-    group.sample_size(10).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(300));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(300));
     for (dim, n) in configs {
         let data = clustered(n, dim, 1);
         let mut rng = ChaCha8Rng::seed_from_u64(2);
         let qs: Vec<Vec<f32>> = (0..30)
             .map(|_| {
                 let (_, v) = &data[rng.random_range(0..n)];
-                v.iter().map(|x| x + 0.2 * rng.random_range(-1.0f32..1.0)).collect()
+                v.iter()
+                    .map(|x| x + 0.2 * rng.random_range(-1.0f32..1.0))
+                    .collect()
             })
             .collect();
         let config = IndexConfig {
@@ -61,11 +76,23 @@ fn bench(c: &mut Criterion) {
         idx.rebuild().unwrap();
         let build = t.elapsed();
         let fetch = |id: u64| data.get(id as usize - 1).map(|(_, v)| v.clone());
-        let full_fetch: Option<peftdb::index::FullVectors<'_>> = if idx.projection().is_some() { Some(&fetch) } else { None };
-        let run = |mode: SearchMode, q: &[f32]| idx.search(q, 10, mode, &|_| true, full_fetch).unwrap().0;
-        let truth: Vec<_> = qs.iter().map(|q| brute_force(q, &data, 10, |_| true)).collect();
+        let full_fetch: Option<peftdb::index::FullVectors<'_>> = if idx.projection().is_some() {
+            Some(&fetch)
+        } else {
+            None
+        };
+        let run =
+            |mode: SearchMode, q: &[f32]| idx.search(q, 10, mode, &|_| true, full_fetch).unwrap().0;
+        let truth: Vec<_> = qs
+            .iter()
+            .map(|q| brute_force(q, &data, 10, |_| true))
+            .collect();
         let rec = |mode: SearchMode| {
-            qs.iter().zip(&truth).map(|(q, t)| recall(&run(mode, q), t)).sum::<f64>() / qs.len() as f64
+            qs.iter()
+                .zip(&truth)
+                .map(|(q, t)| recall(&run(mode, q), t))
+                .sum::<f64>()
+                / qs.len() as f64
         };
         let (r_h, r_f) = (rec(SearchMode::Hnsw), rec(SearchMode::Exact));
         let t_h = mean_time(&qs, |q| {
@@ -85,9 +112,15 @@ fn bench(c: &mut Criterion) {
             t_f.as_secs_f64() / t_h.as_secs_f64(),
         );
         let q = qs[0].clone();
-        group.bench_function(format!("hnsw/d{dim}/n{n}"), |b| b.iter(|| run(SearchMode::Hnsw, &q)));
-        group.bench_function(format!("flat/d{dim}/n{n}"), |b| b.iter(|| run(SearchMode::Exact, &q)));
-        group.bench_function(format!("brute/d{dim}/n{n}"), |b| b.iter(|| brute_force(&q, &data, 10, |_| true)));
+        group.bench_function(format!("hnsw/d{dim}/n{n}"), |b| {
+            b.iter(|| run(SearchMode::Hnsw, &q))
+        });
+        group.bench_function(format!("flat/d{dim}/n{n}"), |b| {
+            b.iter(|| run(SearchMode::Exact, &q))
+        });
+        group.bench_function(format!("brute/d{dim}/n{n}"), |b| {
+            b.iter(|| brute_force(&q, &data, 10, |_| true))
+        });
     }
     group.finish();
 }

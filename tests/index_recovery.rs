@@ -179,7 +179,19 @@ fn reload_and_recovery() {
             inserted: 0
         }
     );
-    assert_eq!(answers(&store, &m, &qs, SearchMode::Auto), first);
+    let ids = |a: &[Vec<Hit>]| -> Vec<Vec<u64>> {
+        a.iter()
+            .map(|h| {
+                let mut v: Vec<u64> = h.iter().map(|x| x.id).collect();
+                v.sort_unstable();
+                v
+            })
+            .collect()
+    };
+    assert_eq!(
+        ids(&answers(&store, &m, &qs, SearchMode::Auto)),
+        ids(&first)
+    );
     drop(m);
 
     // Corrupt a byte in the middle of the data file: detected by checksum, rebuilt, same top answers.
