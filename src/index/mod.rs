@@ -267,7 +267,7 @@ impl SpaceIndex {
     pub fn wants_graph(&self) -> bool {
         match self.config.mode {
             SearchMode::Exact => false,
-            SearchMode::Hnsw => self.len() > 0,
+            SearchMode::Hnsw => !self.is_empty(),
             SearchMode::Auto => self.len() >= self.config.hnsw_min_vectors,
         }
     }
