@@ -68,7 +68,7 @@ fn mean_recall(
 fn hnsw_recall_default_params_filters_and_deletes() {
     let data = clustered(10_000, 384, 200, 1.0, 1);
     let t = std::time::Instant::now();
-    // Default graph parameters; the graph forced (10k is below the default switch-over of 15k).
+    // Default graph parameters; the graph forced (10k is below the default switch-over of 20k).
     let config = IndexConfig {
         mode: SearchMode::Hnsw,
         ..IndexConfig::default()

@@ -5,13 +5,20 @@
 //! [`IndexConfig::hnsw_min_vectors`] vectors, an HNSW graph over the same vectors ([`hnsw::HnswGraph`]).
 //!
 //! **Exact vs HNSW.** Below the switch-over the flat scan is both exact and fast; above it the graph is
-//! used. [`DEFAULT_HNSW_MIN_VECTORS`] = 15,000 is measured on the 2-core build machine (dimension 384,
-//! clustered data, k = 10, ef_search 64, dev profile: dependencies at opt-level 3, peftdb at 1, with other
-//! builds running, load average about 8): mean query latency of the graph vs the flat scan was
-//! 10.7 ms vs 2.2 ms at 5k vectors, 4.6 ms vs 3.8 ms at 10k, 12.9 ms vs 17.6 ms at 20k, so they cross
-//! between 10k and 20k vectors (recall@10 of the graph 1.0 at all three). A graph also costs about
-//! 5 ms per vector to build on that loaded machine. `benches/query.rs` repeats the measurement in the
-//! bench profile. Force either engine with [`SearchMode`].
+//! used. [`DEFAULT_HNSW_MIN_VECTORS`] = 20,000 comes from measurements on the 2-core build machine
+//! (dimension 384, clustered data, k = 10, ef_search 64, other builds running, load average 8-13):
+//!
+//! | profile | n | HNSW | flat | brute force (unindexed cosine) |
+//! |---|---|---|---|---|
+//! | bench (`benches/query.rs`) | 1k | 1.03 ms | 0.10 ms | 0.63 ms |
+//! | bench | 10k | 7.1 ms | 3.4 ms | 8.8 ms |
+//! | dev (peftdb at opt-level 1) | 10k | 4.6 ms | 3.8 ms | |
+//! | dev | 20k | 12.9 ms | 17.6 ms | |
+//!
+//! The flat scan grows linearly and hnsw_rs's query cost barely grows, so they cross between 10k and 20k
+//! (dev) and at about 20k (bench profile: flat 3.4 ms at 10k extrapolates to 6.8 ms at 20k, the graph is
+//! about 7-8 ms). Recall@10 of the graph was 1.0 in all these runs. A graph also costs 3-5 ms per vector to
+//! build on that loaded machine (27.8 s for 10k). Force either engine with [`SearchMode`].
 //!
 //! **High-dimensional spaces** (dimension above [`IndexConfig::project_above`], default 4,096; a 7B LoRA
 //! has 100k+) index a seeded sparse random projection ([`projection::Projection`]) of dimension
@@ -49,7 +56,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 
 /// Default switch-over from flat scan to HNSW (vectors in the space), measured: see module docs.
-pub const DEFAULT_HNSW_MIN_VECTORS: usize = 15_000;
+pub const DEFAULT_HNSW_MIN_VECTORS: usize = 20_000;
 
 /// How to search a space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
