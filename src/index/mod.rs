@@ -38,6 +38,12 @@
 //! **Memory**: a space holds its indexed vectors twice when it has a graph (flat copy + hnsw_rs's copy):
 //! 100k x 384 f32 is 2 x 150 MB. Projected spaces hold only projected vectors (100k x 512 x 4 B x 2);
 //! full embeddings stay in redb and are read only for the reranked candidates.
+//!
+//! **Partial** (as of this branch): the 100k-object benchmark configurations run only with
+//! `PEFTDB_BENCH_FULL=1` and have not been measured on the build machine; the 50k high-dimensional recall
+//! test scans the projections exactly (the graph over projected vectors is tested at 800 vectors); the
+//! `centered` and `delta` similarities are exact scans, not indexed (see [`crate::query`]); `open` loads
+//! every space's vectors, even when a query needs one space.
 
 pub mod error;
 pub mod flat;
