@@ -93,9 +93,7 @@ impl SpaceKey {
     /// Stable 64-bit id: the first 8 bytes (little-endian) of BLAKE3 of [`SpaceKey::canonical`].
     pub fn id(&self) -> SpaceId {
         let h = blake3::hash(self.canonical().as_bytes());
-        SpaceId(u64::from_le_bytes(
-            h.as_bytes()[..8].try_into().expect("8 bytes"),
-        ))
+        SpaceId(u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")))
     }
 
     /// Human-readable label, e.g. `lora/12288d@sentence-transformers/all-MiniLM-L6-v2`.
@@ -181,8 +179,7 @@ pub fn tupate(obj: &LightweightObject) -> Result<Embedding, NoEmbedding> {
             for part in prefix_parts(c.num_layers, c.token_dim) {
                 for row in 0..rows {
                     let src = &vals[row * width + part.col_start..row * width + part.col_end];
-                    let dst =
-                        &mut acc[part.kv * rows * d + row * d..part.kv * rows * d + (row + 1) * d];
+                    let dst = &mut acc[part.kv * rows * d + row * d..part.kv * rows * d + (row + 1) * d];
                     for (a, v) in dst.iter_mut().zip(src) {
                         *a += *v as f64;
                     }
@@ -198,10 +195,7 @@ pub fn tupate(obj: &LightweightObject) -> Result<Embedding, NoEmbedding> {
         }
         Method::Prompt(_) => {
             let t = &obj.tensors[0];
-            (
-                vec![("prompt_embeddings".to_string(), t.shape.clone())],
-                t.to_f32(),
-            )
+            (vec![("prompt_embeddings".to_string(), t.shape.clone())], t.to_f32())
         }
         _ => layered(obj)?,
     };
@@ -245,11 +239,7 @@ fn layered(obj: &LightweightObject) -> Result<(Vec<(String, Vec<usize>)>, Vec<f3
     let mut signature = Vec::new();
     let mut vector = Vec::new();
     for (stack, layers) in &mut stacks {
-        let prefix = if multi && *stack == Stack::Decoder {
-            "decoder/"
-        } else {
-            ""
-        };
+        let prefix = if multi && *stack == Stack::Decoder { "decoder/" } else { "" };
         let mut first_sig: Option<(usize, Vec<(String, Vec<usize>)>)> = None;
         let mut acc: Vec<f64> = Vec::new();
         let mut buf: Vec<f32> = Vec::new();

@@ -232,8 +232,7 @@ pub fn read_adapter(dir: &Path, opts: &ReadOptions) -> Result<LightweightObject,
         .filter(|s| !s.is_empty())
         .ok_or_else(|| ReadError::Config {
             path: cfg_path.clone(),
-            reason: "no base model named (set base_model_name_or_path, or pass --base-model)"
-                .into(),
+            reason: "no base model named (set base_model_name_or_path, or pass --base-model)".into(),
         })?;
 
     let method = match format {
@@ -260,11 +259,7 @@ fn cfg_err(path: &Path, reason: impl Into<String>) -> ReadError {
     }
 }
 
-fn get_usize(
-    obj: &serde_json::Map<String, Value>,
-    key: &str,
-    path: &Path,
-) -> Result<usize, ReadError> {
+fn get_usize(obj: &serde_json::Map<String, Value>, key: &str, path: &Path) -> Result<usize, ReadError> {
     obj.get(key)
         .and_then(|v| v.as_u64())
         .map(|v| v as usize)
@@ -273,10 +268,7 @@ fn get_usize(
 
 fn get_modules(obj: &serde_json::Map<String, Value>, key: &str) -> Vec<String> {
     match obj.get(key) {
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
         Some(Value::String(s)) => vec![s.clone()],
         _ => Vec::new(),
     }
@@ -308,21 +300,19 @@ fn parse_peft_method(
             let mut rank_pattern = BTreeMap::new();
             if let Some(Value::Object(m)) = obj.get("rank_pattern") {
                 for (k, v) in m {
-                    let v = v.as_u64().filter(|v| *v > 0).ok_or_else(|| {
-                        cfg_err(
-                            cfg_path,
-                            format!("rank_pattern[{k:?}] must be a positive integer"),
-                        )
-                    })?;
+                    let v = v
+                        .as_u64()
+                        .filter(|v| *v > 0)
+                        .ok_or_else(|| cfg_err(cfg_path, format!("rank_pattern[{k:?}] must be a positive integer")))?;
                     rank_pattern.insert(k.clone(), v as usize);
                 }
             }
             let mut alpha_pattern = BTreeMap::new();
             if let Some(Value::Object(m)) = obj.get("alpha_pattern") {
                 for (k, v) in m {
-                    let v = v.as_f64().ok_or_else(|| {
-                        cfg_err(cfg_path, format!("alpha_pattern[{k:?}] must be a number"))
-                    })?;
+                    let v = v
+                        .as_f64()
+                        .ok_or_else(|| cfg_err(cfg_path, format!("alpha_pattern[{k:?}] must be a number")))?;
                     alpha_pattern.insert(k.clone(), v);
                 }
             }
@@ -332,23 +322,13 @@ fn parse_peft_method(
                 "lora_only" => LoraBias::LoraOnly,
                 other => return Err(cfg_err(cfg_path, format!("unknown bias mode {other:?}"))),
             };
-            if obj
-                .get("use_dora")
-                .and_then(|v| v.as_bool())
-                .unwrap_or(false)
-            {
-                return Err(cfg_err(
-                    cfg_path,
-                    "DoRA (use_dora) adapters are not supported yet",
-                ));
+            if obj.get("use_dora").and_then(|v| v.as_bool()).unwrap_or(false) {
+                return Err(cfg_err(cfg_path, "DoRA (use_dora) adapters are not supported yet"));
             }
             let cfg = LoraConfig {
                 r,
                 alpha,
-                use_rslora: obj
-                    .get("use_rslora")
-                    .and_then(|v| v.as_bool())
-                    .unwrap_or(false),
+                use_rslora: obj.get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false),
                 rank_pattern,
                 alpha_pattern,
                 target_modules: get_modules(obj, "target_modules"),
@@ -405,7 +385,9 @@ fn parse_peft_method(
                 return Err(ReadError::ShapeMismatch {
                     path: wpath.to_path_buf(),
                     tensor: t.name.clone(),
-                    expected: format!("{want:?} (num_virtual_tokens, num_layers x 2 x token_dim)"),
+                    expected: format!(
+                        "{want:?} (num_virtual_tokens, num_layers x 2 x token_dim)"
+                    ),
                     found: t.shape.clone(),
                 });
             }
@@ -435,11 +417,7 @@ fn parse_peft_method(
         "BITFIT" => {
             for t in tensors {
                 if parse_tensor_name(&t.name).role != Role::Bias || t.shape.len() != 1 {
-                    return Err(unexpected(
-                        t,
-                        "BitFit",
-                        "only 1-D tensors named *.bias are expected",
-                    ));
+                    return Err(unexpected(t, "BitFit", "only 1-D tensors named *.bias are expected"));
                 }
             }
             Ok(Method::Bitfit(BitFitConfig {}))
@@ -476,23 +454,14 @@ fn single_prompt_table<'a>(
 
 /// LoRA: every tensor is an A, a B or (with a bias mode) a bias; A and B come in pairs with matching rank,
 /// and each rank is the one the config (r or rank_pattern) gives for that module.
-fn validate_lora(
-    cfg: &LoraConfig,
-    wpath: &Path,
-    tensors: &[super::Tensor],
-) -> Result<(), ReadError> {
+fn validate_lora(cfg: &LoraConfig, wpath: &Path, tensors: &[super::Tensor]) -> Result<(), ReadError> {
     // module_path -> (A shape, B shape)
-    let mut pairs: BTreeMap<String, (Option<&super::Tensor>, Option<&super::Tensor>)> =
-        BTreeMap::new();
+    let mut pairs: BTreeMap<String, (Option<&super::Tensor>, Option<&super::Tensor>)> = BTreeMap::new();
     for t in tensors {
         let loc = parse_tensor_name(&t.name);
         match loc.role {
-            Role::LoraA | Role::LoraEmbeddingA => {
-                pairs.entry(loc.module_path).or_default().0 = Some(t)
-            }
-            Role::LoraB | Role::LoraEmbeddingB => {
-                pairs.entry(loc.module_path).or_default().1 = Some(t)
-            }
+            Role::LoraA | Role::LoraEmbeddingA => pairs.entry(loc.module_path).or_default().0 = Some(t),
+            Role::LoraB | Role::LoraEmbeddingB => pairs.entry(loc.module_path).or_default().1 = Some(t),
             Role::Bias if cfg.bias != LoraBias::None => {
                 if t.shape.len() != 1 {
                     return Err(ReadError::ShapeMismatch {
@@ -523,11 +492,7 @@ fn validate_lora(
             (Some(t), None) | (None, Some(t)) => {
                 return Err(ReadError::MissingTensor {
                     path: wpath.to_path_buf(),
-                    reason: format!(
-                        "{:?} has no matching lora_{} tensor",
-                        t.name,
-                        if a.is_some() { "B" } else { "A" }
-                    ),
+                    reason: format!("{:?} has no matching lora_{} tensor", t.name, if a.is_some() { "B" } else { "A" }),
                 })
             }
             (None, None) => continue,
@@ -537,12 +502,7 @@ fn validate_lora(
                 path: wpath.to_path_buf(),
                 tensor: if a.shape.len() != 2 { &a.name } else { &b.name }.clone(),
                 expected: "a 2-D matrix".into(),
-                found: if a.shape.len() != 2 {
-                    &a.shape
-                } else {
-                    &b.shape
-                }
-                .clone(),
+                found: if a.shape.len() != 2 { &a.shape } else { &b.shape }.clone(),
             });
         }
         let embedding = parse_tensor_name(&a.name).role == Role::LoraEmbeddingA;
@@ -554,9 +514,7 @@ fn validate_lora(
             return Err(ReadError::ShapeMismatch {
                 path: wpath.to_path_buf(),
                 tensor: a.name.clone(),
-                expected: format!(
-                    "rank {want} (r / rank_pattern for {module}) as the first dimension"
-                ),
+                expected: format!("rank {want} (r / rank_pattern for {module}) as the first dimension"),
                 found: a.shape.clone(),
             });
         }
@@ -564,9 +522,7 @@ fn validate_lora(
             return Err(ReadError::ShapeMismatch {
                 path: wpath.to_path_buf(),
                 tensor: b.name.clone(),
-                expected: format!(
-                    "rank {want} (r / rank_pattern for {module}) as the second dimension"
-                ),
+                expected: format!("rank {want} (r / rank_pattern for {module}) as the second dimension"),
                 found: b.shape.clone(),
             });
         }
@@ -595,18 +551,14 @@ fn parse_adapterhub(
         let loc = parse_tensor_name(&t.name);
         let is_adapter = matches!(
             loc.role,
-            Role::AdapterDownWeight
-                | Role::AdapterDownBias
-                | Role::AdapterUpWeight
-                | Role::AdapterUpBias
+            Role::AdapterDownWeight | Role::AdapterDownBias | Role::AdapterUpWeight | Role::AdapterUpBias
         );
         if !is_adapter || loc.layer.is_none() {
             return Err(ReadError::UnexpectedTensor {
                 path: wpath.to_path_buf(),
                 tensor: t.name.clone(),
                 method: "bottleneck adapter".into(),
-                reason: "expected ...layer.{i}...adapters.{name}.adapter_down/adapter_up tensors"
-                    .into(),
+                reason: "expected ...layer.{i}...adapters.{name}.adapter_down/adapter_up tensors".into(),
             });
         }
         // module is e.g. "output.adapters.sst-2" or "attention.output.adapters.sst-2"
@@ -629,9 +581,7 @@ fn parse_adapterhub(
                     path: wpath.to_path_buf(),
                     tensor: t.name.clone(),
                     method: "bottleneck adapter".into(),
-                    reason: format!(
-                        "adapter name {aname:?} differs from {n:?}; one adapter per folder"
-                    ),
+                    reason: format!("adapter name {aname:?} differs from {n:?}; one adapter per folder"),
                 })
             }
         }
@@ -678,10 +628,7 @@ fn parse_adapterhub(
     };
     if let Some(h) = obj.get("hidden_size").and_then(|v| v.as_u64()) {
         if h as usize != hidden {
-            return Err(cfg_err(
-                cfg_path,
-                format!("hidden_size {h} but adapter_down weights are {hidden} wide"),
-            ));
+            return Err(cfg_err(cfg_path, format!("hidden_size {h} but adapter_down weights are {hidden} wide")));
         }
     }
     if let Some(rf) = c.get("reduction_factor").and_then(|v| v.as_f64()) {
@@ -689,10 +636,7 @@ fn parse_adapterhub(
             return Err(ReadError::ShapeMismatch {
                 path: wpath.to_path_buf(),
                 tensor: "adapter_down".into(),
-                expected: format!(
-                    "bottleneck {} (hidden {hidden} / reduction_factor {rf})",
-                    (hidden as f64 / rf).round()
-                ),
+                expected: format!("bottleneck {} (hidden {hidden} / reduction_factor {rf})", (hidden as f64 / rf).round()),
                 found: vec![bottleneck, hidden],
             });
         }
@@ -708,10 +652,7 @@ fn parse_adapterhub(
         bottleneck_size: bottleneck,
         non_linearity,
         mh_adapter: c.get("mh_adapter").and_then(|v| v.as_bool()).unwrap_or(mh),
-        output_adapter: c
-            .get("output_adapter")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(out),
+        output_adapter: c.get("output_adapter").and_then(|v| v.as_bool()).unwrap_or(out),
     }))
 }
 
@@ -724,7 +665,11 @@ pub fn write_adapter(obj: &LightweightObject, dir: &Path) -> Result<(), ExportEr
         move |source| ExportError::Io { path, source }
     };
     if dir.exists() {
-        let empty = dir.is_dir() && fs::read_dir(dir).map_err(ioe(dir))?.next().is_none();
+        let empty = dir.is_dir()
+            && fs::read_dir(dir)
+                .map_err(ioe(dir))?
+                .next()
+                .is_none();
         if !empty {
             return Err(ExportError::TargetExists {
                 path: dir.to_path_buf(),

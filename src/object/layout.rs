@@ -115,11 +115,7 @@ pub fn parse_tensor_name(name: &str) -> TensorLocation {
     for i in 0..module_segs.len().saturating_sub(1) {
         if is_layer_word(module_segs[i]) {
             if let Ok(idx) = module_segs[i + 1].parse::<usize>() {
-                let prev = if i > 0 {
-                    Some(module_segs[i - 1])
-                } else {
-                    None
-                };
+                let prev = if i > 0 { Some(module_segs[i - 1]) } else { None };
                 let stack = match (module_segs[i], prev) {
                     ("block", Some("decoder")) => Stack::Decoder,
                     ("layer", _) | ("block", _) => Stack::Encoder,
@@ -170,11 +166,7 @@ fn parse_role(segs: &[&str]) -> (Role, usize) {
         if let Some(r) = role {
             // Only a short tail may follow (adapter name and/or "weight").
             if n - i <= 3 {
-                let start = if i > 0 && segs[i - 1] == "base_layer" {
-                    i - 1
-                } else {
-                    i
-                };
+                let start = if i > 0 && segs[i - 1] == "base_layer" { i - 1 } else { i };
                 return (r, start);
             }
         }
@@ -258,23 +250,13 @@ mod tests {
     fn bert_lora() {
         assert_eq!(
             loc("base_model.model.encoder.layer.3.attention.self.query.lora_A.weight"),
-            (
-                Some((Stack::Encoder, 3)),
-                "attention.self.query".into(),
-                Role::LoraA
-            )
+            (Some((Stack::Encoder, 3)), "attention.self.query".into(), Role::LoraA)
         );
         assert_eq!(
             loc("base_model.model.encoder.layer.11.output.dense.lora_B.default.weight"),
-            (
-                Some((Stack::Encoder, 11)),
-                "output.dense".into(),
-                Role::LoraB
-            )
+            (Some((Stack::Encoder, 11)), "output.dense".into(), Role::LoraB)
         );
-        let l = parse_tensor_name(
-            "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight",
-        );
+        let l = parse_tensor_name("base_model.model.encoder.layer.0.attention.self.query.lora_A.weight");
         assert_eq!(l.module_path, "encoder.layer.0.attention.self.query");
     }
 
@@ -282,47 +264,28 @@ mod tests {
     fn bias_all_and_globals() {
         assert_eq!(
             loc("base_model.model.encoder.layer.0.attention.output.dense.base_layer.bias"),
-            (
-                Some((Stack::Encoder, 0)),
-                "attention.output.dense".into(),
-                Role::Bias
-            )
+            (Some((Stack::Encoder, 0)), "attention.output.dense".into(), Role::Bias)
         );
         assert_eq!(
             loc("base_model.model.embeddings.LayerNorm.bias"),
             (None, "embeddings.LayerNorm".into(), Role::Bias)
         );
-        assert_eq!(
-            loc("prompt_embeddings"),
-            (None, "".into(), Role::PromptEmbeddings)
-        );
+        assert_eq!(loc("prompt_embeddings"), (None, "".into(), Role::PromptEmbeddings));
     }
 
     #[test]
     fn llama_t5_gpt2() {
         assert_eq!(
             loc("base_model.model.model.layers.31.self_attn.q_proj.lora_A.weight"),
-            (
-                Some((Stack::Layers, 31)),
-                "self_attn.q_proj".into(),
-                Role::LoraA
-            )
+            (Some((Stack::Layers, 31)), "self_attn.q_proj".into(), Role::LoraA)
         );
         assert_eq!(
             loc("base_model.model.encoder.block.2.layer.0.SelfAttention.q.lora_B.weight"),
-            (
-                Some((Stack::Encoder, 2)),
-                "layer.0.SelfAttention.q".into(),
-                Role::LoraB
-            )
+            (Some((Stack::Encoder, 2)), "layer.0.SelfAttention.q".into(), Role::LoraB)
         );
         assert_eq!(
             loc("base_model.model.decoder.block.5.layer.1.EncDecAttention.v.lora_A.weight"),
-            (
-                Some((Stack::Decoder, 5)),
-                "layer.1.EncDecAttention.v".into(),
-                Role::LoraA
-            )
+            (Some((Stack::Decoder, 5)), "layer.1.EncDecAttention.v".into(), Role::LoraA)
         );
         assert_eq!(
             loc("base_model.model.transformer.h.7.attn.c_attn.lora_A.weight"),
@@ -334,27 +297,15 @@ mod tests {
     fn ia3_and_adapterhub() {
         assert_eq!(
             loc("base_model.model.encoder.layer.2.attention.self.key.ia3_l"),
-            (
-                Some((Stack::Encoder, 2)),
-                "attention.self.key".into(),
-                Role::Ia3
-            )
+            (Some((Stack::Encoder, 2)), "attention.self.key".into(), Role::Ia3)
         );
         assert_eq!(
             loc("bert.encoder.layer.4.output.adapters.sst-2.adapter_down.0.weight"),
-            (
-                Some((Stack::Encoder, 4)),
-                "output.adapters.sst-2".into(),
-                Role::AdapterDownWeight
-            )
+            (Some((Stack::Encoder, 4)), "output.adapters.sst-2".into(), Role::AdapterDownWeight)
         );
         assert_eq!(
             loc("bert.encoder.layer.4.attention.output.adapters.a.adapter_up.bias"),
-            (
-                Some((Stack::Encoder, 4)),
-                "attention.output.adapters.a".into(),
-                Role::AdapterUpBias
-            )
+            (Some((Stack::Encoder, 4)), "attention.output.adapters.a".into(), Role::AdapterUpBias)
         );
     }
 

@@ -429,14 +429,8 @@ mod tests {
             6
         );
         // "value" must not match "xvalue".
-        assert_eq!(
-            c.rank_alpha_for("encoder.layer.3.attention.self.xvalue").0,
-            4
-        );
-        assert_eq!(
-            c.scaling_for("encoder.layer.3.attention.self.value"),
-            8.0 / 6.0
-        );
+        assert_eq!(c.rank_alpha_for("encoder.layer.3.attention.self.xvalue").0, 4);
+        assert_eq!(c.scaling_for("encoder.layer.3.attention.self.value"), 8.0 / 6.0);
         c.use_rslora = true;
         assert!((c.scaling_for("encoder.layer.3.attention.self.key") - 4.0).abs() < 1e-12);
     }

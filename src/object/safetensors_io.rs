@@ -79,7 +79,8 @@ pub fn parse(bytes: &[u8]) -> Result<SafetensorsFile, SafetensorsError> {
         });
     }
     let header = &bytes[8..8 + n as usize];
-    let header_str = std::str::from_utf8(header).map_err(|_| SafetensorsError::HeaderNotUtf8)?;
+    let header_str =
+        std::str::from_utf8(header).map_err(|_| SafetensorsError::HeaderNotUtf8)?;
     // Nesting is bounded by serde_json's recursion limit (128), so a deeply nested header is an error, not
     // a stack overflow.
     let entries: OrderedEntries = serde_json::from_str(header_str.trim_end_matches(' '))
@@ -100,13 +101,13 @@ pub fn parse(bytes: &[u8]) -> Result<SafetensorsFile, SafetensorsError> {
             metadata = Some(m);
             continue;
         }
-        let info: TensorInfo = serde_json::from_value(value)
-            .map_err(|e| SafetensorsError::HeaderJson(format!("entry {name:?}: {e}")))?;
-        let dtype =
-            DType::parse(&info.dtype).ok_or_else(|| SafetensorsError::UnsupportedDtype {
-                tensor: name.clone(),
-                dtype: info.dtype.clone(),
-            })?;
+        let info: TensorInfo = serde_json::from_value(value).map_err(|e| {
+            SafetensorsError::HeaderJson(format!("entry {name:?}: {e}"))
+        })?;
+        let dtype = DType::parse(&info.dtype).ok_or_else(|| SafetensorsError::UnsupportedDtype {
+            tensor: name.clone(),
+            dtype: info.dtype.clone(),
+        })?;
         if info.shape.len() > MAX_NDIM {
             return Err(SafetensorsError::BadShape {
                 tensor: name,
@@ -115,12 +116,10 @@ pub fn parse(bytes: &[u8]) -> Result<SafetensorsFile, SafetensorsError> {
         }
         let mut numel: u64 = 1;
         for d in &info.shape {
-            numel = numel
-                .checked_mul(*d)
-                .ok_or_else(|| SafetensorsError::BadShape {
-                    tensor: name.clone(),
-                    reason: format!("shape {:?} overflows", info.shape),
-                })?;
+            numel = numel.checked_mul(*d).ok_or_else(|| SafetensorsError::BadShape {
+                tensor: name.clone(),
+                reason: format!("shape {:?} overflows", info.shape),
+            })?;
         }
         if numel == 0 {
             return Err(SafetensorsError::BadShape {
@@ -128,13 +127,12 @@ pub fn parse(bytes: &[u8]) -> Result<SafetensorsFile, SafetensorsError> {
                 reason: format!("shape {:?} has no elements", info.shape),
             });
         }
-        let need =
-            numel
-                .checked_mul(dtype.size() as u64)
-                .ok_or_else(|| SafetensorsError::BadShape {
-                    tensor: name.clone(),
-                    reason: format!("shape {:?} overflows", info.shape),
-                })?;
+        let need = numel
+            .checked_mul(dtype.size() as u64)
+            .ok_or_else(|| SafetensorsError::BadShape {
+                tensor: name.clone(),
+                reason: format!("shape {:?} overflows", info.shape),
+            })?;
         let (b, e) = info.data_offsets;
         if b > e || e > data_len {
             return Err(SafetensorsError::OffsetsOutOfRange {
@@ -274,26 +272,17 @@ mod tests {
     #[test]
     fn rejects_truncation_and_bombs() {
         let bytes = serialize(&[t("a", vec![4], 3)], None);
-        assert!(matches!(
-            parse(&bytes[..5]),
-            Err(SafetensorsError::Truncated { .. })
-        ));
+        assert!(matches!(parse(&bytes[..5]), Err(SafetensorsError::Truncated { .. })));
         assert!(matches!(
             parse(&bytes[..bytes.len() - 1]),
             Err(SafetensorsError::OffsetsOutOfRange { .. })
         ));
         let mut bomb = bytes.clone();
         bomb[..8].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(
-            parse(&bomb),
-            Err(SafetensorsError::HeaderTooLarge { .. })
-        ));
+        assert!(matches!(parse(&bomb), Err(SafetensorsError::HeaderTooLarge { .. })));
         let mut beyond = bytes.clone();
         beyond[..8].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
-        assert!(matches!(
-            parse(&beyond),
-            Err(SafetensorsError::HeaderBeyondFile { .. })
-        ));
+        assert!(matches!(parse(&beyond), Err(SafetensorsError::HeaderBeyondFile { .. })));
     }
 
     proptest! {

@@ -26,10 +26,7 @@ pub fn encode_tensor(t: &Tensor) -> Vec<u8> {
 /// Decode a tensor value, validating every length.
 pub fn decode_tensor(b: &[u8]) -> Result<Tensor, String> {
     if b.len() < 5 {
-        return Err(format!(
-            "tensor value of {} bytes is shorter than its 5-byte header",
-            b.len()
-        ));
+        return Err(format!("tensor value of {} bytes is shorter than its 5-byte header", b.len()));
     }
     if b[0] != TENSOR_CODEC_V1 {
         return Err(format!("unknown tensor codec version {}", b[0]));
@@ -82,10 +79,7 @@ pub fn encode_f32(v: &[f32]) -> Vec<u8> {
 /// Decode an embedding value.
 pub fn decode_f32(b: &[u8]) -> Result<Vec<f32>, String> {
     if b.len() % 4 != 0 {
-        return Err(format!(
-            "embedding value of {} bytes is not a multiple of 4",
-            b.len()
-        ));
+        return Err(format!("embedding value of {} bytes is not a multiple of 4", b.len()));
     }
     Ok(b.chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))

@@ -31,11 +31,9 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub(crate) const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 pub(crate) const OBJECTS: TableDefinition<u64, &[u8]> = TableDefinition::new("objects");
-pub(crate) const OBJECT_BY_HASH: TableDefinition<&[u8], u64> =
-    TableDefinition::new("object_by_hash");
+pub(crate) const OBJECT_BY_HASH: TableDefinition<&[u8], u64> = TableDefinition::new("object_by_hash");
 pub(crate) const TENSORS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("tensors");
-pub(crate) const EMBEDDINGS: TableDefinition<(u64, u64), &[u8]> =
-    TableDefinition::new("embeddings");
+pub(crate) const EMBEDDINGS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("embeddings");
 pub(crate) const SPACES: TableDefinition<u64, &[u8]> = TableDefinition::new("spaces");
 pub(crate) const BASE_MODELS: TableDefinition<&str, &[u8]> = TableDefinition::new("base_models");
 
@@ -316,8 +314,7 @@ impl Store {
 
     fn map_open_err(path: &Path, e: redb::DatabaseError) -> StoreError {
         match e {
-            redb::DatabaseError::DatabaseAlreadyOpen
-            | redb::DatabaseError::LockProtocolMismatch => {
+            redb::DatabaseError::DatabaseAlreadyOpen | redb::DatabaseError::LockProtocolMismatch => {
                 let holder = std::fs::read_to_string(owner_path(path))
                     .ok()
                     .map(|s| s.trim().to_string());
@@ -462,9 +459,7 @@ impl Store {
     fn init_schema(&self) -> Result<(), StoreError> {
         let w = self.write()?;
         {
-            let mut meta = w
-                .open_table(META)
-                .map_err(|e| self.storage_err("creating tables")(e.into()))?;
+            let mut meta = w.open_table(META).map_err(|e| self.storage_err("creating tables")(e.into()))?;
             meta.insert("format", b"peftdb".as_slice())
                 .map_err(|e| self.storage_err("creating tables")(e.into()))?;
             meta.insert("schema_version", SCHEMA_VERSION.to_le_bytes().as_slice())
@@ -472,12 +467,10 @@ impl Store {
             meta.insert("next_object_id", 1u64.to_le_bytes().as_slice())
                 .map_err(|e| self.storage_err("creating tables")(e.into()))?;
             for t in [TASKS, BASE_MODELS] {
-                w.open_table(t)
-                    .map_err(|e| self.storage_err("creating tables")(e.into()))?;
+                w.open_table(t).map_err(|e| self.storage_err("creating tables")(e.into()))?;
             }
             for t in [OBJECTS, SPACES] {
-                w.open_table(t)
-                    .map_err(|e| self.storage_err("creating tables")(e.into()))?;
+                w.open_table(t).map_err(|e| self.storage_err("creating tables")(e.into()))?;
             }
             w.open_table(OBJECT_BY_HASH)
                 .map_err(|e| self.storage_err("creating tables")(e.into()))?;
@@ -539,12 +532,7 @@ impl Store {
         Ok(SCHEMA_VERSION)
     }
 
-    fn corrupt(
-        &self,
-        table: &'static str,
-        key: impl ToString,
-        detail: impl ToString,
-    ) -> StoreError {
+    fn corrupt(&self, table: &'static str, key: impl ToString, detail: impl ToString) -> StoreError {
         StoreError::Corrupt {
             path: self.path.clone(),
             table,
@@ -568,38 +556,20 @@ impl Store {
         Ok(outcomes)
     }
 
-    fn apply_batch(
-        &self,
-        w: &WriteTransaction,
-        batch: Vec<PreparedObject>,
-    ) -> Result<Vec<Outcome>, StoreError> {
-        let se = |during: &'static str| {
-            move |e: redb::Error| StoreError::Storage {
-                path: self.path.clone(),
-                during: during.into(),
-                detail: e.to_string(),
-            }
+    fn apply_batch(&self, w: &WriteTransaction, batch: Vec<PreparedObject>) -> Result<Vec<Outcome>, StoreError> {
+        let se = |during: &'static str| move |e: redb::Error| StoreError::Storage {
+            path: self.path.clone(),
+            during: during.into(),
+            detail: e.to_string(),
         };
         let mut meta = w.open_table(META).map_err(|e| se("ingesting")(e.into()))?;
         let mut tasks = w.open_table(TASKS).map_err(|e| se("ingesting")(e.into()))?;
-        let mut objects = w
-            .open_table(OBJECTS)
-            .map_err(|e| se("ingesting")(e.into()))?;
-        let mut by_hash = w
-            .open_table(OBJECT_BY_HASH)
-            .map_err(|e| se("ingesting")(e.into()))?;
-        let mut tensors = w
-            .open_table(TENSORS)
-            .map_err(|e| se("ingesting")(e.into()))?;
-        let mut embeddings = w
-            .open_table(EMBEDDINGS)
-            .map_err(|e| se("ingesting")(e.into()))?;
-        let mut spaces = w
-            .open_table(SPACES)
-            .map_err(|e| se("ingesting")(e.into()))?;
-        let mut base_models = w
-            .open_table(BASE_MODELS)
-            .map_err(|e| se("ingesting")(e.into()))?;
+        let mut objects = w.open_table(OBJECTS).map_err(|e| se("ingesting")(e.into()))?;
+        let mut by_hash = w.open_table(OBJECT_BY_HASH).map_err(|e| se("ingesting")(e.into()))?;
+        let mut tensors = w.open_table(TENSORS).map_err(|e| se("ingesting")(e.into()))?;
+        let mut embeddings = w.open_table(EMBEDDINGS).map_err(|e| se("ingesting")(e.into()))?;
+        let mut spaces = w.open_table(SPACES).map_err(|e| se("ingesting")(e.into()))?;
+        let mut base_models = w.open_table(BASE_MODELS).map_err(|e| se("ingesting")(e.into()))?;
 
         let mut next_id = {
             let v = meta
@@ -677,10 +647,7 @@ impl Store {
             };
             task.merge_from(&p.new.task);
             tasks
-                .insert(
-                    task.name.as_str(),
-                    serde_json::to_vec(&task).expect("serializes").as_slice(),
-                )
+                .insert(task.name.as_str(), serde_json::to_vec(&task).expect("serializes").as_slice())
                 .map_err(|e| se("ingesting")(e.into()))?;
 
             let id = next_id;
@@ -707,10 +674,7 @@ impl Store {
                     };
                     rec.count += 1;
                     spaces
-                        .insert(
-                            sid.0,
-                            serde_json::to_vec(&rec).expect("serializes").as_slice(),
-                        )
+                        .insert(sid.0, serde_json::to_vec(&rec).expect("serializes").as_slice())
                         .map_err(|e| se("ingesting")(e.into()))?;
                     embeddings
                         .insert((sid.0, id), codec::encode_f32(&e.vector).as_slice())
@@ -735,11 +699,7 @@ impl Store {
                 content_hash: hex(&p.hash),
                 stage: p.new.stage.clone(),
                 metrics: p.new.metrics.clone(),
-                dtype: obj
-                    .tensors
-                    .first()
-                    .map(|t| t.dtype)
-                    .unwrap_or(crate::object::DType::F32),
+                dtype: obj.tensors.first().map(|t| t.dtype).unwrap_or(crate::object::DType::F32),
                 tensor_count: obj.tensors.len() as u32,
                 num_params: obj.num_params() as u64,
                 data_bytes: obj.data_bytes() as u64,
@@ -772,9 +732,7 @@ impl Store {
     pub fn put_task(&self, task: &TaskRecord) -> Result<(), StoreError> {
         let w = self.write()?;
         {
-            let mut tasks = w
-                .open_table(TASKS)
-                .map_err(|e| self.storage_err("writing a task")(e.into()))?;
+            let mut tasks = w.open_table(TASKS).map_err(|e| self.storage_err("writing a task")(e.into()))?;
             let mut cur = match tasks
                 .get(task.name.as_str())
                 .map_err(|e| self.storage_err("writing a task")(e.into()))?
@@ -785,31 +743,21 @@ impl Store {
             };
             cur.merge_from(task);
             tasks
-                .insert(
-                    task.name.as_str(),
-                    serde_json::to_vec(&cur).expect("serializes").as_slice(),
-                )
+                .insert(task.name.as_str(), serde_json::to_vec(&cur).expect("serializes").as_slice())
                 .map_err(|e| self.storage_err("writing a task")(e.into()))?;
         }
-        w.commit()
-            .map_err(|e| self.storage_err("writing a task")(e.into()))
+        w.commit().map_err(|e| self.storage_err("writing a task")(e.into()))
     }
 
     /// All tasks, by name.
     pub fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
         let r = self.read()?;
-        let t = r
-            .open_table(TASKS)
-            .map_err(|e| self.storage_err("listing tasks")(e.into()))?;
+        let t = r.open_table(TASKS).map_err(|e| self.storage_err("listing tasks")(e.into()))?;
         let mut out = Vec::new();
-        for item in t
-            .iter()
-            .map_err(|e| self.storage_err("listing tasks")(e.into()))?
-        {
+        for item in t.iter().map_err(|e| self.storage_err("listing tasks")(e.into()))? {
             let (k, v) = item.map_err(|e| self.storage_err("listing tasks")(e.into()))?;
             out.push(
-                serde_json::from_slice(v.value())
-                    .map_err(|e| self.corrupt("tasks", k.value(), e))?,
+                serde_json::from_slice(v.value()).map_err(|e| self.corrupt("tasks", k.value(), e))?,
             );
         }
         Ok(out)
@@ -818,9 +766,7 @@ impl Store {
     /// One task.
     pub fn task(&self, name: &str) -> Result<TaskRecord, StoreError> {
         let r = self.read()?;
-        let t = r
-            .open_table(TASKS)
-            .map_err(|e| self.storage_err("reading a task")(e.into()))?;
+        let t = r.open_table(TASKS).map_err(|e| self.storage_err("reading a task")(e.into()))?;
         let v = t
             .get(name)
             .map_err(|e| self.storage_err("reading a task")(e.into()))?
@@ -834,14 +780,9 @@ impl Store {
     /// All object records, by id.
     pub fn objects(&self) -> Result<Vec<ObjectRecord>, StoreError> {
         let r = self.read()?;
-        let t = r
-            .open_table(OBJECTS)
-            .map_err(|e| self.storage_err("listing objects")(e.into()))?;
+        let t = r.open_table(OBJECTS).map_err(|e| self.storage_err("listing objects")(e.into()))?;
         let mut out = Vec::new();
-        for item in t
-            .iter()
-            .map_err(|e| self.storage_err("listing objects")(e.into()))?
-        {
+        for item in t.iter().map_err(|e| self.storage_err("listing objects")(e.into()))? {
             let (k, v) = item.map_err(|e| self.storage_err("listing objects")(e.into()))?;
             out.push(self.decode_object(k.value(), v.value())?);
         }
@@ -855,9 +796,7 @@ impl Store {
     }
 
     fn object_in(&self, r: &ReadTransaction, id: ObjectId) -> Result<ObjectRecord, StoreError> {
-        let t = r
-            .open_table(OBJECTS)
-            .map_err(|e| self.storage_err("reading an object")(e.into()))?;
+        let t = r.open_table(OBJECTS).map_err(|e| self.storage_err("reading an object")(e.into()))?;
         let v = t
             .get(id)
             .map_err(|e| self.storage_err("reading an object")(e.into()))?
@@ -878,20 +817,14 @@ impl Store {
             .iter()
             .filter(|o| o.content_hash.starts_with(&hex_prefix.to_ascii_lowercase()))
             .collect();
-        Ok(if hits.len() == 1 {
-            Some(hits[0].id)
-        } else {
-            None
-        })
+        Ok(if hits.len() == 1 { Some(hits[0].id) } else { None })
     }
 
     /// Load an object with its tensors (from one consistent snapshot).
     pub fn get(&self, id: ObjectId) -> Result<(ObjectRecord, LightweightObject), StoreError> {
         let r = self.read()?;
         let rec = self.object_in(&r, id)?;
-        let t = r
-            .open_table(TENSORS)
-            .map_err(|e| self.storage_err("reading tensors")(e.into()))?;
+        let t = r.open_table(TENSORS).map_err(|e| self.storage_err("reading tensors")(e.into()))?;
         let mut tensors = Vec::with_capacity(rec.tensor_count as usize);
         for item in t
             .range((id, 0u32)..=(id, u32::MAX))
@@ -908,11 +841,7 @@ impl Store {
             return Err(self.corrupt(
                 "tensors",
                 id,
-                format!(
-                    "{} tensors stored, record says {}",
-                    tensors.len(),
-                    rec.tensor_count
-                ),
+                format!("{} tensors stored, record says {}", tensors.len(), rec.tensor_count),
             ));
         }
         let obj = LightweightObject {
@@ -936,18 +865,12 @@ impl Store {
     /// Every space.
     pub fn spaces(&self) -> Result<Vec<SpaceRecord>, StoreError> {
         let r = self.read()?;
-        let t = r
-            .open_table(SPACES)
-            .map_err(|e| self.storage_err("listing spaces")(e.into()))?;
+        let t = r.open_table(SPACES).map_err(|e| self.storage_err("listing spaces")(e.into()))?;
         let mut out = Vec::new();
-        for item in t
-            .iter()
-            .map_err(|e| self.storage_err("listing spaces")(e.into()))?
-        {
+        for item in t.iter().map_err(|e| self.storage_err("listing spaces")(e.into()))? {
             let (k, v) = item.map_err(|e| self.storage_err("listing spaces")(e.into()))?;
             out.push(
-                serde_json::from_slice(v.value())
-                    .map_err(|e| self.corrupt("spaces", SpaceId(k.value()), e))?,
+                serde_json::from_slice(v.value()).map_err(|e| self.corrupt("spaces", SpaceId(k.value()), e))?,
             );
         }
         Ok(out)
@@ -967,9 +890,7 @@ impl Store {
     /// All embeddings of a space, by object id (one snapshot).
     pub fn embeddings(&self, space: SpaceId) -> Result<Vec<(ObjectId, Vec<f32>)>, StoreError> {
         let r = self.read()?;
-        let t = r
-            .open_table(EMBEDDINGS)
-            .map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
+        let t = r.open_table(EMBEDDINGS).map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
         let mut out = Vec::new();
         for item in t
             .range((space.0, 0u64)..=(space.0, u64::MAX))
@@ -979,8 +900,7 @@ impl Store {
             let (_, id) = k.value();
             out.push((
                 id,
-                codec::decode_f32(v.value())
-                    .map_err(|e| self.corrupt("embeddings", format!("({space}, {id})"), e))?,
+                codec::decode_f32(v.value()).map_err(|e| self.corrupt("embeddings", format!("({space}, {id})"), e))?,
             ));
         }
         Ok(out)
@@ -989,16 +909,14 @@ impl Store {
     /// An object's embedding in a space.
     pub fn embedding(&self, space: SpaceId, id: ObjectId) -> Result<Option<Vec<f32>>, StoreError> {
         let r = self.read()?;
-        let t = r
-            .open_table(EMBEDDINGS)
-            .map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
+        let t = r.open_table(EMBEDDINGS).map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
         match t
             .get((space.0, id))
             .map_err(|e| self.storage_err("reading embeddings")(e.into()))?
         {
-            Some(v) => Ok(Some(codec::decode_f32(v.value()).map_err(|e| {
-                self.corrupt("embeddings", format!("({space}, {id})"), e)
-            })?)),
+            Some(v) => Ok(Some(
+                codec::decode_f32(v.value()).map_err(|e| self.corrupt("embeddings", format!("({space}, {id})"), e))?,
+            )),
             None => Ok(None),
         }
     }
@@ -1030,18 +948,14 @@ impl Store {
                     }
                 };
                 let hash: Vec<u8> = (0..rec.content_hash.len() / 2)
-                    .filter_map(|i| {
-                        u8::from_str_radix(&rec.content_hash[2 * i..2 * i + 2], 16).ok()
-                    })
+                    .filter_map(|i| u8::from_str_radix(&rec.content_hash[2 * i..2 * i + 2], 16).ok())
                     .collect();
                 by_hash.remove(hash.as_slice()).map_err(|e| se(e.into()))?;
                 tensors
                     .retain_in((id, 0u32)..=(id, u32::MAX), |_, _| false)
                     .map_err(|e| se(e.into()))?;
                 for er in &rec.embeddings {
-                    embeddings
-                        .remove((er.space.0, id))
-                        .map_err(|e| se(e.into()))?;
+                    embeddings.remove((er.space.0, id)).map_err(|e| se(e.into()))?;
                     let cur = spaces
                         .get(er.space.0)
                         .map_err(|e| se(e.into()))?
@@ -1053,10 +967,7 @@ impl Store {
                             spaces.remove(er.space.0).map_err(|e| se(e.into()))?;
                         } else {
                             spaces
-                                .insert(
-                                    er.space.0,
-                                    serde_json::to_vec(&s).expect("serializes").as_slice(),
-                                )
+                                .insert(er.space.0, serde_json::to_vec(&s).expect("serializes").as_slice())
                                 .map_err(|e| se(e.into()))?;
                         }
                     }
@@ -1081,15 +992,10 @@ impl Store {
         let removed = self.remove(&ids)?;
         let w = self.write()?;
         {
-            let mut tasks = w
-                .open_table(TASKS)
-                .map_err(|e| self.storage_err("removing")(e.into()))?;
-            tasks
-                .remove(name)
-                .map_err(|e| self.storage_err("removing")(e.into()))?;
+            let mut tasks = w.open_table(TASKS).map_err(|e| self.storage_err("removing")(e.into()))?;
+            tasks.remove(name).map_err(|e| self.storage_err("removing")(e.into()))?;
         }
-        w.commit()
-            .map_err(|e| self.storage_err("removing")(e.into()))?;
+        w.commit().map_err(|e| self.storage_err("removing")(e.into()))?;
         Ok(removed)
     }
 
@@ -1113,8 +1019,7 @@ impl Store {
             objects: objects.len() as u64,
             tensor_bytes: objects.iter().map(|o| o.data_bytes).sum(),
             objects_by_method: by_method,
-            objects_without_embedding: objects.iter().filter(|o| o.embeddings.is_empty()).count()
-                as u64,
+            objects_without_embedding: objects.iter().filter(|o| o.embeddings.is_empty()).count() as u64,
             spaces: self.spaces()?,
         })
     }
