@@ -195,7 +195,7 @@ pub enum Error {
     #[error(transparent)]
     Export(#[from] ExportError),
     #[error(transparent)]
-    Engine(#[from] crate::engine::EngineError),
+    Engine(Box<crate::engine::EngineError>),
     #[error(transparent)]
     Task(#[from] crate::engine::TaskError),
     #[error(transparent)]
@@ -203,11 +203,26 @@ pub enum Error {
     #[error(transparent)]
     Query(#[from] crate::index::QueryError),
     #[error(transparent)]
-    Rerank(#[from] crate::rerank::stage::RerankError),
+    Rerank(Box<crate::rerank::stage::RerankError>),
     #[error(transparent)]
     Ensemble(#[from] crate::ensemble::EnsembleError),
     #[error(transparent)]
-    Suggest(#[from] crate::suggest::SuggestError),
+    Suggest(Box<crate::suggest::SuggestError>),
 }
+
+macro_rules! boxed_from {
+    ($($variant:ident($ty:ty)),*) => {$(
+        impl From<$ty> for Error {
+            fn from(e: $ty) -> Self {
+                Error::$variant(Box::new(e))
+            }
+        }
+    )*};
+}
+boxed_from!(
+    Engine(crate::engine::EngineError),
+    Rerank(crate::rerank::stage::RerankError),
+    Suggest(crate::suggest::SuggestError)
+);
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -73,8 +73,64 @@ impl Projection {
     }
 }
 
+/// A projection with its per-coordinate buckets and signs precomputed (`in_dim * NONZEROS` u32, 1.6 MB
+/// for d = 100k): the same result as [`Projection::apply`], several times faster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectionPlan {
+    pub projection: Projection,
+    /// `bucket << 1 | positive`.
+    entries: Vec<u32>,
+}
+
+impl ProjectionPlan {
+    pub fn new(projection: Projection) -> ProjectionPlan {
+        let p = projection.out_dim as u64;
+        let key = splitmix(projection.seed ^ 0x7065_6674_6462_7270);
+        let mut entries = Vec::with_capacity(projection.in_dim * NONZEROS);
+        for j in 0..projection.in_dim {
+            let mut h = splitmix(key ^ (j as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+            for _ in 0..NONZEROS {
+                entries.push((((h >> 1) % p) as u32) << 1 | (h & 1) as u32);
+                h = splitmix(h);
+            }
+        }
+        ProjectionPlan {
+            projection,
+            entries,
+        }
+    }
+
+    pub fn apply(&self, x: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; self.projection.out_dim];
+        for (&v, e) in x.iter().zip(self.entries.chunks_exact(NONZEROS)) {
+            for &b in e {
+                let slot = &mut out[(b >> 1) as usize];
+                if b & 1 == 1 {
+                    *slot += v;
+                } else {
+                    *slot -= v;
+                }
+            }
+        }
+        let scale = 1.0 / (NONZEROS as f32).sqrt();
+        out.iter_mut().for_each(|v| *v *= scale);
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn plan_matches_direct() {
+        let x: Vec<f32> = (0..777).map(|i| (i as f32 * 0.37).cos()).collect();
+        let p = Projection::new(5, 777, 100);
+        let a = p.apply(&x);
+        let b = ProjectionPlan::new(p).apply(&x);
+        for (u, v) in a.iter().zip(&b) {
+            assert!((u - v).abs() < 1e-4);
+        }
+    }
+
     use super::*;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
