@@ -18,6 +18,10 @@ $P ingest ../shared/peft-fixtures --task peft-fixtures || true
 echo "== peftdb ls tasks"; $P ls tasks
 echo "== peftdb stats"; $P stats
 echo "== peftdb show movie_sentiment"; $P show movie_sentiment
+echo "== peftdb nearest --task movie_sentiment (all spaces: the paper's 3-method ensemble)"
+$P nearest --task movie_sentiment -k 5
+echo "== peftdb nearest --task movie_sentiment --similarity centered --method lora"
+$P nearest --task movie_sentiment -k 5 --similarity centered --method lora
 ID=$($P ls objects --task movie_sentiment --method lora --json | python3 -c "import json,sys; print(json.load(sys.stdin)[0]['id'])")
 echo "== peftdb export $ID (byte-identical round trip)"
 $P export "$ID" --out "$DEMO/export"
