@@ -379,8 +379,24 @@ impl Store {
             path: path.to_path_buf(),
             owner_file: None,
         };
+        // A crash between redb creating the file and the schema commit (the first one) leaves a redb
+        // file with no tables at all: finish the creation instead of refusing the path forever.
+        if store.check_schema().is_err() && store.has_no_tables()? {
+            store.init_schema()?;
+        }
         store.check_schema()?;
         Ok(store.with_owner_file())
+    }
+
+    fn has_no_tables(&self) -> Result<bool, StoreError> {
+        let r = self.read()?;
+        let mut tables = r
+            .list_tables()
+            .map_err(|e| self.storage_err("opening")(e.into()))?;
+        let mut multimap = r
+            .list_multimap_tables()
+            .map_err(|e| self.storage_err("opening")(e.into()))?;
+        Ok(tables.next().is_none() && multimap.next().is_none())
     }
 
     /// Open the store, creating it if it does not exist.
