@@ -349,16 +349,51 @@ impl Store {
                 path: path.to_path_buf(),
             });
         }
+        // Atomic creation: build the file (redb header + schema commit) under a temporary name, then link
+        // it into place, so a crash never leaves a half-created store at `path`.
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".creating-{}", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
         let db = redb::Builder::new()
             .set_concurrency_mode(ConcurrencyMode::SingleWriter)
-            .create(path)
+            .create(&tmp)
             .map_err(|e| Self::map_open_err(path, e))?;
         let store = Store {
             db: Db::Rw(db),
             path: path.to_path_buf(),
             owner_file: None,
         };
-        store.init_schema()?;
+        let linked = store.init_schema().and_then(|()| {
+            std::fs::hard_link(&tmp, path)
+                .or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        Err(e)
+                    } else {
+                        std::fs::rename(&tmp, path)
+                    }
+                })
+                .map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        StoreError::Exists {
+                            path: path.to_path_buf(),
+                        }
+                    } else {
+                        StoreError::Storage {
+                            path: path.to_path_buf(),
+                            during: "creating".into(),
+                            detail: e.to_string(),
+                        }
+                    }
+                })
+        });
+        let _ = std::fs::remove_file(&tmp);
+        linked?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
         Ok(store.with_owner_file())
     }
 
