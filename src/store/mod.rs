@@ -10,6 +10,7 @@
 //! Every ingestion batch is one write transaction: an object, its tensors and its embedding become visible
 //! together or not at all.
 
+pub mod backend;
 pub mod codec;
 
 use crate::embed::{tupate, Embedding, EmbeddingKind, NoEmbedding, SpaceId, SpaceKey};
