@@ -17,6 +17,7 @@ impl Store {
         let path = label.as_ref();
         let db = redb::Builder::new()
             .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .set_cache_size(super::CACHE_BYTES)
             .create_with_backend(backend)
             .map_err(|e| Store::map_open_err(path, e))?;
         let store = Store {

@@ -25,6 +25,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+/// redb's page cache per open store. redb's default (1 GiB) let ingestion's resident memory grow with the
+/// zoo (every written page stayed cached); the OS page cache still caches the file.
+pub const CACHE_BYTES: usize = 64 << 20;
+
 /// The schema version this peftdb reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -326,6 +330,13 @@ impl Store {
                     holder,
                 }
             }
+            redb::DatabaseError::RepairAborted => StoreError::Storage {
+                path: path.to_path_buf(),
+                during: "opening read-only".into(),
+                detail: "the last writer did not close cleanly (crash or failed write), and recovery needs a \
+                         writable open; open the store for writing once (Store::open, or any peftdb write command)"
+                    .into(),
+            },
             redb::DatabaseError::UpgradeRequired(v) => StoreError::NotAStore {
                 path: path.to_path_buf(),
                 reason: format!("redb file format {v} needs an upgrade"),
@@ -358,6 +369,7 @@ impl Store {
         let _ = std::fs::remove_file(&tmp);
         let db = redb::Builder::new()
             .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .set_cache_size(CACHE_BYTES)
             .create(&tmp)
             .map_err(|e| Self::map_open_err(path, e))?;
         let store = Store {
@@ -408,6 +420,7 @@ impl Store {
         }
         let db = redb::Builder::new()
             .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .set_cache_size(CACHE_BYTES)
             .open(path)
             .map_err(|e| Self::map_open_err(path, e))?;
         let store = Store {
@@ -454,6 +467,7 @@ impl Store {
         }
         let db = redb::Builder::new()
             .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .set_cache_size(CACHE_BYTES)
             .open_read_only(path)
             .map_err(|e| Self::map_open_err(path, e))?;
         let store = Store {
