@@ -165,6 +165,21 @@ fn sigkill_during_batch_ingestion_never_leaves_a_half_written_store() {
             // Killed before the store file was created: nothing to check but the re-run.
             run_to_end(&db, &s.zoo);
         } else {
+            // A read-only open first: it sees a consistent store, or (when the kill left recovery to do)
+            // says clearly that a writable open is needed; never "not a peftdb store".
+            match Store::open_read_only(&db) {
+                Ok(ro) => {
+                    check_integrity(&ro);
+                    assert_prefix(&snapshot(&ro), &s.reference, trial);
+                }
+                Err(e @ peftdb::error::StoreError::Storage { .. }) => {
+                    assert!(
+                        e.to_string().contains("for writing once"),
+                        "trial {trial}: {e}"
+                    )
+                }
+                Err(e) => panic!("trial {trial}: read-only open after a kill: {e:?}"),
+            }
             let store = Store::open(&db).unwrap_or_else(|e| {
                 panic!("trial {trial} (killed after {delay:?}): store does not reopen: {e}")
             });
