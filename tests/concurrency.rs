@@ -94,7 +94,7 @@ fn readers_see_consistent_snapshots_while_one_thread_ingests() {
                 })
             })
             .collect();
-        let r = ingest_zoo(&store, &[zoo.clone()], None, &opts, &|_| {}).unwrap();
+        let r = ingest_zoo(&store, std::slice::from_ref(&zoo), None, &opts, &|_| {}).unwrap();
         assert_eq!(r.ingested(), tasks);
         done.store(true, Ordering::Release);
         readers.into_iter().map(|h| h.join().unwrap()).collect()

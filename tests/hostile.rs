@@ -666,7 +666,7 @@ fn every_malformed_adapter_gets_its_specific_error_and_stores_nothing() {
         // Ingestion: rejected (or, without a config, not an adapter at all), nothing stored.
         let r = ingest_zoo(
             &store,
-            &[c.dir.clone()],
+            std::slice::from_ref(&c.dir),
             None,
             &IngestOptions::default(),
             &|_| {},
@@ -721,7 +721,7 @@ fn non_finite_values_are_stored_only_with_the_explicit_flag() {
         allow_non_finite: true,
         ..Default::default()
     };
-    let r = ingest_zoo(&store, &[nan.dir.clone()], None, &opts, &|_| {}).unwrap();
+    let r = ingest_zoo(&store, std::slice::from_ref(&nan.dir), None, &opts, &|_| {}).unwrap();
     assert_eq!(r.ingested(), 1, "{:?}", r.items);
     let (_, obj) = store.get(1).unwrap();
     assert!(obj.tensors.iter().any(|t| t.first_non_finite().is_some()));
@@ -742,7 +742,7 @@ fn a_lone_pickle_file_is_refused_unread() {
         let store = Store::create(tmp.path().join(format!("{ext}.peftdb"))).unwrap();
         let r = ingest_zoo(
             &store,
-            &[p.clone()],
+            std::slice::from_ref(&p),
             None,
             &IngestOptions::default(),
             &|_| {},
@@ -832,7 +832,7 @@ fn symlink_loops_and_links_out_of_the_zoo_are_refused() {
     let store = Store::create(tmp.path().join("s.peftdb")).unwrap();
     let r = ingest_zoo(
         &store,
-        &[zoo.clone()],
+        std::slice::from_ref(&zoo),
         None,
         &IngestOptions::default(),
         &|_| {},

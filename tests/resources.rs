@@ -66,7 +66,7 @@ fn a_full_disk_gives_a_clear_error_and_keeps_earlier_commits() {
             batch_size: 4,
             ..Default::default()
         };
-        ingest_zoo(&s, &[zoo.clone()], None, &opts, &|_| {}).unwrap();
+        ingest_zoo(&s, std::slice::from_ref(&zoo), None, &opts, &|_| {}).unwrap();
         snapshot(&s)
     };
 
@@ -76,7 +76,7 @@ fn a_full_disk_gives_a_clear_error_and_keeps_earlier_commits() {
         batch_size: 4,
         ..Default::default()
     };
-    let e = ingest_zoo(&store, &[zoo.clone()], None, &opts, &|_| {}).unwrap_err();
+    let e = ingest_zoo(&store, std::slice::from_ref(&zoo), None, &opts, &|_| {}).unwrap_err();
     match &e {
         IngestError::Store(StoreError::Storage { path, detail, .. }) => {
             assert_eq!(path, &db);
@@ -205,7 +205,7 @@ fn memory_stays_bounded_when_ingesting_a_zoo_much_larger_than_a_batch() {
     write_zoo(&b, &ModelShape::bert_base(), n, 8, &[MethodKind::Lora], 10).unwrap();
     let one = dir_bytes(&a);
     let (c1, g1) = ingest_rss(
-        &[a.clone()],
+        std::slice::from_ref(&a),
         &tmp.path().join("1.peftdb"),
         &tmp.path().join("1.txt"),
     );
