@@ -10,6 +10,7 @@
 //! Every ingestion batch is one write transaction: an object, its tensors and its embedding become visible
 //! together or not at all.
 
+pub mod backend;
 pub mod codec;
 pub mod index_meta;
 
@@ -24,6 +25,10 @@ use redb::{
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+
+/// redb's page cache per open store. redb's default (1 GiB) let ingestion's resident memory grow with the
+/// zoo (every written page stayed cached); the OS page cache still caches the file.
+pub const CACHE_BYTES: usize = 64 << 20;
 
 /// The schema version this peftdb reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -326,6 +331,13 @@ impl Store {
                     holder,
                 }
             }
+            redb::DatabaseError::RepairAborted => StoreError::Storage {
+                path: path.to_path_buf(),
+                during: "opening read-only".into(),
+                detail: "the last writer did not close cleanly (crash or failed write), and recovery needs a \
+                         writable open; open the store for writing once (Store::open, or any peftdb write command)"
+                    .into(),
+            },
             redb::DatabaseError::UpgradeRequired(v) => StoreError::NotAStore {
                 path: path.to_path_buf(),
                 reason: format!("redb file format {v} needs an upgrade"),
@@ -350,16 +362,52 @@ impl Store {
                 path: path.to_path_buf(),
             });
         }
+        // Atomic creation: build the file (redb header + schema commit) under a temporary name, then link
+        // it into place, so a crash never leaves a half-created store at `path`.
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".creating-{}", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
         let db = redb::Builder::new()
             .set_concurrency_mode(ConcurrencyMode::SingleWriter)
-            .create(path)
+            .set_cache_size(CACHE_BYTES)
+            .create(&tmp)
             .map_err(|e| Self::map_open_err(path, e))?;
         let store = Store {
             db: Db::Rw(db),
             path: path.to_path_buf(),
             owner_file: None,
         };
-        store.init_schema()?;
+        let linked = store.init_schema().and_then(|()| {
+            std::fs::hard_link(&tmp, path)
+                .or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        Err(e)
+                    } else {
+                        std::fs::rename(&tmp, path)
+                    }
+                })
+                .map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        StoreError::Exists {
+                            path: path.to_path_buf(),
+                        }
+                    } else {
+                        StoreError::Storage {
+                            path: path.to_path_buf(),
+                            during: "creating".into(),
+                            detail: e.to_string(),
+                        }
+                    }
+                })
+        });
+        let _ = std::fs::remove_file(&tmp);
+        linked?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
         Ok(store.with_owner_file())
     }
 
@@ -373,6 +421,7 @@ impl Store {
         }
         let db = redb::Builder::new()
             .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .set_cache_size(CACHE_BYTES)
             .open(path)
             .map_err(|e| Self::map_open_err(path, e))?;
         let store = Store {
@@ -380,8 +429,24 @@ impl Store {
             path: path.to_path_buf(),
             owner_file: None,
         };
+        // A crash between redb creating the file and the schema commit (the first one) leaves a redb
+        // file with no tables at all: finish the creation instead of refusing the path forever.
+        if store.check_schema().is_err() && store.has_no_tables()? {
+            store.init_schema()?;
+        }
         store.check_schema()?;
         Ok(store.with_owner_file())
+    }
+
+    fn has_no_tables(&self) -> Result<bool, StoreError> {
+        let r = self.read()?;
+        let mut tables = r
+            .list_tables()
+            .map_err(|e| self.storage_err("opening")(e.into()))?;
+        let mut multimap = r
+            .list_multimap_tables()
+            .map_err(|e| self.storage_err("opening")(e.into()))?;
+        Ok(tables.next().is_none() && multimap.next().is_none())
     }
 
     /// Open the store, creating it if it does not exist.
@@ -403,6 +468,7 @@ impl Store {
         }
         let db = redb::Builder::new()
             .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .set_cache_size(CACHE_BYTES)
             .open_read_only(path)
             .map_err(|e| Self::map_open_err(path, e))?;
         let store = Store {

@@ -1,7 +1,9 @@
-//! Shared helpers of the engine's integration tests.
+//! Helpers shared by the integration tests: the test model and ../shared (engine, suggest), fixtures and
+//! store snapshots (crash, concurrency, hostile input, resources, fault injection).
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use peftdb::store::Store;
+use std::path::{Path, PathBuf};
 
 /// The test model: `$PEFTDB_MODEL_DIR`, else `<repo>/models/all-MiniLM-L6-v2`. Panics (fails the test)
 /// with the fix when it is absent: CI runs scripts/fetch-model.sh first, so absence is a setup error.
@@ -30,4 +32,158 @@ pub fn shared_dir() -> PathBuf {
         dir.display()
     );
     dir
+}
+
+/// The real PEFT fixtures (`../shared/peft-fixtures` next to the checkout, or `$PEFTDB_FIXTURES`).
+pub fn fixtures() -> PathBuf {
+    if let Ok(p) = std::env::var("PEFTDB_FIXTURES") {
+        return PathBuf::from(p);
+    }
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for cand in [
+        here.join("../shared/peft-fixtures"),
+        here.join("shared/peft-fixtures"),
+    ] {
+        if cand.is_dir() {
+            return cand;
+        }
+    }
+    panic!("peft fixtures not found: set PEFTDB_FIXTURES or check out ../shared/peft-fixtures");
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    fixtures().join(name)
+}
+
+/// Copy a flat folder (the fixtures have no subfolders).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Everything visible in a store, for "nothing changed" and "same final state" comparisons:
+/// objects (id, task, hash, tensor count), their embeddings, tasks, spaces.
+#[derive(Debug, PartialEq, Clone)]
+pub struct Snapshot {
+    pub objects: Vec<(u64, String, String, u32)>,
+    pub embeddings: Vec<(u64, u64, Vec<u32>)>,
+    pub tasks: Vec<String>,
+    pub spaces: Vec<(u64, usize, u64)>,
+}
+
+pub fn snapshot(store: &Store) -> Snapshot {
+    let objects = store
+        .objects()
+        .unwrap()
+        .into_iter()
+        .map(|o| (o.id, o.task, o.content_hash, o.tensor_count))
+        .collect();
+    let spaces = store.spaces().unwrap();
+    let mut embeddings = Vec::new();
+    for s in &spaces {
+        for (id, v) in store.embeddings(s.id).unwrap() {
+            embeddings.push((s.id.0, id, v.iter().map(|x| x.to_bits()).collect()));
+        }
+    }
+    Snapshot {
+        objects,
+        embeddings,
+        tasks: store.tasks().unwrap().into_iter().map(|t| t.name).collect(),
+        spaces: spaces.iter().map(|s| (s.id.0, s.dim, s.count)).collect(),
+    }
+}
+
+/// The same as [`snapshot`] but without ids (ids depend on how many objects were allocated, which
+/// does not change on re-runs, but comparing by content makes a mismatch easier to read).
+pub fn content_view(store: &Store) -> Vec<(String, String, u32)> {
+    let mut v: Vec<_> = store
+        .objects()
+        .unwrap()
+        .into_iter()
+        .map(|o| (o.task, o.content_hash, o.tensor_count))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Full integrity check of an opened store: every listed object loads with all its tensors (the count the
+/// record promises, each decodable), every embedding it claims exists with the space's dimension, every
+/// embedding belongs to a listed object, and space counts match. Returns the number of objects.
+pub fn check_integrity(store: &Store) -> usize {
+    let objects = store.objects().expect("objects list");
+    let spaces = store.spaces().expect("spaces list");
+    let mut per_space = std::collections::BTreeMap::new();
+    for o in &objects {
+        let (rec, obj) = store
+            .get(o.id)
+            .unwrap_or_else(|e| panic!("object {} listed but does not load: {e}", o.id));
+        assert_eq!(
+            obj.tensors.len() as u32,
+            rec.tensor_count,
+            "object {}",
+            o.id
+        );
+        assert!(!obj.tensors.is_empty(), "object {} has no tensors", o.id);
+        let recomputed = peftdb::store::content_hash(&obj);
+        let hex: String = recomputed.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex, rec.content_hash,
+            "object {} content differs from its hash",
+            o.id
+        );
+        for er in &rec.embeddings {
+            let v = store
+                .embedding(er.space, o.id)
+                .unwrap()
+                .unwrap_or_else(|| panic!("object {} has no embedding in {}", o.id, er.space));
+            let sp = spaces
+                .iter()
+                .find(|s| s.id == er.space)
+                .unwrap_or_else(|| panic!("space {} of object {} not listed", er.space, o.id));
+            assert_eq!(v.len(), sp.dim, "object {} embedding dim", o.id);
+            assert!(v.iter().all(|x| x.is_finite()), "object {} embedding", o.id);
+            *per_space.entry(er.space.0).or_insert(0u64) += 1;
+        }
+    }
+    for s in &spaces {
+        let embs = store.embeddings(s.id).unwrap();
+        for (id, _) in &embs {
+            assert!(
+                objects.iter().any(|o| o.id == *id),
+                "embedding of unlisted object {id} in space {}",
+                s.id
+            );
+        }
+        assert_eq!(embs.len() as u64, s.count, "space {} count", s.id);
+        assert_eq!(per_space.get(&s.id.0).copied().unwrap_or(0), s.count);
+    }
+    objects.len()
+}
+
+/// Seeded xorshift (tests need reproducible randomness without extra dependencies).
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// Whether the long variants run (`PEFTDB_LONG_TESTS=1`).
+pub fn long_tests() -> bool {
+    std::env::var("PEFTDB_LONG_TESTS")
+        .map(|v| v == "1")
+        .unwrap_or(false)
 }

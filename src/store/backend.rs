@@ -1,0 +1,34 @@
+//! Opening a store over any redb [`StorageBackend`] (used by the fault-injection tests, which wrap the
+//! file backend to fail writes and syncs on demand).
+
+use super::{Db, Store};
+use crate::error::StoreError;
+use redb::{ConcurrencyMode, StorageBackend};
+use std::path::Path;
+
+impl Store {
+    /// Open a store over a redb storage backend, creating the schema when the backend holds none yet.
+    /// `label` names the store in errors (it is not opened). No `.owner` sidecar is written, and whether a
+    /// second writer is kept out depends on the backend's locking.
+    pub fn with_backend(
+        label: impl AsRef<Path>,
+        backend: impl StorageBackend,
+    ) -> Result<Store, StoreError> {
+        let path = label.as_ref();
+        let db = redb::Builder::new()
+            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .set_cache_size(super::CACHE_BYTES)
+            .create_with_backend(backend)
+            .map_err(|e| Store::map_open_err(path, e))?;
+        let store = Store {
+            db: Db::Rw(db),
+            path: path.to_path_buf(),
+            owner_file: None,
+        };
+        if store.check_schema().is_err() && store.has_no_tables()? {
+            store.init_schema()?;
+        }
+        store.check_schema()?;
+        Ok(store)
+    }
+}
