@@ -154,6 +154,8 @@ pub enum StoreError {
     BaseModelMismatch { base_model: String, detail: String },
     #[error("the store is read-only (opened with open_read_only)")]
     ReadOnly,
+    #[error("{path}: the last writer did not close cleanly (crash or failed write) and recovery needs a writable open: open the store for writing once (any peftdb write command, or Store::open / Store::open_for_reading)")]
+    NeedsRecovery { path: PathBuf },
 }
 
 /// Batch ingestion of a zoo (errors that stop the whole batch; per-adapter problems are reported in the

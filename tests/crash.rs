@@ -54,12 +54,50 @@ fn run_to_end(db: &Path, zoo: &Path) {
     );
 }
 
-/// TODO(index): once ingestion also writes the nearest-task index (HNSW files beside the store), check
-/// here that after a crash the index is either valid for exactly the listed objects (every embedding in
-/// `snapshot.embeddings` is found by an exact query for itself, and no unlisted id is returned) or is
-/// detected as stale and rebuilt by the next open/ingest. Kill moments then also fall during index
-/// writes, because the index is written by the same `peftdb ingest` child as the store.
-fn check_index(_db: &Path, _snapshot: &Snapshot) {}
+/// The index step every trial runs after ingesting: `nearest` with the HNSW graph forced, on a writable
+/// store, so the graph files are built, dumped under temporary names, renamed and recorded in the store:
+/// kill moments also fall inside index writes.
+fn index_cmd(db: &Path) -> Command {
+    let mut c = peftdb();
+    c.arg("--db")
+        .arg(db)
+        .args([
+            "nearest", "--task", "task-000", "--mode", "hnsw", "-k", "3", "--json",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// After a crash, the index is valid for exactly the listed objects or is detected and rebuilt: opening
+/// it (graph forced) never fails, every stored embedding finds itself first, and no unlisted id comes back.
+fn check_index(store: &Store, snapshot: &Snapshot) {
+    use peftdb::index::{IndexConfig, IndexManager, SearchMode};
+    let cfg = IndexConfig {
+        mode: SearchMode::Hnsw,
+        ..IndexConfig::default()
+    };
+    let (m, _) = IndexManager::open(store, cfg, &|_| {}).unwrap();
+    let listed: std::collections::BTreeSet<u64> = snapshot.objects.iter().map(|o| o.0).collect();
+    for sp in store.spaces().unwrap() {
+        let idx = m.space(sp.id).expect("every space has an index");
+        for (id, v) in store.embeddings(sp.id).unwrap() {
+            let (hits, _) = idx
+                .search(&v, 3, SearchMode::Hnsw, &|_| true, None)
+                .unwrap();
+            assert_eq!(
+                hits.first().map(|h| h.id),
+                Some(id),
+                "space {} object {id}",
+                sp.id
+            );
+            assert!(
+                hits.iter().all(|h| listed.contains(&h.id)),
+                "unlisted id in {hits:?}"
+            );
+        }
+    }
+}
 
 /// Visible state must be a prefix (by id) of the uninterrupted run: same ids, tasks, hashes, tensors.
 fn assert_prefix(got: &Snapshot, reference: &Snapshot, trial: usize) {
@@ -101,6 +139,12 @@ fn setup(tasks: usize, methods: &[MethodKind]) -> Setup {
     let db = tmp.path().join("reference.peftdb");
     let t0 = Instant::now();
     run_to_end(&db, &zoo);
+    let out = index_cmd(&db).output().unwrap();
+    assert!(
+        out.status.success(),
+        "index step: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let full_run = t0.elapsed();
     let store = Store::open_read_only(&db).unwrap();
     let n = check_integrity(&store);
@@ -150,8 +194,19 @@ fn sigkill_during_batch_ingestion_never_leaves_a_half_written_store() {
     for trial in 0..n_trials {
         let db = s.dir.join(format!("t{trial}.peftdb"));
         let delay = Duration::from_micros(rng.below(span_us));
+        let start = Instant::now();
         let mut child = ingest_cmd(&db, &s.zoo).spawn().unwrap();
-        std::thread::sleep(delay);
+        // Ingest, then (if time is left before the kill moment) the index step.
+        loop {
+            if child.try_wait().unwrap().is_some() || start.elapsed() >= delay {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        if child.try_wait().unwrap().is_some() && start.elapsed() < delay {
+            child = index_cmd(&db).spawn().unwrap();
+        }
+        std::thread::sleep(delay.saturating_sub(start.elapsed()));
         let finished = child.try_wait().unwrap().is_some();
         // SIGKILL (std's kill on Unix), then reap.
         let _ = child.kill();
@@ -172,7 +227,7 @@ fn sigkill_during_batch_ingestion_never_leaves_a_half_written_store() {
                     check_integrity(&ro);
                     assert_prefix(&snapshot(&ro), &s.reference, trial);
                 }
-                Err(e @ peftdb::error::StoreError::Storage { .. }) => {
+                Err(e @ peftdb::error::StoreError::NeedsRecovery { .. }) => {
                     assert!(
                         e.to_string().contains("for writing once"),
                         "trial {trial}: {e}"
@@ -186,7 +241,7 @@ fn sigkill_during_batch_ingestion_never_leaves_a_half_written_store() {
             let n = check_integrity(&store);
             let got = snapshot(&store);
             assert_prefix(&got, &s.reference, trial);
-            check_index(&db, &got);
+            check_index(&store, &got);
             partial_states.insert(n);
             drop(store);
             run_to_end(&db, &s.zoo);
@@ -198,7 +253,7 @@ fn sigkill_during_batch_ingestion_never_leaves_a_half_written_store() {
             after, s.reference,
             "trial {trial}: re-running the ingestion does not reach the uninterrupted state"
         );
-        check_index(&db, &after);
+        check_index(&store, &after);
         drop(store);
         let _ = std::fs::remove_file(&db);
     }

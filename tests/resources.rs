@@ -124,7 +124,7 @@ fn a_full_disk_gives_a_clear_error_and_keeps_earlier_commits() {
         Ok(ro) => {
             check_integrity(&ro);
         }
-        Err(e @ StoreError::Storage { .. }) => {
+        Err(e @ StoreError::NeedsRecovery { .. }) => {
             assert!(
                 e.to_string().contains("open the store for writing once"),
                 "{e}"
@@ -132,6 +132,10 @@ fn a_full_disk_gives_a_clear_error_and_keeps_earlier_commits() {
         }
         Err(e) => panic!("misleading error for a store needing recovery: {e:?}"),
     }
+    // What the CLI's read commands use: recovers with one writable open, then reads.
+    let r = Store::open_for_reading(&db).unwrap();
+    check_integrity(&r);
+    drop(r);
     let w = Store::open(&db).unwrap();
     let n2 = check_integrity(&w);
     assert!(n2 >= n);

@@ -331,12 +331,8 @@ impl Store {
                     holder,
                 }
             }
-            redb::DatabaseError::RepairAborted => StoreError::Storage {
+            redb::DatabaseError::RepairAborted => StoreError::NeedsRecovery {
                 path: path.to_path_buf(),
-                during: "opening read-only".into(),
-                detail: "the last writer did not close cleanly (crash or failed write), and recovery needs a \
-                         writable open; open the store for writing once (Store::open, or any peftdb write command)"
-                    .into(),
             },
             redb::DatabaseError::UpgradeRequired(v) => StoreError::NotAStore {
                 path: path.to_path_buf(),
@@ -478,6 +474,21 @@ impl Store {
         };
         store.check_schema()?;
         Ok(store)
+    }
+
+    /// Open for reading, recovering first when needed: a store whose last writer did not close cleanly
+    /// (a crash, a full disk) can only be repaired by a writable open, so when the read-only open reports
+    /// [`StoreError::NeedsRecovery`] and no other process holds the store, it is opened for writing once
+    /// (redb repairs it, keeping every committed transaction), closed, and reopened read-only.
+    pub fn open_for_reading(path: impl AsRef<Path>) -> Result<Store, StoreError> {
+        let path = path.as_ref();
+        match Store::open_read_only(path) {
+            Err(StoreError::NeedsRecovery { .. }) => {
+                drop(Store::open(path)?);
+                Store::open_read_only(path)
+            }
+            other => other,
+        }
     }
 
     fn with_owner_file(mut self) -> Store {

@@ -64,7 +64,7 @@ pub fn run(args: EvalArgs, json: bool) -> anyhow::Result<()> {
         )
     } else if let Some(id) = args.object {
         let db = args.db.as_ref().context("--object needs --db")?;
-        let store = peftdb::store::Store::open_read_only(db)?;
+        let store = peftdb::store::Store::open_for_reading(db)?;
         (Some(store.get(id)?.1), format!("object {id}"))
     } else {
         (None, "base model".to_string())

@@ -50,7 +50,7 @@ pub fn run(db: &Path, a: &MergeArgs, json: bool) -> Result<u8> {
     let mut cands: Vec<LightweightObject> = Vec::new();
     let mut labels = Vec::new();
     if !a.objects.is_empty() {
-        let store = Store::open_read_only(db)?;
+        let store = Store::open_for_reading(db)?;
         for id in &a.objects {
             cands.push(store.get(*id)?.1);
             labels.push(format!("object {id}"));

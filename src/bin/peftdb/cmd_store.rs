@@ -16,7 +16,7 @@ fn open_rw(db: &Path) -> Result<Store> {
 }
 
 fn open_ro(db: &Path) -> Result<Store> {
-    Ok(Store::open_read_only(db)?)
+    Ok(Store::open_for_reading(db)?)
 }
 
 fn print_json(v: &impl serde::Serialize) -> Result<()> {

@@ -135,7 +135,7 @@ pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
         );
     }
     let similarity: Similarity = a.similarity.parse()?;
-    let store = Store::open_read_only(db)?;
+    let store = Store::open_for_reading(db)?;
     let pb = bar();
     pb.set_prefix("index");
     let (index, _) = IndexManager::open(&store, IndexConfig::default(), &|_| {})?;
@@ -286,7 +286,7 @@ pub struct RerankArgs {
 pub fn rerank_cmd(db: &Path, a: &RerankArgs, json: bool) -> Result<u8> {
     let mut cands: Vec<(String, LightweightObject)> = Vec::new();
     if !a.objects.is_empty() {
-        let store = Store::open_read_only(db)?;
+        let store = Store::open_for_reading(db)?;
         for id in &a.objects {
             let (rec, o) = store.get(*id)?;
             cands.push((format!("object {id} ({})", rec.task), o));

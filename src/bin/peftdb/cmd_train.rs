@@ -140,7 +140,7 @@ pub fn run(args: TrainArgs, json: bool) -> anyhow::Result<()> {
         Some(read_adapter(dir, &ReadOptions::default())?)
     } else if let Some(id) = args.init_object {
         let db = args.db.as_ref().context("--init-object needs --db")?;
-        let store = peftdb::store::Store::open_read_only(db)?;
+        let store = peftdb::store::Store::open_for_reading(db)?;
         Some(store.get(id)?.1)
     } else {
         None
