@@ -1,0 +1,105 @@
+//! Throughput of the indicator stage (candidate-examples per second) next to the engine's plain forward
+//! throughput (examples per second) on the same examples, measured in one run.
+//!
+//! Needs the test model (`scripts/fetch-model.sh`, or `PEFTDB_MODEL_DIR`) and ../shared; skips with a
+//! message otherwise. `cargo bench --bench rerank`.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use peftdb::engine::scoring::ScoreOptions;
+use peftdb::engine::task::{few_shot, Task};
+use peftdb::engine::{Engine, EngineOptions};
+use peftdb::object::{formats::ReadOptions, read_adapter, LightweightObject};
+use peftdb::rerank::stage::{rerank, RerankInput, RerankOptions};
+use std::path::PathBuf;
+use std::time::Instant;
+
+fn setup() -> Option<(Engine, Task, Vec<LightweightObject>)> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let model = std::env::var_os("PEFTDB_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("models/all-MiniLM-L6-v2"));
+    let shared = root.join("../shared");
+    if !model.join("model.safetensors").is_file() || !shared.is_dir() {
+        eprintln!(
+            "rerank bench skipped: no model at {} (run scripts/fetch-model.sh) or no ../shared",
+            model.display()
+        );
+        return None;
+    }
+    let engine = Engine::load_with(
+        &model,
+        &candle_core::Device::Cpu,
+        &EngineOptions { max_len: 64 },
+    )
+    .ok()?;
+    let task = Task::load(&shared.join("tasks/movie_sentiment")).ok()?;
+    let cands = ["lora_r8_qv", "lora_rslora", "ia3", "prefix_20"]
+        .iter()
+        .map(|n| {
+            read_adapter(
+                &shared.join("peft-fixtures").join(n),
+                &ReadOptions::default(),
+            )
+            .unwrap()
+        })
+        .collect();
+    Some((engine, task, cands))
+}
+
+fn bench(c: &mut Criterion) {
+    let Some((engine, task, cands)) = setup() else {
+        return;
+    };
+    let examples = few_shot(&task.dev, task.labels.len(), 16, 0).unwrap();
+    let labels = task.label_texts();
+    let refs: Vec<&LightweightObject> = cands.iter().collect();
+    let input = RerankInput {
+        engine: &engine,
+        label_texts: &labels,
+        examples: &examples,
+        reference: Some(&cands[0]),
+    };
+    let opts = RerankOptions::default(); // Loss, KL, EL2N, cosine of logits and labels
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let forward = || {
+        engine
+            .label_probs(None, &labels, &texts, &ScoreOptions::default())
+            .unwrap()
+    };
+    let stage = || rerank(&input, &refs, &opts, &mut |_, _| {}).unwrap();
+
+    let mut g = c.benchmark_group("rerank");
+    g.sample_size(10);
+    g.bench_function("plain forward (examples)", |b| b.iter(forward));
+    g.bench_function("indicator stage (4 candidates)", |b| b.iter(stage));
+    g.finish();
+
+    // One direct side-by-side measurement, as ratios (only under `cargo bench`, not `cargo test`).
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let reps = 3;
+    let t = Instant::now();
+    for _ in 0..reps {
+        forward();
+    }
+    let fwd = t.elapsed().as_secs_f64() / reps as f64;
+    let t = Instant::now();
+    for _ in 0..reps {
+        stage();
+    }
+    let st = t.elapsed().as_secs_f64() / reps as f64;
+    let n = examples.len() as f64;
+    let k = refs.len() as f64;
+    println!(
+        "plain forward: {:.1} examples/s; indicator stage: {:.1} candidate-examples/s ({} candidates x {} examples, KL reference included); ratio {:.2}",
+        n / fwd,
+        k * n / st,
+        k,
+        n,
+        (k * n / st) / (n / fwd)
+    );
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
