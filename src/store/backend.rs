@@ -1,9 +1,9 @@
 //! Opening a store over any redb [`StorageBackend`] (used by the fault-injection tests, which wrap the
 //! file backend to fail writes and syncs on demand).
 
-use super::{Db, Store};
+use super::Store;
 use crate::error::StoreError;
-use redb::{ConcurrencyMode, StorageBackend};
+use redb::StorageBackend;
 use std::path::Path;
 
 impl Store {
@@ -15,20 +15,9 @@ impl Store {
         backend: impl StorageBackend,
     ) -> Result<Store, StoreError> {
         let path = label.as_ref();
-        let db = redb::Builder::new()
-            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
-            .set_cache_size(super::CACHE_BYTES)
+        let db = Store::builder()
             .create_with_backend(backend)
             .map_err(|e| Store::map_open_err(path, e))?;
-        let store = Store {
-            db: Db::Rw(db),
-            path: path.to_path_buf(),
-            owner_file: None,
-        };
-        if store.check_schema().is_err() && store.has_no_tables()? {
-            store.init_schema()?;
-        }
-        store.check_schema()?;
-        Ok(store)
+        Store::from_writable(db, path)
     }
 }

@@ -364,9 +364,7 @@ impl Store {
         tmp.push(format!(".creating-{}", std::process::id()));
         let tmp = PathBuf::from(tmp);
         let _ = std::fs::remove_file(&tmp);
-        let db = redb::Builder::new()
-            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
-            .set_cache_size(CACHE_BYTES)
+        let db = Store::builder()
             .create(&tmp)
             .map_err(|e| Self::map_open_err(path, e))?;
         let store = Store {
@@ -415,23 +413,10 @@ impl Store {
                 path: path.to_path_buf(),
             });
         }
-        let db = redb::Builder::new()
-            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
-            .set_cache_size(CACHE_BYTES)
+        let db = Store::builder()
             .open(path)
             .map_err(|e| Self::map_open_err(path, e))?;
-        let store = Store {
-            db: Db::Rw(db),
-            path: path.to_path_buf(),
-            owner_file: None,
-        };
-        // A crash between redb creating the file and the schema commit (the first one) leaves a redb
-        // file with no tables at all: finish the creation instead of refusing the path forever.
-        if store.check_schema().is_err() && store.has_no_tables()? {
-            store.init_schema()?;
-        }
-        store.check_schema()?;
-        Ok(store.with_owner_file())
+        Ok(Store::from_writable(db, path)?.with_owner_file())
     }
 
     fn has_no_tables(&self) -> Result<bool, StoreError> {
@@ -462,9 +447,7 @@ impl Store {
                 path: path.to_path_buf(),
             });
         }
-        let db = redb::Builder::new()
-            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
-            .set_cache_size(CACHE_BYTES)
+        let db = Store::builder()
             .open_read_only(path)
             .map_err(|e| Self::map_open_err(path, e))?;
         let store = Store {
@@ -472,6 +455,30 @@ impl Store {
             path: path.to_path_buf(),
             owner_file: None,
         };
+        store.check_schema()?;
+        Ok(store)
+    }
+
+    /// The redb builder every handle uses: one writer, many readers; a bounded page cache.
+    fn builder() -> redb::Builder {
+        let mut b = redb::Builder::new();
+        b.set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .set_cache_size(CACHE_BYTES);
+        b
+    }
+
+    /// Wrap a writable database, checking its schema. A crash between redb creating the file and the
+    /// schema commit (the first one) leaves a redb file with no tables at all: finish the creation instead
+    /// of refusing the path forever.
+    pub(crate) fn from_writable(db: Database, path: &Path) -> Result<Store, StoreError> {
+        let store = Store {
+            db: Db::Rw(db),
+            path: path.to_path_buf(),
+            owner_file: None,
+        };
+        if store.check_schema().is_err() && store.has_no_tables()? {
+            store.init_schema()?;
+        }
         store.check_schema()?;
         Ok(store)
     }

@@ -211,29 +211,7 @@ fn render(res: &NearestResult) -> String {
         out.push_str("no task passes the filters\n");
         return out;
     }
-    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            w[i] = w[i].max(c.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        let mut s = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            if i > 0 {
-                s.push_str("  ");
-            }
-            s.push_str(c);
-            if i + 1 < cells.len() {
-                s.push_str(&" ".repeat(w[i] - c.chars().count()));
-            }
-        }
-        s.trim_end().to_string() + "\n"
-    };
-    out.push_str(&line(&header));
-    out.push_str(&line(&w.iter().map(|x| "-".repeat(*x)).collect::<Vec<_>>()));
-    for r in &rows {
-        out.push_str(&line(r));
-    }
+    let header: Vec<&str> = header.iter().map(|h| h.as_str()).collect();
+    out.push_str(&crate::table::render(&header, &rows));
     out
 }
