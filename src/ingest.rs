@@ -167,6 +167,20 @@ pub struct Candidate {
     pub problem: Option<String>,
 }
 
+impl Candidate {
+    /// A path that discovery found unusable (reported as rejected, never read).
+    fn problem(path: PathBuf, reason: String) -> Candidate {
+        Candidate {
+            path,
+            task: TaskRecord::named("?"),
+            stage: None,
+            metrics: BTreeMap::new(),
+            base_model: None,
+            problem: Some(reason),
+        }
+    }
+}
+
 /// The largest manifest read.
 pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -310,14 +324,7 @@ pub fn discover(roots: &[PathBuf], opts: &IngestOptions) -> Result<Vec<Candidate
                     } else {
                         format!("cannot walk: {e}")
                     };
-                    out.push(Candidate {
-                        path,
-                        task: TaskRecord::named("?"),
-                        stage: None,
-                        metrics: BTreeMap::new(),
-                        base_model: None,
-                        problem: Some(reason),
-                    });
+                    out.push(Candidate::problem(path, reason));
                     continue;
                 }
             };
@@ -328,29 +335,21 @@ pub fn discover(roots: &[PathBuf], opts: &IngestOptions) -> Result<Vec<Candidate
                 match entry.path().canonicalize() {
                     Ok(target) if target.starts_with(&canon_root) => {}
                     Ok(target) => {
-                        out.push(Candidate {
-                            path: entry.path().to_path_buf(),
-                            task: TaskRecord::named("?"),
-                            stage: None,
-                            metrics: BTreeMap::new(),
-                            base_model: None,
-                            problem: Some(format!(
+                        out.push(Candidate::problem(
+                            entry.path().to_path_buf(),
+                            format!(
                                 "symlink leads outside the zoo folder (to {}); copy the adapter into the zoo or ingest that folder directly",
                                 target.display()
-                            )),
-                        });
+                            ),
+                        ));
                         it.skip_current_dir();
                         continue;
                     }
                     Err(e) => {
-                        out.push(Candidate {
-                            path: entry.path().to_path_buf(),
-                            task: TaskRecord::named("?"),
-                            stage: None,
-                            metrics: BTreeMap::new(),
-                            base_model: None,
-                            problem: Some(format!("broken symlink: {e}")),
-                        });
+                        out.push(Candidate::problem(
+                            entry.path().to_path_buf(),
+                            format!("broken symlink: {e}"),
+                        ));
                         it.skip_current_dir();
                         continue;
                     }
