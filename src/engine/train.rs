@@ -194,11 +194,9 @@ fn normal(rng: &mut ChaCha8Rng, std: f32) -> f32 {
 }
 
 fn matches_target(module_path: &str, targets: &[String]) -> bool {
-    targets.iter().any(|t| {
-        module_path == t
-            || (module_path.ends_with(t.as_str())
-                && module_path.as_bytes()[module_path.len() - t.len() - 1] == b'.')
-    })
+    targets
+        .iter()
+        .any(|t| crate::object::module_matches(module_path, t))
 }
 
 /// A fresh adapter for `spec` on `engine`'s model: its method and initial tensors.

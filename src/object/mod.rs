@@ -257,17 +257,22 @@ impl LoraConfig {
     }
 }
 
+/// PEFT's module-name rule: `key` names the module at `module_path` when it is the whole path or a suffix
+/// starting at a `.` boundary (`re.match(rf"(.*\.)?{key}$", path)`): "value" matches
+/// "encoder.layer.3.attention.self.value" but not "...self.xvalue".
+pub fn module_matches(module_path: &str, key: &str) -> bool {
+    module_path == key
+        || (module_path.ends_with(key)
+            && module_path.as_bytes()[module_path.len() - key.len() - 1] == b'.')
+}
+
 fn pattern_lookup<V: Copy>(patterns: &BTreeMap<String, V>, module_path: &str) -> Option<V> {
     // PEFT: the first key k (in insertion order) with re.match(rf"(.*\.)?{k}$", name). JSON object order is
     // not kept by our config map, so prefer the longest matching key, which is what users mean by a
     // specific override ("layer.0.attention.self.query" over "query").
     patterns
         .iter()
-        .filter(|(k, _)| {
-            module_path == k.as_str()
-                || (module_path.ends_with(k.as_str())
-                    && module_path.as_bytes()[module_path.len() - k.len() - 1] == b'.')
-        })
+        .filter(|(k, _)| module_matches(module_path, k))
         .max_by_key(|(k, _)| k.len())
         .map(|(_, v)| *v)
 }
