@@ -22,7 +22,8 @@ use crate::engine::{Engine, EngineError};
 use crate::ensemble::{merge, softmax_weights, EnsembleError, MergeMode};
 use crate::error::{ExportError, StoreError};
 use crate::index::{IndexManager, QueryError};
-use crate::object::{write_adapter, LightweightObject, MethodKind};
+use crate::object::formats::write_adapter_with;
+use crate::object::{LightweightObject, MethodKind};
 use crate::query::{Nearest, Similarity};
 use crate::rerank::stage::{rerank, RerankError, RerankInput, RerankOptions};
 use crate::rerank::Indicator;
@@ -400,40 +401,6 @@ pub fn write_suggestion(
     report: &SuggestReport,
     dir: &Path,
 ) -> Result<(), ExportError> {
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let leaf = dir
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "suggestion".into());
-    if dir.exists()
-        && std::fs::read_dir(dir)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
-        return Err(ExportError::TargetExists {
-            path: dir.to_path_buf(),
-        });
-    }
-    let staging = parent.join(format!(".{leaf}.suggest-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    let ioe = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ExportError::Io { path, source }
-    };
-    let result = (|| {
-        write_adapter(obj, &staging)?;
-        let json = serde_json::to_vec_pretty(report).expect("report serializes");
-        std::fs::write(staging.join("peftdb_report.json"), json).map_err(ioe(&staging))?;
-        if dir.exists() {
-            std::fs::remove_dir(dir).map_err(ioe(dir))?;
-        }
-        std::fs::rename(&staging, dir).map_err(ioe(dir))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
-    }
-    result
+    let json = serde_json::to_vec_pretty(report).expect("report serializes");
+    write_adapter_with(obj, dir, &[("peftdb_report.json", &json)])
 }

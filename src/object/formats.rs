@@ -719,6 +719,16 @@ fn parse_adapterhub(
 /// in stored order. `dir` must not exist, or be an empty folder. Atomic: written to a temporary sibling and
 /// renamed into place.
 pub fn write_adapter(obj: &LightweightObject, dir: &Path) -> Result<(), ExportError> {
+    write_adapter_with(obj, dir, &[])
+}
+
+/// [`write_adapter`], with extra files (name, bytes) written into the same folder before it is renamed into
+/// place, so they appear together with the adapter or not at all.
+pub fn write_adapter_with(
+    obj: &LightweightObject,
+    dir: &Path,
+    extras: &[(&str, &[u8])],
+) -> Result<(), ExportError> {
     let ioe = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ExportError::Io { path, source }
@@ -749,6 +759,9 @@ pub fn write_adapter(obj: &LightweightObject, dir: &Path) -> Result<(), ExportEr
         write_synced(&tmp.join("adapter_config.json"), &obj.config_json)?;
         let st = safetensors_io::serialize(&obj.tensors, obj.metadata.as_ref());
         write_synced(&tmp.join(obj.format.weights_file()), &st)?;
+        for (name, bytes) in extras {
+            write_synced(&tmp.join(name), bytes)?;
+        }
         if dir.exists() {
             fs::remove_dir(dir).map_err(ioe(dir))?;
         }
