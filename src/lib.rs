@@ -36,6 +36,7 @@ pub mod embed;
 pub mod engine;
 pub mod ensemble;
 pub mod error;
+pub mod experiment;
 pub mod ingest;
 pub mod object;
 pub mod rerank;

@@ -186,3 +186,26 @@ fn written_files_and_records_validate() {
         check(&space_s, &serde_json::to_value(&s).unwrap(), "space");
     }
 }
+
+#[test]
+fn experiment_config_and_results_validate() {
+    let cfg_schema = schema("experiment_config.schema.json");
+    let rec_schema = schema("experiment_results.schema.json");
+    let dir = root().join("examples/replication");
+    let cfg: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    check(&cfg_schema, &cfg, "examples/replication/config.json");
+    // The committed results of the replication run: every line is a valid record.
+    let text = std::fs::read_to_string(dir.join("results.jsonl")).unwrap();
+    let mut n = 0;
+    for (i, line) in text.lines().enumerate() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        check(&rec_schema, &v, &format!("results.jsonl:{}", i + 1));
+        n += 1;
+    }
+    assert!(n > 0, "the committed results file is empty");
+    // And a config the schema must refuse.
+    let mut bad = cfg.clone();
+    bad["limited"]["checkpoint"] = "latest".into();
+    assert!(!cfg_schema.is_valid(&bad));
+}

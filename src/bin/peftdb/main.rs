@@ -4,6 +4,7 @@
 //! 4 the store is held by another writer; 5 not found.
 
 mod cmd_eval;
+mod cmd_experiment;
 mod cmd_merge;
 mod cmd_nearest;
 mod cmd_store;
@@ -62,6 +63,9 @@ enum Cmd {
     Train(cmd_train::TrainArgs),
     /// Accuracy and loss of an adapter (folder or stored object) on a task split.
     Eval(cmd_eval::EvalArgs),
+    /// The replication harness: train a zoo, measure transfer gains and PEWE initializations, report.
+    #[command(subcommand)]
+    Experiment(cmd_experiment::ExperimentCmd),
 }
 
 /// An error with the exit code it maps to.
@@ -100,6 +104,7 @@ fn main() -> ExitCode {
             a.db = Some(cli.db.clone());
             cmd_train::run(a, cli.json).map(|()| 0)
         }
+        Cmd::Experiment(c) => cmd_experiment::run_cmd(c, cli.json),
         Cmd::Eval(a) => {
             let mut a = a.clone();
             a.db = Some(cli.db.clone());
