@@ -9,7 +9,8 @@
 //!    task itself excluded (leave-one-out); each task contributes its object of that space.
 //! 4. **Rerank**: every data-based indicator (Loss, KL against the target adapter, EL2N, cosine of logits and
 //!    labels) on `shots` dev examples per class, plus the chosen indicator if it is another one.
-//! 5. **Ensemble**: weights softmax(S / tau) of the chosen indicator; merge in parameter space (the paper)
+//! 5. **Ensemble**: weights softmax(S / tau) of the chosen indicator on its per-example scale
+//!    ([`Indicator::per_example`]); merge in parameter space (the paper)
 //!    or, for LoRA, by delta-W.
 //! 6. **Output**: a PEFT folder with the initialization and `peftdb_report.json` (candidates, every score,
 //!    weights, similarities, timings of each stage), written atomically by [`write_suggestion`].
@@ -67,6 +68,10 @@ impl From<RerankError> for SuggestError {
     }
 }
 
+/// Default softmax temperature, over per-example indicator scores ([`Indicator::per_example`]): the
+/// value the replication run (examples/replication) measured.
+pub const DEFAULT_TAU: f64 = 0.1;
+
 /// Options of [`suggest`].
 #[derive(Debug, Clone)]
 pub struct SuggestConfig {
@@ -95,7 +100,7 @@ impl Default for SuggestConfig {
             method: MethodKind::Lora,
             k: 5,
             indicator: Indicator::CosLogits,
-            tau: 1.0,
+            tau: DEFAULT_TAU,
             merge: MergeMode::Param,
             similarity: Similarity::Tupate,
             shots: 16,
@@ -137,6 +142,8 @@ pub struct SuggestReport {
     pub method: MethodKind,
     pub indicator: String,
     pub tau: f64,
+    /// Examples the indicators were computed on (sums are divided by this before the softmax).
+    pub examples: usize,
     pub merge: String,
     pub similarity: String,
     pub k_requested: usize,
@@ -354,7 +361,10 @@ pub fn suggest(
     let t0 = Instant::now();
     let s: Vec<f64> = scored
         .iter()
-        .map(|c| c.scores[cfg.indicator.as_str()])
+        .map(|c| {
+            cfg.indicator
+                .per_example(c.scores[cfg.indicator.as_str()], dev_ex.len())
+        })
         .collect();
     let weights = softmax_weights(&s, cfg.tau)?;
     let merged = merge(&refs, &weights, cfg.merge)?;
@@ -380,6 +390,7 @@ pub fn suggest(
         method: cfg.method,
         indicator: cfg.indicator.as_str().to_string(),
         tau: cfg.tau,
+        examples: dev_ex.len(),
         merge: merge_name(cfg.merge),
         similarity: cfg.similarity.as_str().to_string(),
         k_requested: cfg.k,

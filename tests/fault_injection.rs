@@ -40,6 +40,8 @@ struct Faults {
     sticky: AtomicBool,
     /// How many operations failed.
     failed: AtomicU64,
+    /// Whether the store was created (schema committed) before the first fault surfaced.
+    created: AtomicBool,
 }
 
 impl Faults {
@@ -141,6 +143,7 @@ fn opts() -> IngestOptions {
 /// Run a whole ingestion through a faulty backend; returns the outcome of open + ingest.
 fn ingest_through(path: &Path, zoo: &Path, faults: &Arc<Faults>) -> Result<(), StoreError> {
     let store = Store::with_backend(path, faulty(path, faults))?;
+    faults.created.store(true, Ordering::SeqCst);
     match ingest_zoo(&store, &[zoo.to_path_buf()], None, &opts(), &|_| {}) {
         Ok(r) => {
             assert_eq!(r.rejected(), 0);
@@ -227,11 +230,16 @@ fn injected_write_and_sync_faults_never_corrupt_the_store() {
                 // redb may absorb a fault it can retry; it must then have done everything.
             }
         }
-        // A fault before redb wrote its header leaves the (test-created) file empty: nothing was stored.
-        // (`Store::create` itself builds under a temporary name, so this cannot happen at a store path.)
-        if std::fs::metadata(&path).unwrap().len() == 0 {
-            assert!(outcome.is_err());
-            std::fs::remove_file(&path).unwrap();
+        // A fault while the store was being created (before its header and schema were committed) leaves
+        // a file that never was a store: empty, or a partial header ("magic number mismatch"). At a real
+        // store path this cannot happen, because `Store::create` builds under a temporary name and links
+        // the finished file into place; this test creates through the raw backend, so it discards the
+        // failed creation the same way.
+        if !faults.created.load(Ordering::SeqCst) {
+            assert!(outcome.is_err(), "trial {trial}: creation failed but reported success");
+            if path.exists() {
+                std::fs::remove_file(&path).unwrap();
+            }
         }
         // Reopen with the plain file backend: whole batches only, then a re-run converges.
         let store = Store::open_or_create(&path).unwrap_or_else(|e| {

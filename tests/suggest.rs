@@ -107,11 +107,13 @@ fn suggest_end_to_end_on_a_trained_zoo() {
         assert!(c.scores.values().all(|v| v.is_finite()));
         assert!(c.scores["kl"] <= 0.0);
     }
-    // Weights are the softmax of the chosen indicator.
+    // Weights are the softmax of the chosen indicator on its per-example scale (a sum over the 3 x 4 dev
+    // examples, divided by their count).
+    assert_eq!(report.examples, 12);
     let s: Vec<f64> = report
         .candidates
         .iter()
-        .map(|c| c.scores["cos-logits"])
+        .map(|c| c.scores["cos-logits"] / 12.0)
         .collect();
     let w = peftdb::ensemble::softmax_weights(&s, 0.5).unwrap();
     for (c, w) in report.candidates.iter().zip(w) {

@@ -19,8 +19,8 @@
 //!    the training texts).
 //!
 //! [`report`] turns the results into the markdown report, CSVs and PNG plots; [`metrics`] holds rho and
-//! NDCG. Seeds are processed in order (zoo, then seed 0 of every other phase, then seed 1...), so a run
-//! cut short still has complete seeds to report.
+//! NDCG. Runs are ordered zoo, textemb, then per seed and per target (scratch, every source, the
+//! indicators and the PEWE initializations), so a run cut short still has whole targets to report.
 
 pub mod metrics;
 pub mod plot;
@@ -327,16 +327,7 @@ pub fn fixed_subset(examples: &[Example], n: usize) -> Vec<Example> {
     keep.into_iter().map(|i| examples[i].clone()).collect()
 }
 
-/// Per-example scale of an indicator: Loss is a mean already; KL, EL2N and cosine of logits and labels
-/// are sums over the examples and are divided by their count, so one temperature means the same for all.
-pub fn per_example(ind: Indicator, score: f64, examples: usize) -> f64 {
-    match ind {
-        Indicator::Kl | Indicator::El2n | Indicator::CosLogits => score / examples.max(1) as f64,
-        _ => score,
-    }
-}
-
-/// softmax(S / tau) weights of an indicator's per-example scores.
+/// softmax(S / tau) weights of an indicator's per-example scores ([`Indicator::per_example`]).
 pub fn pewe_weights(
     scores: &[f64],
     ind: Indicator,
@@ -345,7 +336,7 @@ pub fn pewe_weights(
 ) -> std::result::Result<Vec<f64>, EnsembleError> {
     let s: Vec<f64> = scores
         .iter()
-        .map(|&x| per_example(ind, x, examples))
+        .map(|&x| ind.per_example(x, examples))
         .collect();
     softmax_weights(&s, tau)
 }
@@ -466,6 +457,8 @@ impl Runner<'_> {
         for task in 0..n {
             jobs.push(Job::TextEmb { task });
         }
+        // Per seed, one target at a time (scratch, every source, then its PEWE runs), so a run cut short
+        // leaves whole targets with both their gains and their PEWE results.
         for &seed in &self.cfg.limited.seeds {
             for task in 0..n {
                 jobs.push(Job::Limited {
@@ -480,9 +473,7 @@ impl Runner<'_> {
                         seed,
                     });
                 }
-            }
-            if self.cfg.pewe.enabled {
-                for task in 0..n {
+                if self.cfg.pewe.enabled {
                     jobs.push(Job::Indicators { task, seed });
                     jobs.push(Job::Limited {
                         task,

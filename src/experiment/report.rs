@@ -64,6 +64,8 @@ pub struct ReportData {
     pub predictors: Vec<PredictorResult>,
     /// Init method -> (per-seed means over targets, paired differences to scratch over (target, seed)).
     pub pewe: Vec<(String, Cell, Cell)>,
+    /// (seed, targets with every initialization measured) behind the PEWE table.
+    pub pewe_targets: Vec<(u64, usize)>,
     pub runs_done: usize,
 }
 
@@ -235,18 +237,35 @@ pub fn gather(
             acc(&names[t], init, seed).copied()
         }
     };
+    // Per seed, the targets with every initialization measured; means and paired differences over those.
     let mut pewe = Vec::new();
+    let mut pewe_targets = Vec::new();
     if cfg.pewe.enabled {
+        let complete: Vec<(u64, Vec<usize>)> = seeds
+            .iter()
+            .map(|&seed| {
+                let ts = (0..n)
+                    .filter(|&t| inits.iter().all(|i| value(t, i, seed).is_some()))
+                    .collect::<Vec<_>>();
+                (seed, ts)
+            })
+            .collect();
+        for (seed, ts) in &complete {
+            if !ts.is_empty() {
+                pewe_targets.push((*seed, ts.len()));
+            }
+        }
         for init in &inits {
             let mut per_seed = Vec::new();
             let mut diffs = Vec::new();
-            for &seed in &seeds {
-                let vals: Vec<f64> = (0..n).filter_map(|t| value(t, init, seed)).collect();
-                if vals.len() == n {
-                    per_seed.push(vals.iter().sum::<f64>() / n as f64);
+            for (seed, ts) in &complete {
+                if ts.is_empty() {
+                    continue;
                 }
-                for t in 0..n {
-                    if let (Some(a), Some(b)) = (value(t, init, seed), value(t, "scratch", seed)) {
+                let vals: Vec<f64> = ts.iter().filter_map(|&t| value(t, init, *seed)).collect();
+                per_seed.push(vals.iter().sum::<f64>() / vals.len() as f64);
+                for &t in ts {
+                    if let (Some(a), Some(b)) = (value(t, init, *seed), value(t, "scratch", *seed)) {
                         diffs.push(a - b);
                     }
                 }
@@ -265,6 +284,7 @@ pub fn gather(
         complete_targets,
         predictors,
         pewe,
+        pewe_targets,
         runs_done,
     }
 }
@@ -684,9 +704,15 @@ pub fn write_report(
         let _ = writeln!(md, "## 4. Initializing a new task (PEWE, leave-one-out)\n");
         let _ = writeln!(
             md,
-            "Test accuracy (%) after the same LIMITED training from each initialization: mean over \
-             targets, then mean +- sd over seeds (seeds where every target finished); and the paired \
-             difference to From Scratch over (target, seed), +- SE (`*`: beyond 2 SE).\n"
+            "Test accuracy (%) after the same LIMITED training from each initialization: mean over the \
+             targets with every initialization measured in a seed, then mean +- sd over seeds; and the \
+             paired difference to From Scratch over (target, seed), +- SE (`*`: beyond 2 SE). Targets \
+             per seed: {}.\n",
+            data.pewe_targets
+                .iter()
+                .map(|(s, k)| format!("seed {s}: {k} of {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         let _ = writeln!(md, "| initialization | accuracy | seeds | vs scratch |");
         let _ = writeln!(md, "|---|---:|---:|---:|");

@@ -46,6 +46,16 @@ impl Indicator {
             Indicator::Performance => "performance",
         }
     }
+    /// The score on a per-example scale, so that one softmax temperature means the same for every
+    /// indicator and any number of examples: Loss is a mean already; KL, EL2N and cosine of logits and
+    /// labels are sums over the examples and are divided by their count; the gradient- and weight-based
+    /// indicators are left as they are.
+    pub fn per_example(self, score: f64, examples: usize) -> f64 {
+        match self {
+            Indicator::Kl | Indicator::El2n | Indicator::CosLogits => score / examples.max(1) as f64,
+            _ => score,
+        }
+    }
     pub fn parse(s: &str) -> Option<Indicator> {
         Indicator::ALL.into_iter().find(|i| i.as_str() == s)
     }

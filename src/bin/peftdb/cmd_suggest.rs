@@ -83,8 +83,8 @@ pub struct SuggestArgs {
     /// Indicator whose softmax weights the candidates.
     #[arg(long, value_parser = parse_indicator, default_value = "cos-logits")]
     pub indicator: Indicator,
-    /// Softmax temperature.
-    #[arg(long, default_value_t = 1.0)]
+    /// Softmax temperature over per-example indicator scores (sums are divided by the example count).
+    #[arg(long, default_value_t = peftdb::suggest::DEFAULT_TAU)]
     pub tau: f64,
     /// Method of the target and the candidates.
     #[arg(long, value_parser = parse_method, default_value = "lora")]
