@@ -99,6 +99,45 @@ fn bench(c: &mut Criterion) {
         n,
         (k * n / st) / (n / fwd)
     );
+
+    // Several LoRA candidates in one forward pass vs one pass each: the real r=8 fixture and three
+    // rescaled copies (one layout), scored on the same examples.
+    let base = &cands[0];
+    let lora: Vec<LightweightObject> = [1.0f32, -1.5, 0.5, 2.0]
+        .iter()
+        .map(|&f| {
+            let mut o = base.clone();
+            for t in o.tensors.iter_mut().filter(|t| t.name.contains("lora_B")) {
+                let v: Vec<f32> = t.to_f32().into_iter().map(|x| x * f).collect();
+                *t = peftdb::object::Tensor::from_f32(t.name.clone(), t.shape.clone(), &v);
+            }
+            o
+        })
+        .collect();
+    let sets: Vec<_> = lora.iter().map(|o| engine.prepare(o).unwrap()).collect();
+    let set_refs: Vec<_> = sets.iter().collect();
+    let lab_ids = engine.tokenize(&labels).unwrap();
+    let in_ids = engine.tokenize(&texts).unwrap();
+    let so = ScoreOptions::default();
+    let timed = |stack: usize| {
+        let t = Instant::now();
+        for _ in 0..reps {
+            engine
+                .score_many(&set_refs, &lab_ids, &in_ids, &so, stack)
+                .unwrap();
+        }
+        t.elapsed().as_secs_f64() / reps as f64
+    };
+    let one = timed(1);
+    let four = timed(4);
+    let ce = set_refs.len() as f64 * n;
+    println!(
+        "4 LoRA candidates x {} examples: one pass each {:.1} candidate-examples/s; stacked 4 per pass {:.1} candidate-examples/s; ratio {:.2}",
+        n,
+        ce / one,
+        ce / four,
+        one / four
+    );
 }
 
 criterion_group!(benches, bench);

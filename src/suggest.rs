@@ -344,6 +344,7 @@ pub fn suggest(
         score: cfg.score.clone(),
         m_steps: 10,
         seed: cfg.seed,
+        ..Default::default()
     };
     let rin = RerankInput {
         engine,

@@ -236,7 +236,10 @@ fn injected_write_and_sync_faults_never_corrupt_the_store() {
         // the finished file into place; this test creates through the raw backend, so it discards the
         // failed creation the same way.
         if !faults.created.load(Ordering::SeqCst) {
-            assert!(outcome.is_err(), "trial {trial}: creation failed but reported success");
+            assert!(
+                outcome.is_err(),
+                "trial {trial}: creation failed but reported success"
+            );
             if path.exists() {
                 std::fs::remove_file(&path).unwrap();
             }

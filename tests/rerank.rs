@@ -134,3 +134,64 @@ fn indicators_on_real_adapters_agree_with_direct_computation() {
     );
     assert!(e.to_string().contains("768"), "{e}");
 }
+
+/// A copy of a LoRA adapter with every value of the tensors matching `part` multiplied by `f`.
+fn scaled(obj: &LightweightObject, part: &str, f: f32) -> LightweightObject {
+    let mut o = obj.clone();
+    for t in o.tensors.iter_mut().filter(|t| t.name.contains(part)) {
+        let v: Vec<f32> = t.to_f32().into_iter().map(|x| x * f).collect();
+        *t = peftdb::object::Tensor::from_f32(t.name.clone(), t.shape.clone(), &v);
+    }
+    o
+}
+
+#[test]
+fn stacked_lora_candidates_score_like_one_pass_each() {
+    let engine = Engine::load(&common::model_dir(), &candle_core::Device::Cpu).unwrap();
+    let task =
+        Task::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tasks/tweet_sentiment"))
+            .unwrap();
+    let examples = few_shot(&task.dev, task.labels.len(), 4, 3).unwrap();
+    let labels = engine.tokenize(&task.label_texts()).unwrap();
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let inputs = engine.tokenize(&texts).unwrap();
+    // Three different LoRA adapters of one layout (the real fixture and two rescaled copies), and an
+    // IA3 adapter that cannot be stacked with them.
+    let base = fixture("lora_r8_qv");
+    let objs = [
+        base.clone(),
+        scaled(&base, "lora_B", -1.5),
+        scaled(&base, "lora_A", 3.0),
+        fixture("ia3"),
+    ];
+    let sets: Vec<_> = objs.iter().map(|o| engine.prepare(o).unwrap()).collect();
+    let refs: Vec<_> = sets.iter().collect();
+    let opts = peftdb::engine::scoring::ScoreOptions {
+        batch_size: 5,
+        ..Default::default()
+    };
+    assert!(peftdb::engine::AdapterSet::stack_lora(&refs[..3]).is_some());
+    assert!(peftdb::engine::AdapterSet::stack_lora(&refs[2..]).is_none());
+    let one_by_one: Vec<_> = refs
+        .iter()
+        .map(|s| engine.score(Some(s), &labels, &inputs, &opts).unwrap())
+        .collect();
+    // The copies really differ from the original.
+    assert!(one_by_one[0].probs != one_by_one[1].probs);
+    for stack in [1, 2, 3, 4] {
+        let together = engine
+            .score_many(&refs, &labels, &inputs, &opts, stack)
+            .unwrap();
+        assert_eq!(together.len(), refs.len());
+        for (i, (a, b)) in together.iter().zip(&one_by_one).enumerate() {
+            let worst = a
+                .probs
+                .iter()
+                .flatten()
+                .zip(b.probs.iter().flatten())
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 2e-5, "stack {stack}, candidate {i}: {worst}");
+        }
+    }
+}

@@ -19,11 +19,16 @@ use crate::object::{parse_tensor_name, LightweightObject, Method, MethodKind, Ro
 use candle_core::{Device, Tensor};
 
 /// LoRA factors of one linear layer: `a` (r, in), `b` (out, r), and the scaling.
+///
+/// With `groups` G > 1 the weights are G adapters stacked by [`AdapterSet::stack_lora`] for one forward
+/// pass over inputs repeated G times (group-major rows): then `a` holds the transposed factors (G, in, r),
+/// `b` the transposed, already scaled factors (G, r, out), and `scale` is 1.
 #[derive(Debug, Clone)]
 pub struct LoraWeights {
     pub a: Tensor,
     pub b: Tensor,
     pub scale: f64,
+    pub groups: usize,
 }
 
 /// Everything an adapter does to one linear layer.
@@ -179,6 +184,76 @@ fn linear_slot(name: &str, num_layers: usize) -> EngineResult<Option<(usize, usi
 }
 
 impl AdapterSet {
+    /// Stack several LoRA adapters of one layout (the same modules with the same ranks, nothing but LoRA
+    /// factors: no bias, IA3, prefix...) into one set whose forward pass applies adapter g to the g-th
+    /// block of a batch repeated once per adapter. `None` when they cannot be stacked (the caller then
+    /// runs them one by one).
+    pub fn stack_lora(sets: &[&AdapterSet]) -> Option<AdapterSet> {
+        let first = sets.first()?;
+        let g = sets.len();
+        let plain = |s: &AdapterSet| {
+            s.kind == MethodKind::Lora
+                && s.prompt.is_none()
+                && s.embeddings_norm_bias.is_none()
+                && s.prefix_len == 0
+                && s.layers.len() == first.layers.len()
+                && s.layers.iter().all(|l| {
+                    l.prefix.is_none()
+                        && l.norm_bias.iter().all(|b| b.is_none())
+                        && l.bottlenecks.iter().all(|b| b.is_none())
+                        && l.linears
+                            .iter()
+                            .all(|a| a.ia3_in.is_none() && a.ia3_out.is_none() && a.bias.is_none())
+                })
+        };
+        if g < 2 || !sets.iter().all(|s| plain(s)) {
+            return None;
+        }
+        let mut out = AdapterSet {
+            kind: MethodKind::Lora,
+            layers: vec![LayerAdapter::default(); first.layers.len()],
+            embeddings_norm_bias: None,
+            prompt: None,
+            prefix_len: 0,
+        };
+        for (li, layer) in out.layers.iter_mut().enumerate() {
+            for (k, lin) in layer.linears.iter_mut().enumerate() {
+                let loras: Vec<Option<&LoraWeights>> = sets
+                    .iter()
+                    .map(|s| s.layers[li].linears[k].lora.as_ref())
+                    .collect();
+                if loras.iter().all(|l| l.is_none()) {
+                    continue;
+                }
+                let loras: Vec<&LoraWeights> = loras.into_iter().collect::<Option<Vec<_>>>()?;
+                let (d0, d1) = (loras[0].a.dims(), loras[0].b.dims());
+                if loras
+                    .iter()
+                    .any(|l| l.groups != 1 || l.a.dims() != d0 || l.b.dims() != d1)
+                {
+                    return None;
+                }
+                let at: Vec<Tensor> = loras
+                    .iter()
+                    .map(|l| l.a.t())
+                    .collect::<Result<_, _>>()
+                    .ok()?;
+                let bt: Vec<Tensor> = loras
+                    .iter()
+                    .map(|l| l.b.t().and_then(|t| t * l.scale))
+                    .collect::<Result<_, _>>()
+                    .ok()?;
+                lin.lora = Some(LoraWeights {
+                    a: Tensor::stack(&at, 0).ok()?.contiguous().ok()?,
+                    b: Tensor::stack(&bt, 0).ok()?.contiguous().ok()?,
+                    scale: 1.0,
+                    groups: g,
+                });
+            }
+        }
+        Some(out)
+    }
+
     /// Prepare a stored adapter for `model` (tensors converted to f32 on the model's device).
     pub fn from_object(model: &BertModel, obj: &LightweightObject) -> EngineResult<AdapterSet> {
         let named = obj
@@ -275,6 +350,7 @@ impl AdapterSet {
                         a: (*a).clone(),
                         b: (*b).clone(),
                         scale: lc.scaling_for(module),
+                        groups: 1,
                     });
                 }
                 if let Some((m, (bn, _))) = b_of.iter().find(|(m, _)| !a_of.contains_key(*m)) {

@@ -558,8 +558,21 @@ fn linear(
     let bias = ad.bias.as_ref().unwrap_or(&base.bias);
     let mut y = frozen_matmul(&xin, &base.weight, grad)?.broadcast_add(bias)?;
     if let Some(l) = &ad.lora {
-        let d = x.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
-        y = (y + (d * l.scale)?)?;
+        if l.groups > 1 {
+            // Stacked adapters: row block g of the batch goes through adapter g (one batched matmul).
+            let (n, inp) = x.dims2()?;
+            let out = y.dim(1)?;
+            let g = l.groups;
+            let d = x
+                .reshape((g, n / g, inp))?
+                .matmul(&l.a)?
+                .matmul(&l.b)?
+                .reshape((n, out))?;
+            y = (y + d)?;
+        } else {
+            let d = x.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
+            y = (y + (d * l.scale)?)?;
+        }
     }
     if let Some(s) = &ad.ia3_out {
         y = y.broadcast_mul(s)?;

@@ -185,6 +185,81 @@ impl Engine {
         Ok(LabelScores { logits, probs })
     }
 
+    /// Score several adapters on the same inputs. LoRA adapters of one layout run **together**: they are
+    /// stacked ([`AdapterSet::stack_lora`]) and the batch is repeated once per adapter, so each batch of
+    /// inputs is one forward pass for all of them; anything else (or `stack` <= 1) runs one by one. The
+    /// result is the same as calling [`Engine::score`] for each (up to float rounding).
+    pub fn score_many(
+        &self,
+        adapters: &[&AdapterSet],
+        labels: &[TokenIds],
+        inputs: &[TokenIds],
+        opts: &ScoreOptions,
+        stack: usize,
+    ) -> EngineResult<Vec<LabelScores>> {
+        opts.check()?;
+        let mut out = Vec::with_capacity(adapters.len());
+        let mut i = 0;
+        while i < adapters.len() {
+            let end = (i + stack.max(1)).min(adapters.len());
+            let group = &adapters[i..end];
+            match AdapterSet::stack_lora(group) {
+                Some(stacked) => {
+                    out.extend(self.score_stacked(&stacked, group.len(), labels, inputs, opts)?)
+                }
+                None => {
+                    for a in group {
+                        out.push(self.score(Some(a), labels, inputs, opts)?);
+                    }
+                }
+            }
+            i = end;
+        }
+        Ok(out)
+    }
+
+    fn score_stacked(
+        &self,
+        stacked: &AdapterSet,
+        g: usize,
+        labels: &[TokenIds],
+        inputs: &[TokenIds],
+        opts: &ScoreOptions,
+    ) -> EngineResult<Vec<LabelScores>> {
+        let pad = self.tokenizer.pad_id();
+        let repeat = |rows: &[TokenIds]| -> Vec<Vec<u32>> {
+            (0..g).flat_map(|_| rows.iter().cloned()).collect()
+        };
+        let nl = labels.len();
+        let lab_rep = repeat(labels);
+        let lab_rows: Vec<&[u32]> = lab_rep.iter().map(|r| r.as_slice()).collect();
+        let lab = Batch::pad(&lab_rows, pad, &self.device)?;
+        let e_lab = self.embed(&lab, Some(stacked))?;
+        let h = e_lab.dim(1)?;
+        let e_lab = e_lab.reshape((g, nl, h))?;
+        let mut out: Vec<LabelScores> = (0..g)
+            .map(|_| LabelScores {
+                logits: Vec::with_capacity(inputs.len()),
+                probs: Vec::with_capacity(inputs.len()),
+            })
+            .collect();
+        for chunk in inputs.chunks(opts.batch_size.max(1)) {
+            let rep = repeat(chunk);
+            let rows: Vec<&[u32]> = rep.iter().map(|r| r.as_slice()).collect();
+            let b = Batch::pad(&rows, pad, &self.device)?;
+            let e_in = self
+                .embed(&b, Some(stacked))?
+                .reshape((g, chunk.len(), h))?;
+            for (gi, o) in out.iter_mut().enumerate() {
+                let l = cosine_logits(&e_in.get(gi)?, &e_lab.get(gi)?, opts.temperature)?;
+                let p = candle_nn::ops::softmax_last_dim(&l)?;
+                o.logits.extend(l.to_vec2::<f32>()?);
+                o.probs.extend(p.to_vec2::<f32>()?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Tokenize and score texts against verbalizer texts (probabilities, inputs x labels).
     pub fn label_probs<L: AsRef<str>, S: AsRef<str>>(
         &self,

@@ -777,6 +777,7 @@ impl Runner<'_> {
             },
             m_steps: 10,
             seed,
+            ..Default::default()
         };
         let input = RerankInput {
             engine: self.engine,

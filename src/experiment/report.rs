@@ -265,7 +265,8 @@ pub fn gather(
                 let vals: Vec<f64> = ts.iter().filter_map(|&t| value(t, init, *seed)).collect();
                 per_seed.push(vals.iter().sum::<f64>() / vals.len() as f64);
                 for &t in ts {
-                    if let (Some(a), Some(b)) = (value(t, init, *seed), value(t, "scratch", *seed)) {
+                    if let (Some(a), Some(b)) = (value(t, init, *seed), value(t, "scratch", *seed))
+                    {
                         diffs.push(a - b);
                     }
                 }

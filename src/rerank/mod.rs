@@ -52,7 +52,9 @@ impl Indicator {
     /// indicators are left as they are.
     pub fn per_example(self, score: f64, examples: usize) -> f64 {
         match self {
-            Indicator::Kl | Indicator::El2n | Indicator::CosLogits => score / examples.max(1) as f64,
+            Indicator::Kl | Indicator::El2n | Indicator::CosLogits => {
+                score / examples.max(1) as f64
+            }
             _ => score,
         }
     }

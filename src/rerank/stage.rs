@@ -5,8 +5,8 @@
 //! batched forward pass over the examples for all data-based indicators (Loss, KL, EL2N, cosine of logits
 //! and labels), one backward pass for GraNd, and `m` training steps for Euclidean and Performance. The
 //! reference adapter O~ (for KL and weight cosine) is scored once. Candidates of different methods can be
-//! scored together. Not done yet: several LoRA candidates in one forward pass (each candidate is its own
-//! pass).
+//! scored together. LoRA candidates of one layout share their forward passes: `stack` of them are stacked
+//! and run over the examples repeated once per candidate ([`Engine::score_many`]).
 
 use super::indicators;
 use super::Indicator;
@@ -53,6 +53,9 @@ pub struct RerankOptions {
     /// Steps of training for Euclidean / Performance.
     pub m_steps: usize,
     pub seed: u64,
+    /// LoRA candidates of one layout scored together, this many per forward pass
+    /// ([`Engine::score_many`]); 1 scores each candidate alone.
+    pub stack: usize,
 }
 
 impl Default for RerankOptions {
@@ -67,6 +70,7 @@ impl Default for RerankOptions {
             score: ScoreOptions::default(),
             m_steps: 10,
             seed: 0,
+            stack: 4,
         }
     }
 }
@@ -162,18 +166,31 @@ pub fn rerank(
         (Some(r), true) => Some(flat(r)),
         _ => None,
     };
-    let mut out = Vec::with_capacity(candidates.len());
+    // Label probabilities of every candidate, LoRA candidates of one layout several per forward pass.
+    let t_all = Instant::now();
+    let mut sets = Vec::with_capacity(candidates.len());
     for (index, cand) in candidates.iter().enumerate() {
+        sets.push(
+            engine
+                .prepare(cand)
+                .map_err(|source| RerankError::Candidate {
+                    index,
+                    source: Box::new(source),
+                })?,
+        );
+    }
+    progress(0, candidates.len());
+    let set_refs: Vec<&crate::engine::AdapterSet> = sets.iter().collect();
+    let all_scores = engine.score_many(&set_refs, &labels, &inputs, &opts.score, opts.stack)?;
+    let shared = t_all.elapsed().as_secs_f64() / candidates.len() as f64;
+    let mut out = Vec::with_capacity(candidates.len());
+    for ((index, cand), sc) in candidates.iter().enumerate().zip(all_scores) {
         progress(index, candidates.len());
         let t0 = Instant::now();
         let ce = |source| RerankError::Candidate {
             index,
             source: Box::new(source),
         };
-        let set = engine.prepare(cand).map_err(ce)?;
-        let sc = engine
-            .score(Some(&set), &labels, &inputs, &opts.score)
-            .map_err(ce)?;
         let accuracy = sc.accuracy(&targets);
         let cross_entropy = sc.cross_entropy(&targets);
         let probs = flatten(sc.probs);
@@ -234,7 +251,7 @@ pub fn rerank(
             scores,
             accuracy,
             cross_entropy,
-            seconds: t0.elapsed().as_secs_f64(),
+            seconds: shared + t0.elapsed().as_secs_f64(),
         });
     }
     progress(candidates.len(), candidates.len());

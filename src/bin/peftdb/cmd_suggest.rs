@@ -327,6 +327,7 @@ pub fn rerank_cmd(db: &Path, a: &RerankArgs, json: bool) -> Result<u8> {
         },
         m_steps: a.m_steps,
         seed: a.seed,
+        ..Default::default()
     };
     let pb = bar();
     pb.set_prefix("rerank");
