@@ -584,19 +584,12 @@ impl Runner<'_> {
         };
         let dev = fixed_subset(&t.dev, z.dev_cap);
         let test = fixed_subset(&t.test, z.test_cap);
-        let mut tc = TrainConfig::new(method);
-        tc.spec = MethodSpec::new(method);
-        tc.spec.r = z.lora_r;
-        tc.spec.alpha = z.lora_alpha;
-        tc.spec.num_virtual_tokens = z.prefix_len;
-        tc.spec.bottleneck_size = Some(z.bottleneck);
-        tc.lr = z.lr.get(&method).copied();
-        tc.max_steps = Some(z.steps);
-        tc.eval_every = z.eval_every;
-        tc.patience = None;
-        tc.batch_size = z.batch_size;
-        tc.seed = z.seed;
-        tc.temperature = self.cfg.temperature;
+        let tc = self.train_config(
+            method,
+            z.lr.get(&method).copied(),
+            (z.steps, z.eval_every, z.batch_size),
+            z.seed,
+        );
         let data = TrainData {
             label_texts: &labels,
             train: &train_ex,
@@ -616,6 +609,30 @@ impl Runner<'_> {
             "best": ck(&out.best),
             "history": out.history.iter().map(|h| json!({"step": h.step, "dev_accuracy": h.dev_accuracy, "dev_loss": h.dev_loss, "train_loss": h.train_loss})).collect::<Vec<_>>(),
         }))
+    }
+
+    /// Training options shared by the zoo and the LIMITED runs: the zoo's adapter sizes, a fixed number
+    /// of steps (no early stopping), the label-scoring temperature. `shape` is (steps, eval_every, batch).
+    fn train_config(
+        &self,
+        method: MethodKind,
+        lr: Option<f64>,
+        shape: (usize, usize, usize),
+        seed: u64,
+    ) -> TrainConfig {
+        let z = &self.cfg.zoo;
+        let mut tc = TrainConfig::new(method);
+        tc.spec = MethodSpec::new(method);
+        tc.spec.r = z.lora_r;
+        tc.spec.alpha = z.lora_alpha;
+        tc.spec.num_virtual_tokens = z.prefix_len;
+        tc.spec.bottleneck_size = Some(z.bottleneck);
+        tc.lr = lr;
+        (tc.max_steps, tc.eval_every, tc.batch_size) = (Some(shape.0), shape.1, shape.2);
+        tc.patience = None;
+        tc.seed = seed;
+        tc.temperature = self.cfg.temperature;
+        tc
     }
 
     fn few_shot_sets(&self, task: usize, seed: u64) -> Result<(Vec<Example>, Vec<Example>)> {
@@ -727,19 +744,8 @@ impl Runner<'_> {
         let (train_ex, dev_ex) = self.few_shot_sets(task, seed)?;
         let test = fixed_subset(&t.test, l.test_cap);
         let (obj, extra) = self.init_object(task, init, seed)?;
-        let mut tc = TrainConfig::new(l.method);
-        tc.spec.r = self.cfg.zoo.lora_r;
-        tc.spec.alpha = self.cfg.zoo.lora_alpha;
-        tc.spec.num_virtual_tokens = self.cfg.zoo.prefix_len;
-        tc.spec.bottleneck_size = Some(self.cfg.zoo.bottleneck);
+        let mut tc = self.train_config(l.method, l.lr, (l.steps, l.steps, l.batch_size), seed);
         tc.init = obj;
-        tc.lr = l.lr;
-        tc.max_steps = Some(l.steps);
-        tc.eval_every = l.steps;
-        tc.patience = None;
-        tc.batch_size = l.batch_size;
-        tc.seed = seed;
-        tc.temperature = self.cfg.temperature;
         let data = TrainData {
             label_texts: &labels,
             train: &train_ex,

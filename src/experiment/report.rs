@@ -134,18 +134,20 @@ pub fn gather(
         .filter(|&t| (0..n).all(|s| s == t || gains[t][s].is_some()))
         .collect();
 
-    // Prediction quality.
+    // Prediction quality. The true gains of target t's sources, in source order.
+    let gain_row = |t: usize| -> Vec<f64> {
+        (0..n)
+            .filter(|&s| s != t)
+            .map(|s| gains[t][s].map(|c| c.mean).unwrap_or(0.0))
+            .collect()
+    };
     let mut predictors = Vec::new();
     let eval = |row_scores: &dyn Fn(usize) -> Vec<f64>| {
         let mut rhos = Vec::new();
         let mut ndcgs = Vec::new();
         let mut per = Vec::new();
         for &t in &complete_targets {
-            let src: Vec<usize> = (0..n).filter(|&s| s != t).collect();
-            let g: Vec<f64> = src
-                .iter()
-                .map(|&s| gains[t][s].map(|c| c.mean).unwrap_or(0.0))
-                .collect();
+            let g = gain_row(t);
             let sc = row_scores(t);
             if sc.iter().any(|x| !x.is_finite()) {
                 continue;
@@ -179,11 +181,7 @@ pub fn gather(
         let mut ndcgs = Vec::new();
         let mut per = Vec::new();
         for &t in &complete_targets {
-            let src: Vec<usize> = (0..n).filter(|&s| s != t).collect();
-            let g: Vec<f64> = src
-                .iter()
-                .map(|&s| gains[t][s].map(|c| c.mean).unwrap_or(0.0))
-                .collect();
+            let g = gain_row(t);
             let mut rs = Vec::new();
             let mut ns = Vec::new();
             let mut sc: Vec<f64> = (0..g.len()).map(|i| i as f64).collect();
@@ -594,11 +592,14 @@ pub fn write_report(
     let mut sum_csv = String::from("predictor,rho_mean,rho_se,ndcg_mean,ndcg_se,targets\n");
     for p in &sorted {
         let vs = random.as_ref().and_then(|r| {
+            // Paired by target (a predictor may lack some targets).
             let d: Vec<f64> = p
                 .per_target
                 .iter()
-                .zip(&r.per_target)
-                .filter_map(|(a, b)| Some(a.2? - b.2?))
+                .filter_map(|a| {
+                    let b = r.per_target.iter().find(|b| b.0 == a.0)?;
+                    Some(a.2? - b.2?)
+                })
                 .collect();
             Cell::of(&d)
         });
