@@ -62,3 +62,23 @@ impl Indicator {
         Indicator::ALL.into_iter().find(|i| i.as_str() == s)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_example_scale_divides_sums_only() {
+        // Sums over 4 examples become means; Loss (a mean) and GraNd (a norm) stay.
+        assert_eq!(Indicator::CosLogits.per_example(3.0, 4), 0.75);
+        assert_eq!(Indicator::El2n.per_example(-2.0, 4), -0.5);
+        assert_eq!(Indicator::Kl.per_example(-1.0, 4), -0.25);
+        assert_eq!(Indicator::Loss.per_example(-0.7, 4), -0.7);
+        assert_eq!(Indicator::Grand.per_example(-5.0, 4), -5.0);
+        // No examples: no division by zero.
+        assert_eq!(Indicator::CosLogits.per_example(3.0, 0), 3.0);
+        for i in Indicator::ALL {
+            assert_eq!(Indicator::parse(i.as_str()), Some(i));
+        }
+    }
+}
