@@ -575,10 +575,10 @@ pub fn write_report(
     let _ = writeln!(
         md,
         "Over the {} targets with every source measured. rho: rank of the truly best source in the \
-         predicted order (1 best, {} random expectation); NDCG in % with gains shifted to be \
-         non-negative. Mean +- SE over targets.\n",
+         predicted order (1 best; the `random` row is its expectation, below (sources + 1) / 2 when \
+         several sources tie for the best gain); NDCG in % with gains shifted to be non-negative. Mean \
+         +- SE over targets.\n",
         data.complete_targets.len(),
-        (n as f64) / 2.0
     );
     let mut sorted = data.predictors.clone();
     sorted.sort_by(|a, b| b.ndcg.mean.total_cmp(&a.ndcg.mean));
