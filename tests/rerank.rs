@@ -8,24 +8,15 @@ use peftdb::object::{formats::ReadOptions, read_adapter, LightweightObject};
 use peftdb::rerank::indicators;
 use peftdb::rerank::stage::{rerank, RerankError, RerankInput, RerankOptions};
 use peftdb::rerank::Indicator;
-use std::path::Path;
 
 fn fixture(name: &str) -> LightweightObject {
-    read_adapter(
-        &Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/peft-fixtures")
-            .join(name),
-        &ReadOptions::default(),
-    )
-    .unwrap()
+    read_adapter(&common::fixture(name), &ReadOptions::default()).unwrap()
 }
 
 #[test]
 fn indicators_on_real_adapters_agree_with_direct_computation() {
     let engine = Engine::load(&common::model_dir(), &candle_core::Device::Cpu).unwrap();
-    let task =
-        Task::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tasks/movie_sentiment"))
-            .unwrap();
+    let task = Task::load(&common::shared_dir().join("tasks/movie_sentiment")).unwrap();
     let examples = few_shot(&task.dev, task.labels.len(), 8, 1).unwrap();
     let labels = task.label_texts();
     let (a, b, c) = (
@@ -148,9 +139,7 @@ fn scaled(obj: &LightweightObject, part: &str, f: f32) -> LightweightObject {
 #[test]
 fn stacked_lora_candidates_score_like_one_pass_each() {
     let engine = Engine::load(&common::model_dir(), &candle_core::Device::Cpu).unwrap();
-    let task =
-        Task::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tasks/tweet_sentiment"))
-            .unwrap();
+    let task = Task::load(&common::shared_dir().join("tasks/tweet_sentiment")).unwrap();
     let examples = few_shot(&task.dev, task.labels.len(), 4, 3).unwrap();
     let labels = engine.tokenize(&task.label_texts()).unwrap();
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
