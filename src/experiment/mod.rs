@@ -242,16 +242,23 @@ impl ExperimentConfig {
     }
 
     /// Protocol hash of a phase: changes whenever a setting that phase's results depend on changes.
+    ///
+    /// The list of LIMITED seeds is left out: a run's seed is part of its own key, so adding seeds
+    /// (or tasks) to a config extends a finished experiment instead of invalidating it.
     pub fn protocol_hash(&self, phase: &str) -> String {
         let base = json!({"max_len": self.max_len, "temperature": self.temperature});
+        let mut limited = json!(self.limited);
+        if let Some(m) = limited.as_object_mut() {
+            m.remove("seeds");
+        }
         match phase {
             "zoo" => hash12(&json!([base, self.zoo])),
             "textemb" => hash12(&json!([self.max_len, self.textemb_examples])),
-            "limited" => hash12(&json!([base, self.zoo, self.limited])),
+            "limited" => hash12(&json!([base, self.zoo, limited])),
             _ => hash12(&json!([
                 base,
                 self.zoo,
-                self.limited,
+                limited,
                 self.pewe.indicators,
                 self.pewe.indicator_examples,
                 self.pewe.tau
@@ -881,5 +888,44 @@ fn outputs_present(r: &Runner<'_>, job: &Job) -> bool {
             seed,
         } => scratch_dir(r.out, &r.tasks[*task].name, *seed).is_dir(),
         _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ExperimentConfig {
+        let text = include_str!("../../examples/replication/config.json");
+        serde_json::from_str(text).expect("the committed replication config parses")
+    }
+
+    #[test]
+    fn seeds_extend_an_experiment_without_changing_its_protocol() {
+        let a = config();
+        let mut b = a.clone();
+        b.limited.seeds.push(99);
+        for phase in ["zoo", "textemb", "limited", "pewe"] {
+            assert_eq!(a.protocol_hash(phase), b.protocol_hash(phase), "{phase}");
+        }
+    }
+
+    #[test]
+    fn a_setting_a_phase_depends_on_changes_its_protocol() {
+        let a = config();
+        let mut b = a.clone();
+        b.limited.steps += 1;
+        assert_eq!(a.protocol_hash("zoo"), b.protocol_hash("zoo"));
+        assert_ne!(a.protocol_hash("limited"), b.protocol_hash("limited"));
+        assert_ne!(a.protocol_hash("pewe"), b.protocol_hash("pewe"));
+        let mut c = a.clone();
+        c.pewe.tau = 0.5;
+        assert_eq!(a.protocol_hash("limited"), c.protocol_hash("limited"));
+        assert_ne!(a.protocol_hash("pewe"), c.protocol_hash("pewe"));
+        let mut d = a.clone();
+        d.zoo.steps += 1;
+        for phase in ["zoo", "limited", "pewe"] {
+            assert_ne!(a.protocol_hash(phase), d.protocol_hash(phase), "{phase}");
+        }
     }
 }

@@ -95,7 +95,9 @@ pub fn gather(
             "textemb" => r.protocol == cfg.protocol_hash("textemb"),
             _ => false,
         };
-        if !current || !names.contains(&r.task) {
+        let seeded = matches!(r.phase.as_str(), "limited" | "indicators");
+        if !current || !names.contains(&r.task) || (seeded && !cfg.limited.seeds.contains(&r.seed))
+        {
             continue;
         }
         runs_done += 1;

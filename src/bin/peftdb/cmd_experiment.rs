@@ -94,6 +94,18 @@ pub fn run_cmd(cmd: &ExperimentCmd, json: bool) -> anyhow::Result<u8> {
             let opts = RunOptions {
                 max_runs: a.max_runs,
             };
+            let protocol: serde_json::Map<String, serde_json::Value> =
+                ["zoo", "textemb", "limited", "pewe"]
+                    .iter()
+                    .map(|p| (p.to_string(), cfg.protocol_hash(p).into()))
+                    .collect();
+            if !json {
+                let list: Vec<String> = protocol
+                    .iter()
+                    .map(|(k, v)| format!("{k} {}", v.as_str().unwrap_or_default()))
+                    .collect();
+                eprintln!("protocol hashes: {}", list.join(", "));
+            }
             let summary = run(&cfg, &engine, &a.out, &opts, &mut |ev| match ev {
                 ExperimentEvent::Start { key, done, total } => {
                     if !json {
@@ -118,6 +130,7 @@ pub fn run_cmd(cmd: &ExperimentCmd, json: bool) -> anyhow::Result<u8> {
                         "cached": summary.cached,
                         "ran": summary.ran,
                         "stopped": summary.stopped,
+                        "protocol": protocol,
                     }))?
                 );
             } else {
