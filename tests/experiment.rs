@@ -56,6 +56,22 @@ fn small_experiment_runs_resumes_and_reports() {
     let again = run(&cfg, &engine, &out, &RunOptions::default(), &mut |_| {}).unwrap();
     assert_eq!((again.ran, again.cached), (0, s.total));
 
+    // Fewer seeds and a subset of targets select finished runs: nothing new runs, nothing is invalidated.
+    let mut sub = cfg.clone();
+    sub.limited.seeds = vec![1];
+    sub.limited.targets = vec!["tweet_sentiment".to_string()];
+    let s1 = run(&sub, &engine, &out, &RunOptions::default(), &mut |_| {}).unwrap();
+    assert_eq!(s1.total, 6 + 3 + (1 + 2 + 5));
+    assert_eq!((s1.ran, s1.cached), (0, s1.total));
+
+    // The scratch adapters (the KL reference) matter only until the indicators ran: without them a
+    // finished run still has nothing to redo.
+    let scratch = out.join("scratch");
+    assert!(scratch.is_dir());
+    std::fs::remove_dir_all(&scratch).unwrap();
+    let s2 = run(&cfg, &engine, &out, &RunOptions::default(), &mut |_| {}).unwrap();
+    assert_eq!((s2.ran, s2.cached), (0, s.total));
+
     // A run cut short: drop the last record (and leave half a line), then resume runs exactly that one.
     let results_path = out.join("results.jsonl");
     let text = std::fs::read_to_string(&results_path).unwrap();
@@ -199,6 +215,16 @@ fn bad_configs_name_the_file_and_the_problem() {
     let e = ExperimentConfig::load(&p).unwrap_err().to_string();
     assert!(e.contains("limited.method"), "{e}");
     v["limited"]["method"] = "lora".into();
+    v["limited"]["targets"] = serde_json::json!(["no_such_task"]);
+    std::fs::write(&p, v.to_string()).unwrap();
+    let e = peftdb::experiment::load_tasks(&ExperimentConfig::load(&p).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no_such_task") && e.contains("limited.targets"),
+        "{e}"
+    );
+    v["limited"]["targets"] = serde_json::json!([]);
     v["pewe"]["tau"] = 0.0.into();
     std::fs::write(&p, v.to_string()).unwrap();
     let e = ExperimentConfig::load(&p).unwrap_err().to_string();

@@ -195,6 +195,17 @@ fn experiment_config_and_results_validate() {
     let cfg: Value =
         serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
     check(&cfg_schema, &cfg, "examples/replication/config.json");
+    // The enlarged setting run on a few targets, and that both parse as the harness's config.
+    let large: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config-large.json")).unwrap()).unwrap();
+    check(
+        &cfg_schema,
+        &large,
+        "examples/replication/config-large.json",
+    );
+    for f in ["config.json", "config-large.json"] {
+        peftdb::experiment::ExperimentConfig::load(&dir.join(f)).unwrap();
+    }
     // The committed results of the replication run: every line is a valid record.
     let text = std::fs::read_to_string(dir.join("results.jsonl")).unwrap();
     let mut n = 0;
@@ -207,5 +218,8 @@ fn experiment_config_and_results_validate() {
     // And a config the schema must refuse.
     let mut bad = cfg.clone();
     bad["limited"]["checkpoint"] = "latest".into();
+    assert!(!cfg_schema.is_valid(&bad));
+    let mut bad = large.clone();
+    bad["limited"]["targets"] = serde_json::json!([""]);
     assert!(!cfg_schema.is_valid(&bad));
 }

@@ -131,6 +131,10 @@ pub struct LimitedConfig {
     pub lr: Option<f64>,
     pub test_cap: usize,
     pub seeds: Vec<u64>,
+    /// The tasks (folder names) that are LIMITED targets; empty: every task. Every task of the config
+    /// stays a source whatever this says, so a costlier setting can be run on a few targets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<String>,
 }
 
 /// Settings of the PEWE phase.
@@ -243,13 +247,15 @@ impl ExperimentConfig {
 
     /// Protocol hash of a phase: changes whenever a setting that phase's results depend on changes.
     ///
-    /// The list of LIMITED seeds is left out: a run's seed is part of its own key, so adding seeds
-    /// (or tasks) to a config extends a finished experiment instead of invalidating it.
+    /// The lists of LIMITED seeds and targets are left out: a run's seed and task are part of its own
+    /// key, so adding seeds, targets (or tasks) to a config extends a finished experiment instead of
+    /// invalidating it.
     pub fn protocol_hash(&self, phase: &str) -> String {
         let base = json!({"max_len": self.max_len, "temperature": self.temperature});
         let mut limited = json!(self.limited);
         if let Some(m) = limited.as_object_mut() {
             m.remove("seeds");
+            m.remove("targets");
         }
         match phase {
             "zoo" => hash12(&json!([base, self.zoo])),
@@ -353,8 +359,13 @@ pub fn zoo_dir(out: &Path, task: &str, method: MethodKind, ckpt: &str) -> PathBu
     out.join("zoo").join(task).join(method.as_str()).join(ckpt)
 }
 
-fn scratch_dir(out: &Path, task: &str, seed: u64) -> PathBuf {
-    out.join("scratch").join(task).join(format!("seed{seed}"))
+/// Where the from-scratch LIMITED adapter of a target and seed lives (the KL indicator's reference),
+/// under the LIMITED protocol hash so that two settings can share one output folder and its zoo.
+fn scratch_dir(out: &Path, cfg: &ExperimentConfig, task: &str, seed: u64) -> PathBuf {
+    out.join("scratch")
+        .join(cfg.protocol_hash("limited"))
+        .join(task)
+        .join(format!("seed{seed}"))
 }
 
 fn write_fresh(obj: &LightweightObject, dir: &Path) -> Result<()> {
@@ -453,6 +464,11 @@ impl Runner<'_> {
         }
     }
 
+    fn is_target(&self, task: usize) -> bool {
+        let targets = &self.cfg.limited.targets;
+        targets.is_empty() || targets.contains(&self.tasks[task].name)
+    }
+
     fn plan(&self) -> Vec<Job> {
         let n = self.tasks.len();
         let mut jobs = Vec::new();
@@ -466,8 +482,9 @@ impl Runner<'_> {
         }
         // Per seed, one target at a time (scratch, every source, then its PEWE runs), so a run cut short
         // leaves whole targets with both their gains and their PEWE results.
+        let targets: Vec<usize> = (0..n).filter(|&t| self.is_target(t)).collect();
         for &seed in &self.cfg.limited.seeds {
-            for task in 0..n {
+            for &task in &targets {
                 jobs.push(Job::Limited {
                     task,
                     init: Init::Scratch,
@@ -762,7 +779,10 @@ impl Runner<'_> {
         let out = train(self.engine, &data, &tc, &mut |_| {}).map_err(self.engine_err(task))?;
         if *init == Init::Scratch {
             // The reference adapter O~ of the KL indicator for this target and seed.
-            write_fresh(&out.best.object, &scratch_dir(self.out, &t.name, seed))?;
+            write_fresh(
+                &out.best.object,
+                &scratch_dir(self.out, self.cfg, &t.name, seed),
+            )?;
         }
         Ok(json!({
             "test_accuracy": out.best.test_accuracy,
@@ -779,7 +799,10 @@ impl Runner<'_> {
         let (train_ex, _) = self.few_shot_sets(task, seed)?;
         let n = self.cfg.pewe.indicator_examples.max(1).min(train_ex.len());
         let examples = &train_ex[..n];
-        let reference = read_adapter(&scratch_dir(self.out, &t.name, seed), &Default::default())?;
+        let reference = read_adapter(
+            &scratch_dir(self.out, self.cfg, &t.name, seed),
+            &Default::default(),
+        )?;
         let (idx, objs) = self.sources(task)?;
         let refs: Vec<&LightweightObject> = objs.iter().collect();
         let opts = RerankOptions {
@@ -821,11 +844,29 @@ impl Runner<'_> {
 }
 
 /// Load the tasks of a config.
+///
+/// A LIMITED target that is not one of the tasks is an error naming the tasks folder.
 pub fn load_tasks(cfg: &ExperimentConfig) -> Result<Vec<Task>> {
-    cfg.task_dirs()?
+    let tasks: Vec<Task> = cfg
+        .task_dirs()?
         .iter()
         .map(|d| Task::load(d).map_err(ExperimentError::from))
-        .collect()
+        .collect::<Result<_>>()?;
+    if let Some(t) = cfg
+        .limited
+        .targets
+        .iter()
+        .find(|t| !tasks.iter().any(|x| &x.name == *t))
+    {
+        return Err(ExperimentError::Config {
+            path: cfg.tasks_dir.clone(),
+            detail: format!(
+                "limited.targets names {t:?}, which is not one of the config's tasks here; \
+                 list task folder names"
+            ),
+        });
+    }
+    Ok(tasks)
 }
 
 /// Run (or resume) the experiment into `out` (results.jsonl, zoo/, scratch/).
@@ -876,7 +917,8 @@ pub fn run(
     Ok(summary)
 }
 
-/// A recorded run whose files are gone (e.g. a deleted zoo folder) is run again.
+/// A recorded run whose files are gone (e.g. a deleted zoo folder) is run again; a scratch adapter's
+/// files are needed only while the indicators of its target and seed are still to run.
 fn outputs_present(r: &Runner<'_>, job: &Job) -> bool {
     match job {
         Job::Zoo { task, method } => ["early", "best"]
@@ -886,7 +928,16 @@ fn outputs_present(r: &Runner<'_>, job: &Job) -> bool {
             task,
             init: Init::Scratch,
             seed,
-        } => scratch_dir(r.out, &r.tasks[*task].name, *seed).is_dir(),
+        } => {
+            let needed = r.cfg.pewe.enabled
+                && r.results
+                    .get(&r.key(&Job::Indicators {
+                        task: *task,
+                        seed: *seed,
+                    }))
+                    .is_none();
+            !needed || scratch_dir(r.out, r.cfg, &r.tasks[*task].name, *seed).is_dir()
+        }
         _ => true,
     }
 }

@@ -321,7 +321,12 @@ pub fn write_report(
     let mut md = String::new();
     let l = &cfg.limited;
     let z = &cfg.zoo;
-    let expected_limited = l.seeds.len() * n * n;
+    let n_targets = if l.targets.is_empty() {
+        n
+    } else {
+        l.targets.len()
+    };
+    let expected_limited = l.seeds.len() * n_targets * n;
     let have_limited = data
         .limited
         .keys()
@@ -331,8 +336,8 @@ pub fn write_report(
     let _ = writeln!(
         md,
         "Base model: the engine's model folder; {} tasks from `{}`; {} result records of the current \
-         protocol. Transfer runs finished: {have_limited} of {expected_limited} ({} seeds x {n} targets x \
-         (scratch + {} sources)). Targets with every source measured: {} of {n}.\n",
+         protocol. Transfer runs finished: {have_limited} of {expected_limited} ({} seeds x {n_targets} \
+         targets x (scratch + {} sources)). Targets with every source measured: {} of {n_targets}.\n",
         n,
         cfg.tasks_dir.display(),
         data.runs_done,

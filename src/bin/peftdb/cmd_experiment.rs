@@ -72,7 +72,11 @@ fn report(
             dir.join("report.md").display(),
             data.runs_done,
             data.complete_targets.len(),
-            data.tasks.len()
+            if cfg.limited.targets.is_empty() {
+                data.tasks.len()
+            } else {
+                cfg.limited.targets.len()
+            }
         );
     }
     Ok(())
