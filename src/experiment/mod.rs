@@ -361,7 +361,7 @@ pub fn zoo_dir(out: &Path, task: &str, method: MethodKind, ckpt: &str) -> PathBu
 
 /// Where the from-scratch LIMITED adapter of a target and seed lives (the KL indicator's reference),
 /// under the LIMITED protocol hash so that two settings can share one output folder and its zoo.
-fn scratch_dir(out: &Path, cfg: &ExperimentConfig, task: &str, seed: u64) -> PathBuf {
+pub(crate) fn scratch_dir(out: &Path, cfg: &ExperimentConfig, task: &str, seed: u64) -> PathBuf {
     out.join("scratch")
         .join(cfg.protocol_hash("limited"))
         .join(task)
@@ -917,8 +917,8 @@ pub fn run(
     Ok(summary)
 }
 
-/// A recorded run whose files are gone (e.g. a deleted zoo folder) is run again; a scratch adapter's
-/// files are needed only while the indicators of its target and seed are still to run.
+/// A recorded run whose files are gone (e.g. a deleted zoo folder, a scratch adapter the KL indicator
+/// and the `tupate:M:limited` predictor read) is run again.
 fn outputs_present(r: &Runner<'_>, job: &Job) -> bool {
     match job {
         Job::Zoo { task, method } => ["early", "best"]
@@ -928,16 +928,7 @@ fn outputs_present(r: &Runner<'_>, job: &Job) -> bool {
             task,
             init: Init::Scratch,
             seed,
-        } => {
-            let needed = r.cfg.pewe.enabled
-                && r.results
-                    .get(&r.key(&Job::Indicators {
-                        task: *task,
-                        seed: *seed,
-                    }))
-                    .is_none();
-            !needed || scratch_dir(r.out, r.cfg, &r.tasks[*task].name, *seed).is_dir()
-        }
+        } => scratch_dir(r.out, r.cfg, &r.tasks[*task].name, *seed).is_dir(),
         _ => true,
     }
 }

@@ -157,13 +157,7 @@ pub fn predictions(
             .limited
             .seeds
             .iter()
-            .filter_map(|seed| {
-                read(
-                    &out.join("scratch")
-                        .join(&tasks[t].name)
-                        .join(format!("seed{seed}")),
-                )
-            })
+            .filter_map(|seed| read(&super::scratch_dir(out, cfg, &tasks[t].name, *seed)))
             .filter_map(|o| tupate(&o).ok().map(|e| e.vector))
             .collect();
         if targets.is_empty() {
