@@ -137,6 +137,22 @@ pub struct LimitedConfig {
     pub targets: Vec<String>,
 }
 
+impl LimitedConfig {
+    /// Whether task `name` is a LIMITED target (`targets` empty: every task is).
+    pub fn is_target(&self, name: &str) -> bool {
+        self.targets.is_empty() || self.targets.iter().any(|t| t == name)
+    }
+
+    /// How many of `n_tasks` tasks are targets (`targets` are checked against the tasks on load).
+    pub fn target_count(&self, n_tasks: usize) -> usize {
+        if self.targets.is_empty() {
+            n_tasks
+        } else {
+            self.targets.len()
+        }
+    }
+}
+
 /// Settings of the PEWE phase.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -464,11 +480,6 @@ impl Runner<'_> {
         }
     }
 
-    fn is_target(&self, task: usize) -> bool {
-        let targets = &self.cfg.limited.targets;
-        targets.is_empty() || targets.contains(&self.tasks[task].name)
-    }
-
     fn plan(&self) -> Vec<Job> {
         let n = self.tasks.len();
         let mut jobs = Vec::new();
@@ -482,7 +493,9 @@ impl Runner<'_> {
         }
         // Per seed, one target at a time (scratch, every source, then its PEWE runs), so a run cut short
         // leaves whole targets with both their gains and their PEWE results.
-        let targets: Vec<usize> = (0..n).filter(|&t| self.is_target(t)).collect();
+        let targets: Vec<usize> = (0..n)
+            .filter(|&t| self.cfg.limited.is_target(&self.tasks[t].name))
+            .collect();
         for &seed in &self.cfg.limited.seeds {
             for &task in &targets {
                 jobs.push(Job::Limited {

@@ -321,11 +321,7 @@ pub fn write_report(
     let mut md = String::new();
     let l = &cfg.limited;
     let z = &cfg.zoo;
-    let n_targets = if l.targets.is_empty() {
-        n
-    } else {
-        l.targets.len()
-    };
+    let n_targets = l.target_count(n);
     let expected_limited = l.seeds.len() * n_targets * n;
     let have_limited = data
         .limited

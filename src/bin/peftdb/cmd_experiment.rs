@@ -72,11 +72,7 @@ fn report(
             dir.join("report.md").display(),
             data.runs_done,
             data.complete_targets.len(),
-            if cfg.limited.targets.is_empty() {
-                data.tasks.len()
-            } else {
-                cfg.limited.targets.len()
-            }
+            cfg.limited.target_count(data.tasks.len())
         );
     }
     Ok(())
