@@ -116,7 +116,7 @@ fn small_experiment_runs_resumes_and_reports() {
 
     // The report: files, and gains that match the results file computed by hand here.
     let report_dir = dir.path().join("report");
-    let (data, files) = write_report(&cfg, &out, &report_dir).unwrap();
+    let (data, files) = write_report(&cfg, &out, &report_dir, None).unwrap();
     for f in [
         "report.md",
         "zoo.csv",
@@ -195,6 +195,65 @@ fn small_experiment_runs_resumes_and_reports() {
     }
     let md = std::fs::read_to_string(report_dir.join("report.md")).unwrap();
     assert!(md.contains("## 3. Predicting the best source"));
+    assert!(!md.contains("## 6. Against the baseline"));
+
+    // A second LIMITED setting (one more step) in the same output folder, reported against the first.
+    let mut big = cfg.clone();
+    big.limited.steps = 3;
+    big.pewe.enabled = false;
+    assert_ne!(big.protocol_hash("limited"), cfg.protocol_hash("limited"));
+    assert_eq!(big.protocol_hash("zoo"), cfg.protocol_hash("zoo"));
+    let sb = run(&big, &engine, &out, &RunOptions::default(), &mut |_| {}).unwrap();
+    // Only its transfer runs are new: 2 seeds x 3 targets x (scratch + 2 sources).
+    assert_eq!(sb.ran, 2 * 3 * 3);
+    let big_dir = dir.path().join("report-big");
+    let (big_data, files) = write_report(&big, &out, &big_dir, Some((&cfg, "small"))).unwrap();
+    for f in ["comparison.csv", "gains_vs_baseline.png"] {
+        assert!(files.contains(&big_dir.join(f)), "{f} not reported");
+    }
+    let md = std::fs::read_to_string(big_dir.join("report.md")).unwrap();
+    assert!(
+        md.contains("## 6. Against the baseline setting (small)"),
+        "{md}"
+    );
+    let csv = std::fs::read_to_string(big_dir.join("comparison.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 3 * 2, "{csv}");
+    // The comparison's numbers against both settings' gains, worked out here.
+    let c = peftdb::experiment::compare::compare(&big_data, &data);
+    assert_eq!(c.targets.len(), 3);
+    for tc in &c.targets {
+        let t = data.tasks.iter().position(|x| x == &tc.target).unwrap();
+        let srcs: Vec<usize> = (0..3).filter(|&s| s != t).collect();
+        let gb: Vec<f64> = srcs
+            .iter()
+            .map(|&s| big_data.gains[t][s].unwrap().mean)
+            .collect();
+        let gs: Vec<f64> = srcs
+            .iter()
+            .map(|&s| data.gains[t][s].unwrap().mean)
+            .collect();
+        let best = |g: &[f64]| if g[1] > g[0] { srcs[1] } else { srcs[0] };
+        assert_eq!(tc.best.0 .0, data.tasks[best(&gb)], "{}", tc.target);
+        assert_eq!(tc.best.1 .0, data.tasks[best(&gs)], "{}", tc.target);
+        let want = if gb[0] == gb[1] || gs[0] == gs[1] {
+            None
+        } else if (gb[0] < gb[1]) == (gs[0] < gs[1]) {
+            Some(1.0)
+        } else {
+            Some(-1.0)
+        };
+        assert_eq!(tc.spearman, want, "{}", tc.target);
+        assert_eq!(tc.scratch.1, data.scratch[t].unwrap());
+    }
+    // A setting against itself agrees everywhere.
+    let same = peftdb::experiment::compare::compare(&data, &data);
+    assert_eq!(same.same_best, 3);
+    for tc in &same.targets {
+        assert!(matches!(tc.spearman, None | Some(1.0)), "{:?}", tc.spearman);
+        if let Some(x) = tc.ndcg_of_baseline {
+            assert!((x - 100.0).abs() < 1e-9);
+        }
+    }
 
     // Results records and the config validate against their schemas (checked in tests/schemas.rs too).
     let records: Vec<serde_json::Value> = std::fs::read_to_string(&results_path)
@@ -202,8 +261,9 @@ fn small_experiment_runs_resumes_and_reports() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    // One line per run, plus the six scratch runs trained again above (same key: the last line wins).
-    assert_eq!(records.len(), s.total + 3 * 2);
+    // One line per run, plus the six scratch runs trained again above (same key: the last line wins)
+    // and the second setting's runs.
+    assert_eq!(records.len(), s.total + 3 * 2 + sb.ran);
 }
 
 #[test]

@@ -76,6 +76,45 @@ pub fn mean_sd(xs: &[f64]) -> Option<(f64, f64)> {
     Some((m, sd))
 }
 
+/// Ranks 1..n of `xs` in ascending order, ties sharing their average rank.
+pub fn average_ranks(xs: &[f64]) -> Vec<f64> {
+    let mut idx: Vec<usize> = (0..xs.len()).collect();
+    idx.sort_by(|&a, &b| xs[a].total_cmp(&xs[b]));
+    let mut ranks = vec![0.0; xs.len()];
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && xs[idx[j + 1]] == xs[idx[i]] {
+            j += 1;
+        }
+        // Positions i..=j (0-based) share the mean of ranks i+1..=j+1.
+        let r = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &idx[i..=j] {
+            ranks[k] = r;
+        }
+        i = j + 1;
+    }
+    ranks
+}
+
+/// Spearman's rank correlation (Pearson correlation of average ranks); `None` when the lengths differ,
+/// there are fewer than 2 values, or either side is constant.
+pub fn spearman(a: &[f64], b: &[f64]) -> Option<f64> {
+    if a.len() != b.len() || a.len() < 2 {
+        return None;
+    }
+    let (ra, rb) = (average_ranks(a), average_ranks(b));
+    let n = a.len() as f64;
+    let (ma, mb) = (ra.iter().sum::<f64>() / n, rb.iter().sum::<f64>() / n);
+    let cov: f64 = ra.iter().zip(&rb).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let va: f64 = ra.iter().map(|x| (x - ma).powi(2)).sum();
+    let vb: f64 = rb.iter().map(|y| (y - mb).powi(2)).sum();
+    if va <= 0.0 || vb <= 0.0 {
+        return None;
+    }
+    Some(cov / (va * vb).sqrt())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,5 +164,25 @@ mod tests {
         assert!((sd - (5.0f64 / 3.0).sqrt()).abs() < 1e-12);
         assert_eq!(mean_sd(&[7.0]), Some((7.0, 0.0)));
         assert_eq!(mean_sd(&[]), None);
+    }
+    #[test]
+    fn spearman_by_hand() {
+        assert_eq!(
+            average_ranks(&[0.3, 0.1, 0.3, 0.2]),
+            vec![3.5, 1.0, 3.5, 2.0]
+        );
+        // Same order: 1; reversed: -1.
+        assert_eq!(spearman(&[1.0, 2.0, 3.0], &[10.0, 20.0, 30.0]), Some(1.0));
+        assert_eq!(spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]), Some(-1.0));
+        // No ties: 1 - 6 sum d^2 / (n (n^2 - 1)). Ranks a = 1,2,3,4; b = 2,1,4,3: d^2 = 4 -> 1 - 24/60 = 0.6.
+        let r = spearman(&[1.0, 2.0, 3.0, 4.0], &[0.2, 0.1, 0.4, 0.3]).expect("defined");
+        assert!((r - 0.6).abs() < 1e-12, "{r}");
+        // Ties: ranks a = 1, 2.5, 2.5, 4 (mean 2.5), b = 1..4: cov = 1.5*1.5 + 0 + 0 + 1.5*1.5 = 4.5;
+        // var a = 2.25 + 0 + 0 + 2.25 = 4.5, var b = 5 -> 4.5 / sqrt(22.5).
+        let r = spearman(&[1.0, 2.0, 2.0, 3.0], &[1.0, 2.0, 3.0, 4.0]).expect("defined");
+        assert!((r - 4.5 / 22.5f64.sqrt()).abs() < 1e-12, "{r}");
+        assert_eq!(spearman(&[1.0, 1.0], &[1.0, 2.0]), None);
+        assert_eq!(spearman(&[1.0], &[1.0]), None);
+        assert_eq!(spearman(&[1.0, 2.0], &[1.0]), None);
     }
 }

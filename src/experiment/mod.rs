@@ -22,6 +22,7 @@
 //! NDCG. Runs are ordered zoo, textemb, then per seed and per target (scratch, every source, the
 //! indicators and the PEWE initializations), so a run cut short still has whole targets to report.
 
+pub mod compare;
 pub mod metrics;
 pub mod plot;
 pub mod predict;

@@ -220,6 +220,64 @@ pub fn hbars(
     Ok(())
 }
 
+/// A scatter plot of `points` (x, y) with the diagonal y = x and the axes through 0.
+pub fn scatter(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    points: &[(f64, f64)],
+) -> Result<(), String> {
+    ensure_font()?;
+    let finite: Vec<(f64, f64)> = points
+        .iter()
+        .copied()
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .collect();
+    let lim = finite
+        .iter()
+        .fold(1.0f64, |m, (x, y)| m.max(x.abs()).max(y.abs()))
+        * 1.1;
+    let root = BitMapBackend::new(path, (700, 700)).into_drawing_area();
+    root.fill(&WHITE).map_err(err(path))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, (FONT, 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(55)
+        .build_cartesian_2d(-lim..lim, -lim..lim)
+        .map_err(err(path))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .label_style((FONT, 14))
+        .draw()
+        .map_err(err(path))?;
+    let grey = RGBColor(150, 150, 150);
+    for line in [
+        vec![(-lim, -lim), (lim, lim)],
+        vec![(-lim, 0.0), (lim, 0.0)],
+        vec![(0.0, -lim), (0.0, lim)],
+    ] {
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                line,
+                grey.stroke_width(1),
+            )))
+            .map_err(err(path))?;
+    }
+    chart
+        .draw_series(
+            finite
+                .iter()
+                .map(|&(x, y)| Circle::new((x, y), 4, RGBColor(70, 110, 180).filled())),
+        )
+        .map_err(err(path))?;
+    root.present().map_err(err(path))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@
 //! Everything is recomputed from the results file and the zoo folders, so the report of a run cut short
 //! shows what finished (and says how much that is).
 
+use super::compare;
 use super::metrics::{mean_sd, ndcg, rho};
 use super::plot;
 use super::predict::{predictions, Predictions};
@@ -25,7 +26,7 @@ pub struct Cell {
 }
 
 impl Cell {
-    fn of(xs: &[f64]) -> Option<Cell> {
+    pub(crate) fn of(xs: &[f64]) -> Option<Cell> {
         mean_sd(xs).map(|(mean, sd)| Cell {
             mean,
             sd,
@@ -302,10 +303,15 @@ fn write(path: &Path, text: &str) -> Result<(), ExperimentError> {
 }
 
 /// Write the report into `dir` (created): report.md, *.csv and *.png. Returns the files written.
+///
+/// With a `baseline` (another config over the same output folder, and a label naming it), the report
+/// ends with a section comparing the two LIMITED settings ([`super::compare`]), `comparison.csv` and
+/// `gains_vs_baseline.png`.
 pub fn write_report(
     cfg: &ExperimentConfig,
     out: &Path,
     dir: &Path,
+    baseline: Option<(&ExperimentConfig, &str)>,
 ) -> Result<(ReportData, Vec<PathBuf>), ExperimentError> {
     std::fs::create_dir_all(dir).map_err(|source| ExperimentError::Io {
         path: dir.to_path_buf(),
@@ -818,6 +824,54 @@ pub fn write_report(
             100.0 * d.mean,
             100.0 * d.se()
         );
+    }
+    if let Some((bcfg, label)) = baseline {
+        let btasks = load_tasks(bcfg)?;
+        let bpreds = predictions(bcfg, out, &btasks, &results)?;
+        let bdata = gather(bcfg, &btasks, &results, &bpreds);
+        let c = compare::compare(&data, &bdata);
+        md.push_str(&compare::markdown(&c, label));
+        let mut csv = String::from(
+            "target,source,gain_mean,gain_sd,seeds,baseline_gain_mean,baseline_gain_sd,baseline_seeds\n",
+        );
+        let mut points = Vec::new();
+        for t in &c.targets {
+            let (Some(ti), Some(bti)) = (
+                data.tasks.iter().position(|x| x == &t.target),
+                bdata.tasks.iter().position(|x| x == &t.target),
+            ) else {
+                continue;
+            };
+            for (s, name) in data.tasks.iter().enumerate() {
+                let bs = bdata.tasks.iter().position(|x| x == name);
+                if let (Some(a), Some(b)) =
+                    (data.gains[ti][s], bs.and_then(|bs| bdata.gains[bti][bs]))
+                {
+                    let _ = writeln!(
+                        csv,
+                        "{},{name},{},{},{},{},{},{}",
+                        t.target, a.mean, a.sd, a.n, b.mean, b.sd, b.n
+                    );
+                    points.push((100.0 * b.mean, 100.0 * a.mean));
+                }
+            }
+        }
+        let p = dir.join("comparison.csv");
+        write(&p, &csv)?;
+        files.push(p);
+        if !points.is_empty() {
+            let png = dir.join("gains_vs_baseline.png");
+            plot::scatter(
+                &png,
+                "Transfer gain per (target, source): baseline vs this setting",
+                "gain in the baseline setting (points)",
+                "gain in this setting (points)",
+                &points,
+            )
+            .map_err(ExperimentError::Report)?;
+            files.push(png);
+            md.push_str("![gains vs baseline](gains_vs_baseline.png)\n\n");
+        }
     }
     let p = dir.join("report.md");
     write(&p, &md)?;

@@ -48,16 +48,26 @@ pub struct ReportArgs {
     /// Report folder (default OUT/report).
     #[arg(long)]
     pub report_dir: Option<PathBuf>,
+    /// Another config over the same output folder (e.g. a smaller LIMITED setting): the report ends
+    /// with a section comparing the two settings' gains and predictions.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
 }
 
 fn report(
     cfg: &ExperimentConfig,
     out: &std::path::Path,
     dir: Option<PathBuf>,
+    baseline: Option<&std::path::Path>,
     json: bool,
 ) -> anyhow::Result<()> {
     let dir = dir.unwrap_or_else(|| out.join("report"));
-    let (data, files) = write_report(cfg, out, &dir).context("writing the report")?;
+    let base = match baseline {
+        Some(p) => Some((ExperimentConfig::load(p)?, p.display().to_string())),
+        None => None,
+    };
+    let (data, files) = write_report(cfg, out, &dir, base.as_ref().map(|(c, l)| (c, l.as_str())))
+        .context("writing the report")?;
     if json {
         let v = serde_json::json!({
             "report_dir": dir,
@@ -147,13 +157,19 @@ pub fn run_cmd(cmd: &ExperimentCmd, json: bool) -> anyhow::Result<u8> {
                 );
             }
             if a.report {
-                report(&cfg, &a.out, None, json)?;
+                report(&cfg, &a.out, None, None, json)?;
             }
             Ok(0)
         }
         ExperimentCmd::Report(a) => {
             let cfg = ExperimentConfig::load(&a.config)?;
-            report(&cfg, &a.out, a.report_dir.clone(), json)?;
+            report(
+                &cfg,
+                &a.out,
+                a.report_dir.clone(),
+                a.baseline.as_deref(),
+                json,
+            )?;
             Ok(0)
         }
     }
