@@ -63,6 +63,18 @@ fn small_experiment_runs_resumes_and_reports() {
     let s1 = run(&sub, &engine, &out, &RunOptions::default(), &mut |_| {}).unwrap();
     assert_eq!(s1.total, 6 + 3 + (1 + 2 + 5));
     assert_eq!((s1.ran, s1.cached), (0, s1.total));
+    // ... and its report covers just that target and seed.
+    let (sub_data, _) = write_report(&sub, &out, &dir.path().join("report-sub"), None).unwrap();
+    let tw = sub_data
+        .tasks
+        .iter()
+        .position(|x| x == "tweet_sentiment")
+        .unwrap();
+    assert_eq!(sub_data.complete_targets, vec![tw]);
+    assert!(sub_data
+        .limited
+        .keys()
+        .all(|(t, _, seed)| t == "tweet_sentiment" && *seed == 1));
 
     // A run cut short: drop the last record (and leave half a line), then resume runs exactly that one.
     let results_path = out.join("results.jsonl");

@@ -96,8 +96,12 @@ pub fn gather(
             "textemb" => r.protocol == cfg.protocol_hash("textemb"),
             _ => false,
         };
+        // Runs of a target are reported only when the config names it a target (records of other
+        // targets, e.g. from a config with a longer `limited.targets`, are left to that config's report).
         let seeded = matches!(r.phase.as_str(), "limited" | "indicators");
-        if !current || !names.contains(&r.task) || (seeded && !cfg.limited.seeds.contains(&r.seed))
+        if !current
+            || !names.contains(&r.task)
+            || (seeded && !(cfg.limited.seeds.contains(&r.seed) && cfg.limited.is_target(&r.task)))
         {
             continue;
         }
