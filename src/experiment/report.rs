@@ -295,6 +295,16 @@ pub fn gather(
     }
 }
 
+/// The smallest number of seeds n with mean - 2 sd / sqrt(n) > 0, were the mean and sd to stay as
+/// measured; `None` for a gain that is not positive or an sd from fewer than 2 seeds.
+pub fn seeds_to_be_clear(c: &Cell) -> Option<usize> {
+    if c.mean <= 0.0 || c.n < 2 {
+        return None;
+    }
+    let n = (2.0 * c.sd / c.mean).powi(2);
+    Some(((n.floor() as usize) + 1).max(2))
+}
+
 fn pct(x: f64) -> String {
     format!("{:.1}", 100.0 * x)
 }
@@ -504,9 +514,9 @@ pub fn write_report(
     );
     let _ = writeln!(
         md,
-        "| target | scratch | scratch sd | best source | gain | gain sd | clear | sources with clear gain | with clear loss |"
+        "| target | scratch | scratch sd | best source | gain | gain sd | clear | seeds to be clear | sources with clear gain | with clear loss |"
     );
-    let _ = writeln!(md, "|---|---:|---:|---|---:|---:|---|---:|---:|");
+    let _ = writeln!(md, "|---|---:|---:|---|---:|---:|---|---:|---:|---:|");
     let mut gain_sds = Vec::new();
     let mut clear_pos = 0;
     let mut clear_neg = 0;
@@ -537,7 +547,7 @@ pub fn write_report(
         if let Some((s, c)) = best {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {:+.1} | {} | {} | {pos} | {neg} |",
+                "| {} | {} | {} | {} | {:+.1} | {} | {} | {} | {pos} | {neg} |",
                 names[t],
                 pct(sc.mean),
                 pct(sc.sd),
@@ -548,10 +558,18 @@ pub fn write_report(
                     "yes"
                 } else {
                     "no"
-                }
+                },
+                seeds_to_be_clear(&c)
+                    .map(|k| k.to_string())
+                    .unwrap_or("-".into())
             );
         }
     }
+    let _ = writeln!(
+        md,
+        "\n*Seeds to be clear*: how many seeds would make the best gain clear if its mean and sd stayed \
+         as measured, the smallest n with 2 sd / sqrt(n) < mean (`-`: not a gain, or sd not measured).\n"
+    );
     let med = {
         let mut v = gain_sds.clone();
         v.sort_by(f64::total_cmp);
@@ -881,4 +899,25 @@ pub fn write_report(
     write(&p, &md)?;
     files.push(p);
     Ok((data, files))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_to_be_clear_by_hand() {
+        let c = |mean, sd, n| Cell { mean, sd, n };
+        // (2 * 0.04 / 0.02)^2 = 16: n must exceed 16.
+        assert_eq!(seeds_to_be_clear(&c(0.02, 0.04, 3)), Some(17));
+        // (2 * 0.01 / 0.03)^2 = 0.44: 2 seeds at least (an sd needs two).
+        assert_eq!(seeds_to_be_clear(&c(0.03, 0.01, 3)), Some(2));
+        // (2 * 0.05 / 0.04)^2 = 6.25 -> 7; the gain is clear at 7 seeds and not at 6.
+        let k = seeds_to_be_clear(&c(0.04, 0.05, 3)).unwrap();
+        assert_eq!(k, 7);
+        assert!(0.04 - 2.0 * 0.05 / (k as f64).sqrt() > 0.0);
+        assert!(0.04 - 2.0 * 0.05 / ((k - 1) as f64).sqrt() <= 0.0);
+        assert_eq!(seeds_to_be_clear(&c(-0.01, 0.01, 3)), None);
+        assert_eq!(seeds_to_be_clear(&c(0.01, 0.0, 1)), None);
+    }
 }
