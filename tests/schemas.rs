@@ -195,7 +195,7 @@ fn experiment_config_and_results_validate() {
     let cfg: Value =
         serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
     check(&cfg_schema, &cfg, "examples/replication/config.json");
-    // The enlarged setting run on a few targets, and that both parse as the harness's config.
+    // The enlarged setting (every target), and that both parse as the harness's config.
     let large: Value =
         serde_json::from_slice(&std::fs::read(dir.join("config-large.json")).unwrap()).unwrap();
     check(

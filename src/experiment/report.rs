@@ -298,11 +298,12 @@ pub fn gather(
 /// The smallest number of seeds n with mean - 2 sd / sqrt(n) > 0, were the mean and sd to stay as
 /// measured; `None` for a gain that is not positive or an sd from fewer than 2 seeds.
 pub fn seeds_to_be_clear(c: &Cell) -> Option<usize> {
-    if c.mean <= 0.0 || c.n < 2 {
+    // Below 1e-9 (a billionth of a point) a mean is a rounding residue of equal accuracies, not a gain.
+    if c.mean <= 1e-9 || c.n < 2 {
         return None;
     }
     let n = (2.0 * c.sd / c.mean).powi(2);
-    Some(((n.floor() as usize) + 1).max(2))
+    Some((n.min(1e9).floor() as usize).saturating_add(1).max(2))
 }
 
 fn pct(x: f64) -> String {
@@ -919,5 +920,9 @@ mod tests {
         assert!(0.04 - 2.0 * 0.05 / ((k - 1) as f64).sqrt() <= 0.0);
         assert_eq!(seeds_to_be_clear(&c(-0.01, 0.01, 3)), None);
         assert_eq!(seeds_to_be_clear(&c(0.01, 0.0, 1)), None);
+        // A residue of equal accuracies is no gain (this once overflowed).
+        assert_eq!(seeds_to_be_clear(&c(1e-17, 0.05, 3)), None);
+        // A tiny real gain needs absurdly many seeds; the count is capped at 1e9 (+1), never overflows.
+        assert_eq!(seeds_to_be_clear(&c(1e-8, 0.05, 3)), Some(1_000_000_001));
     }
 }
