@@ -569,7 +569,7 @@ pub fn write_report(
     let _ = writeln!(
         md,
         "\n*Seeds to be clear*: how many seeds would make the best gain clear if its mean and sd stayed \
-         as measured, the smallest n with 2 sd / sqrt(n) < mean (`-`: not a gain, or sd not measured).\n"
+         as measured, the smallest n with 2 sd / sqrt(n) < mean (`-`: not a gain, or sd not measured)."
     );
     let med = {
         let mut v = gain_sds.clone();
