@@ -65,14 +65,6 @@ pub struct Comparison {
     pub median_gain_sd: Pair<f64>,
 }
 
-fn clear_gain(c: &Cell) -> bool {
-    c.n > 1 && c.mean - 2.0 * c.se() > 0.0
-}
-
-fn clear_loss(c: &Cell) -> bool {
-    c.n > 1 && c.mean + 2.0 * c.se() < 0.0
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -160,14 +152,14 @@ pub fn compare(this: &ReportData, base: &ReportData) -> Comparison {
             scratch: (sc_this, sc_base),
             median_gain_sd: (median(sd_this), median(sd_base)),
             clear_gains: (
-                pairs.iter().filter(|p| clear_gain(&p.1)).count(),
-                pairs.iter().filter(|p| clear_gain(&p.2)).count(),
+                pairs.iter().filter(|p| p.1.clear_gain()).count(),
+                pairs.iter().filter(|p| p.2.clear_gain()).count(),
             ),
             clear_losses: (
-                pairs.iter().filter(|p| clear_loss(&p.1)).count(),
-                pairs.iter().filter(|p| clear_loss(&p.2)).count(),
+                pairs.iter().filter(|p| p.1.clear_loss()).count(),
+                pairs.iter().filter(|p| p.2.clear_loss()).count(),
             ),
-            best_clear: (clear_gain(&b_this.1), clear_gain(&b_base.1)),
+            best_clear: (b_this.1.clear_gain(), b_base.1.clear_gain()),
             best: (b_this, b_base),
             spearman: rho_s,
             ndcg_of_baseline: ndcg(&g_base, &g_this),
@@ -229,7 +221,7 @@ fn pct(x: f64) -> String {
 }
 
 fn star(c: &Cell) -> &'static str {
-    if c.n > 1 && (c.mean - 2.0 * c.se() > 0.0 || c.mean + 2.0 * c.se() < 0.0) {
+    if c.clear_gain() || c.clear_loss() {
         " *"
     } else {
         ""

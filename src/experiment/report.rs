@@ -37,6 +37,14 @@ impl Cell {
     pub fn se(&self) -> f64 {
         self.sd / (self.n.max(1) as f64).sqrt()
     }
+    /// A *clear* gain: mean - 2 SE > 0, with an SE from at least 2 values.
+    pub fn clear_gain(&self) -> bool {
+        self.n > 1 && self.mean - 2.0 * self.se() > 0.0
+    }
+    /// A *clear* loss: mean + 2 SE < 0, with an SE from at least 2 values.
+    pub fn clear_loss(&self) -> bool {
+        self.n > 1 && self.mean + 2.0 * self.se() < 0.0
+    }
 }
 
 /// One predictor's results.
@@ -531,10 +539,10 @@ pub fn write_report(
                 measured += 1;
                 if c.n > 1 {
                     gain_sds.push(c.sd);
-                    if c.mean - 2.0 * c.se() > 0.0 {
+                    if c.clear_gain() {
                         pos += 1;
                     }
-                    if c.mean + 2.0 * c.se() < 0.0 {
+                    if c.clear_loss() {
                         neg += 1;
                     }
                 }
@@ -555,11 +563,7 @@ pub fn write_report(
                 names[s],
                 100.0 * c.mean,
                 pct(c.sd),
-                if c.n > 1 && c.mean - 2.0 * c.se() > 0.0 {
-                    "yes"
-                } else {
-                    "no"
-                },
+                if c.clear_gain() { "yes" } else { "no" },
                 seeds_to_be_clear(&c)
                     .map(|k| k.to_string())
                     .unwrap_or("-".into())
