@@ -11,8 +11,8 @@
 //! of this setting's gains (100 = the baseline ranks this setting's sources perfectly). Per predictor:
 //! NDCG and its paired difference to random in each setting, over the common targets.
 
-use super::metrics::{ndcg, spearman};
-use super::report::{Cell, ReportData};
+use super::metrics::{median, ndcg, spearman};
+use super::report::{pct, Cell, ReportData};
 
 /// One quantity in this setting and in the baseline.
 pub type Pair<T> = (T, T);
@@ -63,19 +63,6 @@ pub struct Comparison {
     pub baseline_best_in_top3: usize,
     /// Median seed-to-seed sd of a gain over every pair of the common targets.
     pub median_gain_sd: Pair<f64>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let k = v.len();
-    if k % 2 == 1 {
-        v[k / 2]
-    } else {
-        (v[k / 2 - 1] + v[k / 2]) / 2.0
-    }
 }
 
 /// The gains of target `t` in `d`, in source order (every source measured: `t` is a complete target).
@@ -150,7 +137,10 @@ pub fn compare(this: &ReportData, base: &ReportData) -> Comparison {
             target: name.clone(),
             sources: pairs.len(),
             scratch: (sc_this, sc_base),
-            median_gain_sd: (median(sd_this), median(sd_base)),
+            median_gain_sd: (
+                median(&sd_this).unwrap_or(f64::NAN),
+                median(&sd_base).unwrap_or(f64::NAN),
+            ),
             clear_gains: (
                 pairs.iter().filter(|p| p.1.clear_gain()).count(),
                 pairs.iter().filter(|p| p.2.clear_gain()).count(),
@@ -167,7 +157,10 @@ pub fn compare(this: &ReportData, base: &ReportData) -> Comparison {
         common.push(name.clone());
     }
     out.spearman = Cell::of(&rhos);
-    out.median_gain_sd = (median(sds_this), median(sds_base));
+    out.median_gain_sd = (
+        median(&sds_this).unwrap_or(f64::NAN),
+        median(&sds_base).unwrap_or(f64::NAN),
+    );
 
     // Predictors present in both, over the common targets, paired with random per target.
     let per_target = |d: &ReportData, p: &str| -> Vec<(String, f64)> {
@@ -210,14 +203,6 @@ pub fn compare(this: &ReportData, base: &ReportData) -> Comparison {
     out.predictors
         .sort_by(|x, y| y.ndcg.0.total_cmp(&x.ndcg.0).then(x.name.cmp(&y.name)));
     out
-}
-
-fn pct(x: f64) -> String {
-    if x.is_finite() {
-        format!("{:.1}", 100.0 * x)
-    } else {
-        "-".into()
-    }
 }
 
 fn star(c: &Cell) -> &'static str {

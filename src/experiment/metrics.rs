@@ -76,6 +76,18 @@ pub fn mean_sd(xs: &[f64]) -> Option<(f64, f64)> {
     Some((m, sd))
 }
 
+/// The median (mean of the two middle values for an even count); `None` when empty.
+pub fn median(xs: &[f64]) -> Option<f64> {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let k = v.len();
+    match k {
+        0 => None,
+        _ if k % 2 == 1 => Some(v[k / 2]),
+        _ => Some((v[k / 2 - 1] + v[k / 2]) / 2.0),
+    }
+}
+
 /// Ranks 1..n of `xs` in ascending order, ties sharing their average rank.
 pub fn average_ranks(xs: &[f64]) -> Vec<f64> {
     let mut idx: Vec<usize> = (0..xs.len()).collect();
@@ -118,6 +130,16 @@ pub fn spearman(a: &[f64], b: &[f64]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn median_by_hand() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0]), Some(3.0));
+        // Odd count: the middle value whatever the input order.
+        assert_eq!(median(&[5.0, 1.0, 3.0]), Some(3.0));
+        // Even count: the mean of the two middle values (2 and 4), not the upper one.
+        assert_eq!(median(&[4.0, 1.0, 10.0, 2.0]), Some(3.0));
+    }
 
     #[test]
     fn rho_by_hand() {

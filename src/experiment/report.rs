@@ -4,7 +4,7 @@
 //! shows what finished (and says how much that is).
 
 use super::compare;
-use super::metrics::{mean_sd, ndcg, rho};
+use super::metrics::{mean_sd, median, ndcg, rho};
 use super::plot;
 use super::predict::{predictions, Predictions};
 use super::results::{Record, ResultsFile};
@@ -314,8 +314,13 @@ pub fn seeds_to_be_clear(c: &Cell) -> Option<usize> {
     Some((n.min(1e9).floor() as usize).saturating_add(1).max(2))
 }
 
-fn pct(x: f64) -> String {
-    format!("{:.1}", 100.0 * x)
+/// A fraction as accuracy points with one decimal; `-` for a value not measured (NaN).
+pub(crate) fn pct(x: f64) -> String {
+    if x.is_finite() {
+        format!("{:.1}", 100.0 * x)
+    } else {
+        "-".into()
+    }
 }
 
 fn write(path: &Path, text: &str) -> Result<(), ExperimentError> {
@@ -575,11 +580,7 @@ pub fn write_report(
         "\n*Seeds to be clear*: how many seeds would make the best gain clear if its mean and sd stayed \
          as measured, the smallest n with 2 sd / sqrt(n) < mean (`-`: not a gain, or sd not measured)."
     );
-    let med = {
-        let mut v = gain_sds.clone();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied()
-    };
+    let med = median(&gain_sds);
     let _ = writeln!(
         md,
         "\nSpread: median seed-to-seed sd of a gain {} points; of {measured} measured pairs, {clear_pos} \
