@@ -134,6 +134,7 @@ fn small_experiment_runs_resumes_and_reports() {
         "zoo.csv",
         "gains.csv",
         "limited_runs.csv",
+        "held_out.csv",
         "prediction.csv",
         "prediction_summary.csv",
         "pewe.csv",
@@ -172,6 +173,20 @@ fn small_experiment_runs_resumes_and_reports() {
     assert_eq!(g.n, 2);
     assert!((g.mean - (by_hand[0] + by_hand[1]) / 2.0).abs() < 1e-12);
     assert_eq!(data.complete_targets.len(), 3);
+    // Held-out check (seeds [0, 1]): the source picked on seed 0 is the one with the higher seed-0
+    // gain, and its held-out gain is its seed-1 gain.
+    let gain = |src: &str, seed: u64| {
+        acc[&("tweet_sentiment".into(), format!("source:{src}"), seed)]
+            - acc[&("tweet_sentiment".into(), "scratch".into(), seed)]
+    };
+    let h = data.held_out[t].unwrap();
+    let picked = data.tasks[h.source].as_str();
+    assert_ne!(picked, "tweet_sentiment");
+    for other in data.tasks.iter().filter(|x| *x != "tweet_sentiment") {
+        assert!(gain(picked, 0) >= gain(other, 0), "{picked} vs {other}");
+    }
+    assert_eq!(h.held_out.n, 1);
+    assert!((h.held_out.mean - gain(picked, 1)).abs() < 1e-12);
     let names: Vec<&str> = data.predictors.iter().map(|p| p.name.as_str()).collect();
     for want in [
         "tupate:lora:best",

@@ -47,6 +47,54 @@ impl Cell {
     }
 }
 
+/// The best source of a target picked on some seeds and measured on the others: what picking the best
+/// source is worth, free of the upward bias (winner's curse) of the best of many noisy means measured
+/// on the seeds that picked it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HeldOut {
+    /// Index of the picked source among the sources given.
+    pub source: usize,
+    /// Its gain over the selection seeds.
+    pub selected: Cell,
+    /// Its gain over the held-out seeds.
+    pub held_out: Cell,
+}
+
+/// Split `seeds` into selection (the first half, rounded down) and held-out seeds (the rest), pick the
+/// source with the highest mean gain over the selection seeds (`gain(source, seed)`, `None` when not
+/// measured; a source unmeasured on any selection seed is not a candidate) and measure its gain on
+/// the held-out seeds it has. `None` with fewer than 2 seeds or no candidate with a held-out value.
+pub fn held_out_best(
+    n_sources: usize,
+    seeds: &[u64],
+    gain: impl Fn(usize, u64) -> Option<f64>,
+) -> Option<HeldOut> {
+    let (select, rest) = seeds.split_at(seeds.len() / 2);
+    if select.is_empty() {
+        return None;
+    }
+    let over = |s: usize, seeds: &[u64]| -> Vec<Option<f64>> {
+        seeds.iter().map(|&k| gain(s, k)).collect()
+    };
+    let mut best: Option<(usize, Cell)> = None;
+    for s in 0..n_sources {
+        let Some(g) = over(s, select).into_iter().collect::<Option<Vec<f64>>>() else {
+            continue;
+        };
+        let Some(c) = Cell::of(&g) else { continue };
+        if best.map(|b| c.mean > b.1.mean).unwrap_or(true) {
+            best = Some((s, c));
+        }
+    }
+    let (source, selected) = best?;
+    let h: Vec<f64> = over(source, rest).into_iter().flatten().collect();
+    Some(HeldOut {
+        source,
+        selected,
+        held_out: Cell::of(&h)?,
+    })
+}
+
 /// One predictor's results.
 #[derive(Debug, Clone)]
 pub struct PredictorResult {
@@ -68,6 +116,9 @@ pub struct ReportData {
     /// when missing.
     pub gains: Vec<Vec<Option<Cell>>>,
     pub scratch: Vec<Option<Cell>>,
+    /// Per target: the best source picked on the first half of the seeds, its gain measured on the
+    /// other half (`None` with fewer than 2 seeds or a source unmeasured on a selection seed).
+    pub held_out: Vec<Option<HeldOut>>,
     /// Targets with a gain for every source.
     pub complete_targets: Vec<usize>,
     pub predictors: Vec<PredictorResult>,
@@ -145,6 +196,19 @@ pub fn gather(
             gains[t][s] = Cell::of(&d);
         }
     }
+    let held_out: Vec<Option<HeldOut>> = (0..n)
+        .map(|t| {
+            let sources: Vec<usize> = (0..n).filter(|&s| s != t).collect();
+            let h = held_out_best(sources.len(), &seeds, |i, seed| {
+                let a = acc(&names[t], &format!("source:{}", names[sources[i]]), seed)?;
+                Some(a - acc(&names[t], "scratch", seed)?)
+            })?;
+            Some(HeldOut {
+                source: sources[h.source],
+                ..h
+            })
+        })
+        .collect();
     let complete_targets: Vec<usize> = (0..n)
         .filter(|&t| (0..n).all(|s| s == t || gains[t][s].is_some()))
         .collect();
@@ -295,6 +359,7 @@ pub fn gather(
         limited,
         gains,
         scratch,
+        held_out,
         complete_targets,
         predictors,
         pewe,
@@ -312,6 +377,98 @@ pub fn seeds_to_be_clear(c: &Cell) -> Option<usize> {
     }
     let n = (2.0 * c.sd / c.mean).powi(2);
     Some((n.min(1e9).floor() as usize).saturating_add(1).max(2))
+}
+
+/// Section 2's held-out check: each target's best source picked on the first half of the seeds and
+/// measured on the rest (markdown table and `held_out.csv`).
+fn write_held_out(
+    md: &mut String,
+    data: &ReportData,
+    dir: &Path,
+    files: &mut Vec<PathBuf>,
+) -> Result<(), ExperimentError> {
+    let names = &data.tasks;
+    let k = data.seeds.len() / 2;
+    let list = |s: &[u64]| {
+        s.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (select, rest) = (list(&data.seeds[..k]), list(&data.seeds[k..]));
+    let rows: Vec<(usize, HeldOut)> = data
+        .held_out
+        .iter()
+        .enumerate()
+        .filter_map(|(t, h)| Some((t, (*h)?)))
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut csv = String::from(
+        "target,source,selected_gain_mean,selected_gain_sd,selected_seeds,held_out_gain_mean,held_out_gain_sd,held_out_seeds\n",
+    );
+    let _ = writeln!(
+        md,
+        "**Held-out check.** The best source of a target is the highest of 13 noisy means, biased upward \
+         (winner's curse). Here it is picked on seeds {select} and its gain measured on seeds {rest}, \
+         which did not pick it: an unbiased estimate of what picking the best source is worth.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| target | picked on seeds {select} | gain there | gain on seeds {rest} | sd | clear |"
+    );
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---|");
+    for (t, h) in &rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:+.1} | {:+.1} | {} | {} |",
+            names[*t],
+            names[h.source],
+            100.0 * h.selected.mean,
+            100.0 * h.held_out.mean,
+            pct(h.held_out.sd),
+            if h.held_out.clear_gain() {
+                "gain"
+            } else if h.held_out.clear_loss() {
+                "loss"
+            } else {
+                "no"
+            }
+        );
+        let _ = writeln!(
+            csv,
+            "{},{},{},{},{},{},{},{}",
+            names[*t],
+            names[h.source],
+            h.selected.mean,
+            h.selected.sd,
+            h.selected.n,
+            h.held_out.mean,
+            h.held_out.sd,
+            h.held_out.n
+        );
+    }
+    let sel: Vec<f64> = rows.iter().map(|(_, h)| h.selected.mean).collect();
+    let held: Vec<f64> = rows.iter().map(|(_, h)| h.held_out.mean).collect();
+    let fmt = |c: Option<Cell>| {
+        c.map(|c| format!("{:+.1} +- {:.1}", 100.0 * c.mean, 100.0 * c.se()))
+            .unwrap_or("-".into())
+    };
+    let _ = writeln!(
+        md,
+        "\nOver {} targets (mean +- SE): the picked sources' gain {} points on the seeds that picked them, \
+         {} on the held-out seeds; clear on the held-out seeds: {} gains, {} losses.\n",
+        rows.len(),
+        fmt(Cell::of(&sel)),
+        fmt(Cell::of(&held)),
+        rows.iter().filter(|(_, h)| h.held_out.clear_gain()).count(),
+        rows.iter().filter(|(_, h)| h.held_out.clear_loss()).count()
+    );
+    let p = dir.join("held_out.csv");
+    write(&p, &csv)?;
+    files.push(p);
+    Ok(())
 }
 
 /// A fraction as accuracy points with one decimal; `-` for a value not measured (NaN).
@@ -587,6 +744,7 @@ pub fn write_report(
          have a clear gain and {clear_neg} a clear loss (mean +- 2 SE excludes 0).\n",
         med.map(pct).unwrap_or("-".into())
     );
+    write_held_out(&mut md, &data, dir, &mut files)?;
     let heat = dir.join("gains_heatmap.png");
     let values: Vec<Vec<f64>> = (0..n)
         .map(|t| {
@@ -910,6 +1068,40 @@ pub fn write_report(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn held_out_best_by_hand() {
+        // gains[source][seed] for seeds 10, 11, 12, 13, 14: selection = seeds 10, 11 (5 / 2 = 2),
+        // held out = 12, 13, 14.
+        let g = [
+            [0.10, 0.00, -0.02, 0.00, -0.01], // selection mean 0.05, the highest
+            [0.03, 0.03, 0.05, 0.06, 0.07],   // selection mean 0.03
+            [0.04, f64::NAN, 0.50, 0.50, 0.50], // unmeasured on seed 11: not a candidate
+        ];
+        let seeds = [10, 11, 12, 13, 14];
+        let gain = |s: usize, seed: u64| {
+            let v = g[s][(seed - 10) as usize];
+            (!v.is_nan()).then_some(v)
+        };
+        let h = held_out_best(3, &seeds, gain).unwrap();
+        assert_eq!(h.source, 0);
+        assert_eq!(h.selected.n, 2);
+        assert!((h.selected.mean - 0.05).abs() < 1e-12);
+        // Held out: mean of -0.02, 0, -0.01 = -0.01; sd = 0.01.
+        assert_eq!(h.held_out.n, 3);
+        assert!((h.held_out.mean + 0.01).abs() < 1e-12);
+        assert!((h.held_out.sd - 0.01).abs() < 1e-12);
+        assert!(!h.held_out.clear_gain());
+        // One seed: nothing to hold out from.
+        assert_eq!(held_out_best(3, &[10], gain), None);
+        // Two seeds: pick on seed 10 (source 0, 0.10), measure on seed 11 (0.00, one value).
+        let h2 = held_out_best(3, &[10, 11], gain).unwrap();
+        assert_eq!((h2.source, h2.held_out.n), (0, 1));
+        assert_eq!(h2.held_out.mean, 0.0);
+        // No source measured on the held-out seed: None.
+        let none = |_: usize, seed: u64| (seed == 10).then_some(0.1);
+        assert_eq!(held_out_best(3, &[10, 11], none), None);
+    }
 
     #[test]
     fn seeds_to_be_clear_by_hand() {
