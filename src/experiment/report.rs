@@ -176,6 +176,11 @@ pub fn gather(
     let seeds = cfg.limited.seeds.clone();
     let acc =
         |t: &str, init: &str, seed: u64| limited.get(&(t.to_string(), init.to_string(), seed));
+    // Gain of source `s` on target `t` in one seed, paired with scratch of the same seed.
+    let gain_at = |t: usize, s: usize, seed: u64| {
+        let a = acc(&names[t], &format!("source:{}", names[s]), seed)?;
+        Some(a - acc(&names[t], "scratch", seed)?)
+    };
     let mut gains = vec![vec![None; n]; n];
     let mut scratch = vec![None; n];
     for t in 0..n {
@@ -187,11 +192,7 @@ pub fn gather(
         for s in (0..n).filter(|&s| s != t) {
             let d: Vec<f64> = seeds
                 .iter()
-                .filter_map(|&seed| {
-                    let a = acc(&names[t], &format!("source:{}", names[s]), seed)?;
-                    let b = acc(&names[t], "scratch", seed)?;
-                    Some(a - b)
-                })
+                .filter_map(|&seed| gain_at(t, s, seed))
                 .collect();
             gains[t][s] = Cell::of(&d);
         }
@@ -200,8 +201,7 @@ pub fn gather(
         .map(|t| {
             let sources: Vec<usize> = (0..n).filter(|&s| s != t).collect();
             let h = held_out_best(sources.len(), &seeds, |i, seed| {
-                let a = acc(&names[t], &format!("source:{}", names[sources[i]]), seed)?;
-                Some(a - acc(&names[t], "scratch", seed)?)
+                gain_at(t, sources[i], seed)
             })?;
             Some(HeldOut {
                 source: sources[h.source],
