@@ -12,7 +12,7 @@
 //! NDCG and its paired difference to random in each setting, over the common targets.
 
 use super::metrics::{median, ndcg, spearman};
-use super::report::{pct, Cell, ReportData};
+use super::report::{best_by_mean, pct, Cell, ReportData};
 
 /// One quantity in this setting and in the baseline.
 pub type Pair<T> = (T, T);
@@ -107,14 +107,12 @@ pub fn compare(this: &ReportData, base: &ReportData) -> Comparison {
         let g_this: Vec<f64> = pairs.iter().map(|p| p.1.mean).collect();
         let g_base: Vec<f64> = pairs.iter().map(|p| p.2.mean).collect();
         let best_of = |side: usize| {
-            pairs
-                .iter()
-                .map(|p| (p.0.clone(), if side == 0 { p.1 } else { p.2 }))
-                .fold(None::<(String, Cell)>, |acc, (n, c)| match acc {
-                    Some((_, b)) if b.mean >= c.mean => acc,
-                    _ => Some((n, c)),
-                })
-                .expect("non-empty")
+            best_by_mean(
+                pairs
+                    .iter()
+                    .map(|p| (p.0.clone(), if side == 0 { p.1 } else { p.2 })),
+            )
+            .expect("non-empty")
         };
         let (b_this, b_base) = (best_of(0), best_of(1));
         let sd_this: Vec<f64> = pairs.iter().filter(|p| p.1.n > 1).map(|p| p.1.sd).collect();

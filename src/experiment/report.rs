@@ -60,34 +60,39 @@ pub struct HeldOut {
     pub held_out: Cell,
 }
 
-/// Split `seeds` into selection (the first half, rounded down) and held-out seeds (the rest), pick the
-/// source with the highest mean gain over the selection seeds (`gain(source, seed)`, `None` when not
-/// measured; a source unmeasured on any selection seed is not a candidate) and measure its gain on
-/// the held-out seeds it has. `None` with fewer than 2 seeds or no candidate with a held-out value.
+/// The item with the highest mean (the first of equal ones); `None` for no items.
+pub fn best_by_mean<K>(items: impl IntoIterator<Item = (K, Cell)>) -> Option<(K, Cell)> {
+    items.into_iter().fold(None, |best, (k, c)| match best {
+        Some((_, b)) if c.mean <= b.mean => best,
+        _ => Some((k, c)),
+    })
+}
+
+/// The held-out check's split of `seeds`: selection seeds (the first half, rounded down) and held-out
+/// seeds (the rest).
+pub fn split_seeds(seeds: &[u64]) -> (&[u64], &[u64]) {
+    seeds.split_at(seeds.len() / 2)
+}
+
+/// Split `seeds` with [`split_seeds`], pick the source with the highest mean gain over the selection
+/// seeds (`gain(source, seed)`, `None` when not measured; a source unmeasured on any selection seed is
+/// not a candidate) and measure its gain on the held-out seeds it has. `None` with fewer than 2 seeds
+/// or no candidate with a held-out value.
 pub fn held_out_best(
     n_sources: usize,
     seeds: &[u64],
     gain: impl Fn(usize, u64) -> Option<f64>,
 ) -> Option<HeldOut> {
-    let (select, rest) = seeds.split_at(seeds.len() / 2);
+    let (select, rest) = split_seeds(seeds);
     if select.is_empty() {
         return None;
     }
-    let over = |s: usize, seeds: &[u64]| -> Vec<Option<f64>> {
-        seeds.iter().map(|&k| gain(s, k)).collect()
-    };
-    let mut best: Option<(usize, Cell)> = None;
-    for s in 0..n_sources {
-        let Some(g) = over(s, select).into_iter().collect::<Option<Vec<f64>>>() else {
-            continue;
-        };
-        let Some(c) = Cell::of(&g) else { continue };
-        if best.map(|b| c.mean > b.1.mean).unwrap_or(true) {
-            best = Some((s, c));
-        }
-    }
-    let (source, selected) = best?;
-    let h: Vec<f64> = over(source, rest).into_iter().flatten().collect();
+    let candidates = (0..n_sources).filter_map(|s| {
+        let g: Vec<f64> = select.iter().map(|&k| gain(s, k)).collect::<Option<_>>()?;
+        Some((s, Cell::of(&g)?))
+    });
+    let (source, selected) = best_by_mean(candidates)?;
+    let h: Vec<f64> = rest.iter().filter_map(|&k| gain(source, k)).collect();
     Some(HeldOut {
         source,
         selected,
@@ -388,14 +393,14 @@ fn write_held_out(
     files: &mut Vec<PathBuf>,
 ) -> Result<(), ExperimentError> {
     let names = &data.tasks;
-    let k = data.seeds.len() / 2;
     let list = |s: &[u64]| {
         s.iter()
             .map(|x| x.to_string())
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let (select, rest) = (list(&data.seeds[..k]), list(&data.seeds[k..]));
+    let (select, rest) = split_seeds(&data.seeds);
+    let (select, rest) = (list(select), list(rest));
     let rows: Vec<(usize, HeldOut)> = data
         .held_out
         .iter()
@@ -694,7 +699,6 @@ pub fn write_report(
     let mut measured = 0;
     for t in 0..n {
         let Some(sc) = data.scratch[t] else { continue };
-        let mut best: Option<(usize, Cell)> = None;
         let (mut pos, mut neg) = (0, 0);
         for s in (0..n).filter(|&s| s != t) {
             if let Some(c) = data.gains[t][s] {
@@ -708,13 +712,15 @@ pub fn write_report(
                         neg += 1;
                     }
                 }
-                if best.map(|b| c.mean > b.1.mean).unwrap_or(true) {
-                    best = Some((s, c));
-                }
             }
         }
         clear_pos += pos;
         clear_neg += neg;
+        let best = best_by_mean(
+            (0..n)
+                .filter(|&s| s != t)
+                .filter_map(|s| Some((s, data.gains[t][s]?))),
+        );
         if let Some((s, c)) = best {
             let _ = writeln!(
                 md,
@@ -1068,6 +1074,19 @@ pub fn write_report(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn best_by_mean_by_hand() {
+        let c = |mean| Cell {
+            mean,
+            sd: 0.0,
+            n: 1,
+        };
+        assert_eq!(best_by_mean(Vec::<(usize, Cell)>::new()), None);
+        // The highest mean wins; of equal ones the first.
+        let items = vec![("a", c(0.1)), ("b", c(0.3)), ("c", c(0.3)), ("d", c(-1.0))];
+        assert_eq!(best_by_mean(items).map(|b| b.0), Some("b"));
+    }
 
     #[test]
     fn held_out_best_by_hand() {
