@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The main job on the bundled default: the quickstart over the demo zoo committed in examples/demo-zoo
-# (LoRA and BitFit adapters trained by peftdb's own harness on 13 of the 14 tasks in ../shared/tasks;
-# movie_sentiment is left out to play the new task).
+# (one LoRA per task of ../shared/tasks, trained by scripts/train-zoo.sh until dev accuracy plateaus, f16).
+# Any task can play the new one: `suggest` never proposes the new task's own adapter.
 #   1. fetch the base model if missing   2. ingest the zoo   3. nearest tasks of one task
-#   4. suggest an initialization for the left-out task, and compare it with the bare model.
-# Takes a few minutes on 2 cores (most of it the first build).
+#   4. suggest an initialization for movie_sentiment from the other 13 tasks' adapters
+#   5. test accuracy of the bare model, the suggested initialization and each candidate source alone.
+# Takes a few minutes on 2 cores (most of it the first build). NEW=../shared/tasks/NAME picks another task.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/fetch-model.sh
@@ -12,21 +13,48 @@ bash scripts/fetch-model.sh
 cargo build --quiet --bin peftdb
 P=target/debug/peftdb
 MODEL=models/all-MiniLM-L6-v2
-NEW=../shared/tasks/movie_sentiment
+NEW="${NEW:-../shared/tasks/movie_sentiment}"
 DEMO=target/demo
+LEN=64
 rm -rf "$DEMO" && mkdir -p "$DEMO"
 export PEFTDB_PATH="$DEMO/demo.redb"
 echo "== peftdb init"; $P init
 echo "== peftdb ingest examples/demo-zoo"; $P ingest examples/demo-zoo
 echo "== peftdb ls tasks"; $P ls tasks
-echo "== peftdb stats"; $P stats
-echo "== peftdb nearest --task tweet_sentiment (mean over the LoRA and BitFit spaces: the papers' ensemble)"
-$P nearest --task tweet_sentiment -k 5
-echo "== peftdb nearest --task tweet_sentiment --method lora --similarity delta"
-$P nearest --task tweet_sentiment -k 5 --method lora --similarity delta
-echo "== peftdb suggest: an initialization for the new task movie_sentiment (not in the zoo)"
-$P suggest --model "$MODEL" --task "$NEW" --out "$DEMO/movie_sentiment-init" -k 5 --max-len 48 --steps 16 --shots 16
-echo "== peftdb eval: the bare model vs the suggested initialization (dev split, before any training)"
-echo "-- bare model:"; $P eval --model "$MODEL" --task "$NEW" --split dev --max-len 48
-echo "-- suggested initialization:"; $P eval --model "$MODEL" --task "$NEW" --split dev --max-len 48 --adapter "$DEMO/movie_sentiment-init"
-echo "== done: the initialization is a Hugging Face PEFT folder in $DEMO/movie_sentiment-init"
+echo "== peftdb nearest --task tweet_sentiment (what training changed: the LoRA updates B.A)"
+$P nearest --task tweet_sentiment -k 5 --similarity delta
+echo "== peftdb suggest: an initialization for the new task $(basename "$NEW") from the other tasks' adapters"
+$P suggest --model "$MODEL" --task "$NEW" --out "$DEMO/init" --max-len $LEN
+echo "== test accuracy (full test split), before any training on the new task"
+{
+  echo "bare model"; $P --json eval --model "$MODEL" --task "$NEW" --split test --max-len $LEN
+  echo "suggested initialization"
+  $P --json eval --model "$MODEL" --task "$NEW" --split test --max-len $LEN --adapter "$DEMO/init"
+  python3 -c 'import json,sys; [print(c["task"], c["object"]) for c in json.load(open(sys.argv[1]))["candidates"]]' \
+    "$DEMO/init/peftdb_report.json" | while read -r task id; do
+    echo "source $task alone"
+    $P --json eval --model "$MODEL" --task "$NEW" --split test --max-len $LEN --object "$id"
+  done
+} > "$DEMO/eval.txt"
+python3 - "$DEMO/eval.txt" <<'EOF'
+import json, sys
+lines = open(sys.argv[1]).read().split("\n")
+rows, label, buf = [], None, []
+for line in lines + [""]:
+    if line and not line.startswith(("{", " ", "}")) and not buf:
+        label = line
+    else:
+        buf.append(line)
+        if line == "}":
+            rows.append((label, json.loads("\n".join(buf))))
+            buf = []
+bare = rows[0][1]["accuracy"]
+init = rows[1][1]["accuracy"]
+sources = rows[2:]
+best = max(sources, key=lambda r: r[1]["accuracy"]) if sources else None
+for name, r in rows:
+    print(f"  {name:<40} {r['accuracy']:.3f}  ({r['accuracy'] - bare:+.3f} vs bare)")
+print(f"suggested initialization {init:.3f} vs bare model {bare:.3f} ({100 * (init - bare):+.1f} points)"
+      + (f"; best single candidate {best[0].removeprefix('source ').removesuffix(' alone')} {best[1]['accuracy']:.3f}" if best else ""))
+EOF
+echo "== done: the initialization is a Hugging Face PEFT folder in $DEMO/init (report: $DEMO/init/peftdb_report.json)"

@@ -43,6 +43,7 @@ pub mod rerank;
 pub mod store;
 pub mod suggest;
 pub mod synth;
+pub mod transfer;
 
 pub use error::{Error, Result};
 pub mod index;

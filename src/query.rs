@@ -94,7 +94,13 @@ pub enum Target {
     Task(String),
     Object(ObjectId),
     Adapter(PathBuf),
-    Vector { space: SpaceId, vector: Vec<f32> },
+    /// An adapter already in memory (the new task's short-tuned adapter in `suggest`): every similarity
+    /// works on it, as on an adapter folder.
+    Loaded(Box<LightweightObject>),
+    Vector {
+        space: SpaceId,
+        vector: Vec<f32>,
+    },
 }
 
 /// A nearest-task query (builder).
@@ -230,6 +236,11 @@ impl Nearest {
         Nearest::new(Target::Adapter(dir.into()))
     }
     /// Tasks nearest to a raw embedding of a space.
+    /// Nearest tasks of an adapter in memory (every similarity, `delta` included).
+    pub fn loaded(obj: LightweightObject) -> Nearest {
+        Nearest::new(Target::Loaded(Box::new(obj)))
+    }
+
     pub fn vector(space: SpaceId, vector: Vec<f32>) -> Nearest {
         Nearest::new(Target::Vector { space, vector })
     }
@@ -327,6 +338,7 @@ impl Nearest {
                 ("object", id.to_string(), Some(o.task.clone()))
             }
             Target::Adapter(p) => ("adapter", p.display().to_string(), None),
+            Target::Loaded(_) => ("adapter", "(in memory)".to_string(), None),
             Target::Vector { space, .. } => ("vector", space.to_string(), None),
         };
         let exclude_on = self.exclude_query_task.unwrap_or(query_task.is_some());
@@ -582,15 +594,20 @@ impl Nearest {
                 from_objects(ids)?
             }
             Target::Object(id) => from_objects(vec![*id])?,
-            Target::Adapter(dir) => {
-                let obj = Self::read_target_adapter(dir)?;
+            Target::Adapter(_) | Target::Loaded(_) => {
+                let (obj, what) = match &self.target {
+                    Target::Adapter(dir) => {
+                        (Self::read_target_adapter(dir)?, dir.display().to_string())
+                    }
+                    Target::Loaded(o) => ((**o).clone(), "the adapter".to_string()),
+                    _ => unreachable!("matched above"),
+                };
                 let e = tupate(&obj).map_err(|e| QueryError::NoEmbedding { reason: e.reason })?;
                 let space = e.space.id();
                 if index.space(space).is_none() {
                     return Err(QueryError::NoEmbedding {
                         reason: format!(
-                            "{}: no stored adapter shares its space {} (same base model, method and per-layer shapes)",
-                            dir.display(),
+                            "{what}: no stored adapter shares its space {} (same base model, method and per-layer shapes)",
                             e.space.label()
                         ),
                     });
@@ -661,6 +678,7 @@ impl Nearest {
             }
             Target::Object(id) => (store.get(*id)?.1, Some(*id)),
             Target::Adapter(dir) => (Self::read_target_adapter(dir)?, None),
+            Target::Loaded(o) => ((**o).clone(), None),
             Target::Vector { .. } => {
                 return Err(QueryError::Invalid(
                     "similarity `delta` compares LoRA factors; a raw vector query has none".into(),

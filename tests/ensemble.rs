@@ -255,9 +255,15 @@ fn cli_merge_writes_a_loadable_adapter_and_one_hot_is_identical() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let back = read_adapter(&soft, &ReadOptions::default()).unwrap();
     assert!(matches!(back.method, Method::Lora(_)));
+    // The default for LoRA candidates is the exact delta-W merge: mixed ranks (8 and 16) are fine.
+    let default = dir.path().join("default");
+    let o = run(&[], &default);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let back = read_adapter(&default, &ReadOptions::default()).unwrap();
+    assert!(matches!(back.method, Method::Lora(_)));
     // Mixed ranks in parameter space: a clear error, nothing written.
     let bad = dir.path().join("bad");
-    let o = run(&[], &bad);
+    let o = run(&["--merge", "param"], &bad);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("delta merge"));
     assert!(!bad.exists());

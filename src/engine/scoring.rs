@@ -173,14 +173,23 @@ impl Engine {
         let lab_rows: Vec<&[u32]> = labels.iter().map(|r| r.as_slice()).collect();
         let lab = Batch::pad(&lab_rows, pad, &self.device)?;
         let e_lab = self.embed(&lab, adapter)?;
-        let mut logits = Vec::with_capacity(inputs.len());
-        let mut probs = Vec::with_capacity(inputs.len());
-        for b in batches(inputs, opts.batch_size, pad, &self.device)? {
+        // Batches of similar lengths pad less: score in length order, hand back in input order. (Rows are
+        // independent: padding is masked, so the numbers do not depend on the batching.)
+        let mut order: Vec<usize> = (0..inputs.len()).collect();
+        order.sort_by_key(|&i| (inputs[i].len(), i));
+        let sorted: Vec<TokenIds> = order.iter().map(|&i| inputs[i].clone()).collect();
+        let mut logits = vec![Vec::new(); inputs.len()];
+        let mut probs = vec![Vec::new(); inputs.len()];
+        let mut at = 0;
+        for b in batches(&sorted, opts.batch_size, pad, &self.device)? {
             let e_in = self.embed(&b, adapter)?;
             let l = cosine_logits(&e_in, &e_lab, opts.temperature)?;
             let p = candle_nn::ops::softmax_last_dim(&l)?;
-            logits.extend(l.to_vec2::<f32>()?);
-            probs.extend(p.to_vec2::<f32>()?);
+            for (lr, pr) in l.to_vec2::<f32>()?.into_iter().zip(p.to_vec2::<f32>()?) {
+                logits[order[at]] = lr;
+                probs[order[at]] = pr;
+                at += 1;
+            }
         }
         Ok(LabelScores { logits, probs })
     }

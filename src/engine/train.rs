@@ -469,6 +469,26 @@ fn rows<'a>(ids: &'a [TokenIds], idx: &[usize]) -> Vec<&'a [u32]> {
     idx.iter().map(|&i| ids[i].as_slice()).collect()
 }
 
+/// The base model name written into trained adapters: `cfg.base_model_name`, else the model folder's name.
+fn base_model_name(engine: &Engine, cfg: &TrainConfig) -> String {
+    cfg.base_model_name.clone().unwrap_or_else(|| {
+        engine
+            .model_dir
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "base-model".into())
+    })
+}
+
+/// The adapter [`train`] starts from when `cfg.init` is `None`: the same seeded fresh adapter (for LoRA,
+/// A random and B zero, so it computes exactly the bare model). This is the "from scratch"
+/// initialization, as a PEFT-loadable object.
+pub fn fresh_adapter(engine: &Engine, cfg: &TrainConfig) -> EngineResult<LightweightObject> {
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let (method, tensors) = init_adapter(engine, &cfg.spec, &mut rng)?;
+    Ok(build_object(method, &base_model_name(engine, cfg), tensors))
+}
+
 /// Train an adapter; see the module docs.
 pub fn train(
     engine: &Engine,
@@ -519,13 +539,7 @@ pub fn train(
             "learning rate {lr} must be positive"
         )));
     }
-    let base_model = cfg.base_model_name.clone().unwrap_or_else(|| {
-        engine
-            .model_dir
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "base-model".into())
-    });
+    let base_model = base_model_name(engine, cfg);
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let (method, init) = match &cfg.init {
         Some(obj) => {

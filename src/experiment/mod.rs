@@ -28,6 +28,7 @@ pub mod plot;
 pub mod predict;
 pub mod report;
 pub mod results;
+pub mod transfer;
 
 use crate::engine::task::{few_shot, shuffle, Example, Task};
 use crate::engine::train::{train, MethodSpec, TrainConfig, TrainData};

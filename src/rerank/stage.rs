@@ -86,6 +86,74 @@ pub struct CandidateScores {
     pub cross_entropy: f64,
     /// Seconds spent on this candidate.
     pub seconds: f64,
+    /// Log-likelihood of the gold label, log P[y_j], of each example (for paired comparisons with the
+    /// bare model: [`paired_gain`]).
+    #[serde(skip)]
+    pub log_likelihoods: Vec<f64>,
+}
+
+/// Paired comparison of two per-example series over the same examples: the mean of `a_j - b_j` and its
+/// standard error (sd / sqrt(n), 0 for fewer than two examples).
+pub fn paired_gain(a: &[f64], b: &[f64]) -> (f64, f64) {
+    let n = a.len().min(b.len());
+    if n == 0 {
+        return (0.0, 0.0);
+    }
+    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    let mean = d.iter().sum::<f64>() / n as f64;
+    if n < 2 {
+        return (mean, 0.0);
+    }
+    let var = d.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64;
+    (mean, (var / n as f64).sqrt())
+}
+
+fn log_likelihoods(probs: &[f32], classes: usize, targets: &[usize]) -> Vec<f64> {
+    probs
+        .chunks_exact(classes.max(1))
+        .zip(targets)
+        .map(|(p, &y)| (p[y] as f64).max(indicators::EPS).ln())
+        .collect()
+}
+
+/// The bare model (no adapter) on the same examples: accuracy, mean cross-entropy, per-example
+/// log-likelihoods and the label-only indicators (Loss, EL2N, cosine of logits and labels); the reference
+/// against which [`paired_gain`] tells whether a candidate helps.
+pub fn bare(input: &RerankInput<'_>, opts: &RerankOptions) -> Result<CandidateScores, RerankError> {
+    if input.examples.is_empty() {
+        return Err(RerankError::NoExamples);
+    }
+    let t0 = Instant::now();
+    let engine = input.engine;
+    let labels: Vec<TokenIds> = engine.tokenize(input.label_texts)?;
+    let texts: Vec<&str> = input.examples.iter().map(|e| e.text.as_str()).collect();
+    let inputs: Vec<TokenIds> = engine.tokenize(&texts)?;
+    let targets: Vec<usize> = input.examples.iter().map(|e| e.label).collect();
+    let classes = input.label_texts.len();
+    let sc = engine.score(None, &labels, &inputs, &opts.score)?;
+    let accuracy = sc.accuracy(&targets);
+    let cross_entropy = sc.cross_entropy(&targets);
+    let probs: Vec<f32> = sc.probs.into_iter().flatten().collect();
+    let mut scores = BTreeMap::new();
+    scores.insert(
+        Indicator::Loss.as_str().to_string(),
+        indicators::loss(&probs, classes, &targets),
+    );
+    scores.insert(
+        Indicator::El2n.as_str().to_string(),
+        indicators::el2n(&probs, classes, &targets),
+    );
+    scores.insert(
+        Indicator::CosLogits.as_str().to_string(),
+        indicators::cosine_logits_labels(&probs, classes, &targets),
+    );
+    Ok(CandidateScores {
+        scores,
+        accuracy,
+        cross_entropy,
+        seconds: t0.elapsed().as_secs_f64(),
+        log_likelihoods: log_likelihoods(&probs, classes, &targets),
+    })
 }
 
 /// The new task's side of the stage: its verbalizers, its examples and (for KL / weight cosine) the
@@ -252,8 +320,35 @@ pub fn rerank(
             accuracy,
             cross_entropy,
             seconds: shared + t0.elapsed().as_secs_f64(),
+            log_likelihoods: log_likelihoods(&probs, classes, &targets),
         });
     }
     progress(candidates.len(), candidates.len());
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paired_gain_by_hand() {
+        // d = (1, 2, 3): mean 2, sd 1, SE 1/sqrt(3).
+        let (m, se) = paired_gain(&[2.0, 4.0, 6.0], &[1.0, 2.0, 3.0]);
+        assert!((m - 2.0).abs() < 1e-12);
+        assert!((se - 1.0 / 3f64.sqrt()).abs() < 1e-12);
+        // Identical series: no gain, no noise.
+        assert_eq!(paired_gain(&[0.5, 0.1], &[0.5, 0.1]), (0.0, 0.0));
+        // One example: a mean, no SE; none: zeros.
+        assert_eq!(paired_gain(&[1.0], &[0.25]), (0.75, 0.0));
+        assert_eq!(paired_gain(&[], &[]), (0.0, 0.0));
+    }
+
+    #[test]
+    fn log_likelihoods_pick_the_gold_label_and_clamp() {
+        let probs = [0.25f32, 0.75, 1.0, 0.0];
+        let ll = log_likelihoods(&probs, 2, &[1, 1]);
+        assert!((ll[0] - 0.75f64.ln()).abs() < 1e-7);
+        assert!((ll[1] - indicators::EPS.ln()).abs() < 1e-9);
+    }
 }

@@ -69,9 +69,7 @@ pub fn run(args: EvalArgs, json: bool) -> anyhow::Result<()> {
     } else {
         (None, "base model".to_string())
     };
-    let set = obj.as_ref().map(|o| engine.prepare(o)).transpose()?;
     let examples = task.split(args.split);
-    let labels = engine.tokenize(&task.label_texts())?;
     let opts = ScoreOptions {
         temperature: args.temperature,
         batch_size: args.batch_size.max(1),
@@ -79,26 +77,23 @@ pub fn run(args: EvalArgs, json: bool) -> anyhow::Result<()> {
     let bar = std::io::stderr()
         .is_terminal()
         .then(|| ProgressBar::new(examples.len() as u64));
-    // Score in chunks so the bar moves; label embeddings are cheap to recompute per chunk.
-    let mut logits = Vec::with_capacity(examples.len());
-    let mut probs = Vec::with_capacity(examples.len());
-    for chunk in examples.chunks(opts.batch_size * 4) {
-        let texts: Vec<&str> = chunk.iter().map(|e| e.text.as_str()).collect();
-        let ids = engine.tokenize(&texts)?;
-        let s = engine.score(set.as_ref(), &labels, &ids, &opts)?;
-        logits.extend(s.logits);
-        probs.extend(s.probs);
-        if let Some(b) = &bar {
-            b.inc(chunk.len() as u64);
-        }
-    }
+    // The pipeline's own evaluation (the number the transfer study reports).
+    let ev = peftdb::transfer::evaluate(
+        &engine,
+        &task,
+        obj.as_ref(),
+        examples,
+        &opts,
+        &mut |done, _| {
+            if let Some(b) = &bar {
+                b.set_position(done as u64);
+            }
+        },
+    )?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let scores = peftdb::engine::scoring::LabelScores { logits, probs };
-    let targets: Vec<usize> = examples.iter().map(|e| e.label).collect();
-    let acc = scores.accuracy(&targets);
-    let loss = scores.cross_entropy(&targets);
+    let (acc, loss) = (ev.accuracy, ev.loss);
     let majority = task.majority_rate(args.split);
     let split = format!("{:?}", args.split).to_lowercase();
     if json {

@@ -13,6 +13,52 @@ pub enum ExperimentCmd {
     Run(RunArgs),
     /// Write the markdown report, CSVs and PNG plots of an experiment's results.
     Report(ReportArgs),
+    /// The transfer study: ground truth (each zoo adapter on each other task's test split), the tuning
+    /// grid on dev, `suggest` at its defaults on test, and LIMITED few-shot training from its answer
+    /// against from scratch; resumable (OUT/results.jsonl); writes OUT/report.md.
+    Transfer(TransferArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TransferArgs {
+    /// The adapter zoo folder (one folder per task), ingested into OUT/zoo.peftdb.
+    #[arg(long, default_value = "examples/demo-zoo")]
+    pub zoo: PathBuf,
+    /// Task folders.
+    #[arg(long, default_value = "../shared/tasks")]
+    pub tasks: PathBuf,
+    /// Output folder (results.jsonl, zoo.peftdb, report.md).
+    #[arg(long, default_value = "examples/transfer")]
+    pub out: PathBuf,
+    /// Base model folder.
+    #[arg(long, default_value = "models/all-MiniLM-L6-v2")]
+    pub model: PathBuf,
+    /// Phases to run: zero, tune, scratch, final (default all); none with --report-only.
+    #[arg(long, value_delimiter = ',')]
+    pub phases: Option<Vec<String>>,
+    /// Only rewrite the report from the results file.
+    #[arg(long)]
+    pub report_only: bool,
+    /// Seeds of the final and scratch phases.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2,3,4")]
+    pub seeds: Vec<u64>,
+    /// Seeds of the tuning phase.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    pub tune_seeds: Vec<u64>,
+    /// Targets (default: every task of the zoo).
+    #[arg(long, value_delimiter = ',')]
+    pub targets: Option<Vec<String>>,
+    /// Maximum tokens per text.
+    #[arg(long, default_value_t = 64)]
+    pub max_len: usize,
+    /// LIMITED training steps.
+    #[arg(long, default_value_t = 32)]
+    pub few_shot_steps: usize,
+    /// Evaluate on the first N dev/test examples only (a quick check, not for reported numbers).
+    #[arg(long)]
+    pub eval_limit: Option<usize>,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -161,6 +207,7 @@ pub fn run_cmd(cmd: &ExperimentCmd, json: bool) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
+        ExperimentCmd::Transfer(a) => transfer_cmd(a, json),
         ExperimentCmd::Report(a) => {
             let cfg = ExperimentConfig::load(&a.config)?;
             report(
@@ -173,4 +220,60 @@ pub fn run_cmd(cmd: &ExperimentCmd, json: bool) -> anyhow::Result<u8> {
             Ok(0)
         }
     }
+}
+
+fn transfer_cmd(a: &TransferArgs, json: bool) -> anyhow::Result<u8> {
+    use peftdb::experiment::transfer::{run as run_study, FewShot, Phase, StudyConfig, StudyEvent};
+    let phases: Vec<Phase> = if a.report_only {
+        Vec::new()
+    } else {
+        match &a.phases {
+            None => Phase::ALL.to_vec(),
+            Some(list) => list
+                .iter()
+                .map(|p| {
+                    Phase::parse(p).with_context(|| {
+                        format!("unknown phase {p:?}; one of zero, tune, scratch, final")
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?,
+        }
+    };
+    let device = parse_device(&a.device)?;
+    let engine = Engine::load_with(&a.model, &device, &EngineOptions { max_len: a.max_len })
+        .with_context(|| format!("loading the model {}", a.model.display()))?;
+    let cfg = StudyConfig {
+        zoo: a.zoo.clone(),
+        tasks: a.tasks.clone(),
+        out: a.out.clone(),
+        seeds: a.seeds.clone(),
+        tune_seeds: a.tune_seeds.clone(),
+        targets: a.targets.clone().unwrap_or_default(),
+        suggest: peftdb::suggest::SuggestConfig::default(),
+        few_shot: FewShot {
+            steps: a.few_shot_steps,
+            ..FewShot::default()
+        },
+        textemb_examples: 64,
+        eval_limit: a.eval_limit,
+    };
+    run_study(&cfg, &engine, a.max_len, &phases, &mut |ev| {
+        if json {
+            return;
+        }
+        match ev {
+            StudyEvent::Ingested { objects } => eprintln!("zoo: {objects} adapters in the store"),
+            StudyEvent::Unit { key, seconds, .. } => eprintln!("{key}: {seconds:.1} s"),
+            StudyEvent::Skipped { .. } => {}
+        }
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"report": a.out.join("report.md")}))?
+        );
+    } else {
+        println!("report: {}", a.out.join("report.md").display());
+    }
+    Ok(0)
 }

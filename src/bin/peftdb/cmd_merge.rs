@@ -35,9 +35,10 @@ pub struct MergeArgs {
     /// Softmax temperature for --scores.
     #[arg(long, default_value_t = 1.0)]
     pub tau: f64,
-    /// How to merge.
-    #[arg(long = "merge", value_enum, default_value = "param")]
-    pub mode: MergeArg,
+    /// How to merge (default: delta-cat when every candidate is a LoRA, the exact average of the
+    /// updates B.A; param otherwise, where averaging parameters is averaging updates).
+    #[arg(long = "merge", value_enum)]
+    pub mode: Option<MergeArg>,
     /// Target rank for delta-svd (default: the highest-weight candidate's rank per module).
     #[arg(long)]
     pub rank: Option<usize>,
@@ -76,10 +77,15 @@ pub fn run(db: &Path, a: &MergeArgs, json: bool) -> Result<u8> {
     } else {
         vec![1.0 / cands.len() as f64; cands.len()]
     };
+    let all_lora = cands
+        .iter()
+        .all(|c| c.method.kind() == peftdb::object::MethodKind::Lora);
     let mode = match a.mode {
-        MergeArg::Param => MergeMode::Param,
-        MergeArg::DeltaCat => MergeMode::DeltaCat,
-        MergeArg::DeltaSvd => MergeMode::DeltaSvd { rank: a.rank },
+        Some(MergeArg::Param) => MergeMode::Param,
+        Some(MergeArg::DeltaCat) => MergeMode::DeltaCat,
+        Some(MergeArg::DeltaSvd) => MergeMode::DeltaSvd { rank: a.rank },
+        None if all_lora => MergeMode::DeltaCat,
+        None => MergeMode::Param,
     };
     let refs: Vec<&LightweightObject> = cands.iter().collect();
     let merged = merge(&refs, &weights, mode)?;

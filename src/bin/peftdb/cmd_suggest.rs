@@ -5,16 +5,17 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use peftdb::engine::scoring::ScoreOptions;
-use peftdb::engine::task::{few_shot, Task};
+use peftdb::engine::task::Task;
 use peftdb::engine::{parse_device, Engine, EngineOptions};
 use peftdb::ensemble::MergeMode;
 use peftdb::index::{IndexConfig, IndexManager};
 use peftdb::object::{formats::ReadOptions, read_adapter, LightweightObject, MethodKind};
 use peftdb::query::Similarity;
-use peftdb::rerank::stage::{rerank, RerankInput, RerankOptions};
+use peftdb::rerank::stage::{bare, rerank, RerankInput, RerankOptions};
 use peftdb::rerank::Indicator;
 use peftdb::store::Store;
 use peftdb::suggest::{suggest, write_suggestion, SuggestConfig, SuggestEvent, SuggestInput};
+use peftdb::transfer::{Episode, Gain};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
@@ -78,10 +79,10 @@ pub struct SuggestArgs {
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// Number of candidate tasks.
-    #[arg(short = 'k', long, default_value_t = 5)]
+    #[arg(short = 'k', long, default_value_t = peftdb::suggest::DEFAULT_K)]
     pub k: usize,
     /// Indicator whose softmax weights the candidates.
-    #[arg(long, value_parser = parse_indicator, default_value = "cos-logits")]
+    #[arg(long, value_parser = parse_indicator, default_value = "loss")]
     pub indicator: Indicator,
     /// Softmax temperature over per-example indicator scores (sums are divided by the example count).
     #[arg(long, default_value_t = peftdb::suggest::DEFAULT_TAU)]
@@ -90,15 +91,20 @@ pub struct SuggestArgs {
     #[arg(long, value_parser = parse_method, default_value = "lora")]
     pub method: MethodKind,
     /// How the candidates are combined.
-    #[arg(long = "merge", value_enum, default_value = "param")]
+    #[arg(long = "merge", value_enum, default_value = "delta-cat")]
     pub merge: MergeArg,
     /// Target rank of delta-svd.
     #[arg(long)]
     pub rank: Option<usize>,
     /// Stage-1 similarity: tupate, centered or delta.
-    #[arg(long, default_value = "tupate")]
+    #[arg(long, default_value = "delta")]
     pub similarity: String,
-    /// Examples per class (train for the short tune, dev for the indicators).
+    /// A candidate gets weight only if it beats the bare model on the examples by more than this many
+    /// standard errors (paired, per-example log-likelihood); if none does, a from-scratch
+    /// initialization is written and the report says so.
+    #[arg(long, default_value_t = peftdb::suggest::DEFAULT_NOISE_Z)]
+    pub noise_z: f64,
+    /// Examples per class (train shots for the short tune; train and dev shots score the candidates).
     #[arg(long, default_value_t = 16)]
     pub shots: usize,
     /// Steps of the short tune.
@@ -166,6 +172,7 @@ pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
             temperature: a.temperature,
             ..Default::default()
         },
+        noise_z: a.noise_z,
         base_model: a.base_model.clone(),
     };
     let input = SuggestInput {
@@ -209,7 +216,7 @@ pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
         .map(|c| c.scores.keys().cloned().collect())
         .unwrap_or_default();
     header.extend(names.iter().map(|s| s.as_str()));
-    header.extend(["accuracy", "weight"]);
+    header.extend(["accuracy", "gain", "helps", "weight"]);
     let rows: Vec<Vec<String>> = report
         .candidates
         .iter()
@@ -222,11 +229,17 @@ pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
             ];
             r.extend(names.iter().map(|n| format!("{:.4}", c.scores[n])));
             r.push(format!("{:.3}", c.accuracy));
+            r.push(format!("{:+.3}+-{:.3}", c.gain, c.gain_se));
+            r.push(if c.helps { "yes" } else { "no" }.to_string());
             r.push(format!("{:.4}", c.weight));
             r
         })
         .collect();
     print!("{}", render(&header, &rows));
+    println!(
+        "bare model on the {} scoring examples: accuracy {:.3}, loss {:.4} (gain: mean log-likelihood of the gold label minus the bare model's, +- its paired SE)",
+        report.examples, report.bare.accuracy, report.bare.loss
+    );
     for n in &report.notes {
         println!("note: {n}");
     }
@@ -236,14 +249,28 @@ pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
         .map(|(k, v)| format!("{k} {v:.2}s"))
         .collect();
     println!("timings: {}", t.join(", "));
-    println!(
-        "wrote the initialization ({} merge of {} by {}, tau {}) to {}",
-        report.merge,
-        report.k_used,
-        report.indicator,
-        report.tau,
-        a.out.display()
-    );
+    let what = match report.decision {
+        peftdb::suggest::Decision::Ensemble => format!(
+            "{} merge of {} helping candidate(s) weighted by {}, tau {}",
+            report.merge,
+            report.candidates.iter().filter(|c| c.weight > 0.0).count(),
+            report.indicator,
+            report.tau
+        ),
+        peftdb::suggest::Decision::BestSingle => format!(
+            "the best single candidate, {}",
+            report
+                .candidates
+                .iter()
+                .find(|c| c.weight > 0.0)
+                .map(|c| c.task.as_str())
+                .unwrap_or("-")
+        ),
+        peftdb::suggest::Decision::Scratch => {
+            "a from-scratch initialization: no candidate helps beyond the noise".to_string()
+        }
+    };
+    println!("wrote the initialization ({what}) to {}", a.out.display());
     Ok(0)
 }
 
@@ -267,7 +294,7 @@ pub struct RerankArgs {
     /// Reference adapter (a fresh adapter briefly trained on the new task), for kl and weight-cosine.
     #[arg(long)]
     pub reference: Option<PathBuf>,
-    /// Dev examples per class scored.
+    /// Examples per class: the pipeline's episode (this many train and this many dev shots) is scored.
     #[arg(long, default_value_t = 16)]
     pub shots: usize,
     #[arg(long, default_value_t = 0)]
@@ -311,7 +338,8 @@ pub fn rerank_cmd(db: &Path, a: &RerankArgs, json: bool) -> Result<u8> {
     };
     let engine = load_engine(&a.model, &a.device, a.max_len)?;
     let task = Task::load(&a.task)?;
-    let examples = few_shot(&task.dev, task.labels.len(), a.shots, a.seed)?;
+    // The pipeline's episode: the same examples `suggest --shots N --seed S` scores candidates on.
+    let examples = Episode::sample(&task, a.shots, a.seed)?.scoring_examples();
     let labels = task.label_texts();
     let input = RerankInput {
         engine: &engine,
@@ -338,32 +366,47 @@ pub fn rerank_cmd(db: &Path, a: &RerankArgs, json: bool) -> Result<u8> {
     });
     pb.finish_and_clear();
     let scores = scores?;
+    let bare = bare(&input, &opts)?;
+    let gains: Vec<Gain> = scores.iter().map(|s| Gain::of(s, &bare)).collect();
     if json {
-        let v: Vec<_> = cands.iter().zip(&scores).map(|((n, _), s)| serde_json::json!({"candidate": n, "scores": s.scores, "accuracy": s.accuracy, "cross_entropy": s.cross_entropy, "seconds": s.seconds})).collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        let v: Vec<_> = cands.iter().zip(&scores).zip(&gains).map(|(((n, _), s), g)| serde_json::json!({"candidate": n, "scores": s.scores, "accuracy": s.accuracy, "cross_entropy": s.cross_entropy, "gain": g.mean, "gain_se": g.se, "seconds": s.seconds})).collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "examples": examples.len(),
+                "bare": {"accuracy": bare.accuracy, "cross_entropy": bare.cross_entropy},
+                "candidates": v,
+            }))?
+        );
         return Ok(0);
     }
     let names: Vec<&str> = a.indicator.iter().map(|i| i.as_str()).collect();
     let mut header = vec!["candidate"];
     header.extend(names.iter());
-    header.extend(["accuracy", "seconds"]);
+    header.extend(["accuracy", "gain", "seconds"]);
     let rows: Vec<Vec<String>> = cands
         .iter()
         .zip(&scores)
-        .map(|((n, _), s)| {
+        .zip(&gains)
+        .map(|(((n, _), s), g)| {
             let mut r = vec![n.clone()];
             r.extend(names.iter().map(|k| format!("{:.4}", s.scores[*k])));
             r.push(format!("{:.3}", s.accuracy));
+            r.push(format!("{:+.3}+-{:.3}", g.mean, g.se));
             r.push(format!("{:.2}", s.seconds));
             r
         })
         .collect();
     print!("{}", render(&header, &rows));
     println!(
-        "{} dev examples of {} ({} per class)",
+        "bare model: accuracy {:.3}, loss {:.4}; {} examples of {} ({} train + {} dev shots per class, seed {}); gain = mean log-likelihood of the gold label minus the bare model's, +- paired SE",
+        bare.accuracy,
+        bare.cross_entropy,
         examples.len(),
         task.name,
-        a.shots
+        a.shots,
+        a.shots,
+        a.seed
     );
     Ok(0)
 }

@@ -162,6 +162,7 @@ pub fn run(args: TrainArgs, json: bool) -> anyhow::Result<()> {
         );
         b
     });
+    let started = std::time::Instant::now();
     let outcome = train(&engine, &data, &cfg, &mut |p| {
         if let Some(b) = &bar {
             match p {
@@ -189,6 +190,10 @@ pub fn run(args: TrainArgs, json: bool) -> anyhow::Result<()> {
         "train_examples": train_ex.len(),
         "steps": outcome.steps,
         "stopped_early": outcome.stopped_early,
+        "seconds": started.elapsed().as_secs_f64(),
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr.unwrap_or_else(|| peftdb::engine::train::MethodSpec::default_lr(args.method)),
+        "max_len": args.max_len,
         "best": {"step": outcome.best.step, "dev_accuracy": outcome.best.dev_accuracy, "test_accuracy": outcome.best.test_accuracy, "path": args.out.join("best")},
         "early": {"step": outcome.early.step, "dev_accuracy": outcome.early.dev_accuracy, "test_accuracy": outcome.early.test_accuracy, "path": args.out.join("early")},
         "history": outcome.history.iter().map(|e| serde_json::json!({"step": e.step, "dev_accuracy": e.dev_accuracy, "dev_loss": e.dev_loss, "train_loss": e.train_loss})).collect::<Vec<_>>(),

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Train the transfer zoo: one LoRA (r=8, alpha 16, query+value) per task of ../shared/tasks on its whole
+# train split, until dev accuracy plateaus (evaluated every 25 steps of batch 16, stopped after 4
+# evaluations without a better dev accuracy, at most 600 steps), with `peftdb train`: the product's own
+# training. Each task's OUT/<task>/train_report.json records dev and test accuracy (full splits) and the
+# wall-clock seconds. Resumable: a task whose report exists is skipped; a killed task is retrained.
+# Several workers may run at once (each takes a task by creating OUT/.lock-<task> with its pid; a lock
+# whose process is gone is taken over), e.g. two single-threaded workers on 2 cores:
+#   RAYON_NUM_THREADS=1 bash scripts/train-zoo.sh & RAYON_NUM_THREADS=1 REVERSE=1 bash scripts/train-zoo.sh
+# Usage: bash scripts/train-zoo.sh [OUT] [TASKS_DIR]     (defaults: examples/transfer/zoo ../shared/tasks)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-examples/transfer/zoo}"
+TASKS="${2:-../shared/tasks}"
+P="${PEFTDB_BIN:-target/release/peftdb}"
+MODEL="${PEFTDB_MODEL:-models/all-MiniLM-L6-v2}"
+mkdir -p "$OUT"
+dirs=("$TASKS"/*/)
+if [[ -n "${REVERSE:-}" ]]; then
+  for ((i = ${#dirs[@]} - 1; i >= 0; i--)); do rev+=("${dirs[$i]}"); done
+  dirs=("${rev[@]}")
+fi
+for dir in "${dirs[@]}"; do
+  t="$(basename "$dir")"
+  [[ -f "$OUT/$t/train_report.json" ]] && continue
+  lock="$OUT/.lock-$t"
+  if ! mkdir "$lock" 2>/dev/null; then
+    pid="$(cat "$lock/pid" 2>/dev/null || true)"
+    if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then continue; fi
+  fi
+  echo $$ > "$lock/pid"
+  rm -rf "$OUT/.tmp-$t"
+  echo "== $t"
+  "$P" train --model "$MODEL" --task "$dir" --method lora --r 8 --alpha 16 --targets query,value \
+    --lr 1e-3 --batch-size 16 --steps 600 --eval-every 25 --patience 4 --max-len 64 --seed 0 \
+    --out "$OUT/.tmp-$t" >&2
+  rm -rf "$OUT/$t"
+  mv "$OUT/.tmp-$t" "$OUT/$t"
+  rm -rf "$lock"
+done

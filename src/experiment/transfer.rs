@@ -1,0 +1,1532 @@
+//! The transfer study: does `suggest` find the sources that transfer, and does its initialization beat the
+//! bare model and training from scratch? Every number comes from the product's own path:
+//! the zoo is ingested into a real store ([`crate::ingest::ingest_zoo`]), the answers are
+//! [`crate::transfer`]'s stages and [`crate::transfer::suggest`] itself, and accuracy is
+//! [`crate::transfer::evaluate`].
+//!
+//! Phases (each finished unit is appended and synced to `OUT/results.jsonl`, so a killed study resumes
+//! where it stopped, and more seeds or targets extend it):
+//! - `zero`: ground truth (a), each zoo adapter applied unchanged to each other task's full test split,
+//!   the bare model, Average of Checkpoints (parameters averaged, as PEWE does), the uniform delta-W
+//!   average and Manual Division (the delta-W average of the sources of the target's group);
+//! - `tune`: per target and tuning seed, the retrieval rankings of every similarity, TEXTEMB and DATASIZE,
+//!   every candidate's scores, and the dev-split accuracy of the answer of every setting of a grid
+//!   (similarity, K, indicator, tau, noise threshold, merge): the defaults are chosen here, on dev;
+//! - `final`: per target and seed, `suggest` at the configured defaults, its answer on the test split,
+//!   and LIMITED few-shot training from it;
+//! - `scratch`: per target and seed, LIMITED few-shot training from scratch on the same episode.
+//!
+//! The report ([`report`]) turns the records into tables: the zoo, the ground truth, the answer against
+//! the baselines, few-shot against scratch, NDCG/rho of every predictor, the tuning grid, and the issue's
+//! acceptance numbers.
+
+use super::metrics::{ndcg, rho};
+use super::results::{Record, ResultsError, ResultsFile};
+use crate::engine::scoring::ScoreOptions;
+use crate::engine::task::{Example, Task};
+use crate::engine::train::{train, TrainConfig, TrainData};
+use crate::engine::TaskError;
+use crate::engine::{Engine, EngineError};
+use crate::ensemble::{merge, MergeMode};
+use crate::index::{IndexConfig, IndexManager};
+use crate::ingest::{ingest_zoo, IngestOptions};
+use crate::object::LightweightObject;
+use crate::query::Similarity;
+use crate::rerank::Indicator;
+use crate::store::Store;
+use crate::transfer::{
+    decide, evaluate, retrieve, score, scratch_init, store_base_model, suggest, target_adapter,
+    Decision, Episode, SuggestConfig, SuggestInput, TransferError,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use thiserror::Error;
+
+/// Errors of the transfer study.
+#[derive(Debug, Error)]
+pub enum StudyError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Task(#[from] TaskError),
+    #[error(transparent)]
+    Results(#[from] ResultsError),
+    #[error("task {task}: {source}")]
+    Transfer {
+        task: String,
+        #[source]
+        source: Box<TransferError>,
+    },
+    #[error("the zoo store {path}: {source}")]
+    Store {
+        path: PathBuf,
+        #[source]
+        source: Box<crate::Error>,
+    },
+    #[error("record {key}: {source}")]
+    Record {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, StudyError>;
+
+fn terr(task: &str) -> impl Fn(TransferError) -> StudyError + '_ {
+    move |e| StudyError::Transfer {
+        task: task.to_string(),
+        source: Box::new(e),
+    }
+}
+
+fn eerr(task: &str) -> impl Fn(EngineError) -> StudyError + '_ {
+    move |e| StudyError::Transfer {
+        task: task.to_string(),
+        source: Box::new(TransferError::Engine(e)),
+    }
+}
+
+/// Which phases to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Zero,
+    Tune,
+    Final,
+    Scratch,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 4] = [Phase::Zero, Phase::Tune, Phase::Scratch, Phase::Final];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Zero => "zero",
+            Phase::Tune => "tune",
+            Phase::Final => "final",
+            Phase::Scratch => "scratch",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Phase> {
+        Phase::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+}
+
+/// LIMITED few-shot training: the episode's train shots, early stopping on its dev shots.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FewShot {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub eval_every: usize,
+}
+
+impl Default for FewShot {
+    fn default() -> Self {
+        FewShot {
+            steps: 32,
+            batch_size: 8,
+            lr: 1e-3,
+            eval_every: 8,
+        }
+    }
+}
+
+/// Settings of the study.
+#[derive(Debug, Clone)]
+pub struct StudyConfig {
+    /// The adapter zoo (one folder per task, e.g. `examples/demo-zoo`), ingested into `OUT/zoo.peftdb`.
+    pub zoo: PathBuf,
+    /// Task folders (`../shared/tasks`).
+    pub tasks: PathBuf,
+    pub out: PathBuf,
+    /// Seeds of the `final` and `scratch` phases (test split).
+    pub seeds: Vec<u64>,
+    /// Seeds of the `tune` phase (dev split).
+    pub tune_seeds: Vec<u64>,
+    /// Targets; empty: every task with an adapter in the zoo.
+    pub targets: Vec<String>,
+    /// The pipeline's settings for `final` (its seed is replaced by each study seed).
+    pub suggest: SuggestConfig,
+    pub few_shot: FewShot,
+    /// Source examples of the TEXTEMB predictor (first N of each source's train split).
+    pub textemb_examples: usize,
+    /// Evaluate on the first N examples of the dev and test splits only (a quick check; `None`: the
+    /// full splits, as every reported number is).
+    pub eval_limit: Option<usize>,
+}
+
+/// The protocol of a phase: what its numbers depend on (the zoo's content, scoring, the episode, the
+/// pipeline's settings), hashed into every record key so a changed setting re-runs what depends on it.
+fn protocol(cfg: &StudyConfig, zoo_hash: &str, phase: Phase, max_len: usize) -> String {
+    let s = &cfg.suggest;
+    // Training from scratch does not depend on the zoo.
+    let zoo = if phase == Phase::Scratch {
+        "-"
+    } else {
+        zoo_hash
+    };
+    let mut p = format!(
+        "zoo={zoo};len={max_len};T={};limit={:?};",
+        s.score.temperature, cfg.eval_limit
+    );
+    match phase {
+        Phase::Zero => {}
+        Phase::Tune => {
+            let _ = write!(
+                p,
+                "shots={};short={};grid={}",
+                s.shots, s.short_tune_steps, GRID_VERSION
+            );
+        }
+        Phase::Scratch => {
+            let _ = write!(p, "shots={};fs={:?}", s.shots, cfg.few_shot);
+        }
+        Phase::Final => {
+            let _ = write!(
+                p,
+                "shots={};short={};fs={:?};cfg={}",
+                s.shots,
+                s.short_tune_steps,
+                cfg.few_shot,
+                config_label(s)
+            );
+        }
+    }
+    let h = blake3::hash(p.as_bytes()).to_hex();
+    h.as_str()[..12].to_string()
+}
+
+/// A short label of a pipeline setting (similarity, K, indicator, tau, noise threshold, merge).
+pub fn config_label(c: &SuggestConfig) -> String {
+    format!(
+        "{}/k{}/{}/tau{}/z{}/{}",
+        c.similarity.as_str(),
+        c.k,
+        c.indicator.as_str(),
+        c.tau,
+        c.noise_z,
+        crate::transfer::merge_name(c.effective_merge())
+    )
+}
+
+/// Bump when the tuning grid changes.
+const GRID_VERSION: u32 = 1;
+
+/// The tuning grid: every similarity x K x noise threshold with `base`'s indicator and tau, then the
+/// indicator, tau and merge varied around (delta, K 5, z 1), and the papers' setting (TuPaTE, K 5,
+/// cosine of logits and labels, parameter averaging, every candidate with a positive gain weighted).
+pub fn grid(base: &SuggestConfig) -> Vec<SuggestConfig> {
+    let mut out: Vec<SuggestConfig> = Vec::new();
+    let mut push = |c: SuggestConfig| {
+        if !out.iter().any(|o| config_label(o) == config_label(&c)) {
+            out.push(c);
+        }
+    };
+    for z in [0.0, 1.0, 2.0] {
+        for sim in Similarity::ALL {
+            for k in [3, 5, 13] {
+                let mut c = base.clone();
+                c.similarity = sim;
+                c.k = k;
+                c.noise_z = z;
+                push(c);
+            }
+        }
+    }
+    let around = |f: &dyn Fn(&mut SuggestConfig)| {
+        let mut c = base.clone();
+        c.similarity = Similarity::Delta;
+        c.k = 5;
+        c.noise_z = 1.0;
+        f(&mut c);
+        c
+    };
+    for ind in [Indicator::CosLogits, Indicator::El2n, Indicator::Kl] {
+        push(around(&|c| c.indicator = ind));
+    }
+    for tau in [0.02, 0.05, 0.3, 1.0] {
+        push(around(&|c| c.tau = tau));
+    }
+    push(around(&|c| c.merge = MergeMode::Param));
+    let mut c = base.clone();
+    c.similarity = Similarity::Tupate;
+    c.indicator = Indicator::CosLogits;
+    c.merge = MergeMode::Param;
+    c.k = 5;
+    c.noise_z = 0.0;
+    push(c);
+    out
+}
+
+/// One evaluation of an initialization on a split, with each example's correctness (for paired SEs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SplitEval {
+    pub examples: usize,
+    pub accuracy: f64,
+    pub loss: f64,
+    /// '1' / '0' per example, in split order.
+    pub correct: String,
+}
+
+/// `zero` record: one initialization on one target's splits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ZeroRecord {
+    /// `bare`, `source:NAME`, `average-param`, `average-delta`, `manual`.
+    pub init: String,
+    pub test: SplitEval,
+    pub dev: Option<SplitEval>,
+}
+
+/// One candidate as the `tune` phase saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TunedCandidate {
+    pub task: String,
+    pub scores: BTreeMap<String, f64>,
+    pub accuracy: f64,
+    pub gain: f64,
+    pub gain_se: f64,
+}
+
+/// One grid setting's answer on the dev split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GridAnswer {
+    pub config: String,
+    pub decision: Decision,
+    /// Candidate task -> weight (weighted ones only).
+    pub weights: BTreeMap<String, f64>,
+    pub dev_accuracy: f64,
+}
+
+/// `tune` record: one target and tuning seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TuneRecord {
+    /// Similarity name (and `textemb`, `datasize`) -> score of each source task.
+    pub predictors: BTreeMap<String, BTreeMap<String, f64>>,
+    pub candidates: Vec<TunedCandidate>,
+    pub bare_accuracy: f64,
+    pub bare_dev_accuracy: f64,
+    pub answers: Vec<GridAnswer>,
+}
+
+/// `final` record: `suggest` at the defaults on one target and seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinalRecord {
+    pub config: String,
+    pub decision: Decision,
+    /// Candidates in retrieval order with their weights.
+    pub candidates: Vec<(String, f64)>,
+    pub test: SplitEval,
+    /// Test accuracy after LIMITED training from the answer.
+    pub few_shot_test: f64,
+    pub few_shot_steps: usize,
+}
+
+/// `scratch` record: LIMITED training from scratch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScratchRecord {
+    pub test: f64,
+    pub best_step: usize,
+}
+
+/// Progress of the study (the library never prints).
+#[derive(Debug, Clone)]
+pub enum StudyEvent {
+    Ingested {
+        objects: usize,
+    },
+    Unit {
+        phase: &'static str,
+        key: String,
+        seconds: f64,
+    },
+    Skipped {
+        phase: &'static str,
+        done: usize,
+    },
+}
+
+fn split_eval(
+    engine: &Engine,
+    task: &Task,
+    adapter: Option<&LightweightObject>,
+    ex: &[Example],
+    opts: &ScoreOptions,
+) -> Result<SplitEval> {
+    // Per-example correctness needs the predictions: score in one pass.
+    let set = adapter
+        .map(|o| engine.prepare(o))
+        .transpose()
+        .map_err(eerr(&task.name))?;
+    let labels = engine
+        .tokenize(&task.label_texts())
+        .map_err(eerr(&task.name))?;
+    let mut correct = String::with_capacity(ex.len());
+    let mut loss = 0.0;
+    for chunk in ex.chunks(crate::transfer::EVAL_CHUNK) {
+        let texts: Vec<&str> = chunk.iter().map(|e| e.text.as_str()).collect();
+        let ids = engine.tokenize(&texts).map_err(eerr(&task.name))?;
+        let s = engine
+            .score(set.as_ref(), &labels, &ids, opts)
+            .map_err(eerr(&task.name))?;
+        let targets: Vec<usize> = chunk.iter().map(|e| e.label).collect();
+        for (p, y) in s.predictions().iter().zip(&targets) {
+            correct.push(if p == y { '1' } else { '0' });
+        }
+        loss += s.cross_entropy(&targets) * chunk.len() as f64;
+    }
+    let n = ex.len().max(1) as f64;
+    let acc = correct.bytes().filter(|b| *b == b'1').count() as f64 / n;
+    // The same number as the pipeline's own evaluation (checked in tests).
+    Ok(SplitEval {
+        examples: ex.len(),
+        accuracy: acc,
+        loss: loss / n,
+        correct,
+    })
+}
+
+/// Paired difference of two correctness strings: mean and SE, in accuracy points (0-1).
+pub fn paired_accuracy(a: &str, b: &str) -> (f64, f64) {
+    let x: Vec<f64> = a.bytes().map(|c| (c == b'1') as u8 as f64).collect();
+    let y: Vec<f64> = b.bytes().map(|c| (c == b'1') as u8 as f64).collect();
+    crate::rerank::stage::paired_gain(&x, &y)
+}
+
+struct Study<'a> {
+    cfg: &'a StudyConfig,
+    engine: &'a Engine,
+    tasks: Vec<Task>,
+    store: Store,
+    index: IndexManager,
+    /// Task name -> its zoo object id (best checkpoint of the configured method).
+    objects: BTreeMap<String, u64>,
+    results: ResultsFile,
+    zoo_hash: String,
+    max_len: usize,
+}
+
+fn load_tasks(dir: &Path) -> Result<Vec<Task>> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| StudyError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("task.json").is_file())
+        .collect();
+    dirs.sort();
+    let mut out = Vec::new();
+    for d in dirs {
+        out.push(Task::load(&d)?);
+    }
+    Ok(out)
+}
+
+impl<'a> Study<'a> {
+    fn open(
+        cfg: &'a StudyConfig,
+        engine: &'a Engine,
+        max_len: usize,
+        progress: &mut dyn FnMut(StudyEvent),
+    ) -> Result<Study<'a>> {
+        std::fs::create_dir_all(&cfg.out).map_err(|source| StudyError::Io {
+            path: cfg.out.clone(),
+            source,
+        })?;
+        let tasks = load_tasks(&cfg.tasks)?;
+        let db = cfg.out.join("zoo.peftdb");
+        let serr = |e: crate::Error| StudyError::Store {
+            path: db.clone(),
+            source: Box::new(e),
+        };
+        // The store is derived data: rebuilt from the zoo whenever it is missing.
+        let fresh = !db.exists();
+        let store = Store::open_or_create(&db).map_err(|e| serr(e.into()))?;
+        if fresh {
+            let report = ingest_zoo(
+                &store,
+                std::slice::from_ref(&cfg.zoo),
+                None,
+                &IngestOptions::default(),
+                &|_| {},
+            )
+            .map_err(|e| serr(e.into()))?;
+            if report.rejected() > 0 {
+                return Err(StudyError::Invalid(format!(
+                    "{}: {} adapter(s) rejected at ingestion; fix the zoo first",
+                    cfg.zoo.display(),
+                    report.rejected()
+                )));
+            }
+        }
+        let (index, _) = IndexManager::open(&store, IndexConfig::default(), &|_| {})
+            .map_err(|e| serr(e.into()))?;
+        let mut objects = BTreeMap::new();
+        let mut hasher = blake3::Hasher::new();
+        let recs = store.objects().map_err(|e| serr(e.into()))?;
+        for r in &recs {
+            if r.method_kind() == cfg.suggest.method {
+                objects.insert(r.task.clone(), r.id);
+                hasher.update(r.task.as_bytes());
+                hasher.update(r.content_hash.as_bytes());
+            }
+        }
+        progress(StudyEvent::Ingested {
+            objects: objects.len(),
+        });
+        let results = ResultsFile::open(&cfg.out.join("results.jsonl"))?;
+        Ok(Study {
+            cfg,
+            engine,
+            tasks,
+            store,
+            index,
+            objects,
+            results,
+            zoo_hash: hasher.finalize().to_hex().as_str()[..12].to_string(),
+            max_len,
+        })
+    }
+
+    /// The evaluated part of a split: all of it, or the first `eval_limit` examples.
+    fn limit<'t>(&self, ex: &'t [Example]) -> &'t [Example] {
+        &ex[..self
+            .cfg
+            .eval_limit
+            .unwrap_or(usize::MAX)
+            .max(1)
+            .min(ex.len())]
+    }
+
+    fn protocol(&self, phase: Phase) -> String {
+        protocol(self.cfg, &self.zoo_hash, phase, self.max_len)
+    }
+
+    fn targets(&self) -> Vec<usize> {
+        (0..self.tasks.len())
+            .filter(|&i| self.objects.contains_key(&self.tasks[i].name))
+            .filter(|&i| {
+                self.cfg.targets.is_empty() || self.cfg.targets.contains(&self.tasks[i].name)
+            })
+            .collect()
+    }
+
+    fn sources(&self, target: usize) -> Vec<usize> {
+        (0..self.tasks.len())
+            .filter(|&i| i != target && self.objects.contains_key(&self.tasks[i].name))
+            .collect()
+    }
+
+    fn object(&self, task: usize) -> Result<LightweightObject> {
+        let name = &self.tasks[task].name;
+        let id = self.objects[name];
+        self.store
+            .get(id)
+            .map(|(_, o)| o)
+            .map_err(|e| StudyError::Store {
+                path: self.store.path().to_path_buf(),
+                source: Box::new(e.into()),
+            })
+    }
+
+    fn append<T: Serialize>(
+        &mut self,
+        phase: Phase,
+        task: &str,
+        init: &str,
+        seed: u64,
+        started: Instant,
+        data: &T,
+        progress: &mut dyn FnMut(StudyEvent),
+    ) -> Result<()> {
+        let protocol = self.protocol(phase);
+        let key = Record::make_key(phase.as_str(), task, init, seed, &protocol);
+        let seconds = started.elapsed().as_secs_f64();
+        let data = serde_json::to_value(data).map_err(|source| StudyError::Record {
+            key: key.clone(),
+            source,
+        })?;
+        self.results.append(Record {
+            key: key.clone(),
+            phase: phase.as_str().to_string(),
+            task: task.to_string(),
+            init: init.to_string(),
+            seed,
+            protocol,
+            seconds,
+            data,
+        })?;
+        progress(StudyEvent::Unit {
+            phase: phase.as_str(),
+            key,
+            seconds,
+        });
+        Ok(())
+    }
+
+    fn has(&self, phase: Phase, task: &str, init: &str, seed: u64) -> bool {
+        self.results
+            .get(&Record::make_key(
+                phase.as_str(),
+                task,
+                init,
+                seed,
+                &self.protocol(phase),
+            ))
+            .is_some()
+    }
+
+    fn run_zero(&mut self, progress: &mut dyn FnMut(StudyEvent)) -> Result<()> {
+        let opts = self.cfg.suggest.score.clone();
+        for t in self.targets() {
+            let task = self.tasks[t].clone();
+            let sources = self.sources(t);
+            let mut inits: Vec<String> = vec!["bare".into()];
+            inits.extend(
+                sources
+                    .iter()
+                    .map(|&s| format!("source:{}", self.tasks[s].name)),
+            );
+            inits.extend([
+                "average-param".into(),
+                "average-delta".into(),
+                "manual".into(),
+            ]);
+            for init in inits {
+                if self.has(Phase::Zero, &task.name, &init, 0) {
+                    continue;
+                }
+                let started = Instant::now();
+                let src_objs = || -> Result<Vec<LightweightObject>> {
+                    sources.iter().map(|&s| self.object(s)).collect()
+                };
+                let adapter: Option<LightweightObject> = match init.as_str() {
+                    "bare" => None,
+                    "average-param" | "average-delta" => {
+                        let objs = src_objs()?;
+                        let refs: Vec<&LightweightObject> = objs.iter().collect();
+                        let w = vec![1.0 / refs.len() as f64; refs.len()];
+                        let mode = if init == "average-param" {
+                            MergeMode::Param
+                        } else {
+                            MergeMode::DeltaCat
+                        };
+                        Some(merge(&refs, &w, mode).map_err(|e| terr(&task.name)(e.into()))?)
+                    }
+                    "manual" => {
+                        let same: Vec<usize> = sources
+                            .iter()
+                            .copied()
+                            .filter(|&s| task.group.is_some() && self.tasks[s].group == task.group)
+                            .collect();
+                        if same.is_empty() {
+                            None
+                        } else {
+                            let objs: Vec<LightweightObject> = same
+                                .iter()
+                                .map(|&s| self.object(s))
+                                .collect::<Result<_>>()?;
+                            let refs: Vec<&LightweightObject> = objs.iter().collect();
+                            let w = vec![1.0 / refs.len() as f64; refs.len()];
+                            Some(
+                                merge(&refs, &w, MergeMode::DeltaCat)
+                                    .map_err(|e| terr(&task.name)(e.into()))?,
+                            )
+                        }
+                    }
+                    s => {
+                        let name = s.trim_start_matches("source:");
+                        let idx = self
+                            .tasks
+                            .iter()
+                            .position(|x| x.name == name)
+                            .ok_or_else(|| StudyError::Invalid(format!("no task {name}")))?;
+                        Some(self.object(idx)?)
+                    }
+                };
+                let test = split_eval(
+                    self.engine,
+                    &task,
+                    adapter.as_ref(),
+                    self.limit(&task.test),
+                    &opts,
+                )?;
+                let dev = if init == "bare" {
+                    Some(split_eval(
+                        self.engine,
+                        &task,
+                        None,
+                        self.limit(&task.dev),
+                        &opts,
+                    )?)
+                } else {
+                    None
+                };
+                let rec = ZeroRecord {
+                    init: init.clone(),
+                    test,
+                    dev,
+                };
+                self.append(Phase::Zero, &task.name, &init, 0, started, &rec, progress)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn textemb(&self, texts: &[&str]) -> Result<Vec<f32>> {
+        let rows = self
+            .engine
+            .embed_texts(texts, None, 32)
+            .map_err(eerr("textemb"))?;
+        let dim = rows.first().map(|r| r.len()).unwrap_or(0);
+        let mut m = vec![0f32; dim];
+        for r in &rows {
+            for (a, v) in m.iter_mut().zip(r) {
+                *a += v / rows.len() as f32;
+            }
+        }
+        Ok(m)
+    }
+
+    fn run_tune(&mut self, progress: &mut dyn FnMut(StudyEvent)) -> Result<()> {
+        let base = self.cfg.suggest.clone();
+        let configs = grid(&base);
+        let opts = base.score.clone();
+        // Source-side TEXTEMB vectors (seed-free).
+        let mut src_textemb: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+        for t in self.targets() {
+            for seed in self.cfg.tune_seeds.clone() {
+                let task = self.tasks[t].clone();
+                if self.has(Phase::Tune, &task.name, "grid", seed) {
+                    continue;
+                }
+                let started = Instant::now();
+                let te = terr(&task.name);
+                let mut cfg = base.clone();
+                cfg.seed = seed;
+                let episode = Episode::sample(&task, cfg.shots, seed)?;
+                let base_model = store_base_model(&self.store, &cfg).map_err(&te)?;
+                let (target, _) = target_adapter(
+                    self.engine,
+                    &task,
+                    &episode,
+                    None,
+                    base_model.clone(),
+                    &cfg,
+                    &mut |_| {},
+                )
+                .map_err(&te)?;
+                // Rankings of every similarity over all sources.
+                let mut predictors: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
+                let all = self.sources(t).len();
+                for sim in Similarity::ALL {
+                    let hits = retrieve(
+                        &self.store,
+                        &self.index,
+                        &target,
+                        sim,
+                        cfg.method,
+                        &task.name,
+                        all,
+                    )
+                    .map_err(&te)?;
+                    predictors.insert(
+                        sim.as_str().to_string(),
+                        hits.iter()
+                            .map(|h| (h.task.clone(), h.similarity as f64))
+                            .collect(),
+                    );
+                }
+                let texts: Vec<&str> = episode.train.iter().map(|e| e.text.as_str()).collect();
+                let q = self.textemb(&texts)?;
+                let mut te_scores = BTreeMap::new();
+                let mut ds_scores = BTreeMap::new();
+                for s in self.sources(t) {
+                    let name = self.tasks[s].name.clone();
+                    if !src_textemb.contains_key(&name) {
+                        let n = self.cfg.textemb_examples.min(self.tasks[s].train.len());
+                        let texts: Vec<&str> = self.tasks[s].train[..n]
+                            .iter()
+                            .map(|e| e.text.as_str())
+                            .collect();
+                        let v = self.textemb(&texts)?;
+                        src_textemb.insert(name.clone(), v);
+                    }
+                    te_scores.insert(
+                        name.clone(),
+                        crate::embed::cosine(&q, &src_textemb[&name]) as f64,
+                    );
+                    ds_scores.insert(name, self.tasks[s].train.len() as f64);
+                }
+                predictors.insert("textemb".into(), te_scores);
+                predictors.insert("datasize".into(), ds_scores);
+                // Every source scored once (scores are per candidate, so any top-K is a subset).
+                let src: Vec<usize> = self.sources(t);
+                let objs: Vec<LightweightObject> =
+                    src.iter().map(|&s| self.object(s)).collect::<Result<_>>()?;
+                let refs: Vec<&LightweightObject> = objs.iter().collect();
+                let scores = score(
+                    self.engine,
+                    &task,
+                    &episode,
+                    &target,
+                    &refs,
+                    &cfg,
+                    &mut |_| {},
+                )
+                .map_err(&te)?;
+                let names: Vec<String> = src.iter().map(|&s| self.tasks[s].name.clone()).collect();
+                let candidates: Vec<TunedCandidate> = names
+                    .iter()
+                    .zip(&scores.candidates)
+                    .map(|(n, c)| {
+                        let g = crate::transfer::Gain::of(c, &scores.bare);
+                        TunedCandidate {
+                            task: n.clone(),
+                            scores: c.scores.clone(),
+                            accuracy: c.accuracy,
+                            gain: g.mean,
+                            gain_se: g.se,
+                        }
+                    })
+                    .collect();
+                for ind in [
+                    Indicator::Loss,
+                    Indicator::CosLogits,
+                    Indicator::El2n,
+                    Indicator::Kl,
+                ] {
+                    predictors.insert(
+                        format!("rerank:{}", ind.as_str()),
+                        candidates
+                            .iter()
+                            .map(|c| {
+                                (
+                                    c.task.clone(),
+                                    c.scores.get(ind.as_str()).copied().unwrap_or(f64::NAN),
+                                )
+                            })
+                            .collect(),
+                    );
+                }
+                let scratch = scratch_init(self.engine, &cfg, base_model).map_err(&te)?;
+                // Each grid setting's answer, evaluated on the dev split (identical answers once).
+                let mut cache: BTreeMap<String, f64> = BTreeMap::new();
+                let bare_dev =
+                    split_eval(self.engine, &task, None, self.limit(&task.dev), &opts)?.accuracy;
+                let mut answers = Vec::new();
+                for c in &configs {
+                    let mut c = c.clone();
+                    c.seed = seed;
+                    let order = &predictors[c.similarity.as_str()];
+                    let mut ranked: Vec<(&String, &f64)> = order.iter().collect();
+                    ranked.sort_by(|a, b| b.1.total_cmp(a.1).then(a.0.cmp(b.0)));
+                    let pick: Vec<usize> = ranked
+                        .iter()
+                        .take(c.k)
+                        .filter_map(|(n, _)| names.iter().position(|x| x == *n))
+                        .collect();
+                    let sub = crate::transfer::Scores {
+                        examples: scores.examples,
+                        bare: scores.bare.clone(),
+                        candidates: pick.iter().map(|&i| scores.candidates[i].clone()).collect(),
+                    };
+                    let sub_refs: Vec<&LightweightObject> = pick.iter().map(|&i| refs[i]).collect();
+                    let d = decide(self.engine, &task, &episode, &sub_refs, &sub, &scratch, &c)
+                        .map_err(&te)?;
+                    let weights: BTreeMap<String, f64> = pick
+                        .iter()
+                        .zip(&d.weights)
+                        .filter(|(_, w)| **w > 0.0)
+                        .map(|(&i, w)| (names[i].clone(), *w))
+                        .collect();
+                    let key = format!(
+                        "{:?}/{:?}",
+                        d.decision,
+                        weights
+                            .iter()
+                            .map(|(n, w)| format!("{n}:{w:.6}"))
+                            .collect::<Vec<_>>()
+                    ) + &crate::transfer::merge_name(c.effective_merge());
+                    let dev_accuracy = match (d.decision, cache.get(&key)) {
+                        (Decision::Scratch, _) => bare_dev,
+                        (_, Some(a)) => *a,
+                        _ => {
+                            let a = evaluate(
+                                self.engine,
+                                &task,
+                                Some(&d.init),
+                                self.limit(&task.dev),
+                                &opts,
+                                &mut |_, _| {},
+                            )
+                            .map_err(&te)?
+                            .accuracy;
+                            cache.insert(key, a);
+                            a
+                        }
+                    };
+                    answers.push(GridAnswer {
+                        config: config_label(&c),
+                        decision: d.decision,
+                        weights,
+                        dev_accuracy,
+                    });
+                }
+                let rec = TuneRecord {
+                    predictors,
+                    candidates,
+                    bare_accuracy: scores.bare.accuracy,
+                    bare_dev_accuracy: bare_dev,
+                    answers,
+                };
+                self.append(
+                    Phase::Tune,
+                    &task.name,
+                    "grid",
+                    seed,
+                    started,
+                    &rec,
+                    progress,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn few_shot(
+        &self,
+        task: &Task,
+        episode: &Episode,
+        init: Option<LightweightObject>,
+        seed: u64,
+    ) -> Result<(f64, usize)> {
+        let fs = self.cfg.few_shot;
+        let mut tc = TrainConfig::new(self.cfg.suggest.method);
+        tc.init = init;
+        tc.lr = Some(fs.lr);
+        tc.batch_size = fs.batch_size;
+        tc.max_steps = Some(fs.steps);
+        tc.eval_every = fs.eval_every;
+        tc.patience = None;
+        tc.seed = seed;
+        tc.temperature = self.cfg.suggest.score.temperature;
+        let labels = task.label_texts();
+        let data = TrainData {
+            label_texts: &labels,
+            train: &episode.train,
+            dev: &episode.dev,
+            test: None,
+        };
+        let out = train(self.engine, &data, &tc, &mut |_| {}).map_err(eerr(&task.name))?;
+        let acc = evaluate(
+            self.engine,
+            task,
+            Some(&out.best.object),
+            self.limit(&task.test),
+            &self.cfg.suggest.score,
+            &mut |_, _| {},
+        )
+        .map_err(terr(&task.name))?
+        .accuracy;
+        Ok((acc, out.best.step))
+    }
+
+    fn run_scratch(&mut self, progress: &mut dyn FnMut(StudyEvent)) -> Result<()> {
+        // Every configured target, in the zoo or not: training from scratch needs no source.
+        let targets: Vec<usize> = (0..self.tasks.len())
+            .filter(|&i| {
+                self.objects.contains_key(&self.tasks[i].name)
+                    || self.cfg.targets.contains(&self.tasks[i].name)
+            })
+            .filter(|&i| {
+                self.cfg.targets.is_empty() || self.cfg.targets.contains(&self.tasks[i].name)
+            })
+            .collect();
+        for t in targets {
+            for seed in self.cfg.seeds.clone() {
+                let task = self.tasks[t].clone();
+                if self.has(Phase::Scratch, &task.name, "scratch", seed) {
+                    continue;
+                }
+                let started = Instant::now();
+                let episode = Episode::sample(&task, self.cfg.suggest.shots, seed)?;
+                let (test, best_step) = self.few_shot(&task, &episode, None, seed)?;
+                let rec = ScratchRecord { test, best_step };
+                self.append(
+                    Phase::Scratch,
+                    &task.name,
+                    "scratch",
+                    seed,
+                    started,
+                    &rec,
+                    progress,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn run_final(&mut self, progress: &mut dyn FnMut(StudyEvent)) -> Result<()> {
+        for t in self.targets() {
+            for seed in self.cfg.seeds.clone() {
+                let task = self.tasks[t].clone();
+                if self.has(Phase::Final, &task.name, "suggest", seed) {
+                    continue;
+                }
+                let started = Instant::now();
+                let mut cfg = self.cfg.suggest.clone();
+                cfg.seed = seed;
+                let input = SuggestInput {
+                    store: &self.store,
+                    index: &self.index,
+                    engine: self.engine,
+                    task: &task,
+                    adapter: None,
+                };
+                let (init, rep) = suggest(&input, &cfg, &mut |_| {}).map_err(terr(&task.name))?;
+                let test = split_eval(
+                    self.engine,
+                    &task,
+                    Some(&init),
+                    self.limit(&task.test),
+                    &cfg.score,
+                )?;
+                let episode = Episode::sample(&task, cfg.shots, seed)?;
+                let (few_shot_test, few_shot_steps) =
+                    self.few_shot(&task, &episode, Some(init), seed)?;
+                let rec = FinalRecord {
+                    config: config_label(&cfg),
+                    decision: rep.decision,
+                    candidates: rep
+                        .candidates
+                        .iter()
+                        .map(|c| (c.task.clone(), c.weight))
+                        .collect(),
+                    test,
+                    few_shot_test,
+                    few_shot_steps,
+                };
+                self.append(
+                    Phase::Final,
+                    &task.name,
+                    "suggest",
+                    seed,
+                    started,
+                    &rec,
+                    progress,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Run the requested phases (resumable), then write the report into `OUT/report.md`.
+pub fn run(
+    cfg: &StudyConfig,
+    engine: &Engine,
+    max_len: usize,
+    phases: &[Phase],
+    progress: &mut dyn FnMut(StudyEvent),
+) -> Result<()> {
+    let mut study = Study::open(cfg, engine, max_len, progress)?;
+    let mut phases = phases.to_vec();
+    phases.sort();
+    for p in phases {
+        match p {
+            Phase::Zero => study.run_zero(progress)?,
+            Phase::Tune => study.run_tune(progress)?,
+            Phase::Scratch => study.run_scratch(progress)?,
+            Phase::Final => study.run_final(progress)?,
+        }
+    }
+    let md = report(&study)?;
+    let path = cfg.out.join("report.md");
+    std::fs::write(&path, md).map_err(|source| StudyError::Io { path, source })?;
+    Ok(())
+}
+
+fn mean_se(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let m = xs.iter().sum::<f64>() / n as f64;
+    if n < 2 {
+        return (m, f64::NAN);
+    }
+    let v = xs.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1) as f64;
+    (m, (v / n as f64).sqrt())
+}
+
+fn pct(x: f64) -> String {
+    if x.is_finite() {
+        format!("{:.1}", 100.0 * x)
+    } else {
+        "-".into()
+    }
+}
+
+fn pm(m: f64, se: f64) -> String {
+    if se.is_finite() {
+        format!("{:+.1} +- {:.1}", 100.0 * m, 100.0 * se)
+    } else {
+        format!("{:+.1}", 100.0 * m)
+    }
+}
+
+fn pm_plain(m: f64, se: f64) -> String {
+    if se.is_finite() {
+        format!("{m:.1} +- {se:.1}")
+    } else {
+        format!("{m:.1}")
+    }
+}
+
+fn data<T: for<'de> Deserialize<'de>>(r: &Record) -> Result<T> {
+    serde_json::from_value(r.data.clone()).map_err(|source| StudyError::Record {
+        key: r.key.clone(),
+        source,
+    })
+}
+
+/// The report of the study's records (markdown).
+fn report(study: &Study<'_>) -> Result<String> {
+    let mut md = String::new();
+    let cfg = study.cfg;
+    let get = |phase: Phase, task: &str, init: &str, seed: u64| {
+        study.results.get(&Record::make_key(
+            phase.as_str(),
+            task,
+            init,
+            seed,
+            &study.protocol(phase),
+        ))
+    };
+    let targets = study.targets();
+    let _ = writeln!(md, "# Transfer study\n");
+    let _ = writeln!(
+        md,
+        "Zoo `{}` ({} adapters of method {}), tasks `{}`, pipeline defaults `{}`, seeds {:?} (final, scratch), tuning seeds {:?}, {} shots per class, LIMITED training {:?}. Generated by `peftdb experiment transfer`; every number comes from the product's own path (store, `suggest`, `evaluate`).\n",
+        cfg.zoo.display(),
+        study.objects.len(),
+        cfg.suggest.method,
+        cfg.tasks.display(),
+        config_label(&cfg.suggest),
+        cfg.seeds,
+        cfg.tune_seeds,
+        cfg.suggest.shots,
+        cfg.few_shot
+    );
+
+    // 0. The zoo.
+    let _ = writeln!(md, "## 0. The zoo\n");
+    let _ = writeln!(md, "Each adapter's training as its sidecar records it (`scripts/train-zoo.sh`: full train split, early stopping on the full dev split), and the bare model on the same test split.\n");
+    let _ = writeln!(md, "| task | group | steps trained | best step | seconds | dev acc | test acc | bare test acc |");
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|");
+    let mut total_seconds = 0.0;
+    for (name, id) in &study.objects {
+        let rec = study.store.object(*id).map_err(|e| StudyError::Store {
+            path: study.store.path().to_path_buf(),
+            source: Box::new(e.into()),
+        })?;
+        let m = |k: &str| rec.metrics.get(k).copied().unwrap_or(f64::NAN);
+        let bare = get(Phase::Zero, name, "bare", 0)
+            .map(|r| data::<ZeroRecord>(r).map(|z| pct(z.test.accuracy)))
+            .transpose()?
+            .unwrap_or_else(|| "-".into());
+        let group = study
+            .tasks
+            .iter()
+            .find(|t| &t.name == name)
+            .and_then(|t| t.group.clone())
+            .unwrap_or_default();
+        if m("train_seconds").is_finite() {
+            total_seconds += m("train_seconds");
+        }
+        let _ = writeln!(
+            md,
+            "| {name} | {group} | {:.0} | {:.0} | {:.0} | {} | {} | {bare} |",
+            m("steps_trained"),
+            m("step"),
+            m("train_seconds"),
+            pct(m("dev_accuracy")),
+            pct(m("test_accuracy")),
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nTraining cost of the zoo: {:.0} s of wall-clock in all.\n",
+        total_seconds
+    );
+
+    // 1. Ground truth (a).
+    let _ = writeln!(
+        md,
+        "## 1. Zero-shot ground truth: each source applied unchanged (test split)\n"
+    );
+    let _ = writeln!(md, "A *transfer target* has a source whose test accuracy beats the bare model's by more than 2 paired SE of its test split.\n");
+    let _ = writeln!(md, "| target | n test | bare | oracle source (a) | oracle acc | gain +- SE | transfer target | Average (param) | Average (dW) | Manual |");
+    let _ = writeln!(md, "|---|---:|---:|---|---:|---:|:-:|---:|---:|---:|");
+    let mut transfer_targets = BTreeSet::new();
+    let mut zero: BTreeMap<String, BTreeMap<String, SplitEval>> = BTreeMap::new();
+    for &t in &targets {
+        let name = &study.tasks[t].name;
+        let mut row: BTreeMap<String, SplitEval> = BTreeMap::new();
+        for init in ["bare", "average-param", "average-delta", "manual"]
+            .into_iter()
+            .map(String::from)
+            .chain(
+                study
+                    .sources(t)
+                    .iter()
+                    .map(|&s| format!("source:{}", study.tasks[s].name)),
+            )
+        {
+            if let Some(r) = get(Phase::Zero, name, &init, 0) {
+                let z: ZeroRecord = data(r)?;
+                row.insert(init, z.test);
+            }
+        }
+        let Some(bare) = row.get("bare").cloned() else {
+            continue;
+        };
+        let best = row
+            .iter()
+            .filter(|(k, _)| k.starts_with("source:"))
+            .max_by(|a, b| a.1.accuracy.total_cmp(&b.1.accuracy).then(b.0.cmp(a.0)));
+        let (bname, bacc, bgain) = match best {
+            Some((k, e)) => {
+                let (g, se) = paired_accuracy(&e.correct, &bare.correct);
+                if g > 2.0 * se {
+                    transfer_targets.insert(name.clone());
+                }
+                (
+                    k.trim_start_matches("source:").to_string(),
+                    e.accuracy,
+                    pm(g, se),
+                )
+            }
+            None => ("-".into(), f64::NAN, "-".into()),
+        };
+        let acc = |k: &str| {
+            row.get(k)
+                .map(|e| pct(e.accuracy))
+                .unwrap_or_else(|| "-".into())
+        };
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {} | {bname} | {} | {bgain} | {} | {} | {} | {} |",
+            bare.examples,
+            pct(bare.accuracy),
+            pct(bacc),
+            if transfer_targets.contains(name) {
+                "yes"
+            } else {
+                "no"
+            },
+            acc("average-param"),
+            acc("average-delta"),
+            acc("manual"),
+        );
+        zero.insert(name.clone(), row);
+    }
+    let _ = writeln!(
+        md,
+        "\nTransfer targets: {} of {} ({}).\n",
+        transfer_targets.len(),
+        zero.len(),
+        transfer_targets
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    // 2. The answer (final) against the baselines.
+    let _ = writeln!(
+        md,
+        "## 2. The answer of `suggest` at its defaults (test split)\n"
+    );
+    let _ = writeln!(md, "Zero-shot accuracy of the initialization (mean +- SE over seeds) against the bare model, Average of Checkpoints, Manual Division and the oracle single source; few-shot accuracy after LIMITED training from it against From Scratch on the same episodes. `top5` says whether the retrieval's top 5 holds the oracle source or one within 1 point of it (share of seeds).\n");
+    let _ = writeln!(md, "| target | transfer | bare | answer | answer - bare | Average (param) | Manual | oracle | decisions | top5 | scratch (few-shot) | from answer (few-shot) | diff +- SE |");
+    let _ = writeln!(
+        md,
+        "|---|:-:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"
+    );
+    let mut gains_tt = Vec::new();
+    let mut vs_avg_tt = Vec::new();
+    let mut worst: Option<(String, f64)> = None;
+    let mut fs_diffs_tt = Vec::new();
+    let mut top5_tt = Vec::new();
+    let mut gains_all = Vec::new();
+    for &t in &targets {
+        let name = &study.tasks[t].name;
+        let Some(row) = zero.get(name) else { continue };
+        let bare = row["bare"].accuracy;
+        let oracle = row
+            .iter()
+            .filter(|(k, _)| k.starts_with("source:"))
+            .map(|(_, e)| e.accuracy)
+            .fold(f64::NAN, f64::max);
+        let good: BTreeSet<String> = row
+            .iter()
+            .filter(|(k, e)| k.starts_with("source:") && e.accuracy >= oracle - 0.01)
+            .map(|(k, _)| k.trim_start_matches("source:").to_string())
+            .collect();
+        let mut acc = Vec::new();
+        let mut fs = Vec::new();
+        let mut diffs = Vec::new();
+        let mut decisions: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let mut top5 = Vec::new();
+        for &seed in &cfg.seeds {
+            let Some(r) = get(Phase::Final, name, "suggest", seed) else {
+                continue;
+            };
+            let f: FinalRecord = data(r)?;
+            acc.push(f.test.accuracy);
+            *decisions.entry(f.decision.as_str()).or_default() += 1;
+            top5.push(f.candidates.iter().take(5).any(|(c, _)| good.contains(c)) as u8 as f64);
+            if let Some(s) = get(Phase::Scratch, name, "scratch", seed) {
+                let s: ScratchRecord = data(s)?;
+                fs.push((s.test, f.few_shot_test));
+                diffs.push(f.few_shot_test - s.test);
+            }
+        }
+        if acc.is_empty() {
+            continue;
+        }
+        let (am, ase) = mean_se(&acc);
+        let is_tt = transfer_targets.contains(name);
+        gains_all.push(am - bare);
+        if is_tt {
+            gains_tt.push(am - bare);
+            if let Some(a) = row.get("average-param") {
+                vs_avg_tt.push(am - a.accuracy);
+            }
+            fs_diffs_tt.extend(diffs.iter().copied());
+            top5_tt.push(mean_se(&top5).0);
+        }
+        if worst.as_ref().is_none_or(|w| am - bare < w.1) {
+            worst = Some((name.clone(), am - bare));
+        }
+        let (sm, _) = mean_se(&fs.iter().map(|x| x.0).collect::<Vec<_>>());
+        let (fm, _) = mean_se(&fs.iter().map(|x| x.1).collect::<Vec<_>>());
+        let (dm, dse) = mean_se(&diffs);
+        let acc_of = |k: &str| {
+            row.get(k)
+                .map(|e| pct(e.accuracy))
+                .unwrap_or_else(|| "-".into())
+        };
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {} | {} +- {} | {} | {} | {} | {} | {} | {:.0}% | {} | {} | {} |",
+            if is_tt { "yes" } else { "no" },
+            pct(bare),
+            pct(am),
+            if ase.is_finite() {
+                format!("{:.1}", 100.0 * ase)
+            } else {
+                "-".into()
+            },
+            pm(am - bare, f64::NAN),
+            acc_of("average-param"),
+            acc_of("manual"),
+            pct(oracle),
+            decisions
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            100.0 * mean_se(&top5).0,
+            pct(sm),
+            pct(fm),
+            pm(dm, dse),
+        );
+    }
+    let (g, gse) = mean_se(&gains_tt);
+    let (va, vase) = mean_se(&vs_avg_tt);
+    let (fd, fdse) = mean_se(&fs_diffs_tt);
+    let _ = writeln!(
+        md,
+        "\n### Acceptance numbers (transfer targets: {})\n",
+        gains_tt.len()
+    );
+    let _ = writeln!(md, "- retrieval top 5 holds the oracle source (or one within 1 point) for {:.0}% of transfer targets (averaged over seeds; goal 80%)", 100.0 * mean_se(&top5_tt).0);
+    let _ = writeln!(
+        md,
+        "- answer minus bare model, mean over transfer targets: {} points (goal +3.0)",
+        pm(g, gse)
+    );
+    let _ = writeln!(
+        md,
+        "- answer minus Average of Checkpoints (param), transfer targets: {} points (goal > 0)",
+        pm(va, vase)
+    );
+    if let Some((w, d)) = &worst {
+        let _ = writeln!(
+            md,
+            "- worst target, answer minus bare: {w} {:+.1} points (goal >= -1.0)",
+            100.0 * d
+        );
+    }
+    let _ = writeln!(
+        md,
+        "- answer minus bare over all {} targets: {} points",
+        gains_all.len(),
+        pm(mean_se(&gains_all).0, mean_se(&gains_all).1)
+    );
+    let _ = writeln!(md, "- few-shot from the answer minus From Scratch, paired over transfer targets x seeds ({} pairs): {} points (goal > 2 SE)\n", fs_diffs_tt.len(), pm(fd, fdse));
+
+    // 3. Predictors.
+    let _ = writeln!(md, "## 3. Which ranking finds the sources that transfer (tuning seeds, against zero-shot gains on test)\n");
+    let _ = writeln!(md, "NDCG (%) and rho (rank of the oracle source) of each predictor's ranking of the sources, relevance = zero-shot test gain over the bare model; mean over targets (+- SE) and seeds. `random` is the expectation over 200 seeded permutations.\n");
+    let mut per_pred: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    let mut random_ndcg = Vec::new();
+    for &t in &targets {
+        let name = &study.tasks[t].name;
+        let Some(row) = zero.get(name) else { continue };
+        let bare = row["bare"].accuracy;
+        for &seed in &cfg.tune_seeds {
+            let Some(r) = get(Phase::Tune, name, "grid", seed) else {
+                continue;
+            };
+            let tr: TuneRecord = data(r)?;
+            let srcs: Vec<String> = study
+                .sources(t)
+                .iter()
+                .map(|&s| study.tasks[s].name.clone())
+                .collect();
+            let gains: Vec<f64> = srcs
+                .iter()
+                .map(|s| {
+                    row.get(&format!("source:{s}"))
+                        .map(|e| e.accuracy - bare)
+                        .unwrap_or(f64::NAN)
+                })
+                .collect();
+            if gains.iter().any(|g| !g.is_finite()) {
+                continue;
+            }
+            for (p, sc) in &tr.predictors {
+                let scores: Vec<f64> = srcs
+                    .iter()
+                    .map(|s| sc.get(s).copied().unwrap_or(f64::NEG_INFINITY))
+                    .collect();
+                if let (Some(n), Some(r)) = (ndcg(&scores, &gains), rho(&scores, &gains)) {
+                    let e = per_pred.entry(p.clone()).or_default();
+                    e.0.push(n);
+                    e.1.push(r);
+                }
+            }
+            // Random: expectation over seeded permutations.
+            let mut rng_state = 0x5eed_u64 ^ seed;
+            let mut acc = 0.0;
+            let mut cnt = 0.0;
+            for _ in 0..200 {
+                let scores: Vec<f64> = (0..srcs.len())
+                    .map(|_| {
+                        rng_state = rng_state
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        (rng_state >> 11) as f64
+                    })
+                    .collect();
+                if let Some(n) = ndcg(&scores, &gains) {
+                    acc += n;
+                    cnt += 1.0;
+                }
+            }
+            if cnt > 0.0 {
+                random_ndcg.push(acc / cnt);
+            }
+        }
+    }
+    let _ = writeln!(md, "| predictor | NDCG | rho | targets x seeds |");
+    let _ = writeln!(md, "|---|---:|---:|---:|");
+    let mut rows: Vec<(String, f64, f64, f64, usize)> = per_pred
+        .iter()
+        .map(|(p, (n, r))| {
+            let (nm, nse) = mean_se(n);
+            (p.clone(), nm, nse, mean_se(r).0, n.len())
+        })
+        .collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for (p, nm, nse, rm, n) in &rows {
+        let _ = writeln!(md, "| {p} | {} | {rm:.2} | {n} |", pm_plain(*nm, *nse));
+    }
+    let (rn, rse) = mean_se(&random_ndcg);
+    let _ = writeln!(
+        md,
+        "| random | {} | - | {} |\n",
+        pm_plain(rn, rse),
+        random_ndcg.len()
+    );
+
+    // 4. The tuning grid.
+    let _ = writeln!(
+        md,
+        "## 4. Tuning grid (dev split): answer's dev accuracy minus the bare model's\n"
+    );
+    let _ = writeln!(md, "Mean over targets and tuning seeds; `transfer` over transfer targets only; `worst` is the lowest single target. The defaults are chosen from this table (dev), never from the test split.\n");
+    let mut per_cfg: BTreeMap<String, (Vec<f64>, Vec<f64>, BTreeMap<String, usize>)> =
+        BTreeMap::new();
+    for &t in &targets {
+        let name = &study.tasks[t].name;
+        for &seed in &cfg.tune_seeds {
+            let Some(r) = get(Phase::Tune, name, "grid", seed) else {
+                continue;
+            };
+            let tr: TuneRecord = data(r)?;
+            for a in &tr.answers {
+                let e = per_cfg.entry(a.config.clone()).or_default();
+                let d = a.dev_accuracy - tr.bare_dev_accuracy;
+                e.0.push(d);
+                if transfer_targets.contains(name) {
+                    e.1.push(d);
+                }
+                *e.2.entry(a.decision.as_str().to_string()).or_default() += 1;
+            }
+        }
+    }
+    let _ = writeln!(
+        md,
+        "| setting | all targets | transfer targets | worst | decisions |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---|");
+    let mut rows: Vec<_> = per_cfg.into_iter().collect();
+    rows.sort_by(|a, b| mean_se(&b.1 .0).0.total_cmp(&mean_se(&a.1 .0).0));
+    for (c, (all, tt, dec)) in rows {
+        let (m, se) = mean_se(&all);
+        let (tm, tse) = mean_se(&tt);
+        let w = all.iter().cloned().fold(f64::INFINITY, f64::min);
+        let mark = if c == config_label(&cfg.suggest) {
+            " **(default)**"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            md,
+            "| `{c}`{mark} | {} | {} | {:+.1} | {} |",
+            pm(m, se),
+            pm(tm, tse),
+            100.0 * w,
+            dec.iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(md)
+}

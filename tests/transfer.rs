@@ -1,0 +1,363 @@
+//! The transfer pipeline on the committed demo zoo (real adapters trained on ../shared/tasks): the rules of
+//! `suggest`'s answer (only candidates that beat the bare model beyond the noise get weight, softmax over
+//! them, a from-scratch answer when none does), every similarity through an in-memory target, the stages
+//! composing to exactly `suggest`'s answer (what the study relies on), and the study itself on two targets
+//! with truncated splits (resume, records, report).
+
+mod common;
+
+use peftdb::engine::scoring::ScoreOptions;
+use peftdb::engine::task::Task;
+use peftdb::engine::{Engine, EngineOptions};
+use peftdb::index::{IndexConfig, IndexManager};
+use peftdb::ingest::{ingest_zoo, IngestOptions};
+use peftdb::object::LightweightObject;
+use peftdb::query::Similarity;
+use peftdb::store::Store;
+use peftdb::suggest::{suggest, Decision, SuggestConfig, SuggestInput};
+use peftdb::transfer::{
+    decide, evaluate, retrieve, score, scratch_init, store_base_model, target_adapter, Episode,
+};
+use std::path::PathBuf;
+
+fn demo_zoo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/demo-zoo")
+}
+
+fn task(name: &str) -> Task {
+    Task::load(&common::shared_dir().join("tasks").join(name)).unwrap()
+}
+
+fn engine() -> Engine {
+    Engine::load_with(
+        &common::model_dir(),
+        &candle_core::Device::Cpu,
+        &EngineOptions { max_len: 48 },
+    )
+    .unwrap()
+}
+
+fn zoo_store(dir: &std::path::Path) -> (Store, IndexManager) {
+    let store = Store::create(dir.join("zoo.peftdb")).unwrap();
+    let rep = ingest_zoo(
+        &store,
+        &[demo_zoo()],
+        None,
+        &IngestOptions::default(),
+        &|_| {},
+    )
+    .unwrap();
+    assert_eq!(rep.rejected(), 0);
+    assert!(rep.ingested() >= 3);
+    let (index, _) = IndexManager::open(&store, IndexConfig::default(), &|_| {}).unwrap();
+    (store, index)
+}
+
+fn quick() -> SuggestConfig {
+    SuggestConfig {
+        shots: 4,
+        short_tune_steps: 4,
+        ..Default::default()
+    }
+}
+
+fn lora_b_all_zero(o: &LightweightObject) -> bool {
+    o.tensors
+        .iter()
+        .filter(|t| t.name.contains("lora_B"))
+        .all(|t| t.to_f32().iter().all(|v| *v == 0.0))
+}
+
+#[test]
+fn suggest_weights_only_candidates_that_help_and_falls_back_to_scratch() {
+    let engine = engine();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, index) = zoo_store(dir.path());
+    let new_task = task("tweet_sentiment");
+    let cfg = quick();
+    let input = SuggestInput {
+        store: &store,
+        index: &index,
+        engine: &engine,
+        task: &new_task,
+        adapter: None,
+    };
+    let (obj, rep) = suggest(&input, &cfg, &mut |_| {}).unwrap();
+    // The new task is never its own candidate, even though the zoo holds an adapter of it.
+    assert!(rep.candidates.iter().all(|c| c.task != "tweet_sentiment"));
+    assert_eq!(rep.k_used, rep.candidates.len());
+    assert_eq!(rep.similarity, "delta");
+    assert_eq!(rep.merge, "delta-cat");
+    // 3 classes x (4 train + 4 dev shots).
+    assert_eq!(rep.examples, 24);
+    for c in &rep.candidates {
+        assert_eq!(
+            c.helps,
+            c.gain > 0.0 && c.gain > cfg.noise_z * c.gain_se,
+            "{c:?}"
+        );
+        if !c.helps {
+            assert_eq!(c.weight, 0.0, "{c:?}");
+        }
+    }
+    let helping: Vec<_> = rep.candidates.iter().filter(|c| c.helps).collect();
+    match rep.decision {
+        Decision::Scratch => {
+            assert!(helping.is_empty());
+            assert!(rep.candidates.iter().all(|c| c.weight == 0.0));
+            assert!(lora_b_all_zero(&obj));
+            assert!(rep.notes.iter().any(|n| n.contains("from-scratch")));
+        }
+        Decision::Ensemble => {
+            // Softmax of the indicator's per-example score over the helping candidates only.
+            let s: Vec<f64> = helping
+                .iter()
+                .map(|c| {
+                    cfg.indicator
+                        .per_example(c.scores[cfg.indicator.as_str()], rep.examples)
+                })
+                .collect();
+            let w = peftdb::ensemble::softmax_weights(&s, cfg.tau).unwrap();
+            for (c, w) in helping.iter().zip(w) {
+                assert!((c.weight - w).abs() < 1e-12);
+            }
+            assert!(rep.ensemble_gain.unwrap() > 0.0);
+        }
+        Decision::BestSingle => {
+            assert_eq!(rep.candidates.iter().filter(|c| c.weight == 1.0).count(), 1);
+        }
+    }
+
+    // An impossible noise threshold: nothing helps, so the answer is the from-scratch adapter, which is
+    // exactly the bare model on any input.
+    let strict = SuggestConfig {
+        noise_z: 1e9,
+        ..cfg.clone()
+    };
+    let (obj, rep) = suggest(&input, &strict, &mut |_| {}).unwrap();
+    assert_eq!(rep.decision, Decision::Scratch);
+    assert!(lora_b_all_zero(&obj));
+    let ex = &new_task.test[..12];
+    let opts = ScoreOptions::default();
+    let a = evaluate(&engine, &new_task, Some(&obj), ex, &opts, &mut |_, _| {}).unwrap();
+    let b = evaluate(&engine, &new_task, None, ex, &opts, &mut |_, _| {}).unwrap();
+    assert_eq!(a.accuracy, b.accuracy);
+    assert!((a.loss - b.loss).abs() < 1e-5, "{} vs {}", a.loss, b.loss);
+    // ... and it is what training from scratch starts from.
+    let fresh = scratch_init(&engine, &strict, store_base_model(&store, &strict).unwrap()).unwrap();
+    assert_eq!(obj.tensors, fresh.tensors);
+    // A bad threshold is refused.
+    let bad = SuggestConfig {
+        noise_z: -1.0,
+        ..cfg.clone()
+    };
+    assert!(suggest(&input, &bad, &mut |_| {})
+        .unwrap_err()
+        .to_string()
+        .contains("noise threshold"));
+}
+
+#[test]
+fn the_stages_compose_to_exactly_the_answer_of_suggest() {
+    let engine = engine();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, index) = zoo_store(dir.path());
+    let new_task = task("movie_sentiment");
+    // A lenient threshold so that candidates get weight and the merge is exercised.
+    let cfg = SuggestConfig {
+        noise_z: 0.0,
+        k: 3,
+        ..quick()
+    };
+    let input = SuggestInput {
+        store: &store,
+        index: &index,
+        engine: &engine,
+        task: &new_task,
+        adapter: None,
+    };
+    let (obj, rep) = suggest(&input, &cfg, &mut |_| {}).unwrap();
+
+    // The same stages by hand, as the transfer study composes them: every source scored once, then the
+    // top K of the similarity's ranking decided on.
+    let episode = Episode::sample(&new_task, cfg.shots, cfg.seed).unwrap();
+    let base = store_base_model(&store, &cfg).unwrap();
+    let (target, _) = target_adapter(
+        &engine,
+        &new_task,
+        &episode,
+        None,
+        base.clone(),
+        &cfg,
+        &mut |_| {},
+    )
+    .unwrap();
+    for sim in Similarity::ALL {
+        let hits = retrieve(
+            &store,
+            &index,
+            &target,
+            sim,
+            cfg.method,
+            "movie_sentiment",
+            50,
+        )
+        .unwrap();
+        assert!(!hits.is_empty(), "{sim:?}");
+        assert!(hits.iter().all(|h| h.task != "movie_sentiment"));
+        assert!(hits.windows(2).all(|w| w[0].similarity >= w[1].similarity));
+    }
+    let all = retrieve(
+        &store,
+        &index,
+        &target,
+        cfg.similarity,
+        cfg.method,
+        "movie_sentiment",
+        50,
+    )
+    .unwrap();
+    let objs: Vec<LightweightObject> = all.iter().map(|h| store.get(h.object).unwrap().1).collect();
+    let refs: Vec<&LightweightObject> = objs.iter().collect();
+    let scores = score(
+        &engine,
+        &new_task,
+        &episode,
+        &target,
+        &refs,
+        &cfg,
+        &mut |_| {},
+    )
+    .unwrap();
+    let k = cfg.k.min(all.len());
+    let sub = peftdb::transfer::Scores {
+        examples: scores.examples,
+        bare: scores.bare.clone(),
+        candidates: scores.candidates[..k].to_vec(),
+    };
+    let scratch = scratch_init(&engine, &cfg, base).unwrap();
+    let d = decide(
+        &engine,
+        &new_task,
+        &episode,
+        &refs[..k],
+        &sub,
+        &scratch,
+        &cfg,
+    )
+    .unwrap();
+    assert_eq!(d.decision, rep.decision);
+    assert_eq!(
+        rep.candidates
+            .iter()
+            .map(|c| c.task.as_str())
+            .collect::<Vec<_>>(),
+        all[..k].iter().map(|h| h.task.as_str()).collect::<Vec<_>>()
+    );
+    for (c, w) in rep.candidates.iter().zip(&d.weights) {
+        assert!(
+            (c.weight - w).abs() < 1e-6,
+            "{} {} vs {w}",
+            c.task,
+            c.weight
+        );
+    }
+    // Stacked scoring differs from one-by-one by float rounding only; the answers are the same tensors
+    // whenever the weights agree to the last bit, and within 1e-4 otherwise.
+    assert_eq!(obj.tensors.len(), d.init.tensors.len());
+    for (a, b) in obj.tensors.iter().zip(&d.init.tensors) {
+        assert_eq!((a.name.as_str(), &a.shape), (b.name.as_str(), &b.shape));
+        for (x, y) in a.to_f32().iter().zip(b.to_f32()) {
+            assert!(
+                (x - y).abs() <= 1e-4 * (1.0 + x.abs()),
+                "{}: {x} vs {y}",
+                a.name
+            );
+        }
+    }
+}
+
+#[test]
+fn the_study_runs_resumes_and_reports_through_suggest() {
+    use peftdb::experiment::transfer::{run, FewShot, Phase, StudyConfig};
+    let engine = engine();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StudyConfig {
+        zoo: demo_zoo(),
+        tasks: common::shared_dir().join("tasks"),
+        out: dir.path().join("study"),
+        seeds: vec![0],
+        tune_seeds: vec![0],
+        targets: vec!["social_support".into(), "tweet_sentiment".into()],
+        suggest: quick(),
+        few_shot: FewShot {
+            steps: 2,
+            eval_every: 2,
+            ..FewShot::default()
+        },
+        textemb_examples: 8,
+        eval_limit: Some(12),
+    };
+    let mut units = 0;
+    run(&cfg, &engine, 48, &Phase::ALL, &mut |ev| {
+        if let peftdb::experiment::transfer::StudyEvent::Unit { .. } = ev {
+            units += 1;
+        }
+    })
+    .unwrap();
+    let results = std::fs::read_to_string(cfg.out.join("results.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = results
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), units);
+    for phase in ["zero", "tune", "final", "scratch"] {
+        assert!(lines.iter().any(|l| l["phase"] == phase), "{phase}");
+    }
+    // Resume: nothing left to run.
+    let mut again = 0;
+    run(&cfg, &engine, 48, &Phase::ALL, &mut |ev| {
+        if let peftdb::experiment::transfer::StudyEvent::Unit { .. } = ev {
+            again += 1;
+        }
+    })
+    .unwrap();
+    assert_eq!(again, 0);
+    // The final phase's answer is suggest's: same decision and candidates as a direct call.
+    let (store, index) = {
+        let store = Store::open_for_reading(cfg.out.join("zoo.peftdb")).unwrap();
+        let (index, _) = IndexManager::open(&store, IndexConfig::default(), &|_| {}).unwrap();
+        (store, index)
+    };
+    let t = task("tweet_sentiment");
+    let input = SuggestInput {
+        store: &store,
+        index: &index,
+        engine: &engine,
+        task: &t,
+        adapter: None,
+    };
+    let (_, rep) = suggest(&input, &quick(), &mut |_| {}).unwrap();
+    let fin = lines
+        .iter()
+        .find(|l| l["phase"] == "final" && l["task"] == "tweet_sentiment")
+        .unwrap();
+    assert_eq!(fin["data"]["decision"], rep.decision.as_str());
+    let tasks: Vec<&str> = fin["data"]["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c[0].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        tasks,
+        rep.candidates
+            .iter()
+            .map(|c| c.task.as_str())
+            .collect::<Vec<_>>()
+    );
+    let md = std::fs::read_to_string(cfg.out.join("report.md")).unwrap();
+    for section in ["## 1.", "## 2.", "## 3.", "## 4.", "Acceptance numbers"] {
+        assert!(md.contains(section), "{section}");
+    }
+}
