@@ -223,3 +223,36 @@ fn experiment_config_and_results_validate() {
     bad["limited"]["targets"] = serde_json::json!([""]);
     assert!(!cfg_schema.is_valid(&bad));
 }
+
+#[test]
+fn transfer_study_results_validate() {
+    let schema = schema("transfer_results.schema.json");
+    // The committed transfer study: every line is a valid record of its phase.
+    let text = std::fs::read_to_string(root().join("examples/transfer/results.jsonl")).unwrap();
+    let mut phases = std::collections::BTreeSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        check(
+            &schema,
+            &v,
+            &format!("examples/transfer/results.jsonl:{}", i + 1),
+        );
+        phases.insert(v["phase"].as_str().unwrap().to_string());
+    }
+    for p in ["zero", "tune", "scratch", "final"] {
+        assert!(phases.contains(p), "no {p} record in the committed study");
+    }
+    // A record the schema must refuse: a zero-shot evaluation without its per-example correctness.
+    let first: Value = serde_json::from_str(
+        text.lines()
+            .find(|l| l.contains("\"phase\":\"zero\""))
+            .unwrap(),
+    )
+    .unwrap();
+    let mut bad = first.clone();
+    bad["data"]["test"]
+        .as_object_mut()
+        .unwrap()
+        .remove("correct");
+    assert!(!schema.is_valid(&bad));
+}

@@ -539,6 +539,7 @@ impl<'a> Study<'a> {
             })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn append<T: Serialize>(
         &mut self,
         phase: Phase,
@@ -1003,8 +1004,10 @@ impl<'a> Study<'a> {
                     &cfg.score,
                 )?;
                 let episode = Episode::sample(&task, cfg.shots, seed)?;
+                // A from-scratch answer means "train from scratch": exactly the scratch phase's run.
+                let start = (rep.decision != Decision::Scratch).then_some(init);
                 let (few_shot_test, few_shot_steps) =
-                    self.few_shot(&task, &episode, Some(init), seed)?;
+                    self.few_shot(&task, &episode, start, seed)?;
                 let rec = FinalRecord {
                     config: config_label(&cfg),
                     decision: rep.decision,
@@ -1480,8 +1483,9 @@ fn report(study: &Study<'_>) -> Result<String> {
         "## 4. Tuning grid (dev split): answer's dev accuracy minus the bare model's\n"
     );
     let _ = writeln!(md, "Mean over targets and tuning seeds; `transfer` over transfer targets only; `worst` is the lowest single target. The defaults are chosen from this table (dev), never from the test split.\n");
-    let mut per_cfg: BTreeMap<String, (Vec<f64>, Vec<f64>, BTreeMap<String, usize>)> =
-        BTreeMap::new();
+    // Per setting: dev gains of all targets, of transfer targets, and decision counts.
+    type CfgStats = (Vec<f64>, Vec<f64>, BTreeMap<String, usize>);
+    let mut per_cfg: BTreeMap<String, CfgStats> = BTreeMap::new();
     for &t in &targets {
         let name = &study.tasks[t].name;
         for &seed in &cfg.tune_seeds {

@@ -82,8 +82,11 @@ impl From<RerankError> for TransferError {
 /// Default softmax temperature over per-example indicator scores ([`Indicator::per_example`]), chosen on
 /// the dev splits of the transfer study (README "Transfer").
 pub const DEFAULT_TAU: f64 = 0.1;
-/// Default number of candidate tasks.
-pub const DEFAULT_K: usize = 5;
+/// Default number of candidate tasks: every source of a zoo of up to 16 other tasks is scored (the
+/// study's tuning grid: scoring all 13 sources beat the top 3 or 5 of any similarity on dev, because the
+/// scores against the bare model rank sources better than any similarity does); in a larger zoo, the 16
+/// most similar.
+pub const DEFAULT_K: usize = 16;
 /// Default noise threshold: a candidate helps when its mean log-likelihood gain over the bare model is
 /// more than this many paired standard errors.
 pub const DEFAULT_NOISE_Z: f64 = 2.0;
