@@ -401,6 +401,27 @@ pub fn paired_accuracy(a: &str, b: &str) -> (f64, f64) {
     crate::rerank::stage::paired_gain(&x, &y)
 }
 
+/// One unit of work of the study: its phase, target, initialization and seed (its record's key).
+#[derive(Debug, Clone, Copy)]
+struct Unit<'u> {
+    phase: Phase,
+    task: &'u str,
+    init: &'u str,
+    seed: u64,
+}
+
+impl Unit<'_> {
+    fn key(&self, protocol: &str) -> String {
+        Record::make_key(
+            self.phase.as_str(),
+            self.task,
+            self.init,
+            self.seed,
+            protocol,
+        )
+    }
+}
+
 struct Study<'a> {
     cfg: &'a StudyConfig,
     engine: &'a Engine,
@@ -539,19 +560,16 @@ impl<'a> Study<'a> {
             })
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Append a finished unit (synced) and report it.
     fn append<T: Serialize>(
         &mut self,
-        phase: Phase,
-        task: &str,
-        init: &str,
-        seed: u64,
+        unit: Unit<'_>,
         started: Instant,
         data: &T,
         progress: &mut dyn FnMut(StudyEvent),
     ) -> Result<()> {
-        let protocol = self.protocol(phase);
-        let key = Record::make_key(phase.as_str(), task, init, seed, &protocol);
+        let protocol = self.protocol(unit.phase);
+        let key = unit.key(&protocol);
         let seconds = started.elapsed().as_secs_f64();
         let data = serde_json::to_value(data).map_err(|source| StudyError::Record {
             key: key.clone(),
@@ -559,31 +577,26 @@ impl<'a> Study<'a> {
         })?;
         self.results.append(Record {
             key: key.clone(),
-            phase: phase.as_str().to_string(),
-            task: task.to_string(),
-            init: init.to_string(),
-            seed,
+            phase: unit.phase.as_str().to_string(),
+            task: unit.task.to_string(),
+            init: unit.init.to_string(),
+            seed: unit.seed,
             protocol,
             seconds,
             data,
         })?;
         progress(StudyEvent::Unit {
-            phase: phase.as_str(),
+            phase: unit.phase.as_str(),
             key,
             seconds,
         });
         Ok(())
     }
 
-    fn has(&self, phase: Phase, task: &str, init: &str, seed: u64) -> bool {
+    /// Whether a unit is already in the results file under the current protocol.
+    fn has(&self, unit: Unit<'_>) -> bool {
         self.results
-            .get(&Record::make_key(
-                phase.as_str(),
-                task,
-                init,
-                seed,
-                &self.protocol(phase),
-            ))
+            .get(&unit.key(&self.protocol(unit.phase)))
             .is_some()
     }
 
@@ -604,7 +617,12 @@ impl<'a> Study<'a> {
                 "manual".into(),
             ]);
             for init in inits {
-                if self.has(Phase::Zero, &task.name, &init, 0) {
+                if self.has(Unit {
+                    phase: Phase::Zero,
+                    task: &task.name,
+                    init: &init,
+                    seed: 0,
+                }) {
                     continue;
                 }
                 let started = Instant::now();
@@ -678,7 +696,17 @@ impl<'a> Study<'a> {
                     test,
                     dev,
                 };
-                self.append(Phase::Zero, &task.name, &init, 0, started, &rec, progress)?;
+                self.append(
+                    Unit {
+                        phase: Phase::Zero,
+                        task: &task.name,
+                        init: &init,
+                        seed: 0,
+                    },
+                    started,
+                    &rec,
+                    progress,
+                )?;
             }
         }
         Ok(())
@@ -708,7 +736,12 @@ impl<'a> Study<'a> {
         for t in self.targets() {
             for seed in self.cfg.tune_seeds.clone() {
                 let task = self.tasks[t].clone();
-                if self.has(Phase::Tune, &task.name, "grid", seed) {
+                if self.has(Unit {
+                    phase: Phase::Tune,
+                    task: &task.name,
+                    init: "grid",
+                    seed,
+                }) {
                     continue;
                 }
                 let started = Instant::now();
@@ -892,10 +925,12 @@ impl<'a> Study<'a> {
                     answers,
                 };
                 self.append(
-                    Phase::Tune,
-                    &task.name,
-                    "grid",
-                    seed,
+                    Unit {
+                        phase: Phase::Tune,
+                        task: &task.name,
+                        init: "grid",
+                        seed,
+                    },
                     started,
                     &rec,
                     progress,
@@ -957,7 +992,12 @@ impl<'a> Study<'a> {
         for t in targets {
             for seed in self.cfg.seeds.clone() {
                 let task = self.tasks[t].clone();
-                if self.has(Phase::Scratch, &task.name, "scratch", seed) {
+                if self.has(Unit {
+                    phase: Phase::Scratch,
+                    task: &task.name,
+                    init: "scratch",
+                    seed,
+                }) {
                     continue;
                 }
                 let started = Instant::now();
@@ -965,10 +1005,12 @@ impl<'a> Study<'a> {
                 let (test, best_step) = self.few_shot(&task, &episode, None, seed)?;
                 let rec = ScratchRecord { test, best_step };
                 self.append(
-                    Phase::Scratch,
-                    &task.name,
-                    "scratch",
-                    seed,
+                    Unit {
+                        phase: Phase::Scratch,
+                        task: &task.name,
+                        init: "scratch",
+                        seed,
+                    },
                     started,
                     &rec,
                     progress,
@@ -982,7 +1024,12 @@ impl<'a> Study<'a> {
         for t in self.targets() {
             for seed in self.cfg.seeds.clone() {
                 let task = self.tasks[t].clone();
-                if self.has(Phase::Final, &task.name, "suggest", seed) {
+                if self.has(Unit {
+                    phase: Phase::Final,
+                    task: &task.name,
+                    init: "suggest",
+                    seed,
+                }) {
                     continue;
                 }
                 let started = Instant::now();
@@ -1021,10 +1068,12 @@ impl<'a> Study<'a> {
                     few_shot_steps,
                 };
                 self.append(
-                    Phase::Final,
-                    &task.name,
-                    "suggest",
-                    seed,
+                    Unit {
+                        phase: Phase::Final,
+                        task: &task.name,
+                        init: "suggest",
+                        seed,
+                    },
                     started,
                     &rec,
                     progress,
@@ -1109,13 +1158,13 @@ fn report(study: &Study<'_>) -> Result<String> {
     let mut md = String::new();
     let cfg = study.cfg;
     let get = |phase: Phase, task: &str, init: &str, seed: u64| {
-        study.results.get(&Record::make_key(
-            phase.as_str(),
+        let unit = Unit {
+            phase,
             task,
             init,
             seed,
-            &study.protocol(phase),
-        ))
+        };
+        study.results.get(&unit.key(&study.protocol(phase)))
     };
     let targets = study.targets();
     let _ = writeln!(md, "# Transfer study\n");
