@@ -348,10 +348,6 @@ pub enum StudyEvent {
         key: String,
         seconds: f64,
     },
-    Skipped {
-        phase: &'static str,
-        done: usize,
-    },
 }
 
 fn split_eval(
@@ -361,36 +357,17 @@ fn split_eval(
     ex: &[Example],
     opts: &ScoreOptions,
 ) -> Result<SplitEval> {
-    // Per-example correctness needs the predictions: score in one pass.
-    let set = adapter
-        .map(|o| engine.prepare(o))
-        .transpose()
-        .map_err(eerr(&task.name))?;
-    let labels = engine
-        .tokenize(&task.label_texts())
-        .map_err(eerr(&task.name))?;
-    let mut correct = String::with_capacity(ex.len());
-    let mut loss = 0.0;
-    for chunk in ex.chunks(crate::transfer::EVAL_CHUNK) {
-        let texts: Vec<&str> = chunk.iter().map(|e| e.text.as_str()).collect();
-        let ids = engine.tokenize(&texts).map_err(eerr(&task.name))?;
-        let s = engine
-            .score(set.as_ref(), &labels, &ids, opts)
-            .map_err(eerr(&task.name))?;
-        let targets: Vec<usize> = chunk.iter().map(|e| e.label).collect();
-        for (p, y) in s.predictions().iter().zip(&targets) {
-            correct.push(if p == y { '1' } else { '0' });
-        }
-        loss += s.cross_entropy(&targets) * chunk.len() as f64;
-    }
-    let n = ex.len().max(1) as f64;
-    let acc = correct.bytes().filter(|b| *b == b'1').count() as f64 / n;
-    // The same number as the pipeline's own evaluation (checked in tests).
+    // The pipeline's own evaluation, with each example's correctness kept for paired SEs.
+    let ev = evaluate(engine, task, adapter, ex, opts, &mut |_, _| {}).map_err(terr(&task.name))?;
     Ok(SplitEval {
-        examples: ex.len(),
-        accuracy: acc,
-        loss: loss / n,
-        correct,
+        examples: ev.examples,
+        accuracy: ev.accuracy,
+        loss: ev.loss,
+        correct: ev
+            .correct
+            .iter()
+            .map(|c| if *c { '1' } else { '0' })
+            .collect(),
     })
 }
 

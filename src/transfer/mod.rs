@@ -614,11 +614,14 @@ pub fn scratch_init(
 pub const EVAL_CHUNK: usize = 512;
 
 /// Accuracy and mean cross-entropy on a set of examples.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
     pub examples: usize,
     pub accuracy: f64,
     pub loss: f64,
+    /// Whether each example, in order, was predicted right (for paired comparisons of two evaluations).
+    #[serde(skip)]
+    pub correct: Vec<bool>,
 }
 
 /// Stage 6: evaluate an adapter (or the bare model) on examples of a task, by head-free label scoring.
@@ -635,7 +638,7 @@ pub fn evaluate(
     }
     let set = adapter.map(|o| engine.prepare(o)).transpose()?;
     let labels = engine.tokenize(&task.label_texts())?;
-    let mut correct = 0usize;
+    let mut correct = Vec::with_capacity(examples.len());
     let mut loss = 0f64;
     let mut done = 0;
     // Large chunks: the engine sorts each chunk by length, so bigger chunks pad less.
@@ -644,20 +647,16 @@ pub fn evaluate(
         let ids = engine.tokenize(&texts)?;
         let s = engine.score(set.as_ref(), &labels, &ids, opts)?;
         let targets: Vec<usize> = chunk.iter().map(|e| e.label).collect();
-        correct += s
-            .predictions()
-            .iter()
-            .zip(&targets)
-            .filter(|(p, y)| p == y)
-            .count();
+        correct.extend(s.predictions().iter().zip(&targets).map(|(p, y)| p == y));
         loss += s.cross_entropy(&targets) * chunk.len() as f64;
         done += chunk.len();
         progress(done, examples.len());
     }
     Ok(Evaluation {
         examples: examples.len(),
-        accuracy: correct as f64 / examples.len() as f64,
+        accuracy: correct.iter().filter(|c| **c).count() as f64 / examples.len() as f64,
         loss: loss / examples.len() as f64,
+        correct,
     })
 }
 

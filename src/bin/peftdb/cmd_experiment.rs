@@ -264,7 +264,6 @@ fn transfer_cmd(a: &TransferArgs, json: bool) -> anyhow::Result<u8> {
         match ev {
             StudyEvent::Ingested { objects } => eprintln!("zoo: {objects} adapters in the store"),
             StudyEvent::Unit { key, seconds, .. } => eprintln!("{key}: {seconds:.1} s"),
-            StudyEvent::Skipped { .. } => {}
         }
     })?;
     if json {
