@@ -9,7 +9,7 @@ use std::path::Path;
 
 pub use crate::transfer::{
     suggest, CandidateReport, Decision, SuggestConfig, SuggestEvent, SuggestInput, SuggestReport,
-    TransferError as SuggestError, DEFAULT_K, DEFAULT_NOISE_Z, DEFAULT_TAU,
+    TransferError as SuggestError, DEFAULT_INDICATOR, DEFAULT_K, DEFAULT_NOISE_Z, DEFAULT_TAU,
 };
 
 /// Write the initialization and its report (`peftdb_report.json`) into `dir`, atomically: everything is

@@ -90,6 +90,17 @@ fn suggest_weights_only_candidates_that_help_and_falls_back_to_scratch() {
     assert_eq!(rep.merge, "delta-cat");
     // 3 classes x (4 train + 4 dev shots).
     assert_eq!(rep.examples, 24);
+    // Listed in the rerank's ranking (by the indicator), each with its place in the retrieval's.
+    let key = |c: &peftdb::suggest::CandidateReport| c.scores[cfg.indicator.as_str()];
+    assert!(rep.candidates.windows(2).all(|w| key(&w[0]) >= key(&w[1])));
+    assert!(rep
+        .candidates
+        .iter()
+        .enumerate()
+        .all(|(i, c)| c.rank == i + 1));
+    let mut retrieval: Vec<usize> = rep.candidates.iter().map(|c| c.retrieval_rank).collect();
+    retrieval.sort();
+    assert_eq!(retrieval, (1..=rep.candidates.len()).collect::<Vec<_>>());
     for c in &rep.candidates {
         assert_eq!(
             c.helps,

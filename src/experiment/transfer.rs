@@ -218,12 +218,15 @@ pub fn config_label(c: &SuggestConfig) -> String {
     )
 }
 
-/// Bump when the tuning grid changes.
-const GRID_VERSION: u32 = 1;
+/// Bump when the tuning grid (or what a tune record holds) changes.
+const GRID_VERSION: u32 = 2;
 
-/// The tuning grid: every similarity x K x noise threshold with `base`'s indicator and tau, then the
-/// indicator, tau and merge varied around (delta, K 5, z 1), and the papers' setting (TuPaTE, K 5,
-/// cosine of logits and labels, parameter averaging, every candidate with a positive gain weighted).
+/// The tuning grid. Every source is scored (K = 13 covers the zoo: on grid 1, scoring all sources beat
+/// the top 3 or 5 of every similarity), so the grid varies what decides the answer: the indicator that
+/// ranks, weights and tests the candidates (Loss, calibrated Loss, EL2N, cosine of logits and labels)
+/// x the noise threshold; then tau around (calibrated Loss, z 2); the retrieval's top 5 by `delta`; and
+/// the papers' setting (TuPaTE, K 5, cosine of logits and labels, parameter averaging, every candidate
+/// with a positive gain weighted).
 pub fn grid(base: &SuggestConfig) -> Vec<SuggestConfig> {
     let mut out: Vec<SuggestConfig> = Vec::new();
     let mut push = |c: SuggestConfig| {
@@ -231,32 +234,38 @@ pub fn grid(base: &SuggestConfig) -> Vec<SuggestConfig> {
             out.push(c);
         }
     };
-    for z in [0.0, 1.0, 2.0] {
-        for sim in Similarity::ALL {
-            for k in [3, 5, 13] {
-                let mut c = base.clone();
-                c.similarity = sim;
-                c.k = k;
-                c.noise_z = z;
-                push(c);
-            }
-        }
-    }
-    let around = |f: &dyn Fn(&mut SuggestConfig)| {
+    let all = |f: &dyn Fn(&mut SuggestConfig)| {
         let mut c = base.clone();
         c.similarity = Similarity::Delta;
-        c.k = 5;
-        c.noise_z = 1.0;
+        c.k = 13;
         f(&mut c);
         c
     };
-    for ind in [Indicator::CosLogits, Indicator::El2n, Indicator::Kl] {
-        push(around(&|c| c.indicator = ind));
+    for ind in [
+        Indicator::Loss,
+        Indicator::LossCal,
+        Indicator::El2n,
+        Indicator::CosLogits,
+    ] {
+        for z in [1.0, 1.5, 2.0, 3.0] {
+            push(all(&|c| {
+                c.indicator = ind;
+                c.noise_z = z;
+            }));
+        }
     }
-    for tau in [0.02, 0.05, 0.3, 1.0] {
-        push(around(&|c| c.tau = tau));
+    for tau in [0.03, 0.3, 1.0] {
+        push(all(&|c| {
+            c.indicator = Indicator::LossCal;
+            c.noise_z = 2.0;
+            c.tau = tau;
+        }));
     }
-    push(around(&|c| c.merge = MergeMode::Param));
+    push(all(&|c| {
+        c.indicator = Indicator::LossCal;
+        c.noise_z = 2.0;
+        c.k = 5;
+    }));
     let mut c = base.clone();
     c.similarity = Similarity::Tupate;
     c.indicator = Indicator::CosLogits;
@@ -292,8 +301,15 @@ pub struct TunedCandidate {
     pub task: String,
     pub scores: BTreeMap<String, f64>,
     pub accuracy: f64,
+    /// Log-likelihood gain over the bare model on the episode, and its paired SE.
     pub gain: f64,
     pub gain_se: f64,
+    /// Indicator -> [gain, SE] of its per-example terms over the bare model's on the episode.
+    #[serde(default)]
+    pub gains: BTreeMap<String, [f64; 2]>,
+    /// The source applied unchanged on the target's full dev split (dev ground truth for tuning).
+    #[serde(default)]
+    pub dev: Option<SplitEval>,
 }
 
 /// One grid setting's answer on the dev split.
@@ -322,7 +338,7 @@ pub struct TuneRecord {
 pub struct FinalRecord {
     pub config: String,
     pub decision: Decision,
-    /// Candidates in retrieval order with their weights.
+    /// Candidates in the order `suggest` ranks them (by the indicator) with their weights.
     pub candidates: Vec<(String, f64)>,
     pub test: SplitEval,
     /// Test accuracy after LIMITED training from the answer.
@@ -797,22 +813,36 @@ impl<'a> Study<'a> {
                 )
                 .map_err(&te)?;
                 let names: Vec<String> = src.iter().map(|&s| self.tasks[s].name.clone()).collect();
-                let candidates: Vec<TunedCandidate> = names
-                    .iter()
-                    .zip(&scores.candidates)
-                    .map(|(n, c)| {
-                        let g = crate::transfer::Gain::of(c, &scores.bare);
-                        TunedCandidate {
-                            task: n.clone(),
-                            scores: c.scores.clone(),
-                            accuracy: c.accuracy,
-                            gain: g.mean,
-                            gain_se: g.se,
-                        }
+                let mut candidates: Vec<TunedCandidate> = Vec::with_capacity(names.len());
+                for ((n, c), obj) in names.iter().zip(&scores.candidates).zip(&refs) {
+                    let g = crate::transfer::Gain::of(c, &scores.bare, Indicator::Loss);
+                    let gains = [
+                        Indicator::Loss,
+                        Indicator::LossCal,
+                        Indicator::El2n,
+                        Indicator::CosLogits,
+                    ]
+                    .into_iter()
+                    .map(|ind| {
+                        let g = crate::transfer::Gain::of(c, &scores.bare, ind);
+                        (ind.as_str().to_string(), [g.mean, g.se])
                     })
                     .collect();
+                    let dev =
+                        split_eval(self.engine, &task, Some(obj), self.limit(&task.dev), &opts)?;
+                    candidates.push(TunedCandidate {
+                        task: n.clone(),
+                        scores: c.scores.clone(),
+                        accuracy: c.accuracy,
+                        gain: g.mean,
+                        gain_se: g.se,
+                        gains,
+                        dev: Some(dev),
+                    });
+                }
                 for ind in [
                     Indicator::Loss,
+                    Indicator::LossCal,
                     Indicator::CosLogits,
                     Indicator::El2n,
                     Indicator::Kl,
@@ -1288,7 +1318,7 @@ fn report(study: &Study<'_>) -> Result<String> {
         md,
         "## 2. The answer of `suggest` at its defaults (test split)\n"
     );
-    let _ = writeln!(md, "Zero-shot accuracy of the initialization (mean +- SE over seeds) against the bare model, Average of Checkpoints, Manual Division and the oracle single source; few-shot accuracy after LIMITED training from it against From Scratch on the same episodes. `top5` says whether the retrieval's top 5 holds the oracle source or one within 1 point of it (share of seeds).\n");
+    let _ = writeln!(md, "Zero-shot accuracy of the initialization (mean +- SE over seeds) against the bare model, Average of Checkpoints, Manual Division and the oracle single source; few-shot accuracy after LIMITED training from it against From Scratch on the same episodes. `top5` says whether the top 5 of `suggest`'s ranking (its candidates by the indicator, as its table lists them) holds the oracle source or one within 1 point of it (share of seeds).\n");
     let _ = writeln!(md, "| target | transfer | bare | answer | answer - bare | Average (param) | Manual | oracle | decisions | top5 | scratch (few-shot) | from answer (few-shot) | diff +- SE |");
     let _ = writeln!(
         md,
@@ -1392,7 +1422,7 @@ fn report(study: &Study<'_>) -> Result<String> {
         "\n### Acceptance numbers (transfer targets: {})\n",
         gains_tt.len()
     );
-    let _ = writeln!(md, "- retrieval top 5 holds the oracle source (or one within 1 point) for {:.0}% of transfer targets (averaged over seeds; goal 80%)", 100.0 * mean_se(&top5_tt).0);
+    let _ = writeln!(md, "- the top 5 of `suggest`'s ranking holds the oracle source (or one within 1 point) for {:.0}% of transfer targets (averaged over seeds; goal 80%)", 100.0 * mean_se(&top5_tt).0);
     let _ = writeln!(
         md,
         "- answer minus bare model, mean over transfer targets: {} points (goal +3.0)",
@@ -1418,9 +1448,75 @@ fn report(study: &Study<'_>) -> Result<String> {
     );
     let _ = writeln!(md, "- few-shot from the answer minus From Scratch, paired over transfer targets x seeds ({} pairs): {} points (goal > 2 SE)\n", fs_diffs_tt.len(), pm(fd, fdse));
 
+    // Dev ground truth (for tuning): each source unchanged on the full dev split (tune records), against
+    // the bare model's dev split (zero record); a dev transfer target has a source beyond 2 paired SE.
+    let mut dev_gains: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
+    let mut dev_transfer: BTreeSet<String> = BTreeSet::new();
+    for &t in &targets {
+        let name = &study.tasks[t].name;
+        let Some(bare_dev) = get(Phase::Zero, name, "bare", 0)
+            .map(data::<ZeroRecord>)
+            .transpose()?
+            .and_then(|z| z.dev)
+        else {
+            continue;
+        };
+        let Some(seed) = cfg.tune_seeds.first() else {
+            continue;
+        };
+        let Some(r) = get(Phase::Tune, name, "grid", *seed) else {
+            continue;
+        };
+        let tr: TuneRecord = data(r)?;
+        let mut g = BTreeMap::new();
+        for c in &tr.candidates {
+            if let Some(d) = &c.dev {
+                let (m, se) = paired_accuracy(&d.correct, &bare_dev.correct);
+                if m > 2.0 * se {
+                    dev_transfer.insert(name.clone());
+                }
+                g.insert(c.task.clone(), m);
+            }
+        }
+        if !g.is_empty() {
+            dev_gains.insert(name.clone(), g);
+        }
+    }
+
     // 3. Predictors.
-    let _ = writeln!(md, "## 3. Which ranking finds the sources that transfer (tuning seeds, against zero-shot gains on test)\n");
-    let _ = writeln!(md, "NDCG (%) and rho (rank of the oracle source) of each predictor's ranking of the sources, relevance = zero-shot test gain over the bare model; mean over targets (+- SE) and seeds. `random` is the expectation over 200 seeded permutations.\n");
+    let _ = writeln!(
+        md,
+        "## 3. Which ranking finds the sources that transfer (tuning seeds)\n"
+    );
+    let _ = writeln!(md, "NDCG (%) and rho (rank of the oracle source) of each predictor's ranking of the sources, relevance = zero-shot test gain over the bare model; mean over targets (+- SE) and seeds. `random` is the expectation over 200 seeded permutations. The dev columns (what the defaults are chosen on) use the same sources on the full dev split: NDCG against dev gains, and `top5` = share of the {} dev transfer targets (x tuning seeds) whose dev-oracle source (or one within 1 point of it) the predictor ranks in its top 5.\n", dev_transfer.len());
+    let mut dev_pred: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    for (name, g) in &dev_gains {
+        let srcs: Vec<&String> = g.keys().collect();
+        let gains: Vec<f64> = srcs.iter().map(|s| g[*s]).collect();
+        let best = gains.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let mut records = Vec::new();
+        for &seed in &cfg.tune_seeds {
+            if let Some(r) = get(Phase::Tune, name, "grid", seed) {
+                records.push(data::<TuneRecord>(r)?);
+            }
+        }
+        for (p, sc) in records.iter().flat_map(|tr| &tr.predictors) {
+            let scores: Vec<f64> = srcs
+                .iter()
+                .map(|s| sc.get(*s).copied().unwrap_or(f64::NEG_INFINITY))
+                .collect();
+            let e = dev_pred.entry(p.clone()).or_default();
+            if let Some(n) = ndcg(&scores, &gains) {
+                e.0.push(n);
+            }
+            if dev_transfer.contains(name) {
+                let mut order: Vec<usize> = (0..srcs.len()).collect();
+                order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+                let hit = order.iter().take(5).any(|&i| gains[i] >= best - 0.01);
+                e.1.push(hit as u8 as f64);
+            }
+        }
+    }
     let mut per_pred: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
     let mut random_ndcg = Vec::new();
     for &t in &targets {
@@ -1482,8 +1578,11 @@ fn report(study: &Study<'_>) -> Result<String> {
             }
         }
     }
-    let _ = writeln!(md, "| predictor | NDCG | rho | targets x seeds |");
-    let _ = writeln!(md, "|---|---:|---:|---:|");
+    let _ = writeln!(
+        md,
+        "| predictor | NDCG | rho | targets x seeds | NDCG (dev) | top5 (dev) |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
     let mut rows: Vec<(String, f64, f64, f64, usize)> = per_pred
         .iter()
         .map(|(p, (n, r))| {
@@ -1493,12 +1592,30 @@ fn report(study: &Study<'_>) -> Result<String> {
         .collect();
     rows.sort_by(|a, b| b.1.total_cmp(&a.1));
     for (p, nm, nse, rm, n) in &rows {
-        let _ = writeln!(md, "| {p} | {} | {rm:.2} | {n} |", pm_plain(*nm, *nse));
+        let (dn, dt) = match dev_pred.get(p) {
+            Some((n, t)) if !n.is_empty() => {
+                let (m, se) = mean_se(n);
+                (
+                    pm_plain(m, se),
+                    if t.is_empty() {
+                        "-".to_string()
+                    } else {
+                        format!("{:.0}%", 100.0 * mean_se(t).0)
+                    },
+                )
+            }
+            _ => ("-".to_string(), "-".to_string()),
+        };
+        let _ = writeln!(
+            md,
+            "| {p} | {} | {rm:.2} | {n} | {dn} | {dt} |",
+            pm_plain(*nm, *nse)
+        );
     }
     let (rn, rse) = mean_se(&random_ndcg);
     let _ = writeln!(
         md,
-        "| random | {} | - | {} |\n",
+        "| random | {} | - | {} | - | - |\n",
         pm_plain(rn, rse),
         random_ndcg.len()
     );
@@ -1508,7 +1625,7 @@ fn report(study: &Study<'_>) -> Result<String> {
         md,
         "## 4. Tuning grid (dev split): answer's dev accuracy minus the bare model's\n"
     );
-    let _ = writeln!(md, "Mean over targets and tuning seeds; `transfer` over transfer targets only; `worst` is the lowest single target. The defaults are chosen from this table (dev), never from the test split.\n");
+    let _ = writeln!(md, "Mean over targets and tuning seeds; `transfer` over the {} dev transfer targets only (a source beats the bare model on the full dev split beyond 2 paired SE: {}); `worst` is the lowest single target. The defaults are chosen from this table and the dev columns of section 3, never from the test split.\n", dev_transfer.len(), dev_transfer.iter().cloned().collect::<Vec<_>>().join(", "));
     // Per setting: dev gains of all targets, of transfer targets, and decision counts.
     type CfgStats = (Vec<f64>, Vec<f64>, BTreeMap<String, usize>);
     let mut per_cfg: BTreeMap<String, CfgStats> = BTreeMap::new();
@@ -1523,7 +1640,7 @@ fn report(study: &Study<'_>) -> Result<String> {
                 let e = per_cfg.entry(a.config.clone()).or_default();
                 let d = a.dev_accuracy - tr.bare_dev_accuracy;
                 e.0.push(d);
-                if transfer_targets.contains(name) {
+                if dev_transfer.contains(name) {
                     e.1.push(d);
                 }
                 *e.2.entry(a.decision.as_str().to_string()).or_default() += 1;

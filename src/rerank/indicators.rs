@@ -5,6 +5,7 @@
 //! | indicator | S_i |
 //! |---|---|
 //! | Loss | -(mean cross-entropy) = mean_j log P_ij[y_j] |
+//! | calibrated Loss | mean_j log softmax(a_i log P_ij)[y_j], a_i fitted per candidate ([`calibration`]) |
 //! | KL | -sum_j KL(P_ij \|\| P~_j) |
 //! | EL2N | -sum_j \|\|P_ij - onehot(y_j)\|\|_2 |
 //! | cosine of logits and labels | sum_j cos(P_ij, onehot(y_j)) = sum_j P_ij[y_j] / \|\|P_ij\|\|_2 |
@@ -23,14 +24,84 @@ fn rows<'a>(probs: &'a [f32], classes: usize) -> impl Iterator<Item = &'a [f32]>
     probs.chunks_exact(classes.max(1))
 }
 
-/// -(mean cross-entropy).
-pub fn loss(probs: &[f32], classes: usize, labels: &[usize]) -> f64 {
-    let n = labels.len().max(1) as f64;
+/// Per-example terms of Loss: log P_j[y_j] (clamped at [`EPS`]).
+pub fn loss_terms(probs: &[f32], classes: usize, labels: &[usize]) -> Vec<f64> {
     rows(probs, classes)
         .zip(labels)
         .map(|(p, &y)| (p[y] as f64).max(EPS).ln())
+        .collect()
+}
+
+/// -(mean cross-entropy).
+pub fn loss(probs: &[f32], classes: usize, labels: &[usize]) -> f64 {
+    loss_terms(probs, classes, labels).iter().sum::<f64>() / labels.len().max(1) as f64
+}
+
+/// Range of the calibration scale `a` searched by [`calibration`] (log-probabilities are multiplied by
+/// it before the softmax, i.e. the logits' temperature is divided by it).
+pub const CALIBRATION_RANGE: (f64, f64) = (1.0 / 32.0, 32.0);
+
+/// Mean log-likelihood of the gold labels after rescaling each row's log-probabilities by `a`:
+/// mean_j log softmax(a * log P_j)[y_j].
+fn scaled_loglik(probs: &[f32], classes: usize, labels: &[usize], a: f64) -> Vec<f64> {
+    rows(probs, classes)
+        .zip(labels)
+        .map(|(p, &y)| {
+            let z: Vec<f64> = p.iter().map(|v| a * (*v as f64).max(EPS).ln()).collect();
+            let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+            z[y] - lse
+        })
+        .collect()
+}
+
+/// The one temperature that fits the candidate to these examples: the scale `a` (within
+/// [`CALIBRATION_RANGE`]) that maximises the mean log-likelihood of the gold labels when every row's
+/// log-probabilities are multiplied by it. The log-likelihood is concave in `a` (a log-sum-exp of
+/// linear functions subtracted from a linear one), so a golden-section search on log `a` finds it.
+pub fn calibration(probs: &[f32], classes: usize, labels: &[usize]) -> f64 {
+    let f = |la: f64| -> f64 {
+        let t = scaled_loglik(probs, classes, labels, la.exp());
+        t.iter().sum::<f64>()
+    };
+    let (mut lo, mut hi) = (CALIBRATION_RANGE.0.ln(), CALIBRATION_RANGE.1.ln());
+    let g = (5f64.sqrt() - 1.0) / 2.0;
+    let mut x1 = hi - g * (hi - lo);
+    let mut x2 = lo + g * (hi - lo);
+    let (mut f1, mut f2) = (f(x1), f(x2));
+    for _ in 0..40 {
+        if f1 < f2 {
+            lo = x1;
+            x1 = x2;
+            f1 = f2;
+            x2 = lo + g * (hi - lo);
+            f2 = f(x2);
+        } else {
+            hi = x2;
+            x2 = x1;
+            f2 = f1;
+            x1 = hi - g * (hi - lo);
+            f1 = f(x1);
+        }
+    }
+    ((lo + hi) / 2.0).exp()
+}
+
+/// Per-example terms of calibrated Loss: log-likelihoods after the candidate's own fitted temperature
+/// ([`calibration`]). Unlike Loss it does not punish a candidate for being over- or under-confident on
+/// the new task's labels, only for ranking them wrong: a source trained on other labels is sharp, and a
+/// sharp classifier that is right more often can still have the worse raw log-likelihood.
+pub fn loss_calibrated_terms(probs: &[f32], classes: usize, labels: &[usize]) -> Vec<f64> {
+    let a = calibration(probs, classes, labels);
+    scaled_loglik(probs, classes, labels, a)
+}
+
+/// Calibrated Loss: mean of [`loss_calibrated_terms`].
+pub fn loss_calibrated(probs: &[f32], classes: usize, labels: &[usize]) -> f64 {
+    loss_calibrated_terms(probs, classes, labels)
+        .iter()
         .sum::<f64>()
-        / n
+        / labels.len().max(1) as f64
 }
 
 /// -sum_j KL(P_j || Q_j).
@@ -47,12 +118,12 @@ pub fn kl(probs: &[f32], reference: &[f32], classes: usize) -> f64 {
         .sum::<f64>()
 }
 
-/// -sum_j ||P_j - onehot(y_j)||_2.
-pub fn el2n(probs: &[f32], classes: usize, labels: &[usize]) -> f64 {
-    -rows(probs, classes)
+/// Per-example terms of EL2N: -||P_j - onehot(y_j)||_2.
+pub fn el2n_terms(probs: &[f32], classes: usize, labels: &[usize]) -> Vec<f64> {
+    rows(probs, classes)
         .zip(labels)
         .map(|(p, &y)| {
-            p.iter()
+            -p.iter()
                 .enumerate()
                 .map(|(c, &v)| {
                     let d = v as f64 - if c == y { 1.0 } else { 0.0 };
@@ -61,11 +132,16 @@ pub fn el2n(probs: &[f32], classes: usize, labels: &[usize]) -> f64 {
                 .sum::<f64>()
                 .sqrt()
         })
-        .sum::<f64>()
+        .collect()
 }
 
-/// sum_j cos(P_j, onehot(y_j)).
-pub fn cosine_logits_labels(probs: &[f32], classes: usize, labels: &[usize]) -> f64 {
+/// -sum_j ||P_j - onehot(y_j)||_2.
+pub fn el2n(probs: &[f32], classes: usize, labels: &[usize]) -> f64 {
+    el2n_terms(probs, classes, labels).iter().sum()
+}
+
+/// Per-example terms of the cosine of logits and labels: cos(P_j, onehot(y_j)).
+pub fn cosine_terms(probs: &[f32], classes: usize, labels: &[usize]) -> Vec<f64> {
     rows(probs, classes)
         .zip(labels)
         .map(|(p, &y)| {
@@ -76,7 +152,12 @@ pub fn cosine_logits_labels(probs: &[f32], classes: usize, labels: &[usize]) -> 
                 p[y] as f64 / norm
             }
         })
-        .sum()
+        .collect()
+}
+
+/// sum_j cos(P_j, onehot(y_j)).
+pub fn cosine_logits_labels(probs: &[f32], classes: usize, labels: &[usize]) -> f64 {
+    cosine_terms(probs, classes, labels).iter().sum()
 }
 
 /// -sqrt(sum of squared gradients).
@@ -183,6 +264,28 @@ mod tests {
         let perfect = [1.0, 0.0, 0.0, 0.0, 0.0, 1.0];
         assert_eq!(el2n(&perfect, 3, &Y), 0.0);
         assert_eq!(cosine_logits_labels(&perfect, 3, &Y), 2.0);
+    }
+
+    #[test]
+    fn calibration_finds_the_temperature_that_fits() {
+        // Logits 3x too sharp: rows softmax(3 z) for z drawn so that the right scale is 1/3.
+        let z = [1.0f32, 0.0, 0.2, 0.9, 0.3, -0.4, -0.1, 0.6];
+        let y = [0usize, 1, 0, 0];
+        let sharp: Vec<f32> = z.iter().map(|v| v * 3.0).collect();
+        let p_sharp = softmax_rows(&sharp, 2);
+        let p = softmax_rows(&z, 2);
+        let a_sharp = calibration(&p_sharp, 2, &y);
+        let a = calibration(&p, 2, &y);
+        // Rescaling the logits by 3 divides the fitted scale by 3; the calibrated loss is the same.
+        assert!((a_sharp * 3.0 - a).abs() < 1e-4 * a, "{a_sharp} {a}");
+        assert!((loss_calibrated(&p_sharp, 2, &y) - loss_calibrated(&p, 2, &y)).abs() < 1e-6);
+        // The fitted scale is the maximiser: never worse than the raw loss (a = 1 is in the range).
+        assert!(loss_calibrated(&p_sharp, 2, &y) >= loss(&p_sharp, 2, &y) - 1e-9);
+        // Terms sum to the indicators.
+        let t = el2n_terms(&p, 2, &y);
+        assert!((t.iter().sum::<f64>() - el2n(&p, 2, &y)).abs() < 1e-12);
+        let t = cosine_terms(&p, 2, &y);
+        assert!((t.iter().sum::<f64>() - cosine_logits_labels(&p, 2, &y)).abs() < 1e-12);
     }
 
     #[test]

@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "snake_case")]
 pub enum Indicator {
     Loss,
+    /// Loss after one temperature fitted per candidate on the examples
+    /// ([`indicators::calibration`]): how well it ranks the labels, whatever its confidence.
+    LossCal,
     Kl,
     El2n,
     /// Cosine of logits (probabilities) and one-hot labels.
@@ -24,8 +27,9 @@ pub enum Indicator {
 }
 
 impl Indicator {
-    pub const ALL: [Indicator; 8] = [
+    pub const ALL: [Indicator; 9] = [
         Indicator::Loss,
+        Indicator::LossCal,
         Indicator::Kl,
         Indicator::El2n,
         Indicator::CosLogits,
@@ -37,6 +41,7 @@ impl Indicator {
     pub fn as_str(self) -> &'static str {
         match self {
             Indicator::Loss => "loss",
+            Indicator::LossCal => "loss-cal",
             Indicator::Kl => "kl",
             Indicator::El2n => "el2n",
             Indicator::CosLogits => "cos-logits",
@@ -47,7 +52,7 @@ impl Indicator {
         }
     }
     /// The score on a per-example scale, so that one softmax temperature means the same for every
-    /// indicator and any number of examples: Loss is a mean already; KL, EL2N and cosine of logits and
+    /// indicator and any number of examples: Loss and calibrated Loss are means already; KL, EL2N and cosine of logits and
     /// labels are sums over the examples and are divided by their count; the gradient- and weight-based
     /// indicators are left as they are.
     pub fn per_example(self, score: f64, examples: usize) -> f64 {
@@ -74,6 +79,7 @@ mod tests {
         assert_eq!(Indicator::El2n.per_example(-2.0, 4), -0.5);
         assert_eq!(Indicator::Kl.per_example(-1.0, 4), -0.25);
         assert_eq!(Indicator::Loss.per_example(-0.7, 4), -0.7);
+        assert_eq!(Indicator::LossCal.per_example(-0.7, 4), -0.7);
         assert_eq!(Indicator::Grand.per_example(-5.0, 4), -5.0);
         // No examples: no division by zero.
         assert_eq!(Indicator::CosLogits.per_example(3.0, 0), 3.0);

@@ -86,10 +86,46 @@ pub struct CandidateScores {
     pub cross_entropy: f64,
     /// Seconds spent on this candidate.
     pub seconds: f64,
-    /// Log-likelihood of the gold label, log P[y_j], of each example (for paired comparisons with the
-    /// bare model: [`paired_gain`]).
+    /// Each example's term of the label-only indicators (for paired comparisons with the bare model:
+    /// [`paired_gain`]).
     #[serde(skip)]
-    pub log_likelihoods: Vec<f64>,
+    pub per_example: PerExample,
+}
+
+/// Each example's term of the label-only indicators, in example order (higher is better).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PerExample {
+    /// log P[y_j] (Loss).
+    pub loss: Vec<f64>,
+    /// log-likelihood after the fitted temperature (calibrated Loss).
+    pub loss_cal: Vec<f64>,
+    /// -||P_j - onehot(y_j)|| (EL2N).
+    pub el2n: Vec<f64>,
+    /// cos(P_j, onehot(y_j)) (cosine of logits and labels).
+    pub cos_logits: Vec<f64>,
+}
+
+impl PerExample {
+    pub fn of(probs: &[f32], classes: usize, targets: &[usize]) -> PerExample {
+        PerExample {
+            loss: indicators::loss_terms(probs, classes, targets),
+            loss_cal: indicators::loss_calibrated_terms(probs, classes, targets),
+            el2n: indicators::el2n_terms(probs, classes, targets),
+            cos_logits: indicators::cosine_terms(probs, classes, targets),
+        }
+    }
+
+    /// The series of `indicator`, for those that are a sum or mean of per-example terms of the label
+    /// probabilities; `None` for the others (KL needs the reference, the rest are not per example).
+    pub fn series(&self, indicator: Indicator) -> Option<&[f64]> {
+        match indicator {
+            Indicator::Loss => Some(&self.loss),
+            Indicator::LossCal => Some(&self.loss_cal),
+            Indicator::El2n => Some(&self.el2n),
+            Indicator::CosLogits => Some(&self.cos_logits),
+            _ => None,
+        }
+    }
 }
 
 /// Paired comparison of two per-example series over the same examples: the mean of `a_j - b_j` and its
@@ -108,16 +144,8 @@ pub fn paired_gain(a: &[f64], b: &[f64]) -> (f64, f64) {
     (mean, (var / n as f64).sqrt())
 }
 
-fn log_likelihoods(probs: &[f32], classes: usize, targets: &[usize]) -> Vec<f64> {
-    probs
-        .chunks_exact(classes.max(1))
-        .zip(targets)
-        .map(|(p, &y)| (p[y] as f64).max(indicators::EPS).ln())
-        .collect()
-}
-
-/// The bare model (no adapter) on the same examples: accuracy, mean cross-entropy, per-example
-/// log-likelihoods and the label-only indicators (Loss, EL2N, cosine of logits and labels); the reference
+/// The bare model (no adapter) on the same examples: accuracy, mean cross-entropy, per-example terms and
+/// the label-only indicators (Loss, calibrated Loss, EL2N, cosine of logits and labels); the reference
 /// against which [`paired_gain`] tells whether a candidate helps.
 pub fn bare(input: &RerankInput<'_>, opts: &RerankOptions) -> Result<CandidateScores, RerankError> {
     if input.examples.is_empty() {
@@ -134,25 +162,28 @@ pub fn bare(input: &RerankInput<'_>, opts: &RerankOptions) -> Result<CandidateSc
     let accuracy = sc.accuracy(&targets);
     let cross_entropy = sc.cross_entropy(&targets);
     let probs: Vec<f32> = sc.probs.into_iter().flatten().collect();
+    let per_example = PerExample::of(&probs, classes, &targets);
     let mut scores = BTreeMap::new();
-    scores.insert(
-        Indicator::Loss.as_str().to_string(),
-        indicators::loss(&probs, classes, &targets),
-    );
-    scores.insert(
-        Indicator::El2n.as_str().to_string(),
-        indicators::el2n(&probs, classes, &targets),
-    );
-    scores.insert(
-        Indicator::CosLogits.as_str().to_string(),
-        indicators::cosine_logits_labels(&probs, classes, &targets),
-    );
+    for ind in [
+        Indicator::Loss,
+        Indicator::LossCal,
+        Indicator::El2n,
+        Indicator::CosLogits,
+    ] {
+        let terms = per_example.series(ind).expect("label-only indicator");
+        let sum = terms.iter().sum::<f64>();
+        let s = match ind {
+            Indicator::Loss | Indicator::LossCal => sum / targets.len().max(1) as f64,
+            _ => sum,
+        };
+        scores.insert(ind.as_str().to_string(), s);
+    }
     Ok(CandidateScores {
         scores,
         accuracy,
         cross_entropy,
         seconds: t0.elapsed().as_secs_f64(),
-        log_likelihoods: log_likelihoods(&probs, classes, &targets),
+        per_example,
     })
 }
 
@@ -266,6 +297,7 @@ pub fn rerank(
         for ind in &opts.indicators {
             let s = match ind {
                 Indicator::Loss => indicators::loss(&probs, classes, &targets),
+                Indicator::LossCal => indicators::loss_calibrated(&probs, classes, &targets),
                 Indicator::Kl => indicators::kl(
                     &probs,
                     reference_probs.as_deref().expect("checked"),
@@ -320,7 +352,7 @@ pub fn rerank(
             accuracy,
             cross_entropy,
             seconds: shared + t0.elapsed().as_secs_f64(),
-            log_likelihoods: log_likelihoods(&probs, classes, &targets),
+            per_example: PerExample::of(&probs, classes, &targets),
         });
     }
     progress(candidates.len(), candidates.len());
@@ -345,10 +377,16 @@ mod tests {
     }
 
     #[test]
-    fn log_likelihoods_pick_the_gold_label_and_clamp() {
+    fn per_example_terms_pick_the_gold_label_and_clamp() {
         let probs = [0.25f32, 0.75, 1.0, 0.0];
-        let ll = log_likelihoods(&probs, 2, &[1, 1]);
+        let pe = PerExample::of(&probs, 2, &[1, 1]);
+        let ll = pe.series(Indicator::Loss).unwrap();
         assert!((ll[0] - 0.75f64.ln()).abs() < 1e-7);
         assert!((ll[1] - indicators::EPS.ln()).abs() < 1e-9);
+        assert_eq!(pe.series(Indicator::El2n).unwrap().len(), 2);
+        assert!(pe.series(Indicator::Kl).is_none());
+        // Calibration can only raise the log-likelihood of the examples it is fitted on.
+        let cal = pe.series(Indicator::LossCal).unwrap();
+        assert!(cal.iter().sum::<f64>() >= ll.iter().sum::<f64>() - 1e-9);
     }
 }

@@ -81,8 +81,9 @@ pub struct SuggestArgs {
     /// Number of candidate tasks.
     #[arg(short = 'k', long, default_value_t = peftdb::suggest::DEFAULT_K)]
     pub k: usize,
-    /// Indicator whose softmax weights the candidates.
-    #[arg(long, value_parser = parse_indicator, default_value = "loss")]
+    /// Indicator that ranks the candidates, tests them against the bare model (its per-example terms)
+    /// and gives their softmax weights.
+    #[arg(long, value_parser = parse_indicator, default_value = peftdb::suggest::DEFAULT_INDICATOR.as_str())]
     pub indicator: Indicator,
     /// Softmax temperature over per-example indicator scores (sums are divided by the example count).
     #[arg(long, default_value_t = peftdb::suggest::DEFAULT_TAU)]
@@ -100,7 +101,7 @@ pub struct SuggestArgs {
     #[arg(long, default_value = "delta")]
     pub similarity: String,
     /// A candidate gets weight only if it beats the bare model on the examples by more than this many
-    /// standard errors (paired, per-example log-likelihood); if none does, a from-scratch
+    /// standard errors (paired, per-example term of the indicator); if none does, a from-scratch
     /// initialization is written and the report says so.
     #[arg(long, default_value_t = peftdb::suggest::DEFAULT_NOISE_Z)]
     pub noise_z: f64,
@@ -209,7 +210,7 @@ pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
         report.task, report.method, report.similarity, report.target
     );
     println!("space {}", report.space);
-    let mut header = vec!["rank", "task", "object", "similarity"];
+    let mut header = vec!["rank", "task", "object", "similarity", "retrieval rank"];
     let names: Vec<String> = report
         .candidates
         .first()
@@ -226,6 +227,7 @@ pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
                 c.task.clone(),
                 c.object.to_string(),
                 format!("{:.4}", c.similarity),
+                c.retrieval_rank.to_string(),
             ];
             r.extend(names.iter().map(|n| format!("{:.4}", c.scores[n])));
             r.push(format!("{:.3}", c.accuracy));
@@ -237,8 +239,8 @@ pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
         .collect();
     print!("{}", render(&header, &rows));
     println!(
-        "bare model on the {} scoring examples: accuracy {:.3}, loss {:.4} (gain: mean log-likelihood of the gold label minus the bare model's, +- its paired SE)",
-        report.examples, report.bare.accuracy, report.bare.loss
+        "bare model on the {} scoring examples: accuracy {:.3}, loss {:.4} (candidates ranked by {}; gain: its mean per-example term minus the bare model's, +- its paired SE)",
+        report.examples, report.bare.accuracy, report.bare.loss, report.indicator
     );
     for n in &report.notes {
         println!("note: {n}");
@@ -289,7 +291,7 @@ pub struct RerankArgs {
     #[arg(long = "adapter")]
     pub adapters: Vec<PathBuf>,
     /// Indicators to compute (comma-separated).
-    #[arg(long, value_delimiter = ',', value_parser = parse_indicator, default_value = "loss,el2n,cos-logits")]
+    #[arg(long, value_delimiter = ',', value_parser = parse_indicator, default_value = "loss-cal,loss,el2n,cos-logits")]
     pub indicator: Vec<Indicator>,
     /// Reference adapter (a fresh adapter briefly trained on the new task), for kl and weight-cosine.
     #[arg(long)]
@@ -367,7 +369,14 @@ pub fn rerank_cmd(db: &Path, a: &RerankArgs, json: bool) -> Result<u8> {
     pb.finish_and_clear();
     let scores = scores?;
     let bare = bare(&input, &opts)?;
-    let gains: Vec<Gain> = scores.iter().map(|s| Gain::of(s, &bare)).collect();
+    // Gains in the units of the first requested indicator that has per-example terms (else Loss).
+    let basis = a
+        .indicator
+        .iter()
+        .copied()
+        .find(|i| bare.per_example.series(*i).is_some())
+        .unwrap_or(Indicator::Loss);
+    let gains: Vec<Gain> = scores.iter().map(|s| Gain::of(s, &bare, basis)).collect();
     if json {
         let v: Vec<_> = cands.iter().zip(&scores).zip(&gains).map(|(((n, _), s), g)| serde_json::json!({"candidate": n, "scores": s.scores, "accuracy": s.accuracy, "cross_entropy": s.cross_entropy, "gain": g.mean, "gain_se": g.se, "seconds": s.seconds})).collect();
         println!(
@@ -399,14 +408,15 @@ pub fn rerank_cmd(db: &Path, a: &RerankArgs, json: bool) -> Result<u8> {
         .collect();
     print!("{}", render(&header, &rows));
     println!(
-        "bare model: accuracy {:.3}, loss {:.4}; {} examples of {} ({} train + {} dev shots per class, seed {}); gain = mean log-likelihood of the gold label minus the bare model's, +- paired SE",
+        "bare model: accuracy {:.3}, loss {:.4}; {} examples of {} ({} train + {} dev shots per class, seed {}); gain = mean per-example {} term minus the bare model's, +- paired SE",
         bare.accuracy,
         bare.cross_entropy,
         examples.len(),
         task.name,
         a.shots,
         a.shots,
-        a.seed
+        a.seed,
+        basis.as_str()
     );
     Ok(0)
 }
