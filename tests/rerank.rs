@@ -60,6 +60,7 @@ fn indicators_on_real_adapters_agree_with_direct_computation() {
     let opts = RerankOptions {
         indicators: vec![
             Indicator::Loss,
+            Indicator::LossCal,
             Indicator::Kl,
             Indicator::El2n,
             Indicator::CosLogits,
@@ -67,6 +68,31 @@ fn indicators_on_real_adapters_agree_with_direct_computation() {
         ..Default::default()
     };
     let out = rerank(&input, &[&b, &c], &opts, &mut |_, _| {}).unwrap();
+    for o in &out {
+        // The fitted temperature can only raise the log-likelihood (scale 1 is among those searched),
+        // and the per-example terms add up to the indicators.
+        assert!(
+            o.scores["loss-cal"] >= o.scores["loss"] - 1e-9,
+            "{:?}",
+            o.scores
+        );
+        let n = examples.len() as f64;
+        for (ind, mean) in [
+            (Indicator::Loss, true),
+            (Indicator::LossCal, true),
+            (Indicator::El2n, false),
+            (Indicator::CosLogits, false),
+        ] {
+            let t: f64 = o.per_example.series(ind).unwrap().iter().sum();
+            let want = o.scores[ind.as_str()];
+            let got = if mean { t / n } else { t };
+            assert!(
+                (got - want).abs() < 1e-9,
+                "{}: {got} vs {want}",
+                ind.as_str()
+            );
+        }
+    }
     // Direct computation from the engine's probabilities.
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
     let targets: Vec<usize> = examples.iter().map(|e| e.label).collect();

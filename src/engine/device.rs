@@ -65,6 +65,8 @@ mod tests {
     fn cuda_without_feature_is_a_clear_error() {
         let e = parse_device("cuda:0").unwrap_err();
         assert!(matches!(e, EngineError::CudaNotCompiled { .. }));
-        assert!(e.to_string().contains("--features cuda"));
+        assert!(e
+            .to_string()
+            .contains("cargo build --release --features cuda"));
     }
 }

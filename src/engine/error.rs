@@ -79,7 +79,7 @@ pub enum EngineError {
     AdapterTensor { tensor: String, reason: String },
     #[error("adapter: {0}")]
     Adapter(String),
-    #[error("device {requested:?} requested, but this peftdb was built without CUDA; rebuild with `--features cuda` or use --device cpu")]
+    #[error("device {requested:?} requested, but this peftdb was built without CUDA; rebuild with `cargo build --release --features cuda` or use `--device cpu`")]
     CudaNotCompiled { requested: String },
     #[error("device {spec:?}: {reason}")]
     Device { spec: String, reason: String },

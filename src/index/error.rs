@@ -16,7 +16,7 @@ pub enum IndexError {
     Io { path: PathBuf, detail: String },
     #[error("{path}: index file unusable ({reason}); it is derived data: delete it and it will be rebuilt from the store")]
     Corrupt { path: PathBuf, reason: String },
-    #[error("hnsw_rs failed while {during}: {detail}; the index is derived data and will be rebuilt (or force exact search with `--exact`)")]
+    #[error("hnsw_rs failed while {during}: {detail}; the index is derived data and will be rebuilt (or force exact search with `peftdb nearest --mode exact`)")]
     Hnsw { during: String, detail: String },
     #[error("query vector has dimension {found}, but space {space} has dimension {expected}")]
     DimensionMismatch {
@@ -37,7 +37,7 @@ pub enum QueryError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Read(#[from] ReadError),
-    #[error("no task {name:?} in the store (list tasks with `peftdb tasks`)")]
+    #[error("no task {name:?} in the store (list tasks with `peftdb ls`)")]
     UnknownTask { name: String },
     #[error("no object {id} in the store")]
     UnknownObject { id: u64 },

@@ -55,7 +55,7 @@ pub enum TransferError {
     NoSpace { space: String, available: String },
     #[error("the target adapter has no TuPaTE embedding: {0}")]
     NoEmbedding(String),
-    #[error("no candidate tasks of method {method} once the new task {task:?} is excluded; ingest adapters of other tasks first (peftdb ingest)")]
+    #[error("no candidate tasks of method {method} once the new task {task:?} is excluded; ingest adapters of other tasks first (`peftdb ingest`)")]
     NoCandidates { method: String, task: String },
     #[error("the target adapter is {found} but --method asks for {wanted}")]
     MethodMismatch { wanted: String, found: String },

@@ -119,3 +119,109 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                rust_files(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    /// Backticked snippets that quote the CLI: a peftdb command line, or a lone flag (two dashes first).
+    fn quoted(text: &str) -> Vec<String> {
+        text.split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|s| s.starts_with("peftdb ") || s.starts_with("--"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn flag_name(tok: &str) -> &str {
+        tok.trim_start_matches("--")
+            .split(['=', '[', '|', ')', ',', '.'])
+            .next()
+            .unwrap_or("")
+    }
+
+    fn all_flags(cmd: &clap::Command, out: &mut BTreeSet<String>) {
+        out.extend(
+            cmd.get_arguments()
+                .filter_map(|a| a.get_long().map(str::to_string)),
+        );
+        for sc in cmd.get_subcommands() {
+            all_flags(sc, out);
+        }
+    }
+
+    /// Every peftdb command line and flag that a message, doc or comment in `src/`, the README or
+    /// ARCHITECTURE.md quotes exists in the real CLI: a user who follows an error message's advice gets a command that parses.
+    #[test]
+    fn every_quoted_command_and_flag_exists() {
+        let mut cli = Cli::command();
+        cli.build();
+        let mut flags = BTreeSet::new();
+        all_flags(&cli, &mut flags);
+        let mut files = Vec::new();
+        rust_files(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut files,
+        );
+        let mut checked = 0;
+        let mut bad = Vec::new();
+        for f in &files {
+            let text = std::fs::read_to_string(f).unwrap();
+            for q in quoted(&text) {
+                checked += 1;
+                let toks: Vec<&str> = q.split_whitespace().collect();
+                if toks[0] != "peftdb" {
+                    if !flags.contains(flag_name(toks[0])) {
+                        bad.push(format!("{}: `{q}`: no such flag", f.display()));
+                    }
+                    continue;
+                }
+                let mut cmd = &cli;
+                let mut i = 1;
+                while let Some(sc) = toks.get(i).and_then(|t| cmd.find_subcommand(t)) {
+                    cmd = sc;
+                    i += 1;
+                }
+                if cmd.has_subcommands() && toks.get(i).is_some_and(|t| !t.starts_with('-')) {
+                    bad.push(format!(
+                        "{}: `{q}`: no subcommand {:?}",
+                        f.display(),
+                        toks[i]
+                    ));
+                    continue;
+                }
+                let opts = toks[i..].iter().map(|t| t.trim_start_matches(['[', '(']));
+                for t in opts.filter(|t| t.starts_with("--")) {
+                    let name = flag_name(t);
+                    if !cmd.get_arguments().any(|a| a.get_long() == Some(name)) {
+                        bad.push(format!(
+                            "{}: `{q}`: `{}` has no flag --{name}",
+                            f.display(),
+                            cmd.get_name()
+                        ));
+                    }
+                }
+            }
+        }
+        assert!(checked > 10, "only {checked} quoted commands found");
+        assert!(bad.is_empty(), "{}", bad.join("\n"));
+        // The checker itself catches a wrong command and a wrong flag.
+        assert!(cli.find_subcommand("tasks").is_none());
+        assert!(!flags.contains("exact"));
+    }
+}
