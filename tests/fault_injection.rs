@@ -275,3 +275,72 @@ fn injected_write_and_sync_faults_never_corrupt_the_store() {
         "faults did not reach the store ({errors_seen}/{points})"
     );
 }
+
+/// `remove_task` under a fault at every storage operation it does: the task is removed whole or stays
+/// whole (its task row and all its objects, tensors and embeddings), never a task row without objects or
+/// objects without their task (it used to be two transactions: objects, then the task row).
+#[test]
+fn remove_task_is_all_or_nothing_under_faults() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zoo = tmp.path().join("zoo");
+    write_zoo(
+        &zoo,
+        &ModelShape::minilm(),
+        3,
+        3,
+        &[MethodKind::Lora, MethodKind::Bitfit],
+        3,
+    )
+    .unwrap();
+    let base = tmp.path().join("base.peftdb");
+    let before = full_run(&base, &zoo);
+    let victim = before.tasks[1].clone();
+    let victim_objects = before.objects.iter().filter(|o| o.1 == victim).count();
+    assert!(victim_objects >= 2, "{victim_objects}");
+    // The reference: the whole removal, counting its storage operations.
+    let counting = Faults::new(u64::MAX, true);
+    let ref_path = tmp.path().join("ref.peftdb");
+    std::fs::copy(&base, &ref_path).unwrap();
+    let (start, total) = {
+        let store = Store::with_backend(&ref_path, faulty(&ref_path, &counting)).unwrap();
+        let start = counting.ops.load(Ordering::SeqCst);
+        let removed = store.remove_task(&victim).unwrap();
+        assert_eq!(removed.len(), victim_objects);
+        (start, counting.ops.load(Ordering::SeqCst))
+    };
+    assert!(total > start, "the removal wrote nothing");
+    let after = snapshot(&Store::open_read_only(&ref_path).unwrap());
+    assert!(!after.tasks.contains(&victim));
+    let mut outcomes = [0usize; 2];
+    for (trial, at) in (start..total).enumerate() {
+        for sticky in [true, false] {
+            let path = tmp.path().join(format!("t{trial}-{sticky}.peftdb"));
+            std::fs::copy(&base, &path).unwrap();
+            let faults = Faults::new(at, sticky);
+            let result = {
+                let store = Store::with_backend(&path, faulty(&path, &faults)).unwrap();
+                store.remove_task(&victim)
+            };
+            if let Err(e) = &result {
+                assert!(
+                    matches!(e, StoreError::Storage { .. }),
+                    "fault at op {at}: unclear error {e:?}"
+                );
+            }
+            let store = Store::open_or_create(&path).unwrap();
+            check_integrity(&store);
+            let got = snapshot(&store);
+            let whole = got == before;
+            let gone = got == after;
+            assert!(
+                whole || gone,
+                "fault at op {at} (sticky {sticky}, result {result:?}): half a task: tasks {:?}, {} objects of {victim}",
+                got.tasks,
+                got.objects.iter().filter(|o| o.1 == victim).count()
+            );
+            outcomes[gone as usize] += 1;
+        }
+    }
+    // Faults early in the commit keep the task; a transient one late may still let it through.
+    assert!(outcomes[0] > 0, "no fault kept the task: {outcomes:?}");
+}

@@ -1091,6 +1091,18 @@ impl Store {
     /// nothing is removed.
     pub fn remove(&self, ids: &[ObjectId]) -> Result<Vec<ObjectRecord>, StoreError> {
         let w = self.write()?;
+        let removed = self.remove_in(&w, ids)?;
+        w.commit()
+            .map_err(|e| self.storage_err("removing")(e.into()))?;
+        Ok(removed)
+    }
+
+    /// Remove objects inside the write transaction `w` (committed by the caller).
+    fn remove_in(
+        &self,
+        w: &WriteTransaction,
+        ids: &[ObjectId],
+    ) -> Result<Vec<ObjectRecord>, StoreError> {
         let mut removed = Vec::new();
         {
             let se = |e: redb::Error| StoreError::Storage {
@@ -1148,22 +1160,28 @@ impl Store {
                 removed.push(rec);
             }
         }
-        w.commit()
-            .map_err(|e| self.storage_err("removing")(e.into()))?;
         Ok(removed)
     }
 
-    /// Remove a task and all its objects.
+    /// Remove a task and all its objects, in one transaction: a failure (or a killed process) leaves the
+    /// task whole or gone, never a task row without its objects.
     pub fn remove_task(&self, name: &str) -> Result<Vec<ObjectRecord>, StoreError> {
         self.task(name)?;
-        let ids: Vec<_> = self
-            .objects()?
-            .into_iter()
-            .filter(|o| o.task == name)
-            .map(|o| o.id)
-            .collect();
-        let removed = self.remove(&ids)?;
         let w = self.write()?;
+        // The task's objects as this transaction sees them.
+        let ids = {
+            let se = |e: redb::Error| self.storage_err("removing")(e);
+            let t = w.open_table(OBJECTS).map_err(|e| se(e.into()))?;
+            let mut ids = Vec::new();
+            for item in t.iter().map_err(|e| se(e.into()))? {
+                let (k, v) = item.map_err(|e| se(e.into()))?;
+                if self.decode_object(k.value(), v.value())?.task == name {
+                    ids.push(k.value());
+                }
+            }
+            ids
+        };
+        let removed = self.remove_in(&w, &ids)?;
         {
             let mut tasks = w
                 .open_table(TASKS)
