@@ -166,7 +166,7 @@ pub enum IngestError {
     Walk { path: PathBuf, reason: String },
     #[error("{path}: invalid zoo manifest: {reason}")]
     Manifest { path: PathBuf, reason: String },
-    #[error("{path}: rejected, and --strict stops at the first bad adapter (adapters committed before it stay): {reason}")]
+    #[error("{path}: rejected, and --strict stops at the first bad adapter (the adapters before it are committed, none after it; fix or remove this one and re-run: what is stored is skipped as already present): {reason}")]
     Strict { path: PathBuf, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),

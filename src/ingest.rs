@@ -36,7 +36,7 @@ use std::path::{Component, Path, PathBuf};
 /// Options of an ingestion.
 #[derive(Debug, Clone)]
 pub struct IngestOptions {
-    /// Stop at the first rejected adapter (what was committed before stays).
+    /// Stop at the first rejected adapter: the adapters before it are committed, none after it.
     pub strict: bool,
     /// Store adapters with NaN/Inf values instead of rejecting them.
     pub allow_non_finite: bool,
@@ -501,6 +501,9 @@ fn commit_chunk(
     prepared: Vec<Result<PreparedObject, String>>,
     opts: &IngestOptions,
 ) -> Result<Vec<ItemReport>, IngestError> {
+    if opts.strict {
+        return commit_chunk_strict(store, chunk, prepared);
+    }
     let mut items: Vec<Option<ItemReport>> = vec![None; chunk.len()];
     let mut to_commit = Vec::new();
     let mut positions = Vec::new();
@@ -511,12 +514,6 @@ fn commit_chunk(
                 positions.push(i);
             }
             Err(reason) => {
-                if opts.strict {
-                    return Err(IngestError::Strict {
-                        path: c.path.clone(),
-                        reason,
-                    });
-                }
                 items[i] = Some(ItemReport {
                     path: c.path.clone(),
                     outcome: ItemOutcome::Rejected { reason },
@@ -529,15 +526,7 @@ fn commit_chunk(
         let outcome = match o {
             Outcome::Added(id) => ItemOutcome::Ingested { id },
             Outcome::AlreadyPresent(id) => ItemOutcome::AlreadyPresent { id },
-            Outcome::Rejected(reason) => {
-                if opts.strict {
-                    return Err(IngestError::Strict {
-                        path: chunk[pos].path.clone(),
-                        reason,
-                    });
-                }
-                ItemOutcome::Rejected { reason }
-            }
+            Outcome::Rejected(reason) => ItemOutcome::Rejected { reason },
         };
         items[pos] = Some(ItemReport {
             path: chunk[pos].path.clone(),
@@ -548,6 +537,47 @@ fn commit_chunk(
         .into_iter()
         .map(|i| i.expect("every item decided"))
         .collect())
+}
+
+/// `--strict`: commit the chunk's adapters up to the first rejected one (refused when read, or by the
+/// store when committed), then stop with that one's error; nothing after it is committed.
+fn commit_chunk_strict(
+    store: &Store,
+    chunk: &[Candidate],
+    prepared: Vec<Result<PreparedObject, String>>,
+) -> Result<Vec<ItemReport>, IngestError> {
+    let first_bad = prepared.iter().position(|p| p.is_err());
+    let mut prepared = prepared.into_iter();
+    let good: Vec<PreparedObject> = prepared
+        .by_ref()
+        .take(first_bad.unwrap_or(chunk.len()))
+        .map(|p| p.expect("before the first error"))
+        .collect();
+    let outcomes = store.commit_batch_until_rejected(good)?;
+    let mut items = Vec::with_capacity(outcomes.len());
+    for (c, o) in chunk.iter().zip(outcomes) {
+        let outcome = match o {
+            Outcome::Added(id) => ItemOutcome::Ingested { id },
+            Outcome::AlreadyPresent(id) => ItemOutcome::AlreadyPresent { id },
+            Outcome::Rejected(reason) => {
+                return Err(IngestError::Strict {
+                    path: c.path.clone(),
+                    reason,
+                })
+            }
+        };
+        items.push(ItemReport {
+            path: c.path.clone(),
+            outcome,
+        });
+    }
+    if let (Some(i), Some(Err(reason))) = (first_bad, prepared.next()) {
+        return Err(IngestError::Strict {
+            path: chunk[i].path.clone(),
+            reason,
+        });
+    }
+    Ok(items)
 }
 
 /// Discover and ingest folders (and/or a manifest) into the store.

@@ -1055,3 +1055,78 @@ fn export_targets_cannot_be_clobbered_or_escape_through_names() {
     );
     assert!(!tmp.path().join("out3").exists());
 }
+
+/// `ingest --strict` stops at the first rejected adapter: the adapters before it (in the deterministic
+/// walk order) are committed, the rejected one and every one after it are not, whether the rejection
+/// comes when the files are read (a truncated safetensors file) or when the store commits (an adapter
+/// whose shapes do not fit the base model it names). It used to commit the rest of the batch after a
+/// commit-time rejection, and nothing of the batch (not even the adapters before) after a read-time one.
+#[test]
+fn strict_ingestion_commits_exactly_the_adapters_before_the_first_rejection() {
+    use peftdb::error::IngestError;
+    use peftdb::object::MethodKind;
+    use peftdb::synth::{lora, ModelShape, Seeds};
+    let tmp = tempfile::tempdir().unwrap();
+    // Read-time rejection in the middle.
+    let zoo = tmp.path().join("zoo1");
+    copy_dir(&fixture("lora_r8_qv"), &zoo.join("a_first/lora"));
+    copy_dir(&fixture("lora_r8_qv"), &zoo.join("b_broken/lora"));
+    let st = zoo.join("b_broken/lora/adapter_model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    copy_dir(&fixture("ia3"), &zoo.join("c_after/ia3"));
+    // Commit-time rejection in the middle: a BERT-base-shaped LoRA that names MiniLM.
+    let zoo2 = tmp.path().join("zoo2");
+    copy_dir(&fixture("lora_r8_qv"), &zoo2.join("a_first/lora"));
+    let mut shape = ModelShape::bert_base();
+    shape.name = ModelShape::minilm().name;
+    let impostor = lora(
+        &shape,
+        8,
+        &["query", "value"],
+        Seeds {
+            group: 1,
+            task: 2,
+            object: 3,
+        },
+    );
+    peftdb::object::write_adapter(&impostor, &zoo2.join("b_impostor/lora")).unwrap();
+    copy_dir(&fixture("ia3"), &zoo2.join("c_after/ia3"));
+    let strict = IngestOptions {
+        strict: true,
+        ..Default::default()
+    };
+    for (zoo, bad, why) in [
+        (&zoo, "b_broken", "adapter_model.safetensors"),
+        (&zoo2, "b_impostor", "another base model"),
+    ] {
+        let store = Store::create(tmp.path().join(format!("{bad}.peftdb"))).unwrap();
+        match ingest_zoo(&store, std::slice::from_ref(zoo), None, &strict, &|_| {}) {
+            Err(IngestError::Strict { path, reason }) => {
+                assert!(path.to_string_lossy().contains(bad), "{}", path.display());
+                assert!(reason.contains(why), "{reason}");
+            }
+            other => panic!("{bad}: {other:?}"),
+        }
+        let tasks: Vec<String> = store
+            .objects()
+            .unwrap()
+            .into_iter()
+            .map(|o| o.task)
+            .collect();
+        assert_eq!(tasks, vec!["a_first".to_string()], "{bad}");
+        // Without --strict the rejection is reported and everything else is ingested.
+        let r = ingest_zoo(
+            &store,
+            std::slice::from_ref(zoo),
+            None,
+            &IngestOptions::default(),
+            &|_| {},
+        )
+        .unwrap();
+        assert_eq!(r.rejected(), 1, "{bad}");
+        let objects = store.objects().unwrap();
+        assert_eq!(objects.len(), 2, "{bad}");
+        assert!(objects.iter().any(|o| o.method_kind() == MethodKind::Ia3));
+    }
+}

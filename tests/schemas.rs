@@ -256,3 +256,75 @@ fn transfer_study_results_validate() {
         .remove("correct");
     assert!(!schema.is_valid(&bad));
 }
+
+#[test]
+fn train_reports_validate_and_read_back_typed() {
+    let schema = schema("train_report.schema.json");
+    // The zoo's reports, written by `peftdb train` (scripts/train-zoo.sh): schema-valid, and read back into
+    // the library's type with every field required.
+    let mut n = 0;
+    for e in std::fs::read_dir(root().join("examples/transfer/zoo")).unwrap() {
+        let p = e.unwrap().path().join("train_report.json");
+        if !p.exists() {
+            continue;
+        }
+        let bytes = std::fs::read(&p).unwrap();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        check(&schema, &v, &p.display().to_string());
+        let r: peftdb::engine::train::TrainReport =
+            serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert_eq!(serde_json::to_value(&r).unwrap(), v, "{}", p.display());
+        assert!(r.history.iter().any(|h| h.step == r.best.step));
+        n += 1;
+    }
+    assert_eq!(n, 14, "one report per zoo task");
+    // A fresh one from the CLI: the file and the --json output are the same valid report.
+    let model = std::env::var_os("PEFTDB_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("models/all-MiniLM-L6-v2"));
+    let task = std::env::var_os("PEFTDB_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("../shared"))
+        .join("tasks/intent_recognition");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let printed = peftdb(
+        &dir.path().join("unused.peftdb"),
+        &[
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--task",
+            task.to_str().unwrap(),
+            "--method",
+            "lora",
+            "--k",
+            "2",
+            "--steps",
+            "2",
+            "--eval-every",
+            "1",
+            "--max-len",
+            "24",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    let written: Value =
+        serde_json::from_slice(&std::fs::read(out.join("train_report.json")).unwrap()).unwrap();
+    check(&schema, &written, "peftdb train's train_report.json");
+    assert_eq!(printed, written);
+    let r: peftdb::engine::train::TrainReport = serde_json::from_value(written).unwrap();
+    assert_eq!((r.steps, r.history.len(), r.max_len), (2, 2, 24));
+    assert!(r.best.path.join("adapter_config.json").exists());
+    // What the schema and the type refuse: a report without its history.
+    let one = std::fs::read_dir(root().join("examples/transfer/zoo"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("train_report.json"))
+        .find(|p| p.exists())
+        .unwrap();
+    let mut bad: Value = serde_json::from_slice(&std::fs::read(one).unwrap()).unwrap();
+    bad.as_object_mut().unwrap().remove("history");
+    assert!(!schema.is_valid(&bad));
+    assert!(serde_json::from_value::<peftdb::engine::train::TrainReport>(bad).is_err());
+}

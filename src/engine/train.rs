@@ -145,7 +145,8 @@ pub struct TrainData<'a> {
 }
 
 /// One dev evaluation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EvalPoint {
     pub step: usize,
     pub dev_accuracy: f64,
@@ -173,6 +174,76 @@ pub struct TrainOutcome {
     pub history: Vec<EvalPoint>,
     pub steps: usize,
     pub stopped_early: bool,
+}
+
+/// One checkpoint as [`TrainReport`] records it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointReport {
+    pub step: usize,
+    pub dev_accuracy: f64,
+    /// Accuracy on the test split, when one was given.
+    pub test_accuracy: Option<f64>,
+    /// The adapter folder it was written to.
+    pub path: std::path::PathBuf,
+}
+
+/// `train_report.json` (schema/train_report.schema.json): what `peftdb train` writes beside its `best`
+/// and `early` adapter folders. Every field is required when read back.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainReport {
+    pub task: String,
+    pub method: String,
+    pub train_examples: usize,
+    pub steps: usize,
+    pub stopped_early: bool,
+    /// Wall-clock seconds of the training (model loading excluded).
+    pub seconds: f64,
+    pub batch_size: usize,
+    pub lr: f64,
+    /// Maximum tokens per text.
+    pub max_len: usize,
+    pub best: CheckpointReport,
+    pub early: CheckpointReport,
+    pub history: Vec<EvalPoint>,
+}
+
+impl TrainReport {
+    /// The report of `outcome`, whose checkpoints were written to `out/best` and `out/early`.
+    pub fn new(
+        task: &str,
+        cfg: &TrainConfig,
+        outcome: &TrainOutcome,
+        train_examples: usize,
+        seconds: f64,
+        max_len: usize,
+        out: &std::path::Path,
+    ) -> TrainReport {
+        let ck = |c: &Checkpoint, name: &str| CheckpointReport {
+            step: c.step,
+            dev_accuracy: c.dev_accuracy,
+            test_accuracy: c.test_accuracy,
+            path: out.join(name),
+        };
+        TrainReport {
+            task: task.to_string(),
+            method: outcome.best.object.method.kind().as_str().to_string(),
+            train_examples,
+            steps: outcome.steps,
+            stopped_early: outcome.stopped_early,
+            seconds,
+            batch_size: cfg.batch_size,
+            // The rate `train` used: the given one, else the default of the method trained.
+            lr: cfg
+                .lr
+                .unwrap_or_else(|| MethodSpec::default_lr(outcome.best.object.method.kind())),
+            max_len,
+            best: ck(&outcome.best, "best"),
+            early: ck(&outcome.early, "early"),
+            history: outcome.history.clone(),
+        }
+    }
 }
 
 /// Progress reports (the library never prints; the CLI draws bars from these).

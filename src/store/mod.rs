@@ -646,7 +646,20 @@ impl Store {
     /// earlier batch stays).
     pub fn commit_batch(&self, batch: Vec<PreparedObject>) -> Result<Vec<Outcome>, StoreError> {
         let w = self.write()?;
-        let outcomes = self.apply_batch(&w, batch)?;
+        let outcomes = self.apply_batch(&w, batch, false)?;
+        w.commit()
+            .map_err(|e| self.storage_err("committing a batch")(e.into()))?;
+        Ok(outcomes)
+    }
+
+    /// Like [`Store::commit_batch`], but stops at the first rejected object: only the objects before it
+    /// are committed, and the last outcome is the rejection (`ingest --strict`).
+    pub fn commit_batch_until_rejected(
+        &self,
+        batch: Vec<PreparedObject>,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        let w = self.write()?;
+        let outcomes = self.apply_batch(&w, batch, true)?;
         w.commit()
             .map_err(|e| self.storage_err("committing a batch")(e.into()))?;
         Ok(outcomes)
@@ -656,6 +669,7 @@ impl Store {
         &self,
         w: &WriteTransaction,
         batch: Vec<PreparedObject>,
+        stop_at_rejection: bool,
     ) -> Result<Vec<Outcome>, StoreError> {
         let se = |during: &'static str| {
             move |e: redb::Error| StoreError::Storage {
@@ -741,6 +755,9 @@ impl Store {
                     }
                     .to_string(),
                 ));
+                if stop_at_rejection {
+                    break;
+                }
                 continue;
             }
             base_models

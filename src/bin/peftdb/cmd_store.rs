@@ -47,7 +47,7 @@ pub struct IngestArgs {
     /// Base model for adapters whose config names none.
     #[arg(long)]
     pub base_model: Option<String>,
-    /// Stop at the first rejected adapter.
+    /// Stop at the first rejected adapter: the adapters before it are committed, none after it.
     #[arg(long)]
     pub strict: bool,
     /// Store adapters holding NaN/Inf values instead of rejecting them.

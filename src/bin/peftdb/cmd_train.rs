@@ -184,20 +184,15 @@ pub fn run(args: TrainArgs, json: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("{}", args.out.display()))?;
     write_adapter(&outcome.best.object, &args.out.join("best"))?;
     write_adapter(&outcome.early.object, &args.out.join("early"))?;
-    let report = serde_json::json!({
-        "task": task.name,
-        "method": outcome.best.object.method.kind().as_str(),
-        "train_examples": train_ex.len(),
-        "steps": outcome.steps,
-        "stopped_early": outcome.stopped_early,
-        "seconds": started.elapsed().as_secs_f64(),
-        "batch_size": cfg.batch_size,
-        "lr": cfg.lr.unwrap_or_else(|| peftdb::engine::train::MethodSpec::default_lr(args.method)),
-        "max_len": args.max_len,
-        "best": {"step": outcome.best.step, "dev_accuracy": outcome.best.dev_accuracy, "test_accuracy": outcome.best.test_accuracy, "path": args.out.join("best")},
-        "early": {"step": outcome.early.step, "dev_accuracy": outcome.early.dev_accuracy, "test_accuracy": outcome.early.test_accuracy, "path": args.out.join("early")},
-        "history": outcome.history.iter().map(|e| serde_json::json!({"step": e.step, "dev_accuracy": e.dev_accuracy, "dev_loss": e.dev_loss, "train_loss": e.train_loss})).collect::<Vec<_>>(),
-    });
+    let report = peftdb::engine::train::TrainReport::new(
+        &task.name,
+        &cfg,
+        &outcome,
+        train_ex.len(),
+        started.elapsed().as_secs_f64(),
+        args.max_len,
+        &args.out,
+    );
     std::fs::write(
         args.out.join("train_report.json"),
         serde_json::to_vec_pretty(&report)?,
