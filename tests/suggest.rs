@@ -108,7 +108,17 @@ fn suggest_end_to_end_on_a_trained_zoo() {
         _ => assert!((wsum - 1.0).abs() < 1e-9),
     }
     for c in &report.candidates {
-        assert_eq!(c.scores.len(), 4, "{:?}", c.scores);
+        // Every indicator suggest always computes (Loss, calibrated Loss, KL, EL2N, cosine).
+        let want: Vec<&str> = peftdb::transfer::default_indicators(cfg.indicator)
+            .iter()
+            .map(|i| i.as_str())
+            .collect();
+        assert_eq!(c.scores.len(), want.len(), "{:?}", c.scores);
+        assert!(
+            want.iter().all(|k| c.scores.contains_key(*k)),
+            "{:?}",
+            c.scores
+        );
         assert!(c.scores.values().all(|v| v.is_finite()));
         assert!(c.scores["kl"] <= 0.0);
         assert_eq!(c.helps, c.gain > 0.0 && c.gain > cfg.noise_z * c.gain_se);
