@@ -258,14 +258,17 @@ fn the_stages_compose_to_exactly_the_answer_of_suggest() {
     )
     .unwrap();
     assert_eq!(d.decision, rep.decision);
+    // The report lists the rerank's ranking; in retrieval order it is the stages' candidate list.
+    let mut by_retrieval: Vec<_> = rep.candidates.iter().collect();
+    by_retrieval.sort_by_key(|c| c.retrieval_rank);
     assert_eq!(
-        rep.candidates
+        by_retrieval
             .iter()
             .map(|c| c.task.as_str())
             .collect::<Vec<_>>(),
         all[..k].iter().map(|h| h.task.as_str()).collect::<Vec<_>>()
     );
-    for (c, w) in rep.candidates.iter().zip(&d.weights) {
+    for (c, w) in by_retrieval.iter().zip(&d.weights) {
         assert!(
             (c.weight - w).abs() < 1e-6,
             "{} {} vs {w}",
