@@ -126,6 +126,42 @@ fn small_experiment_runs_resumes_and_reports() {
     .unwrap();
     assert_eq!((part.ran, part.stopped), (2, true));
 
+    // An indicator record without its example count (a hand-edited or foreign results file) stops the
+    // ensemble runs that need it with an error naming the record; it used to count as 1 example and
+    // silently rescale the softmax weights.
+    let tampered = dir.path().join("tampered");
+    common::copy_dir(&out, &tampered);
+    let text = std::fs::read_to_string(tampered.join("results.jsonl")).unwrap();
+    let mut kept = Vec::new();
+    let mut broken_key = String::new();
+    for line in text.lines() {
+        let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let init = v["init"].as_str().unwrap_or_default().to_string();
+        if init.starts_with("ensemble:") {
+            continue; // these re-run, and need the indicator record
+        }
+        if v["phase"] == "indicators" && broken_key.is_empty() {
+            v["data"].as_object_mut().unwrap().remove("examples");
+            broken_key = v["key"].as_str().unwrap().to_string();
+        }
+        kept.push(v.to_string());
+    }
+    assert!(!broken_key.is_empty());
+    std::fs::write(tampered.join("results.jsonl"), kept.join("\n") + "\n").unwrap();
+    match run(
+        &cfg,
+        &engine,
+        &tampered,
+        &RunOptions::default(),
+        &mut |_| {},
+    ) {
+        Err(peftdb::experiment::ExperimentError::Report(msg)) => {
+            assert!(msg.contains(&broken_key), "{msg}");
+            assert!(msg.contains("\"examples\""), "{msg}");
+        }
+        other => panic!("expected an error naming {broken_key}, got {other:?}"),
+    }
+
     // The report: files, and gains that match the results file computed by hand here.
     let report_dir = dir.path().join("report");
     let (data, files) = write_report(&cfg, &out, &report_dir, None).unwrap();

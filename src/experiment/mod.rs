@@ -753,11 +753,25 @@ impl Runner<'_> {
             }
             Init::Ensemble(ind) => {
                 let rec = self.indicator_record(task, seed)?;
+                // Both fields are required: a missing count would silently rescale the weights.
+                let bad = |what: String| {
+                    ExperimentError::Report(format!(
+                        "record {} has {what}; remove that line from results.jsonl and re-run to compute it again",
+                        rec.key
+                    ))
+                };
                 let scores: Vec<f64> = rec.data["scores"][ind.as_str()]
                     .as_array()
-                    .map(|a| a.iter().filter_map(|v| v.as_f64()).collect())
-                    .unwrap_or_default();
-                let n = rec.data["examples"].as_u64().unwrap_or(1) as usize;
+                    .ok_or_else(|| bad(format!("no {} scores", ind.as_str())))?
+                    .iter()
+                    .map(|v| v.as_f64())
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| bad(format!("a non-numeric {} score", ind.as_str())))?;
+                let n = rec.data["examples"]
+                    .as_u64()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| bad("no \"examples\" count".to_string()))?
+                    as usize;
                 let (idx, objs) = self.sources(task)?;
                 if scores.len() != objs.len() {
                     return Err(ExperimentError::Report(format!(
