@@ -318,3 +318,57 @@ fn a_second_writer_is_refused_naming_the_holder_and_readers_still_work() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `find_by_hash` (a range lookup in the hash table) answers exactly what a scan of every record's hash
+/// answers: for the demo zoo's real adapters, at every prefix length from 8 to 64 hex digits (odd ones
+/// included), upper case, a prefix no object has, one too short and one that is not hex.
+#[test]
+fn hash_prefix_lookup_matches_a_scan_of_every_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::create(tmp.path().join("s.peftdb")).unwrap();
+    let zoo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/demo-zoo");
+    let r = ingest_zoo(
+        &store,
+        &[zoo],
+        None,
+        &IngestOptions::default(),
+        &no_progress(),
+    )
+    .unwrap();
+    assert_eq!(r.rejected(), 0);
+    let objects = store.objects().unwrap();
+    assert!(objects.len() >= 10);
+    let scan = |prefix: &str| {
+        let p = prefix.to_ascii_lowercase();
+        let hits: Vec<u64> = objects
+            .iter()
+            .filter(|o| o.content_hash.starts_with(&p))
+            .map(|o| o.id)
+            .collect();
+        (hits.len() == 1).then(|| hits[0])
+    };
+    let mut checked = 0;
+    for o in &objects {
+        assert_eq!(o.content_hash.len(), 64);
+        for n in 8..=64 {
+            let p = &o.content_hash[..n];
+            assert_eq!(store.find_by_hash(p).unwrap(), scan(p), "{p}");
+            assert_eq!(store.find_by_hash(p).unwrap(), Some(o.id), "{p}");
+            checked += 1;
+        }
+        let upper = o.content_hash[..12].to_ascii_uppercase();
+        assert_eq!(store.find_by_hash(&upper).unwrap(), Some(o.id));
+    }
+    assert!(checked > 500);
+    // Prefixes that match no object (or, by chance, several): the same answer as the scan.
+    let shared = &objects[0].content_hash[..1];
+    let ambiguous = format!("{shared}0000000");
+    assert_eq!(store.find_by_hash(&ambiguous).unwrap(), scan(&ambiguous));
+    let absent = "ffffffffffffffff";
+    assert_eq!(store.find_by_hash(absent).unwrap(), scan(absent));
+    assert_eq!(
+        store.find_by_hash(&objects[0].content_hash[..7]).unwrap(),
+        None
+    );
+    assert_eq!(store.find_by_hash("zzzzzzzzzz").unwrap(), None);
+}

@@ -971,19 +971,39 @@ impl Store {
 
     /// Find an object by its content hash (full hex, or a unique prefix of at least 8 hex digits).
     pub fn find_by_hash(&self, hex_prefix: &str) -> Result<Option<ObjectId>, StoreError> {
-        if hex_prefix.len() < 8 {
+        // At least 8 hex digits (32 bits), at most the whole BLAKE3 hash.
+        let hex = hex_prefix.to_ascii_lowercase();
+        if hex.len() < 8 || hex.len() > 64 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
             return Ok(None);
         }
-        let objs = self.objects()?;
-        let hits: Vec<_> = objs
-            .iter()
-            .filter(|o| o.content_hash.starts_with(&hex_prefix.to_ascii_lowercase()))
-            .collect();
-        Ok(if hits.len() == 1 {
-            Some(hits[0].id)
-        } else {
-            None
-        })
+        // The range of 32-byte hashes that start with the prefix: a lookup in the hash table, not a
+        // scan of every record (an odd last digit fixes the high nibble of its byte only).
+        let nib = |c: u8| (c as char).to_digit(16).expect("checked hex") as u8;
+        let digits = hex.as_bytes();
+        let (mut lo, mut hi) = (vec![0u8; 32], vec![0xffu8; 32]);
+        for (i, pair) in digits.chunks(2).enumerate() {
+            if pair.len() == 2 {
+                lo[i] = nib(pair[0]) << 4 | nib(pair[1]);
+                hi[i] = lo[i];
+            } else {
+                lo[i] = nib(pair[0]) << 4;
+                hi[i] = lo[i] | 0x0f;
+            }
+        }
+        let r = self.read()?;
+        let t = r
+            .open_table(OBJECT_BY_HASH)
+            .map_err(|e| self.storage_err("looking up a hash")(e.into()))?;
+        let mut hits = Vec::new();
+        for item in t
+            .range(lo.as_slice()..=hi.as_slice())
+            .map_err(|e| self.storage_err("looking up a hash")(e.into()))?
+            .take(2)
+        {
+            let (_, v) = item.map_err(|e| self.storage_err("looking up a hash")(e.into()))?;
+            hits.push(v.value());
+        }
+        Ok((hits.len() == 1).then(|| hits[0]))
     }
 
     /// Load an object with its tensors (from one consistent snapshot).
