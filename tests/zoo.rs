@@ -321,7 +321,8 @@ fn a_second_writer_is_refused_naming_the_holder_and_readers_still_work() {
 
 /// `find_by_hash` (a range lookup in the hash table) answers exactly what a scan of every record's hash
 /// answers: for the demo zoo's real adapters, at every prefix length from 8 to 64 hex digits (odd ones
-/// included), upper case, a prefix no object has, one too short and one that is not hex.
+/// included), upper case, a prefix no object has, one too short and one that is not hex. `space` (a
+/// lookup by key) likewise answers what the list of all spaces holds.
 #[test]
 fn hash_prefix_lookup_matches_a_scan_of_every_record() {
     let tmp = tempfile::tempdir().unwrap();
@@ -371,4 +372,17 @@ fn hash_prefix_lookup_matches_a_scan_of_every_record() {
         None
     );
     assert_eq!(store.find_by_hash("zzzzzzzzzz").unwrap(), None);
+    // `space` (a lookup by key) answers what the list of every space holds.
+    let spaces = store.spaces().unwrap();
+    assert!(!spaces.is_empty());
+    for s in &spaces {
+        assert_eq!(&store.space(s.id).unwrap(), s);
+    }
+    let unknown = peftdb::embed::SpaceId(spaces.iter().map(|s| s.id.0).max().unwrap() ^ 1);
+    if !spaces.iter().any(|s| s.id == unknown) {
+        assert!(matches!(
+            store.space(unknown),
+            Err(peftdb::error::StoreError::NotFound { what: "space", .. })
+        ));
+    }
 }

@@ -1076,13 +1076,19 @@ impl Store {
 
     /// One space.
     pub fn space(&self, id: SpaceId) -> Result<SpaceRecord, StoreError> {
-        self.spaces()?
-            .into_iter()
-            .find(|s| s.id == id)
+        // One lookup by key (not a decode of every space).
+        let r = self.read()?;
+        let t = r
+            .open_table(SPACES)
+            .map_err(|e| self.storage_err("reading a space")(e.into()))?;
+        let v = t
+            .get(id.0)
+            .map_err(|e| self.storage_err("reading a space")(e.into()))?
             .ok_or_else(|| StoreError::NotFound {
                 what: "space",
                 key: id.to_string(),
-            })
+            })?;
+        serde_json::from_slice(v.value()).map_err(|e| self.corrupt("spaces", id, e))
     }
 
     /// All embeddings of a space, by object id (one snapshot).
