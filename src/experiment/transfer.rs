@@ -815,8 +815,7 @@ impl<'a> Study<'a> {
                 let names: Vec<String> = src.iter().map(|&s| self.tasks[s].name.clone()).collect();
                 let mut candidates: Vec<TunedCandidate> = Vec::with_capacity(names.len());
                 for ((n, c), obj) in names.iter().zip(&scores.candidates).zip(&refs) {
-                    let g = crate::transfer::Gain::of(c, &scores.bare, Indicator::Loss);
-                    let gains = [
+                    let gains: BTreeMap<String, [f64; 2]> = [
                         Indicator::Loss,
                         Indicator::LossCal,
                         Indicator::El2n,
@@ -828,14 +827,15 @@ impl<'a> Study<'a> {
                         (ind.as_str().to_string(), [g.mean, g.se])
                     })
                     .collect();
+                    let [gain, gain_se] = gains[Indicator::Loss.as_str()];
                     let dev =
                         split_eval(self.engine, &task, Some(obj), self.limit(&task.dev), &opts)?;
                     candidates.push(TunedCandidate {
                         task: n.clone(),
                         scores: c.scores.clone(),
                         accuracy: c.accuracy,
-                        gain: g.mean,
-                        gain_se: g.se,
+                        gain,
+                        gain_se,
                         gains,
                         dev: Some(dev),
                     });

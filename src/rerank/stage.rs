@@ -126,6 +126,17 @@ impl PerExample {
             _ => None,
         }
     }
+
+    /// The indicator itself, from its terms: the mean for Loss and calibrated Loss, the sum for EL2N
+    /// and the cosine of logits and labels (as [`indicators`] defines them); `None` for the others.
+    pub fn indicator(&self, indicator: Indicator) -> Option<f64> {
+        let terms = self.series(indicator)?;
+        let sum = terms.iter().sum::<f64>();
+        Some(match indicator {
+            Indicator::Loss | Indicator::LossCal => sum / terms.len().max(1) as f64,
+            _ => sum,
+        })
+    }
 }
 
 /// Paired comparison of two per-example series over the same examples: the mean of `a_j - b_j` and its
@@ -163,21 +174,15 @@ pub fn bare(input: &RerankInput<'_>, opts: &RerankOptions) -> Result<CandidateSc
     let cross_entropy = sc.cross_entropy(&targets);
     let probs: Vec<f32> = sc.probs.into_iter().flatten().collect();
     let per_example = PerExample::of(&probs, classes, &targets);
-    let mut scores = BTreeMap::new();
-    for ind in [
+    let scores = [
         Indicator::Loss,
         Indicator::LossCal,
         Indicator::El2n,
         Indicator::CosLogits,
-    ] {
-        let terms = per_example.series(ind).expect("label-only indicator");
-        let sum = terms.iter().sum::<f64>();
-        let s = match ind {
-            Indicator::Loss | Indicator::LossCal => sum / targets.len().max(1) as f64,
-            _ => sum,
-        };
-        scores.insert(ind.as_str().to_string(), s);
-    }
+    ]
+    .into_iter()
+    .filter_map(|ind| Some((ind.as_str().to_string(), per_example.indicator(ind)?)))
+    .collect();
     Ok(CandidateScores {
         scores,
         accuracy,
@@ -293,18 +298,20 @@ pub fn rerank(
         let accuracy = sc.accuracy(&targets);
         let cross_entropy = sc.cross_entropy(&targets);
         let probs = flatten(sc.probs);
+        // The label-only indicators come from their per-example terms (computed once, calibration
+        // included).
+        let per_example = PerExample::of(&probs, classes, &targets);
         let mut scores = BTreeMap::new();
         for ind in &opts.indicators {
             let s = match ind {
-                Indicator::Loss => indicators::loss(&probs, classes, &targets),
-                Indicator::LossCal => indicators::loss_calibrated(&probs, classes, &targets),
+                Indicator::Loss | Indicator::LossCal | Indicator::El2n | Indicator::CosLogits => {
+                    per_example.indicator(*ind).expect("label-only indicator")
+                }
                 Indicator::Kl => indicators::kl(
                     &probs,
                     reference_probs.as_deref().expect("checked"),
                     classes,
                 ),
-                Indicator::El2n => indicators::el2n(&probs, classes, &targets),
-                Indicator::CosLogits => indicators::cosine_logits_labels(&probs, classes, &targets),
                 Indicator::Grand => {
                     let g = engine
                         .ce_gradients(cand, &labels, &inputs, &targets, &opts.score)
@@ -352,7 +359,7 @@ pub fn rerank(
             accuracy,
             cross_entropy,
             seconds: shared + t0.elapsed().as_secs_f64(),
-            per_example: PerExample::of(&probs, classes, &targets),
+            per_example,
         });
     }
     progress(candidates.len(), candidates.len());

@@ -438,6 +438,13 @@ impl Decision {
     }
 }
 
+/// The per-example series a [`Gain`] compares: the indicator's terms, else the log-likelihoods.
+fn gain_series(s: &CandidateScores, indicator: Indicator) -> &[f64] {
+    s.per_example
+        .series(indicator)
+        .unwrap_or(&s.per_example.loss)
+}
+
 /// A candidate's gain over the bare model on the scoring examples, in the units of the indicator's
 /// per-example term ([`crate::rerank::stage::PerExample::series`]; log-likelihood for the indicators without one).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -452,13 +459,7 @@ pub struct Gain {
 
 impl Gain {
     pub fn of(c: &CandidateScores, bare: &CandidateScores, indicator: Indicator) -> Gain {
-        let series = |s: &CandidateScores| {
-            s.per_example
-                .series(indicator)
-                .unwrap_or(&s.per_example.loss)
-                .to_vec()
-        };
-        let (mean, se) = paired_gain(&series(c), &series(bare));
+        let (mean, se) = paired_gain(gain_series(c, indicator), gain_series(bare, indicator));
         Gain {
             mean,
             se,
