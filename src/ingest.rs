@@ -523,20 +523,24 @@ fn commit_chunk(
     }
     let outcomes = store.commit_batch(to_commit)?;
     for (pos, o) in positions.into_iter().zip(outcomes) {
-        let outcome = match o {
-            Outcome::Added(id) => ItemOutcome::Ingested { id },
-            Outcome::AlreadyPresent(id) => ItemOutcome::AlreadyPresent { id },
-            Outcome::Rejected(reason) => ItemOutcome::Rejected { reason },
-        };
         items[pos] = Some(ItemReport {
             path: chunk[pos].path.clone(),
-            outcome,
+            outcome: item_outcome(o),
         });
     }
     Ok(items
         .into_iter()
         .map(|i| i.expect("every item decided"))
         .collect())
+}
+
+/// What the report says of the store's outcome for one adapter.
+fn item_outcome(o: Outcome) -> ItemOutcome {
+    match o {
+        Outcome::Added(id) => ItemOutcome::Ingested { id },
+        Outcome::AlreadyPresent(id) => ItemOutcome::AlreadyPresent { id },
+        Outcome::Rejected(reason) => ItemOutcome::Rejected { reason },
+    }
 }
 
 /// `--strict`: commit the chunk's adapters up to the first rejected one (refused when read, or by the
@@ -556,19 +560,15 @@ fn commit_chunk_strict(
     let outcomes = store.commit_batch_until_rejected(good)?;
     let mut items = Vec::with_capacity(outcomes.len());
     for (c, o) in chunk.iter().zip(outcomes) {
-        let outcome = match o {
-            Outcome::Added(id) => ItemOutcome::Ingested { id },
-            Outcome::AlreadyPresent(id) => ItemOutcome::AlreadyPresent { id },
-            Outcome::Rejected(reason) => {
-                return Err(IngestError::Strict {
-                    path: c.path.clone(),
-                    reason,
-                })
-            }
-        };
+        if let Outcome::Rejected(reason) = o {
+            return Err(IngestError::Strict {
+                path: c.path.clone(),
+                reason,
+            });
+        }
         items.push(ItemReport {
             path: c.path.clone(),
-            outcome,
+            outcome: item_outcome(o),
         });
     }
     if let (Some(i), Some(Err(reason))) = (first_bad, prepared.next()) {
