@@ -756,7 +756,6 @@ fn a_lone_pickle_file_is_refused_unread() {
 
 #[test]
 fn adapter_for_another_base_model_is_refused_by_the_store() {
-    use peftdb::synth::{lora, ModelShape, Seeds};
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::create(tmp.path().join("s.peftdb")).unwrap();
     // The real MiniLM LoRA teaches the store MiniLM's dims (384) ...
@@ -771,18 +770,7 @@ fn adapter_for_another_base_model_is_refused_by_the_store() {
     assert_eq!(r.ingested(), 1);
     let before = snapshot(&store);
     // ... then a BERT-base-shaped LoRA (768) that claims to be for MiniLM.
-    let mut shape = ModelShape::bert_base();
-    shape.name = ModelShape::minilm().name;
-    let obj = lora(
-        &shape,
-        8,
-        &["query", "value"],
-        Seeds {
-            group: 1,
-            task: 2,
-            object: 3,
-        },
-    );
+    let obj = minilm_impostor();
     let dir = tmp.path().join("zoo/impostor/lora");
     peftdb::object::write_adapter(&obj, &dir).unwrap();
     let r = ingest_zoo(
@@ -802,6 +790,23 @@ fn adapter_for_another_base_model_is_refused_by_the_store() {
         o => panic!("{o:?}"),
     }
     assert_eq!(snapshot(&store), before);
+}
+
+/// A BERT-base-shaped LoRA (768 wide) whose config names MiniLM (384 wide).
+fn minilm_impostor() -> peftdb::object::LightweightObject {
+    use peftdb::synth::{lora, ModelShape, Seeds};
+    let mut shape = ModelShape::bert_base();
+    shape.name = ModelShape::minilm().name;
+    lora(
+        &shape,
+        8,
+        &["query", "value"],
+        Seeds {
+            group: 1,
+            task: 2,
+            object: 3,
+        },
+    )
 }
 
 fn reasons(r: &peftdb::ingest::IngestReport) -> Vec<String> {
@@ -1065,7 +1070,6 @@ fn export_targets_cannot_be_clobbered_or_escape_through_names() {
 fn strict_ingestion_commits_exactly_the_adapters_before_the_first_rejection() {
     use peftdb::error::IngestError;
     use peftdb::object::MethodKind;
-    use peftdb::synth::{lora, ModelShape, Seeds};
     let tmp = tempfile::tempdir().unwrap();
     // Read-time rejection in the middle.
     let zoo = tmp.path().join("zoo1");
@@ -1078,19 +1082,7 @@ fn strict_ingestion_commits_exactly_the_adapters_before_the_first_rejection() {
     // Commit-time rejection in the middle: a BERT-base-shaped LoRA that names MiniLM.
     let zoo2 = tmp.path().join("zoo2");
     copy_dir(&fixture("lora_r8_qv"), &zoo2.join("a_first/lora"));
-    let mut shape = ModelShape::bert_base();
-    shape.name = ModelShape::minilm().name;
-    let impostor = lora(
-        &shape,
-        8,
-        &["query", "value"],
-        Seeds {
-            group: 1,
-            task: 2,
-            object: 3,
-        },
-    );
-    peftdb::object::write_adapter(&impostor, &zoo2.join("b_impostor/lora")).unwrap();
+    peftdb::object::write_adapter(&minilm_impostor(), &zoo2.join("b_impostor/lora")).unwrap();
     copy_dir(&fixture("ia3"), &zoo2.join("c_after/ia3"));
     let strict = IngestOptions {
         strict: true,
