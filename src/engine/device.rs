@@ -30,9 +30,16 @@ pub fn parse_device(spec: &str) -> EngineResult<Device> {
 
 #[cfg(feature = "cuda")]
 fn cuda_device(spec: &str, ordinal: usize) -> EngineResult<Device> {
-    Device::new_cuda(ordinal).map_err(|e| EngineError::Device {
-        spec: spec.to_string(),
-        reason: format!("cannot open CUDA device {ordinal}: {e}"),
+    Device::new_cuda(ordinal).map_err(|e| {
+        // With RUST_BACKTRACE set, candle appends a backtrace to the message: the cause alone is clearer.
+        let e = match e {
+            candle_core::Error::WithBacktrace { inner, .. } => *inner,
+            e => e,
+        };
+        EngineError::Device {
+            spec: spec.to_string(),
+            reason: format!("cannot open CUDA device {ordinal}: {e}"),
+        }
     })
 }
 
