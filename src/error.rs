@@ -123,7 +123,7 @@ pub enum StoreError {
         found: u32,
         supported: u32,
     },
-    #[error("{path}: store schema version {found} is older than {supported} and has no migration; re-ingest the zoo into a new store")]
+    #[error("{path}: store schema version {found} is older than {supported}; open it once for writing to upgrade it in place (`peftdb compact` does), or re-ingest the zoo into a new store")]
     OlderSchema {
         path: PathBuf,
         found: u32,

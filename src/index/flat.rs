@@ -50,12 +50,44 @@ pub fn top_k(mut v: Vec<(u64, f32)>, k: usize) -> Vec<(u64, f32)> {
     v
 }
 
+/// Where the rows live: in memory, or in a memory-mapped `.vecs` file ([`super::vectors`]), copied into
+/// memory on the first change.
+#[derive(Debug, Clone)]
+enum Rows {
+    Owned(Vec<f32>),
+    Mapped(super::vectors::MappedRows),
+}
+
+impl Default for Rows {
+    fn default() -> Self {
+        Rows::Owned(Vec::new())
+    }
+}
+
+impl Rows {
+    fn as_slice(&self) -> &[f32] {
+        match self {
+            Rows::Owned(v) => v,
+            Rows::Mapped(m) => m.rows(),
+        }
+    }
+    fn to_mut(&mut self) -> &mut Vec<f32> {
+        if let Rows::Mapped(m) = self {
+            *self = Rows::Owned(m.rows().to_vec());
+        }
+        match self {
+            Rows::Owned(v) => v,
+            Rows::Mapped(_) => unreachable!("just made owned"),
+        }
+    }
+}
+
 /// Unit vectors and their ids, scanned exactly.
 #[derive(Debug, Clone, Default)]
 pub struct FlatIndex {
     dim: usize,
     ids: Vec<u64>,
-    data: Vec<f32>,
+    data: Rows,
 }
 
 impl FlatIndex {
@@ -63,8 +95,24 @@ impl FlatIndex {
         FlatIndex {
             dim,
             ids: Vec::new(),
-            data: Vec::new(),
+            data: Rows::default(),
         }
+    }
+    /// Rows mapped from a `.vecs` file (searched in place).
+    pub(crate) fn mapped(dim: usize, rows: super::vectors::MappedRows) -> FlatIndex {
+        FlatIndex {
+            dim,
+            ids: rows.ids.clone(),
+            data: Rows::Mapped(rows),
+        }
+    }
+    /// Whether the rows are searched in place in a mapped file.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.data, Rows::Mapped(_))
+    }
+    /// All rows, row-major.
+    pub fn rows(&self) -> &[f32] {
+        self.data.as_slice()
     }
     pub fn dim(&self) -> usize {
         self.dim
@@ -80,29 +128,30 @@ impl FlatIndex {
     }
     /// The unit vector at a position.
     pub fn vector_at(&self, pos: usize) -> &[f32] {
-        &self.data[pos * self.dim..(pos + 1) * self.dim]
+        &self.data.as_slice()[pos * self.dim..(pos + 1) * self.dim]
     }
     /// Add a vector that is already unit-normalised (caller's duty) and of length `dim`.
     pub fn push_unit(&mut self, id: u64, v: &[f32]) {
         debug_assert_eq!(v.len(), self.dim);
         self.ids.push(id);
-        self.data.extend_from_slice(v);
+        self.data.to_mut().extend_from_slice(v);
     }
     /// Drop the rows whose id fails `keep`.
     pub fn retain(&mut self, keep: impl Fn(u64) -> bool) {
+        let dim = self.dim;
+        let data = self.data.to_mut();
         let mut w = 0;
         for r in 0..self.ids.len() {
             if keep(self.ids[r]) {
                 if w != r {
                     self.ids[w] = self.ids[r];
-                    self.data
-                        .copy_within(r * self.dim..(r + 1) * self.dim, w * self.dim);
+                    data.copy_within(r * dim..(r + 1) * dim, w * dim);
                 }
                 w += 1;
             }
         }
         self.ids.truncate(w);
-        self.data.truncate(w * self.dim);
+        data.truncate(w * dim);
     }
 
     /// The `k` best (id, cosine) for a unit query among ids passing `filter`.

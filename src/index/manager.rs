@@ -22,6 +22,7 @@
 
 use super::error::IndexError;
 use super::hnsw::{files_for, HnswGraph};
+use super::vectors::{self, VecsHeader};
 use super::{IndexConfig, SpaceIndex};
 use crate::embed::SpaceId;
 use crate::store::index_meta::IndexMeta;
@@ -207,6 +208,40 @@ impl IndexManager {
         Ok(())
     }
 
+    /// What the space's `.vecs` file must say to be current.
+    fn vecs_header(&self, store: &Store, idx: &SpaceIndex, rec: &SpaceRecord) -> VecsHeader {
+        VecsHeader {
+            dim: idx.indexed_dim(),
+            full_dim: rec.dim,
+            n: rec.count as usize,
+            uuid: store.uuid().unwrap_or(0),
+            generation: rec.generation,
+            projection_seed: idx.projection().map(|p| p.seed),
+        }
+    }
+
+    /// Write a space's live rows as its `.vecs` file (writable handles only; failures become warnings:
+    /// the next open reads the store instead).
+    fn persist_vectors(
+        &self,
+        store: &Store,
+        idx: &SpaceIndex,
+        rec: &SpaceRecord,
+        warnings: &mut Vec<String>,
+    ) {
+        if !self.writable {
+            return;
+        }
+        let (ids, rows) = idx.live_rows();
+        if ids.len() as u64 != rec.count {
+            return; // not the store's state (a concurrent change): the next open rebuilds
+        }
+        let header = self.vecs_header(store, idx, rec);
+        if let Err(e) = vectors::write(&self.dir, idx.space(), &header, &ids, &rows) {
+            warnings.push(format!("space {}: vectors not saved: {e}", idx.space()));
+        }
+    }
+
     fn load_space(
         &mut self,
         store: &Store,
@@ -215,6 +250,24 @@ impl IndexManager {
         warnings: &mut Vec<String>,
     ) -> Result<SpaceState, IndexError> {
         let mut idx = SpaceIndex::new(rec.id, rec.dim, self.config);
+        let header = self.vecs_header(store, &idx, rec);
+        match vectors::open(&vectors::path_for(&self.dir, rec.id), &header) {
+            Ok(rows) => idx.attach_mapped(rows),
+            Err(_) => {
+                self.read_rows(store, rec, &mut idx)?;
+                self.persist_vectors(store, &idx, rec, warnings);
+            }
+        }
+        self.finish_space(store, rec, idx, progress, warnings)
+    }
+
+    /// Stream a space's embeddings from the store into its rows.
+    fn read_rows(
+        &self,
+        store: &Store,
+        rec: &SpaceRecord,
+        idx: &mut SpaceIndex,
+    ) -> Result<(), IndexError> {
         let mut err = None;
         let mut batch = Vec::new();
         store.for_each_embedding(rec.id, |id, v| {
@@ -233,6 +286,18 @@ impl IndexManager {
             return Err(e);
         }
         idx.add(&batch)?;
+        Ok(())
+    }
+
+    /// Load or build the space's graph when it wants one, and keep the space.
+    fn finish_space(
+        &mut self,
+        store: &Store,
+        rec: &SpaceRecord,
+        mut idx: SpaceIndex,
+        progress: &dyn Fn(Progress<'_>),
+        warnings: &mut Vec<String>,
+    ) -> Result<SpaceState, IndexError> {
         let state = if !idx.wants_graph() {
             SpaceState::Flat
         } else {
@@ -471,9 +536,12 @@ impl IndexManager {
             } else {
                 SpaceState::Flat
             };
-            if changed && idx.has_graph() {
+            if changed {
                 let idx = &self.spaces[&rec.id];
-                self.persist(store, idx, &mut report.warnings);
+                if idx.has_graph() {
+                    self.persist(store, idx, &mut report.warnings);
+                }
+                self.persist_vectors(store, idx, &rec, &mut report.warnings);
             }
             report.spaces.push((rec.id, state));
             self.records.insert(rec.id, rec);
@@ -519,7 +587,10 @@ impl IndexManager {
                 let idx = &self.spaces[&s];
                 self.persist(store, idx, &mut warnings);
             }
-            if let Some(r) = self.records.get_mut(&s) {
+            if let Ok(fresh) = store.space(s) {
+                self.persist_vectors(store, &self.spaces[&s], &fresh, &mut warnings);
+                self.records.insert(s, fresh);
+            } else if let Some(r) = self.records.get_mut(&s) {
                 r.count = self.spaces[&s].len() as u64;
             }
         }

@@ -50,6 +50,7 @@ pub mod flat;
 pub mod hnsw;
 pub mod manager;
 pub mod projection;
+pub mod vectors;
 
 pub use error::{IndexError, QueryError};
 pub use manager::{IndexManager, OpenReport, SpaceState};
@@ -167,6 +168,39 @@ impl SpaceIndex {
             hnsw: None,
             dead: HashSet::new(),
         }
+    }
+
+    /// Use rows mapped from the space's `.vecs` file (no graph; see [`SpaceIndex::rebuild`]).
+    pub(crate) fn attach_mapped(&mut self, rows: vectors::MappedRows) {
+        self.flat = FlatIndex::mapped(self.flat.dim(), rows);
+        self.pos = self
+            .flat
+            .ids()
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, i))
+            .collect();
+        self.dead.clear();
+        self.hnsw = None;
+    }
+
+    /// Whether the rows are searched in place in a mapped `.vecs` file.
+    pub fn is_mapped(&self) -> bool {
+        self.flat.is_mapped()
+    }
+
+    /// The live rows: ids and their indexed vectors, row-major (what a `.vecs` file holds).
+    pub fn live_rows(&self) -> (Vec<u64>, Vec<f32>) {
+        let dim = self.flat.dim();
+        let mut ids = Vec::with_capacity(self.len());
+        let mut rows = Vec::with_capacity(self.len() * dim);
+        for (p, id) in self.flat.ids().iter().enumerate() {
+            if !self.dead.contains(id) {
+                ids.push(*id);
+                rows.extend_from_slice(self.flat.vector_at(p));
+            }
+        }
+        (ids, rows)
     }
 
     pub fn space(&self) -> SpaceId {

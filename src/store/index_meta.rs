@@ -1,7 +1,8 @@
 //! Index state kept in the store (table `indexes`), and streaming access to a space's embeddings for the
 //! index builder. See `schema/index.md`.
 
-use super::{codec, ObjectId, Store, EMBEDDINGS};
+use super::chunked::{self, SPACE_EMBEDDINGS};
+use super::{ObjectId, Store};
 use crate::embed::SpaceId;
 use crate::error::StoreError;
 use redb::{TableDefinition, TableError};
@@ -96,34 +97,39 @@ impl Store {
     ) -> Result<(), StoreError> {
         let r = self.read()?;
         let t = r
-            .open_table(EMBEDDINGS)
+            .open_table(SPACE_EMBEDDINGS)
             .map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
-        for item in t
-            .range((space.0, 0u64)..=(space.0, u64::MAX))
-            .map_err(|e| self.storage_err("reading embeddings")(e.into()))?
-        {
-            let (k, v) = item.map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
-            let (_, id) = k.value();
-            let vec = codec::decode_f32(v.value())
-                .map_err(|e| self.corrupt("embeddings", format!("({space}, {id})"), e))?;
-            f(id, vec);
+        let mut bad = None;
+        chunked::for_each_embedding(&t, space.0, |id, v| match v {
+            Ok(v) if bad.is_none() => f(id, v),
+            Ok(_) => {}
+            Err(e) => {
+                bad.get_or_insert((id, e));
+            }
+        })
+        .map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
+        match bad {
+            Some((id, e)) => Err(self.corrupt("space_embeddings", format!("({space}, {id})"), e)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
-    /// The ids of a space's embeddings, in order (keys only).
+    /// The ids of a space's embeddings, in order.
     pub fn space_ids(&self, space: SpaceId) -> Result<Vec<ObjectId>, StoreError> {
         let r = self.read()?;
         let t = r
-            .open_table(EMBEDDINGS)
+            .open_table(SPACE_EMBEDDINGS)
             .map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
         let mut out = Vec::new();
         for item in t
-            .range((space.0, 0u64)..=(space.0, u64::MAX))
+            .range((space.0, 0u64, 0u32)..=(space.0, u64::MAX, u32::MAX))
             .map_err(|e| self.storage_err("reading embeddings")(e.into()))?
         {
             let (k, _) = item.map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
-            out.push(k.value().1);
+            let (_, id, chunk) = k.value();
+            if chunk == 0 {
+                out.push(id);
+            }
         }
         Ok(out)
     }

@@ -11,8 +11,13 @@
 //! together or not at all.
 
 pub mod backend;
+pub(crate) mod chunked;
 pub mod codec;
 pub mod index_meta;
+mod migrate;
+
+pub use chunked::CHUNK_BYTES;
+use chunked::{OBJECT_TENSORS, SPACE_EMBEDDINGS};
 
 use crate::embed::{tupate, Embedding, EmbeddingKind, NoEmbedding, SpaceId, SpaceKey};
 use crate::error::StoreError;
@@ -31,15 +36,16 @@ use std::path::{Path, PathBuf};
 pub const CACHE_BYTES: usize = 64 << 20;
 
 /// The schema version this peftdb reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub(crate) const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 pub(crate) const OBJECTS: TableDefinition<u64, &[u8]> = TableDefinition::new("objects");
 pub(crate) const OBJECT_BY_HASH: TableDefinition<&[u8], u64> =
     TableDefinition::new("object_by_hash");
-pub(crate) const TENSORS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("tensors");
-pub(crate) const EMBEDDINGS: TableDefinition<(u64, u64), &[u8]> =
+/// Version 1's whole-value tables (read only by the migration to version 2).
+pub(crate) const TENSORS_V1: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("tensors");
+pub(crate) const EMBEDDINGS_V1: TableDefinition<(u64, u64), &[u8]> =
     TableDefinition::new("embeddings");
 pub(crate) const SPACES: TableDefinition<u64, &[u8]> = TableDefinition::new("spaces");
 pub(crate) const BASE_MODELS: TableDefinition<&str, &[u8]> = TableDefinition::new("base_models");
@@ -157,6 +163,11 @@ pub struct SpaceRecord {
     pub dim: usize,
     /// Number of embeddings in the space.
     pub count: u64,
+    /// The store's change sequence number of the last commit that added or removed one of the space's
+    /// embeddings (meta `change_seq`): never the same for two different contents of the space in one
+    /// store, so derived files that record it can tell whether they are current.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// What the store learned of a base model's shapes from the adapters ingested for it: a dimension per
@@ -555,6 +566,13 @@ impl Store {
                 .map_err(|e| self.storage_err("creating tables")(e.into()))?;
             meta.insert("next_object_id", 1u64.to_le_bytes().as_slice())
                 .map_err(|e| self.storage_err("creating tables")(e.into()))?;
+            meta.insert("change_seq", 0u64.to_le_bytes().as_slice())
+                .map_err(|e| self.storage_err("creating tables")(e.into()))?;
+            meta.insert(
+                "store_uuid",
+                rand::random::<u128>().to_le_bytes().as_slice(),
+            )
+            .map_err(|e| self.storage_err("creating tables")(e.into()))?;
             for t in [TASKS, BASE_MODELS] {
                 w.open_table(t)
                     .map_err(|e| self.storage_err("creating tables")(e.into()))?;
@@ -565,9 +583,9 @@ impl Store {
             }
             w.open_table(OBJECT_BY_HASH)
                 .map_err(|e| self.storage_err("creating tables")(e.into()))?;
-            w.open_table(TENSORS)
+            w.open_table(OBJECT_TENSORS)
                 .map_err(|e| self.storage_err("creating tables")(e.into()))?;
-            w.open_table(EMBEDDINGS)
+            w.open_table(SPACE_EMBEDDINGS)
                 .map_err(|e| self.storage_err("creating tables")(e.into()))?;
         }
         w.commit()
@@ -607,7 +625,11 @@ impl Store {
             });
         }
         if found < SCHEMA_VERSION {
-            // No older version has ever been released; a future migration goes here.
+            if found == 1 && self.is_writable() {
+                drop(meta);
+                drop(r);
+                return self.migrate_v1_to_v2();
+            }
             return Err(StoreError::OlderSchema {
                 path: self.path.clone(),
                 found,
@@ -621,6 +643,74 @@ impl Store {
     pub fn schema_version(&self) -> Result<u32, StoreError> {
         self.check_schema()?;
         Ok(SCHEMA_VERSION)
+    }
+
+    /// A u64 LE value of the meta table (0 when absent).
+    fn meta_u64(
+        &self,
+        meta: &impl ReadableTable<&'static str, &'static [u8]>,
+        key: &'static str,
+    ) -> Result<u64, StoreError> {
+        match meta
+            .get(key)
+            .map_err(|e| self.storage_err("reading meta")(e.into()))?
+        {
+            Some(v) => {
+                let b: [u8; 8] = v
+                    .value()
+                    .try_into()
+                    .map_err(|_| self.corrupt("meta", key, "not 8 bytes"))?;
+                Ok(u64::from_le_bytes(b))
+            }
+            None => Ok(0),
+        }
+    }
+
+    /// The store's identity (random, drawn at creation or migration): derived files beside the store
+    /// record it, so files left by another store at the same path are never taken for this one's.
+    pub fn uuid(&self) -> Result<u128, StoreError> {
+        let r = self.read()?;
+        let meta = r
+            .open_table(META)
+            .map_err(|e| self.storage_err("reading meta")(e.into()))?;
+        let v = meta
+            .get("store_uuid")
+            .map_err(|e| self.storage_err("reading meta")(e.into()))?
+            .ok_or_else(|| self.corrupt("meta", "store_uuid", "missing"))?;
+        let b: [u8; 16] = v
+            .value()
+            .try_into()
+            .map_err(|_| self.corrupt("meta", "store_uuid", "not 16 bytes"))?;
+        Ok(u128::from_le_bytes(b))
+    }
+
+    /// Give the file's free pages back to the file system (after `rm`, or after a large ingestion that
+    /// replaced pages): redb moves live pages down and truncates the file. Needs a writable handle and no
+    /// other open transaction in this process. Returns the file's bytes before and after.
+    pub fn compact(&mut self) -> Result<(u64, u64), StoreError> {
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let before = size(&self.path);
+        let path = self.path.clone();
+        match &mut self.db {
+            Db::Rw(d) => {
+                // Each call moves what it can; repeat until nothing moves (bounded, in case).
+                for _ in 0..16 {
+                    match d.compact() {
+                        Ok(true) => continue,
+                        Ok(false) => break,
+                        Err(e) => {
+                            return Err(StoreError::Storage {
+                                path,
+                                during: "compacting".into(),
+                                detail: e.to_string(),
+                            })
+                        }
+                    }
+                }
+            }
+            Db::Ro(_) => return Err(StoreError::ReadOnly),
+        }
+        Ok((before, size(&self.path)))
     }
 
     fn corrupt(
@@ -687,10 +777,10 @@ impl Store {
             .open_table(OBJECT_BY_HASH)
             .map_err(|e| se("ingesting")(e.into()))?;
         let mut tensors = w
-            .open_table(TENSORS)
+            .open_table(OBJECT_TENSORS)
             .map_err(|e| se("ingesting")(e.into()))?;
         let mut embeddings = w
-            .open_table(EMBEDDINGS)
+            .open_table(SPACE_EMBEDDINGS)
             .map_err(|e| se("ingesting")(e.into()))?;
         let mut spaces = w
             .open_table(SPACES)
@@ -710,6 +800,7 @@ impl Store {
                 .map_err(|_| self.corrupt("meta", "next_object_id", "not 8 bytes"))?;
             u64::from_le_bytes(b)
         };
+        let seq = self.meta_u64(&meta, "change_seq")? + 1;
         let mut outcomes = Vec::with_capacity(batch.len());
         for p in batch {
             if let Some(id) = by_hash
@@ -786,11 +877,8 @@ impl Store {
 
             let id = next_id;
             next_id += 1;
-            for (i, t) in obj.tensors.iter().enumerate() {
-                tensors
-                    .insert((id, i as u32), codec::encode_tensor(t).as_slice())
-                    .map_err(|e| se("writing tensors")(e.into()))?;
-            }
+            chunked::put_tensors(&mut tensors, id, &obj.tensors)
+                .map_err(|e| se("writing tensors")(e.into()))?;
             let mut emb_refs = Vec::new();
             let mut missing = Vec::new();
             match &p.tupate {
@@ -804,17 +892,18 @@ impl Store {
                             key: e.space.clone(),
                             dim: e.vector.len(),
                             count: 0,
+                            generation: 0,
                         },
                     };
                     rec.count += 1;
+                    rec.generation = seq;
                     spaces
                         .insert(
                             sid.0,
                             serde_json::to_vec(&rec).expect("serializes").as_slice(),
                         )
                         .map_err(|e| se("ingesting")(e.into()))?;
-                    embeddings
-                        .insert((sid.0, id), codec::encode_f32(&e.vector).as_slice())
+                    chunked::put_embedding(&mut embeddings, sid.0, id, &e.vector)
                         .map_err(|e| se("writing embeddings")(e.into()))?;
                     emb_refs.push(EmbeddingRef {
                         kind: EmbeddingKind::Tupate,
@@ -859,6 +948,8 @@ impl Store {
             outcomes.push(Outcome::Added(id));
         }
         meta.insert("next_object_id", next_id.to_le_bytes().as_slice())
+            .map_err(|e| se("ingesting")(e.into()))?;
+        meta.insert("change_seq", seq.to_le_bytes().as_slice())
             .map_err(|e| se("ingesting")(e.into()))?;
         Ok(outcomes)
     }
@@ -1011,23 +1102,14 @@ impl Store {
         let r = self.read()?;
         let rec = self.object_in(&r, id)?;
         let t = r
-            .open_table(TENSORS)
+            .open_table(OBJECT_TENSORS)
             .map_err(|e| self.storage_err("reading tensors")(e.into()))?;
-        let mut tensors = Vec::with_capacity(rec.tensor_count as usize);
-        for item in t
-            .range((id, 0u32)..=(id, u32::MAX))
+        let tensors = chunked::get_tensors(&t, id)
             .map_err(|e| self.storage_err("reading tensors")(e.into()))?
-        {
-            let (k, v) = item.map_err(|e| self.storage_err("reading tensors")(e.into()))?;
-            let (_, idx) = k.value();
-            tensors.push(
-                codec::decode_tensor(v.value())
-                    .map_err(|e| self.corrupt("tensors", format!("({id}, {idx})"), e))?,
-            );
-        }
+            .map_err(|e| self.corrupt("object_tensors", id, e))?;
         if tensors.len() != rec.tensor_count as usize {
             return Err(self.corrupt(
-                "tensors",
+                "object_tensors",
                 id,
                 format!(
                     "{} tensors stored, record says {}",
@@ -1095,20 +1177,19 @@ impl Store {
     pub fn embeddings(&self, space: SpaceId) -> Result<Vec<(ObjectId, Vec<f32>)>, StoreError> {
         let r = self.read()?;
         let t = r
-            .open_table(EMBEDDINGS)
+            .open_table(SPACE_EMBEDDINGS)
             .map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
         let mut out = Vec::new();
-        for item in t
-            .range((space.0, 0u64)..=(space.0, u64::MAX))
-            .map_err(|e| self.storage_err("reading embeddings")(e.into()))?
-        {
-            let (k, v) = item.map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
-            let (_, id) = k.value();
-            out.push((
-                id,
-                codec::decode_f32(v.value())
-                    .map_err(|e| self.corrupt("embeddings", format!("({space}, {id})"), e))?,
-            ));
+        let mut bad = None;
+        chunked::for_each_embedding(&t, space.0, |id, v| match v {
+            Ok(v) => out.push((id, v)),
+            Err(e) => {
+                bad.get_or_insert((id, e));
+            }
+        })
+        .map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
+        if let Some((id, e)) = bad {
+            return Err(self.corrupt("space_embeddings", format!("({space}, {id})"), e));
         }
         Ok(out)
     }
@@ -1117,14 +1198,13 @@ impl Store {
     pub fn embedding(&self, space: SpaceId, id: ObjectId) -> Result<Option<Vec<f32>>, StoreError> {
         let r = self.read()?;
         let t = r
-            .open_table(EMBEDDINGS)
+            .open_table(SPACE_EMBEDDINGS)
             .map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
-        match t
-            .get((space.0, id))
+        match chunked::get_embedding(&t, space.0, id)
             .map_err(|e| self.storage_err("reading embeddings")(e.into()))?
         {
-            Some(v) => Ok(Some(codec::decode_f32(v.value()).map_err(|e| {
-                self.corrupt("embeddings", format!("({space}, {id})"), e)
+            Some(v) => Ok(Some(v.map_err(|e| {
+                self.corrupt("space_embeddings", format!("({space}, {id})"), e)
             })?)),
             None => Ok(None),
         }
@@ -1155,9 +1235,13 @@ impl Store {
             };
             let mut objects = w.open_table(OBJECTS).map_err(|e| se(e.into()))?;
             let mut by_hash = w.open_table(OBJECT_BY_HASH).map_err(|e| se(e.into()))?;
-            let mut tensors = w.open_table(TENSORS).map_err(|e| se(e.into()))?;
-            let mut embeddings = w.open_table(EMBEDDINGS).map_err(|e| se(e.into()))?;
+            let mut tensors = w.open_table(OBJECT_TENSORS).map_err(|e| se(e.into()))?;
+            let mut embeddings = w.open_table(SPACE_EMBEDDINGS).map_err(|e| se(e.into()))?;
             let mut spaces = w.open_table(SPACES).map_err(|e| se(e.into()))?;
+            let mut meta = w.open_table(META).map_err(|e| se(e.into()))?;
+            let seq = self.meta_u64(&meta, "change_seq")? + 1;
+            meta.insert("change_seq", seq.to_le_bytes().as_slice())
+                .map_err(|e| se(e.into()))?;
             for &id in ids {
                 let rec = match objects.remove(id).map_err(|e| se(e.into()))? {
                     Some(v) => self.decode_object(id, v.value())?,
@@ -1174,12 +1258,9 @@ impl Store {
                     })
                     .collect();
                 by_hash.remove(hash.as_slice()).map_err(|e| se(e.into()))?;
-                tensors
-                    .retain_in((id, 0u32)..=(id, u32::MAX), |_, _| false)
-                    .map_err(|e| se(e.into()))?;
+                chunked::delete_tensors(&mut tensors, id).map_err(|e| se(e.into()))?;
                 for er in &rec.embeddings {
-                    embeddings
-                        .remove((er.space.0, id))
+                    chunked::delete_embedding(&mut embeddings, er.space.0, id)
                         .map_err(|e| se(e.into()))?;
                     let cur = spaces
                         .get(er.space.0)
@@ -1188,6 +1269,7 @@ impl Store {
                     if let Some(cur) = cur {
                         let mut s = cur.map_err(|e| self.corrupt("spaces", er.space, e))?;
                         s.count = s.count.saturating_sub(1);
+                        s.generation = seq;
                         if s.count == 0 {
                             spaces.remove(er.space.0).map_err(|e| se(e.into()))?;
                         } else {

@@ -431,6 +431,25 @@ pub fn export(db: &Path, a: &ExportArgs, json: bool) -> Result<u8> {
     Ok(0)
 }
 
+pub fn compact(db: &Path, json: bool) -> Result<u8> {
+    let mut store = open_rw(db)?;
+    let (before, after) = store.compact()?;
+    if json {
+        print_json(&json!({"path": db, "bytes_before": before, "bytes_after": after}))?;
+    } else {
+        println!(
+            "{}: {before} -> {after} bytes ({:.1}% freed)",
+            db.display(),
+            if before > 0 {
+                100.0 * (before.saturating_sub(after)) as f64 / before as f64
+            } else {
+                0.0
+            }
+        );
+    }
+    Ok(0)
+}
+
 pub fn stats(db: &Path, json: bool) -> Result<u8> {
     let store = open_ro(db)?;
     let s = store.stats()?;

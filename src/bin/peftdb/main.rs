@@ -51,6 +51,8 @@ enum Cmd {
     Export(cmd_store::ExportArgs),
     /// Counts, sizes and embedding spaces.
     Stats,
+    /// Give free space back to the file system (after `rm`), upgrading an older store's schema first.
+    Compact,
     /// Merge objects or adapter folders (weights, or softmax of scores) into one adapter folder.
     Merge(cmd_merge::MergeArgs),
     /// Nearest tasks to a stored task, a stored object or an adapter folder (TuPaTE similarity).
@@ -95,6 +97,7 @@ fn main() -> ExitCode {
         Cmd::Rm(a) => cmd_store::rm(&cli.db, a, cli.json),
         Cmd::Export(a) => cmd_store::export(&cli.db, a, cli.json),
         Cmd::Stats => cmd_store::stats(&cli.db, cli.json),
+        Cmd::Compact => cmd_store::compact(&cli.db, cli.json),
         Cmd::Merge(a) => cmd_merge::run(&cli.db, a, cli.json),
         Cmd::Nearest(a) => cmd_nearest::run(&cli.db, a, cli.json).map(|()| 0),
         Cmd::Suggest(a) => cmd_suggest::suggest_cmd(&cli.db, a, cli.json),
