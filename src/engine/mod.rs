@@ -38,6 +38,7 @@
 pub mod adapters;
 pub mod device;
 pub mod error;
+pub mod kernels;
 pub mod model;
 pub mod scoring;
 pub mod task;

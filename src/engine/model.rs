@@ -7,8 +7,9 @@
 //! softmax scale is folded into the query. Inference uses candle's fused layer-norm and softmax kernels;
 //! the differentiable path ([`Grad::Yes`]) composes them from primitive ops, which candle can backprop.
 
-use super::adapters::{AdapterSet, Bottleneck, LayerAdapter, LinearAdapter};
+use super::adapters::{AdapterSet, Bottleneck, LayerAdapter, LinearAdapter, LoraWeights};
 use super::error::{EngineError, EngineResult};
+use super::kernels;
 use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -56,7 +57,8 @@ pub enum Activation {
 impl Activation {
     pub fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Activation::Gelu => gelu_erf(x),
+            Activation::Gelu if kernels::usable(x) => kernels::gelu_erf(x, true),
+            Activation::Gelu => x.gelu_erf(),
             Activation::GeluTanh => x.gelu(),
             Activation::Relu => x.relu(),
             Activation::Silu => x.silu(),
@@ -471,18 +473,22 @@ impl BertModel {
         let (b, s, h) = x.dims3()?;
         let nh = self.config.num_attention_heads;
         let hd = h / nh;
-        let eps = self.config.layer_norm_eps;
         let x2 = x.reshape((b * s, h))?;
         let lin_ad = |slot: usize| la.map(|l| &l.linears[slot]);
         let scale = 1.0 / (hd as f64).sqrt();
 
+        if kernels::usable(x) {
+            let ctx = self.attention_cpu(layer, la, &x2, (b, s, h), add_mask, grad)?;
+            return self
+                .layer_tail(layer, la, &x2, &ctx, grad)?
+                .reshape((b, s, h));
+        }
         // Query, key, value: (B, nh, S, hd).
         let qkv_plain = [Q, K, V]
             .iter()
             .all(|&k| lin_ad(k).map(|a| a.is_empty()).unwrap_or(true));
         let (q, k, v) = if qkv_plain {
-            let qkv =
-                frozen_matmul(&x2, &layer.qkv_weight, grad)?.broadcast_add(&layer.qkv_bias)?;
+            let qkv = frozen_linear(&x2, &layer.qkv_weight, &layer.qkv_bias, grad)?;
             let qkv = qkv
                 .reshape((b, s, 3, nh, hd))?
                 .permute((2, 0, 3, 1, 4))?
@@ -516,7 +522,93 @@ impl BertModel {
         };
         let probs = softmax(&scores, grad)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * s, h))?;
-        let attn = linear(&layer.linears[ATTN_OUT], lin_ad(ATTN_OUT), &ctx, grad)?;
+        self.layer_tail(layer, la, &x2, &ctx, grad)?
+            .reshape((b, s, h))
+    }
+
+    /// Attention on the CPU kernels: Q, K, V as (B, S, H) (strided views of the fused projection when
+    /// only LoRA touches them), one fused attention op, context (B*S, H).
+    fn attention_cpu(
+        &self,
+        layer: &Layer,
+        la: Option<&LayerAdapter>,
+        x2: &Tensor,
+        (b, s, h): (usize, usize, usize),
+        add_mask: Option<&Tensor>,
+        grad: Grad,
+    ) -> candle_core::Result<Tensor> {
+        let nh = self.config.num_attention_heads;
+        let hd = h / nh;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let lin_ad = |slot: usize| la.map(|l| &l.linears[slot]);
+        let lora_only = [Q, K, V].iter().all(|&k| {
+            lin_ad(k)
+                .map(|a| a.ia3_in.is_none() && a.ia3_out.is_none() && a.bias.is_none())
+                .unwrap_or(true)
+        });
+        let (q, k, v) = if lora_only {
+            // One GEMM for the frozen projections (attention scale folded into the query's), then
+            // each LoRA update added to its slice.
+            let qkv = kernels::linear(x2, &layer.qkv_weight, &layer.qkv_bias, grad == Grad::Yes)?
+                .reshape((b, s, 3 * h))?;
+            let part = |slot: usize, j: usize| -> candle_core::Result<Tensor> {
+                let view = qkv.narrow(2, j * h, h)?;
+                match lin_ad(slot).and_then(|a| a.lora.as_ref()) {
+                    Some(l) => {
+                        let d = lora_delta(l, x2)?;
+                        let d = if slot == Q { (d * scale)? } else { d };
+                        view + d.reshape((b, s, h))?
+                    }
+                    None => Ok(view),
+                }
+            };
+            (part(Q, 0)?, part(K, 1)?, part(V, 2)?)
+        } else {
+            let q = linear(&layer.linears[Q], lin_ad(Q), x2, grad)?;
+            let k = linear(&layer.linears[K], lin_ad(K), x2, grad)?;
+            let v = linear(&layer.linears[V], lin_ad(V), x2, grad)?;
+            (
+                (q * scale)?.reshape((b, s, h))?,
+                k.reshape((b, s, h))?,
+                v.reshape((b, s, h))?,
+            )
+        };
+        let (k, v) = match la.and_then(|l| l.prefix.as_ref()) {
+            Some((pk, pv)) => {
+                // (heads, T, hd) -> (B, T, H), prepended.
+                let t = pk.dim(1)?;
+                let flat = |p: &Tensor| -> candle_core::Result<Tensor> {
+                    p.transpose(0, 1)?
+                        .contiguous()?
+                        .reshape((1, t, h))?
+                        .broadcast_as((b, t, h))
+                };
+                (
+                    Tensor::cat(&[&flat(pk)?, &k], 1)?,
+                    Tensor::cat(&[&flat(pv)?, &v], 1)?,
+                )
+            }
+            None => (k, v),
+        };
+        let mask = match add_mask {
+            Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        kernels::attention(&q, &k, &v, nh, mask, grad == Grad::Yes)?.reshape((b * s, h))
+    }
+
+    /// Attention output projection, residual + layer norm, feed-forward, residual + layer norm.
+    fn layer_tail(
+        &self,
+        layer: &Layer,
+        la: Option<&LayerAdapter>,
+        x2: &Tensor,
+        ctx: &Tensor,
+        grad: Grad,
+    ) -> candle_core::Result<Tensor> {
+        let eps = self.config.layer_norm_eps;
+        let lin_ad = |slot: usize| la.map(|l| &l.linears[slot]);
+        let attn = linear(&layer.linears[ATTN_OUT], lin_ad(ATTN_OUT), ctx, grad)?;
         let attn = match la.and_then(|l| l.bottlenecks[0].as_ref()) {
             Some(bn) => bottleneck(bn, &attn)?,
             None => attn,
@@ -524,7 +616,7 @@ impl BertModel {
         let ln0_bias = la
             .and_then(|l| l.norm_bias[0].as_ref())
             .unwrap_or(&layer.norms[0].1);
-        let h1 = layer_norm(&(attn + &x2)?, &layer.norms[0].0, ln0_bias, eps, grad)?;
+        let h1 = layer_norm(&(attn + x2)?, &layer.norms[0].0, ln0_bias, eps, grad)?;
         let inter = linear(&layer.linears[INTER], lin_ad(INTER), &h1, grad)?;
         let inter = self.activation.apply(&inter)?;
         let out = linear(&layer.linears[OUT], lin_ad(OUT), &inter, grad)?;
@@ -535,8 +627,7 @@ impl BertModel {
         let ln1_bias = la
             .and_then(|l| l.norm_bias[1].as_ref())
             .unwrap_or(&layer.norms[1].1);
-        let y = layer_norm(&(out + h1)?, &layer.norms[1].0, ln1_bias, eps, grad)?;
-        y.reshape((b, s, h))
+        layer_norm(&(out + h1)?, &layer.norms[1].0, ln1_bias, eps, grad)
     }
 }
 
@@ -549,30 +640,16 @@ fn linear(
     grad: Grad,
 ) -> candle_core::Result<Tensor> {
     let Some(ad) = ad else {
-        return frozen_matmul(x, &base.weight, grad)?.broadcast_add(&base.bias);
+        return frozen_linear(x, &base.weight, &base.bias, grad);
     };
     let xin = match &ad.ia3_in {
         Some(s) => x.broadcast_mul(s)?,
         None => x.clone(),
     };
     let bias = ad.bias.as_ref().unwrap_or(&base.bias);
-    let mut y = frozen_matmul(&xin, &base.weight, grad)?.broadcast_add(bias)?;
+    let mut y = frozen_linear(&xin, &base.weight, bias, grad)?;
     if let Some(l) = &ad.lora {
-        if l.groups > 1 {
-            // Stacked adapters: row block g of the batch goes through adapter g (one batched matmul).
-            let (n, inp) = x.dims2()?;
-            let out = y.dim(1)?;
-            let g = l.groups;
-            let d = x
-                .reshape((g, n / g, inp))?
-                .matmul(&l.a)?
-                .matmul(&l.b)?
-                .reshape((n, out))?;
-            y = (y + d)?;
-        } else {
-            let d = x.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
-            y = (y + (d * l.scale)?)?;
-        }
+        y = (y + lora_delta(l, x)?)?;
     }
     if let Some(s) = &ad.ia3_out {
         y = y.broadcast_mul(s)?;
@@ -590,128 +667,33 @@ fn bottleneck(bn: &Bottleneck, h: &Tensor) -> candle_core::Result<Tensor> {
     u + h
 }
 
-/// `x @ w^T` for a frozen weight `w` (out, in). candle's matmul backward also computes the gradient of
-/// the weight, which a frozen base model never needs and which doubles the backward pass; on the CPU the
-/// differentiable path uses a custom op whose backward returns the input's gradient only.
-fn frozen_matmul(x: &Tensor, w: &Tensor, grad: Grad) -> candle_core::Result<Tensor> {
-    if grad == Grad::No || !x.device().is_cpu() || x.dtype() != DType::F32 {
-        return x.matmul(&w.t()?);
-    }
-    x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })
-}
-
-struct FrozenMatmul {
-    w: Tensor,
-}
-
-impl candle_core::CustomOp1 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "frozen-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul: non-contiguous input".into()))?;
-        let x = Tensor::from_slice(
-            &storage.as_slice::<f32>()?[start..end],
-            layout.shape(),
-            &Device::Cpu,
-        )?;
-        let y = x.matmul(&self.w.t()?)?;
-        let shape = y.shape().clone();
-        let v = y.flatten_all()?.to_vec1::<f32>()?;
-        Ok((candle_core::CpuStorage::F32(v), shape))
-    }
-
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad_res.matmul(&self.w)?))
+/// LoRA's update `s * B A x` of a linear layer's input `x` (N, in) -> (N, out).
+fn lora_delta(l: &LoraWeights, x: &Tensor) -> candle_core::Result<Tensor> {
+    if l.groups > 1 {
+        // Stacked adapters: row block g of the batch goes through adapter g (one batched matmul).
+        let (n, inp) = x.dims2()?;
+        let g = l.groups;
+        let d = x.reshape((g, n / g, inp))?.matmul(&l.a)?.matmul(&l.b)?;
+        let out = d.dim(2)?;
+        d.reshape((n, out))
+    } else {
+        x.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale
     }
 }
 
-/// Exact (erf) GELU. On the CPU a custom kernel (erf by Abramowitz & Stegun 7.1.26, |error| < 1.5e-7,
-/// vectorisable, split across threads) replaces candle's scalar f64 erf, with its analytic backward.
-fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
-    if !x.device().is_cpu() || x.dtype() != DType::F32 {
-        return x.gelu_erf();
+/// `x @ w^T + b` for a frozen weight `w` (out, in): on the CPU the [`kernels::linear`] op (bias written
+/// by the GEMM, backward computes no weight gradient: a frozen base model never needs it, and candle's
+/// matmul backward would double the backward GEMMs); elsewhere candle's ops.
+fn frozen_linear(x: &Tensor, w: &Tensor, b: &Tensor, grad: Grad) -> candle_core::Result<Tensor> {
+    if kernels::usable(x) && x.rank() == 2 {
+        return kernels::linear(x, w, b, grad == Grad::Yes);
     }
-    x.contiguous()?.apply_op1(FastGelu)
-}
-
-struct FastGelu;
-
-#[inline(always)]
-fn erf_as(x: f32) -> f32 {
-    // Abramowitz & Stegun 7.1.26.
-    let s = x.signum();
-    let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let y = 1.0
-        - (((((1.061_405_4 * t - 1.453_152_1) * t) + 1.421_413_7) * t - 0.284_496_74) * t
-            + 0.254_829_6)
-            * t
-            * (-a * a).exp();
-    s * y
-}
-
-fn par_map(src: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    use rayon::prelude::*;
-    let mut out = vec![0f32; src.len()];
-    out.par_chunks_mut(16 * 1024)
-        .zip(src.par_chunks(16 * 1024))
-        .for_each(|(o, i)| {
-            for (o, &v) in o.iter_mut().zip(i) {
-                *o = f(v);
-            }
-        });
-    out
-}
-
-impl candle_core::CustomOp1 for FastGelu {
-    fn name(&self) -> &'static str {
-        "fast-gelu-erf"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("fast-gelu: non-contiguous input".into()))?;
-        let src = &storage.as_slice::<f32>()?[start..end];
-        let out = par_map(src, |v| {
-            0.5 * v * (1.0 + erf_as(v * std::f32::consts::FRAC_1_SQRT_2))
-        });
-        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        // d/dx x*Phi(x) = Phi(x) + x*phi(x).
-        let x = arg.flatten_all()?.to_vec1::<f32>()?;
-        let inv_sqrt_2pi = 0.398_942_3_f32;
-        let d = par_map(&x, |v| {
-            0.5 * (1.0 + erf_as(v * std::f32::consts::FRAC_1_SQRT_2))
-                + v * inv_sqrt_2pi * (-0.5 * v * v).exp()
-        });
-        let d = Tensor::from_vec(d, arg.shape(), arg.device())?;
-        Ok(Some(grad_res.mul(&d)?))
-    }
+    let w = if grad == Grad::Yes {
+        w.detach()
+    } else {
+        w.clone()
+    };
+    x.matmul(&w.t()?)?.broadcast_add(b)
 }
 
 fn layer_norm(
@@ -721,6 +703,9 @@ fn layer_norm(
     eps: f64,
     grad: Grad,
 ) -> candle_core::Result<Tensor> {
+    if kernels::usable(x) {
+        return kernels::layer_norm(x, w, b, eps, grad == Grad::Yes);
+    }
     match grad {
         Grad::No => candle_nn::ops::layer_norm(&x.contiguous()?, w, b, eps as f32),
         Grad::Yes => {

@@ -1,0 +1,1317 @@
+//! Hand-written CPU kernels for the hot ops of the encoder, as candle custom ops with their backward
+//! passes: what candle 0.11 lacks on the CPU.
+//!
+//! - [`attention`]: softmax(Q K^T + mask) V for all heads in one op, parallel over (batch, head): Q, K
+//!   and V are read in place from (B, S, H) rows (strided views of the fused QKV projection included), so
+//!   no head transpose or contiguous copy is made, the scores never leave a per-thread buffer at
+//!   inference, and the output is written straight into the (B, S, H) layout the output projection
+//!   reads. In training the probabilities are kept for the backward pass (dV = P^T dO, dP = dO V^T,
+//!   dS = P (dP - rowsum(dP P)), dQ = dS K, dK = dS^T Q): five small GEMMs per head instead of candle's
+//!   generic graph of transposes, broadcasts and reductions.
+//! - [`linear`]: `x W^T + b` with the bias written first and accumulated into by the GEMM (no separate
+//!   broadcast pass, no zero fill); backward returns only the input's gradient and, when the bias is
+//!   trained (BitFit, LoRA `bias="all"`), its column sums. The frozen weight gets no gradient.
+//! - [`layer_norm`]: one pass per row forward; backward in one pass per row, with the weight and bias
+//!   gradients summed over fixed blocks of rows in a fixed order (bit-identical whatever the threads).
+//! - [`gelu_erf`]: exact GELU with a vectorised erf (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7).
+//!
+//! Element loops are compiled for AVX-512 / AVX2+FMA as the CPU allows (runtime dispatch), with a
+//! polynomial `exp` (relative error ~2e-7); GEMMs go to the gemm crate (candle's), single-threaded per
+//! head inside attention and multi-threaded otherwise. Every kernel computes each output element in a
+//! fixed order, so results do not depend on the number of threads.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+type Res<T> = candle_core::Result<T>;
+
+fn err<T>(msg: impl Into<String>) -> Res<T> {
+    Err(candle_core::Error::Msg(msg.into()))
+}
+
+/// Whether the kernels apply: CPU, f32.
+pub fn usable(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
+/// Run `f` on the f32 data of a CPU tensor (its whole storage) and its layout.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32], &Layout) -> Res<R>) -> Res<R> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(c) => f(c.as_slice::<f32>()?, l),
+        _ => err("engine kernels: CPU tensors only"),
+    }
+}
+
+fn contiguous_slice<'a>(s: &'a [f32], l: &Layout, what: &str) -> Res<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => err(format!("engine kernels: {what} must be contiguous")),
+    }
+}
+
+fn out_tensor(v: Vec<f32>, shape: impl Into<Shape>) -> Res<Tensor> {
+    Tensor::from_vec(v, shape.into(), &candle_core::Device::Cpu)
+}
+
+/// A raw pointer that worker threads write disjoint parts of.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer `i` elements on (a method, so that closures capture the whole `SendPtr`).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+fn gemm_par(work: usize) -> gemm::Parallelism {
+    // Below ~1 MFLOP a GEMM is over before the threads wake up.
+    if threads() > 1 && work >= 1 << 20 {
+        gemm::Parallelism::Rayon(threads())
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// dst (m x n) = [dst +] lhs (m x k) * rhs (k x n), all row/column strides in elements.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+    par: gemm::Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        if accumulate { 1.0 } else { 0.0 },
+        1.0,
+        false,
+        false,
+        false,
+        par,
+    )
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Vectorised element loops.
+
+/// Run `f` compiled for the best vector extension the CPU has (the closure is inlined into it).
+#[inline(always)]
+fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+        unsafe fn v4<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn v3<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return unsafe { v4(f) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return unsafe { v3(f) };
+        }
+    }
+    f()
+}
+
+const LANES: usize = 16;
+
+/// exp(x) for x <= 0 range-reduced by powers of two, degree-6 polynomial (relative error ~2e-7);
+/// branch-free so that loops over it vectorise.
+#[inline(always)]
+pub(crate) fn exp_poly(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    let k = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - k * 0.693_145_75 - k * 1.428_606_8e-6;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (0.166_666_67
+                    + r * (0.041_666_41 + r * (0.008_333_452 + r * 0.001_388_888_9)))));
+    p * f32::from_bits(((k as i32 + 127) as u32) << 23)
+}
+
+#[inline(always)]
+fn row_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut ch = x.chunks_exact(LANES);
+    for c in &mut ch {
+        for i in 0..LANES {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    let mut m = acc
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    for &v in ch.remainder() {
+        m = if v > m { v } else { m };
+    }
+    m
+}
+
+#[inline(always)]
+fn row_sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut ch = x.chunks_exact(LANES);
+    for c in &mut ch {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    let mut s = 0f32;
+    for a in acc {
+        s += a;
+    }
+    for &v in ch.remainder() {
+        s += v;
+    }
+    s
+}
+
+#[inline(always)]
+fn row_dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut cx = x.chunks_exact(LANES);
+    let mut cy = y.chunks_exact(LANES);
+    for (a, b) in (&mut cx).zip(&mut cy) {
+        for i in 0..LANES {
+            acc[i] += a[i] * b[i];
+        }
+    }
+    let mut s = 0f32;
+    for a in acc {
+        s += a;
+    }
+    for (a, b) in cx.remainder().iter().zip(cy.remainder()) {
+        s += a * b;
+    }
+    s
+}
+
+/// In-place softmax of one row, with an optional additive mask.
+#[inline(always)]
+fn softmax_row(row: &mut [f32], mask: Option<&[f32]>) {
+    if let Some(m) = mask {
+        for (v, &a) in row.iter_mut().zip(m) {
+            *v += a;
+        }
+    }
+    let mx = row_max(row);
+    for v in row.iter_mut() {
+        *v = exp_poly(*v - mx);
+    }
+    let inv = 1.0 / row_sum(row);
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Attention.
+
+/// A (B, S, H) operand read in place: element (b, s, c) at `off + b*sb + s*ss + c`.
+#[derive(Clone, Copy, Debug)]
+struct View3 {
+    off: usize,
+    sb: usize,
+    ss: usize,
+    b: usize,
+    s: usize,
+    h: usize,
+}
+
+fn view3(l: &Layout, what: &str) -> Res<View3> {
+    let d = l.dims();
+    let st = l.stride();
+    if d.len() != 3 || st[2] != 1 {
+        return err(format!(
+            "attention: {what} must be (B, S, H) with unit stride on H, got dims {d:?} strides {st:?}"
+        ));
+    }
+    Ok(View3 {
+        off: l.start_offset(),
+        sb: st[0],
+        ss: st[1],
+        b: d[0],
+        s: d[1],
+        h: d[2],
+    })
+}
+
+/// Multi-head attention. `q`: (B, Sq, H), already scaled by 1/sqrt(head_dim); `k`, `v`: (B, Skv, H);
+/// `mask`: additive (B, Skv) or none; returns the context (B, Sq, H) (heads concatenated along H).
+/// `Grad::Yes`-style differentiability comes with `keep_probs`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<Vec<f32>>,
+    differentiable: bool,
+) -> Res<Tensor> {
+    let op = Attention {
+        heads,
+        mask,
+        probs: differentiable.then(|| Mutex::new(Vec::new())),
+    };
+    if differentiable {
+        q.apply_op3(k, v, op)
+    } else {
+        q.apply_op3_no_bwd(k, v, &op)
+    }
+}
+
+struct Attention {
+    heads: usize,
+    mask: Option<Vec<f32>>,
+    /// The probabilities (B, heads, Sq, Skv), kept by the forward pass for the backward pass.
+    probs: Option<Mutex<Vec<f32>>>,
+}
+
+impl Attention {
+    fn check(&self, q: &View3, k: &View3, v: &View3) -> Res<usize> {
+        if q.b != k.b || q.b != v.b || k.s != v.s || q.h != k.h || q.h != v.h {
+            return err(format!(
+                "attention: shapes q {q:?} k {k:?} v {v:?} do not fit"
+            ));
+        }
+        if self.heads == 0 || q.h % self.heads != 0 {
+            return err("attention: H is not a multiple of the head count");
+        }
+        if let Some(m) = &self.mask {
+            if m.len() != q.b * k.s {
+                return err("attention: mask is not (B, Skv)");
+            }
+        }
+        Ok(q.h / self.heads)
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "peftdb-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Res<(CpuStorage, Shape)> {
+        let (qs, ks, vs) = (
+            s1.as_slice::<f32>()?,
+            s2.as_slice::<f32>()?,
+            s3.as_slice::<f32>()?,
+        );
+        let (q, k, v) = (view3(l1, "q")?, view3(l2, "k")?, view3(l3, "v")?);
+        let hd = self.check(&q, &k, &v)?;
+        let (b, sq, skv, h, nh) = (q.b, q.s, k.s, q.h, self.heads);
+        let mut out = vec![0f32; b * sq * h];
+        let optr = SendPtr(out.as_mut_ptr());
+        let mut kept = self.probs.as_ref().map(|_| vec![0f32; b * nh * sq * skv]);
+        let pptr = kept.as_mut().map(|p| SendPtr(p.as_mut_ptr()));
+        let mask = self.mask.as_deref();
+        (0..b * nh).into_par_iter().for_each_init(
+            || vec![0f32; if pptr.is_some() { 0 } else { sq * skv }],
+            |scratch, u| {
+                let (bi, hi) = (u / nh, u % nh);
+                let scores: &mut [f32] = match pptr {
+                    // SAFETY: unit u owns probs[u*sq*skv .. (u+1)*sq*skv].
+                    Some(p) => unsafe {
+                        std::slice::from_raw_parts_mut(p.at(u * sq * skv), sq * skv)
+                    },
+                    None => scratch.as_mut_slice(),
+                };
+                let qp = qs[q.off + bi * q.sb + hi * hd..].as_ptr();
+                let kp = ks[k.off + bi * k.sb + hi * hd..].as_ptr();
+                let vp = vs[v.off + bi * v.sb + hi * hd..].as_ptr();
+                unsafe {
+                    // scores = Q K^T: rhs(kk, j) = K[j, kk].
+                    mm(
+                        sq,
+                        skv,
+                        hd,
+                        scores.as_mut_ptr(),
+                        skv,
+                        false,
+                        qp,
+                        q.ss,
+                        1,
+                        kp,
+                        1,
+                        k.ss,
+                        gemm::Parallelism::None,
+                    );
+                }
+                let mrow = mask.map(|m| &m[bi * skv..(bi + 1) * skv]);
+                simd(|| {
+                    for row in scores.chunks_exact_mut(skv) {
+                        softmax_row(row, mrow);
+                    }
+                });
+                unsafe {
+                    // out[b, :, head] = P V.
+                    mm(
+                        sq,
+                        hd,
+                        skv,
+                        optr.at(bi * sq * h + hi * hd),
+                        h,
+                        false,
+                        scores.as_ptr(),
+                        skv,
+                        1,
+                        vp,
+                        v.ss,
+                        1,
+                        gemm::Parallelism::None,
+                    );
+                }
+            },
+        );
+        if let (Some(slot), Some(p)) = (&self.probs, kept) {
+            *slot
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("poisoned".into()))? = p;
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, sq, h))))
+    }
+
+    fn bwd(
+        &self,
+        qt: &Tensor,
+        kt: &Tensor,
+        vt: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Res<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(slot) = &self.probs else {
+            return err("attention: backward of a forward run without gradients");
+        };
+        let probs = slot
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        let grad = grad.contiguous()?;
+        let (dq, dk, dv) = with_f32(qt, |qs, l1| {
+            with_f32(kt, |ks, l2| {
+                with_f32(vt, |vs, l3| {
+                    with_f32(&grad, |gs, lg| {
+                        let (q, k, v) = (view3(l1, "q")?, view3(l2, "k")?, view3(l3, "v")?);
+                        let hd = self.check(&q, &k, &v)?;
+                        let go = contiguous_slice(gs, lg, "grad")?;
+                        let (b, sq, skv, h, nh) = (q.b, q.s, k.s, q.h, self.heads);
+                        if probs.len() != b * nh * sq * skv {
+                            return err("attention: kept probabilities do not fit");
+                        }
+                        let mut dq = vec![0f32; b * sq * h];
+                        let mut dk = vec![0f32; b * skv * h];
+                        let mut dv = vec![0f32; b * skv * h];
+                        let (pq, pk, pv) = (
+                            SendPtr(dq.as_mut_ptr()),
+                            SendPtr(dk.as_mut_ptr()),
+                            SendPtr(dv.as_mut_ptr()),
+                        );
+                        (0..b * nh).into_par_iter().for_each_init(
+                            || vec![0f32; sq * skv],
+                            |ds, u| {
+                                let (bi, hi) = (u / nh, u % nh);
+                                let p = &probs[u * sq * skv..(u + 1) * sq * skv];
+                                let qp = qs[q.off + bi * q.sb + hi * hd..].as_ptr();
+                                let kp = ks[k.off + bi * k.sb + hi * hd..].as_ptr();
+                                let vp = vs[v.off + bi * v.sb + hi * hd..].as_ptr();
+                                let gp = go[bi * sq * h + hi * hd..].as_ptr();
+                                let none = gemm::Parallelism::None;
+                                unsafe {
+                                    // dV = P^T dO.
+                                    mm(
+                                        skv,
+                                        hd,
+                                        sq,
+                                        pv.at(bi * skv * h + hi * hd),
+                                        h,
+                                        false,
+                                        p.as_ptr(),
+                                        1,
+                                        skv,
+                                        gp,
+                                        h,
+                                        1,
+                                        none,
+                                    );
+                                    // dP = dO V^T.
+                                    mm(
+                                        sq,
+                                        skv,
+                                        hd,
+                                        ds.as_mut_ptr(),
+                                        skv,
+                                        false,
+                                        gp,
+                                        h,
+                                        1,
+                                        vp,
+                                        1,
+                                        v.ss,
+                                        none,
+                                    );
+                                }
+                                // dS = P (dP - rowsum(dP P)).
+                                simd(|| {
+                                    for (d, pr) in ds.chunks_exact_mut(skv).zip(p.chunks_exact(skv))
+                                    {
+                                        let c = row_dot(d, pr);
+                                        for (x, &y) in d.iter_mut().zip(pr) {
+                                            *x = y * (*x - c);
+                                        }
+                                    }
+                                });
+                                unsafe {
+                                    // dQ = dS K.
+                                    mm(
+                                        sq,
+                                        hd,
+                                        skv,
+                                        pq.at(bi * sq * h + hi * hd),
+                                        h,
+                                        false,
+                                        ds.as_ptr(),
+                                        skv,
+                                        1,
+                                        kp,
+                                        k.ss,
+                                        1,
+                                        none,
+                                    );
+                                    // dK = dS^T Q.
+                                    mm(
+                                        skv,
+                                        hd,
+                                        sq,
+                                        pk.at(bi * skv * h + hi * hd),
+                                        h,
+                                        false,
+                                        ds.as_ptr(),
+                                        1,
+                                        skv,
+                                        qp,
+                                        q.ss,
+                                        1,
+                                        none,
+                                    );
+                                }
+                            },
+                        );
+                        Ok((
+                            out_tensor(dq, (b, sq, h))?,
+                            out_tensor(dk, (b, skv, h))?,
+                            out_tensor(dv, (b, skv, h))?,
+                        ))
+                    })
+                })
+            })
+        })?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Column sums in a fixed order (bias and layer-norm parameter gradients).
+
+const ROW_BLOCK: usize = 64;
+
+/// Sum over rows of `f(row_index)`'s contribution, (n rows) -> (width): rows are summed in fixed blocks
+/// of [`ROW_BLOCK`], blocks in parallel, then the block sums in order: bit-identical for any thread count.
+fn block_col_sums(
+    n: usize,
+    width: usize,
+    outputs: usize,
+    f: impl Fn(std::ops::Range<usize>, &mut [Vec<f32>]) + Sync,
+) -> Vec<Vec<f32>> {
+    let blocks = n.div_ceil(ROW_BLOCK);
+    let partial: Vec<Vec<Vec<f32>>> = (0..blocks)
+        .into_par_iter()
+        .map(|bl| {
+            let mut acc = vec![vec![0f32; width]; outputs];
+            f(bl * ROW_BLOCK..n.min((bl + 1) * ROW_BLOCK), &mut acc);
+            acc
+        })
+        .collect();
+    let mut total = vec![vec![0f32; width]; outputs];
+    for p in partial {
+        for (t, p) in total.iter_mut().zip(p) {
+            simd(|| {
+                for (a, b) in t.iter_mut().zip(&p) {
+                    *a += b;
+                }
+            });
+        }
+    }
+    total
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Linear layer with a frozen weight.
+
+/// `x W^T + b` for a frozen weight `w` (out, in); `x` (N, in). Differentiable in `x` and `b`.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, differentiable: bool) -> Res<Tensor> {
+    let op = Linear { w: w.contiguous()? };
+    let x = x.contiguous()?;
+    if differentiable {
+        x.apply_op2(b, op)
+    } else {
+        x.apply_op2_no_bwd(b, &op)
+    }
+}
+
+struct Linear {
+    w: Tensor,
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "peftdb-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Res<(CpuStorage, Shape)> {
+        let x = contiguous_slice(s1.as_slice::<f32>()?, l1, "x")?;
+        let bias = contiguous_slice(s2.as_slice::<f32>()?, l2, "bias")?;
+        let (n, inp) = l1.shape().dims2()?;
+        with_f32(&self.w, |ws, lw| {
+            let w = contiguous_slice(ws, lw, "w")?;
+            let (out, win) = lw.shape().dims2()?;
+            if win != inp || bias.len() != out {
+                return err(format!(
+                    "linear: x (.., {inp}), w ({out}, {win}), bias {}",
+                    bias.len()
+                ));
+            }
+            let mut y: Vec<f32> = Vec::with_capacity(n * out);
+            for _ in 0..n {
+                y.extend_from_slice(bias);
+            }
+            unsafe {
+                mm(
+                    n,
+                    out,
+                    inp,
+                    y.as_mut_ptr(),
+                    out,
+                    true,
+                    x.as_ptr(),
+                    inp,
+                    1,
+                    w.as_ptr(),
+                    1,
+                    inp,
+                    gemm_par(n * out * inp),
+                );
+            }
+            Ok((CpuStorage::F32(y), Shape::from((n, out))))
+        })
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Res<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (n, out) = grad.dims2()?;
+        let (dx, db) = with_f32(&grad, |gs, lg| {
+            let g = contiguous_slice(gs, lg, "grad")?;
+            with_f32(&self.w, |ws, lw| {
+                let w = contiguous_slice(ws, lw, "w")?;
+                let inp = lw.shape().dims2()?.1;
+                let mut dx = vec![0f32; n * inp];
+                unsafe {
+                    mm(
+                        n,
+                        inp,
+                        out,
+                        dx.as_mut_ptr(),
+                        inp,
+                        false,
+                        g.as_ptr(),
+                        out,
+                        1,
+                        w.as_ptr(),
+                        inp,
+                        1,
+                        gemm_par(n * out * inp),
+                    );
+                }
+                let db = if b.track_op() {
+                    let s = block_col_sums(n, out, 1, |rows, acc| {
+                        simd(|| {
+                            for r in rows {
+                                for (a, v) in acc[0].iter_mut().zip(&g[r * out..(r + 1) * out]) {
+                                    *a += v;
+                                }
+                            }
+                        })
+                    });
+                    Some(out_tensor(s.into_iter().next().unwrap_or_default(), out)?)
+                } else {
+                    None
+                };
+                Ok((out_tensor(dx, (n, inp))?, db))
+            })
+        })?;
+        Ok((Some(dx), db))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Layer norm.
+
+/// Layer norm over the last dimension: `(x - mean) / sqrt(var + eps) * w + b`, differentiable in all
+/// three when `differentiable`.
+pub fn layer_norm(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    differentiable: bool,
+) -> Res<Tensor> {
+    let dims = x.dims().to_vec();
+    let h = *dims.last().unwrap_or(&0);
+    let x2 = x.contiguous()?.reshape(((), h))?;
+    let op = LayerNorm { eps: eps as f32 };
+    let y = if differentiable {
+        x2.apply_op3(w, b, op)?
+    } else {
+        x2.apply_op3_no_bwd(w, b, &op)?
+    };
+    y.reshape(dims)
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+#[inline(always)]
+fn mean_rstd(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = row_sum(x) / n;
+    let mut acc = [0f32; LANES];
+    let mut ch = x.chunks_exact(LANES);
+    for c in &mut ch {
+        for i in 0..LANES {
+            let d = c[i] - mean;
+            acc[i] += d * d;
+        }
+    }
+    let mut var = 0f32;
+    for a in acc {
+        var += a;
+    }
+    for &v in ch.remainder() {
+        var += (v - mean) * (v - mean);
+    }
+    (mean, 1.0 / (var / n + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "peftdb-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Res<(CpuStorage, Shape)> {
+        let x = contiguous_slice(s1.as_slice::<f32>()?, l1, "x")?;
+        let w = contiguous_slice(s2.as_slice::<f32>()?, l2, "w")?;
+        let b = contiguous_slice(s3.as_slice::<f32>()?, l3, "b")?;
+        let (n, h) = l1.shape().dims2()?;
+        if w.len() != h || b.len() != h {
+            return err("layer-norm: weight/bias do not match the last dimension");
+        }
+        let mut y = vec![0f32; n * h];
+        let eps = self.eps;
+        y.par_chunks_mut(h * ROW_BLOCK)
+            .zip(x.par_chunks(h * ROW_BLOCK))
+            .for_each(|(yb, xb)| {
+                simd(|| {
+                    for (yr, xr) in yb.chunks_exact_mut(h).zip(xb.chunks_exact(h)) {
+                        let (mean, rstd) = mean_rstd(xr, eps);
+                        for i in 0..h {
+                            yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+                        }
+                    }
+                })
+            });
+        Ok((CpuStorage::F32(y), Shape::from((n, h))))
+    }
+
+    fn bwd(
+        &self,
+        xt: &Tensor,
+        wt: &Tensor,
+        bt: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Res<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (n, h) = xt.dims2()?;
+        let eps = self.eps;
+        let (want_w, want_b) = (wt.track_op(), bt.track_op());
+        let (dx, sums) = with_f32(xt, |xs, lx| {
+            let x = contiguous_slice(xs, lx, "x")?;
+            with_f32(wt, |ws, lw| {
+                let w = contiguous_slice(ws, lw, "w")?;
+                with_f32(&grad, |gs, lg| {
+                    let g = contiguous_slice(gs, lg, "grad")?;
+                    let mut dx = vec![0f32; n * h];
+                    dx.par_chunks_mut(h * ROW_BLOCK)
+                        .zip(x.par_chunks(h * ROW_BLOCK))
+                        .zip(g.par_chunks(h * ROW_BLOCK))
+                        .for_each(|((db, xb), gb)| {
+                            simd(|| {
+                                for ((dr, xr), gr) in db
+                                    .chunks_exact_mut(h)
+                                    .zip(xb.chunks_exact(h))
+                                    .zip(gb.chunks_exact(h))
+                                {
+                                    let (mean, rstd) = mean_rstd(xr, eps);
+                                    // dx = rstd (gw - mean(gw) - xhat mean(gw xhat)), gw = g w.
+                                    let mut s1 = [0f32; LANES];
+                                    let mut s2 = [0f32; LANES];
+                                    for i in 0..h {
+                                        let gw = gr[i] * w[i];
+                                        let xh = (xr[i] - mean) * rstd;
+                                        s1[i % LANES] += gw;
+                                        s2[i % LANES] += gw * xh;
+                                    }
+                                    let (mut a, mut c) = (0f32, 0f32);
+                                    for i in 0..LANES {
+                                        a += s1[i];
+                                        c += s2[i];
+                                    }
+                                    let (a, c) = (a / h as f32, c / h as f32);
+                                    for i in 0..h {
+                                        let xh = (xr[i] - mean) * rstd;
+                                        dr[i] = rstd * (gr[i] * w[i] - a - xh * c);
+                                    }
+                                }
+                            })
+                        });
+                    let sums = if want_w || want_b {
+                        Some(block_col_sums(n, h, 2, |rows, acc| {
+                            simd(|| {
+                                let (dw, rest) = acc.split_at_mut(1);
+                                let (dw, dbias) = (&mut dw[0], &mut rest[0]);
+                                for r in rows {
+                                    let xr = &x[r * h..(r + 1) * h];
+                                    let gr = &g[r * h..(r + 1) * h];
+                                    let (mean, rstd) = mean_rstd(xr, eps);
+                                    for i in 0..h {
+                                        dw[i] += gr[i] * (xr[i] - mean) * rstd;
+                                        dbias[i] += gr[i];
+                                    }
+                                }
+                            })
+                        }))
+                    } else {
+                        None
+                    };
+                    Ok((dx, sums))
+                })
+            })
+        })?;
+        let (mut dw, mut db) = (None, None);
+        if let Some(mut s) = sums {
+            let sb = s.pop().unwrap_or_default();
+            let sw = s.pop().unwrap_or_default();
+            if want_w {
+                dw = Some(out_tensor(sw, h)?);
+            }
+            if want_b {
+                db = Some(out_tensor(sb, h)?);
+            }
+        }
+        Ok((Some(out_tensor(dx, (n, h))?), dw, db))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// GELU.
+
+/// erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7).
+#[inline(always)]
+fn erf_as(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let y = 1.0
+        - (((((1.061_405_4 * t - 1.453_152_1) * t) + 1.421_413_7) * t - 0.284_496_74) * t
+            + 0.254_829_6)
+            * t
+            * exp_poly(-a * a);
+    if x < 0.0 {
+        -y
+    } else {
+        y
+    }
+}
+
+const PAR_CHUNK: usize = 16 * 1024;
+
+fn par_map(src: &[f32], f: impl Fn(f32) -> f32 + Sync + Copy) -> Vec<f32> {
+    let mut out = vec![0f32; src.len()];
+    let work = |o: &mut [f32], i: &[f32]| {
+        simd(|| {
+            for (o, &v) in o.iter_mut().zip(i) {
+                *o = f(v);
+            }
+        })
+    };
+    if src.len() < 4 * PAR_CHUNK {
+        work(&mut out, src);
+    } else {
+        out.par_chunks_mut(PAR_CHUNK)
+            .zip(src.par_chunks(PAR_CHUNK))
+            .for_each(|(o, i)| work(o, i));
+    }
+    out
+}
+
+/// Exact (erf) GELU, `x Phi(x)`, with its analytic backward.
+pub fn gelu_erf(x: &Tensor, differentiable: bool) -> Res<Tensor> {
+    let x = x.contiguous()?;
+    if differentiable {
+        x.apply_op1(GeluErf)
+    } else {
+        x.apply_op1_no_bwd(&GeluErf)
+    }
+}
+
+struct GeluErf;
+
+#[inline(always)]
+fn gelu_f(v: f32) -> f32 {
+    0.5 * v * (1.0 + erf_as(v * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "peftdb-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Res<(CpuStorage, Shape)> {
+        let src = contiguous_slice(s.as_slice::<f32>()?, l, "x")?;
+        Ok((CpuStorage::F32(par_map(src, gelu_f)), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Res<Option<Tensor>> {
+        // d/dx x Phi(x) = Phi(x) + x phi(x).
+        let grad = grad.contiguous()?;
+        let d = with_f32(arg, |xs, lx| {
+            let x = contiguous_slice(xs, lx, "x")?;
+            with_f32(&grad, |gs, lg| {
+                let g = contiguous_slice(gs, lg, "grad")?;
+                let mut out = vec![0f32; x.len()];
+                let inv_sqrt_2pi = 0.398_942_3_f32;
+                out.par_chunks_mut(PAR_CHUNK)
+                    .zip(x.par_chunks(PAR_CHUNK))
+                    .zip(g.par_chunks(PAR_CHUNK))
+                    .for_each(|((o, xc), gc)| {
+                        simd(|| {
+                            for ((o, &v), &gv) in o.iter_mut().zip(xc).zip(gc) {
+                                let d = 0.5 * (1.0 + erf_as(v * std::f32::consts::FRAC_1_SQRT_2))
+                                    + v * inv_sqrt_2pi * exp_poly(-0.5 * v * v);
+                                *o = gv * d;
+                            }
+                        })
+                    });
+                Ok(out)
+            })
+        })?;
+        Ok(Some(out_tensor(d, arg.shape().clone())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var, D};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        // Deterministic pseudo-random values in [-1, 1).
+        let n: usize = shape.iter().product();
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    fn reference_attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        nh: usize,
+        mask: Option<&Tensor>,
+    ) -> Tensor {
+        let (b, sq, h) = q.dims3().unwrap();
+        let skv = k.dim(1).unwrap();
+        let hd = h / nh;
+        let heads = |t: &Tensor, s: usize| {
+            t.reshape((b, s, nh, hd))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let (qh, kh, vh) = (heads(q, sq), heads(k, skv), heads(v, skv));
+        let mut scores = qh.matmul(&kh.t().unwrap()).unwrap();
+        if let Some(m) = mask {
+            scores = scores
+                .broadcast_add(&m.reshape((b, 1, 1, skv)).unwrap())
+                .unwrap();
+        }
+        let mx = scores.max_keepdim(D::Minus1).unwrap().detach();
+        let e = scores.broadcast_sub(&mx).unwrap().exp().unwrap();
+        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+        p.matmul(&vh)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, sq, h))
+            .unwrap()
+    }
+
+    fn padding_mask(b: usize, skv: usize) -> (Vec<f32>, Tensor) {
+        // Row i masks its last i positions (additive -1e9), at least one position stays visible.
+        let m: Vec<f32> = (0..b)
+            .flat_map(|i| (0..skv).map(move |j| if j + i >= skv && j > 0 { -1e9 } else { 0.0 }))
+            .collect();
+        let t = Tensor::from_vec(m.clone(), (b, skv), &Device::Cpu).unwrap();
+        (m, t)
+    }
+
+    #[test]
+    fn exp_poly_is_accurate() {
+        let mut worst = 0f32;
+        for i in -8700..=8800 {
+            let x = i as f32 / 100.0;
+            let (a, e) = (exp_poly(x), x.exp());
+            worst = worst.max(((a - e) / e).abs());
+        }
+        assert!(worst < 1e-6, "relative error {worst}");
+        assert!(exp_poly(-1e9) < 1e-37 && exp_poly(-1e9) >= 0.0);
+    }
+
+    #[test]
+    fn attention_forward_matches_generic_ops() {
+        // (B, Sq, Skv, H, heads, masked): the real MiniLM shape, odd sizes, a prefix-like Skv > Sq.
+        for (i, &(b, sq, skv, h, nh, masked)) in [
+            (2, 64, 64, 384, 12, false),
+            (3, 5, 5, 8, 2, true),
+            (2, 7, 27, 24, 3, true),
+            (1, 1, 1, 4, 1, false),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let s = i as u64 * 10;
+            let q = (rand(&[b, sq, h], s) * 0.5).unwrap();
+            let k = rand(&[b, skv, h], s + 1);
+            let v = rand(&[b, skv, h], s + 2);
+            let (mv, mt) = padding_mask(b, skv);
+            let (mv, mt) = if masked {
+                (Some(mv), Some(mt))
+            } else {
+                (None, None)
+            };
+            let want = reference_attention(&q, &k, &v, nh, mt.as_ref());
+            for diff in [false, true] {
+                let got = attention(&q, &k, &v, nh, mv.clone(), diff).unwrap();
+                let d = max_diff(&got, &want);
+                assert!(d < 2e-6, "case {i} (differentiable {diff}): max diff {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn attention_reads_strided_views_of_a_fused_projection() {
+        let (b, s, h, nh) = (2, 9, 16, 4);
+        let qkv = rand(&[b, s, 3 * h], 7);
+        let (q, k, v) = (
+            qkv.narrow(2, 0, h).unwrap(),
+            qkv.narrow(2, h, h).unwrap(),
+            qkv.narrow(2, 2 * h, h).unwrap(),
+        );
+        assert!(!q.is_contiguous());
+        let got = attention(&q, &k, &v, nh, None, false).unwrap();
+        let want = reference_attention(
+            &q.contiguous().unwrap(),
+            &k.contiguous().unwrap(),
+            &v.contiguous().unwrap(),
+            nh,
+            None,
+        );
+        assert!(max_diff(&got, &want) < 2e-6);
+    }
+
+    #[test]
+    fn attention_backward_matches_generic_gradients() {
+        for (i, &(b, sq, skv, h, nh, masked)) in [
+            (2, 64, 64, 384, 12, true),
+            (3, 5, 5, 8, 2, true),
+            (2, 6, 11, 12, 3, false),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let s = 100 + i as u64 * 10;
+            let q = Var::from_tensor(&(rand(&[b, sq, h], s) * 0.5).unwrap()).unwrap();
+            let k = Var::from_tensor(&rand(&[b, skv, h], s + 1)).unwrap();
+            let v = Var::from_tensor(&rand(&[b, skv, h], s + 2)).unwrap();
+            let r = rand(&[b, sq, h], s + 3);
+            let (mv, mt) = padding_mask(b, skv);
+            let (mv, mt) = if masked {
+                (Some(mv), Some(mt))
+            } else {
+                (None, None)
+            };
+            let loss = |out: Tensor| (out * &r).unwrap().sum_all().unwrap();
+            let g_ref = loss(reference_attention(&q, &k, &v, nh, mt.as_ref()))
+                .backward()
+                .unwrap();
+            let g = loss(attention(&q, &k, &v, nh, mv, true).unwrap())
+                .backward()
+                .unwrap();
+            for (name, t) in [("q", &q), ("k", &k), ("v", &v)] {
+                let (a, e) = (g.get(t).unwrap(), g_ref.get(t).unwrap());
+                let d = max_diff(a, e);
+                assert!(d < 1e-5, "case {i}: d{name} max diff {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn attention_backward_through_strided_views() {
+        let (b, s, h, nh) = (2, 5, 8, 2);
+        let qkv = Var::from_tensor(&rand(&[b, s, 3 * h], 31)).unwrap();
+        let r = rand(&[b, s, h], 32);
+        let parts = |t: &Tensor| {
+            (
+                t.narrow(2, 0, h).unwrap(),
+                t.narrow(2, h, h).unwrap(),
+                t.narrow(2, 2 * h, h).unwrap(),
+            )
+        };
+        let (q, k, v) = parts(&qkv);
+        let g = (attention(&q, &k, &v, nh, None, true).unwrap() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (q, k, v) = parts(&qkv);
+        let g_ref = (reference_attention(&q, &k, &v, nh, None) * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(max_diff(g.get(&qkv).unwrap(), g_ref.get(&qkv).unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn linear_matches_matmul_and_its_gradients() {
+        for (i, &(n, inp, out)) in [(512, 384, 1152), (7, 5, 3), (2048, 384, 1536)]
+            .iter()
+            .enumerate()
+        {
+            let s = 200 + i as u64 * 10;
+            let x = Var::from_tensor(&rand(&[n, inp], s)).unwrap();
+            let w = rand(&[out, inp], s + 1);
+            let bias = Var::from_tensor(&rand(&[out], s + 2)).unwrap();
+            let r = rand(&[n, out], s + 3);
+            let want = x
+                .matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&bias)
+                .unwrap();
+            let got = linear(&x, &w, &bias, true).unwrap();
+            let d = max_diff(&got, &want);
+            assert!(d < 1e-4, "case {i}: forward max diff {d}");
+            let g = (got * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_ref = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx = max_diff(g.get(&x).unwrap(), g_ref.get(&x).unwrap());
+            let db = max_diff(g.get(&bias).unwrap(), g_ref.get(&bias).unwrap());
+            assert!(dx < 1e-4 && db < 1e-3, "case {i}: dx {dx} db {db}");
+            // A frozen bias gets no gradient.
+            let c = Tensor::zeros(out, DType::F32, &Device::Cpu).unwrap();
+            let g = (linear(&x, &w, &c, true).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            assert!(g.get(&c).is_none());
+        }
+    }
+
+    fn reference_layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Tensor {
+        let h = x.dim(D::Minus1).unwrap() as f64;
+        let mean = (x.sum_keepdim(D::Minus1).unwrap() / h).unwrap();
+        let xc = x.broadcast_sub(&mean).unwrap();
+        let var = (xc.sqr().unwrap().sum_keepdim(D::Minus1).unwrap() / h).unwrap();
+        let xn = xc
+            .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+            .unwrap();
+        xn.broadcast_mul(w).unwrap().broadcast_add(b).unwrap()
+    }
+
+    #[test]
+    fn layer_norm_matches_candle_and_its_gradients() {
+        for (i, &(n, h)) in [(512, 384), (3, 7), (2048, 384), (130, 8)]
+            .iter()
+            .enumerate()
+        {
+            let s = 300 + i as u64 * 10;
+            let x = Var::from_tensor(&((rand(&[n, h], s) * 3.0).unwrap() + 0.5).unwrap()).unwrap();
+            let w = Var::from_tensor(&rand(&[h], s + 1)).unwrap();
+            let b = Var::from_tensor(&rand(&[h], s + 2)).unwrap();
+            let r = rand(&[n, h], s + 3);
+            let eps = 1e-12;
+            let fused = candle_nn::ops::layer_norm(&x, &w, &b, eps as f32).unwrap();
+            let got = layer_norm(&x, &w, &b, eps, true).unwrap();
+            let d = max_diff(&got, &fused);
+            assert!(d < 1e-5, "case {i}: forward vs candle_nn max diff {d}");
+            let want = reference_layer_norm(&x, &w, &b, eps);
+            let g = (got * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_ref = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, t, tol) in [("x", &x, 1e-4), ("w", &w, 1e-3), ("b", &b, 1e-3)] {
+                let d = max_diff(g.get(t).unwrap(), g_ref.get(t).unwrap());
+                assert!(d < tol, "case {i}: d{name} max diff {d}");
+            }
+        }
+        // (B, S, H) input keeps its shape.
+        let x = rand(&[2, 3, 8], 9);
+        let (w, b) = (rand(&[8], 10), rand(&[8], 11));
+        let y = layer_norm(&x, &w, &b, 1e-5, false).unwrap();
+        assert_eq!(y.dims(), &[2, 3, 8]);
+    }
+
+    #[test]
+    fn gelu_matches_candle_and_finite_differences() {
+        for (i, &n) in [1usize, 17, 512 * 1536, 100_003].iter().enumerate() {
+            let x = Var::from_tensor(&(rand(&[n], 400 + i as u64) * 6.0).unwrap()).unwrap();
+            let got = gelu_erf(&x, true).unwrap();
+            let d = max_diff(&got, &x.gelu_erf().unwrap());
+            assert!(d < 1e-6, "n {n}: forward max diff {d}");
+            let g = got.sum_all().unwrap().backward().unwrap();
+            let dx = g.get(&x).unwrap().to_vec1::<f32>().unwrap();
+            let xs = x.to_vec1::<f32>().unwrap();
+            let f = |v: f64| 0.5 * v * (1.0 + erf_as((v / std::f64::consts::SQRT_2) as f32) as f64);
+            for (j, (&v, &gd)) in xs.iter().zip(&dx).enumerate().step_by(97) {
+                let e = 1e-3;
+                let fd = (f(v as f64 + e) - f(v as f64 - e)) / (2.0 * e);
+                assert!((fd - gd as f64).abs() < 1e-3, "n {n} at {j}: {gd} vs {fd}");
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_are_deterministic_across_thread_counts() {
+        let run = || {
+            let x = Var::from_tensor(&rand(&[300, 24], 500)).unwrap();
+            let w = rand(&[24], 501);
+            let b = Var::from_tensor(&rand(&[24], 502)).unwrap();
+            let y = layer_norm(&x, &w, &b, 1e-12, true).unwrap();
+            let g = (y * rand(&[300, 24], 503))
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            g.get(&b).unwrap().to_vec1::<f32>().unwrap()
+        };
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+            .install(run);
+        let three = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap()
+            .install(run);
+        assert_eq!(one, three);
+    }
+}
