@@ -284,7 +284,13 @@ impl Nearest {
         self
     }
 
-    fn passes(&self, index: &IndexManager, id: ObjectId, exclude: Option<&str>) -> bool {
+    fn passes(
+        &self,
+        index: &IndexManager,
+        tasks: &HashMap<String, crate::store::TaskRecord>,
+        id: ObjectId,
+        exclude: Option<&str>,
+    ) -> bool {
         let Some(o) = index.object(id) else {
             return false;
         };
@@ -302,7 +308,7 @@ impl Nearest {
             return false;
         }
         if self.group.is_some() || !self.tags.is_empty() {
-            let Some(t) = index.task(&o.task) else {
+            let Some(t) = tasks.get(&o.task) else {
                 return false;
             };
             if self.group.is_some() && t.group != self.group {
@@ -326,7 +332,7 @@ impl Nearest {
         }
         let (target, query_label, query_task) = match &self.target {
             Target::Task(n) => {
-                if index.task(n).is_none() && store.task(n).is_err() {
+                if store.task(n).is_err() {
                     return Err(QueryError::UnknownTask { name: n.clone() });
                 }
                 ("task", n.clone(), Some(n.clone()))
@@ -343,7 +349,19 @@ impl Nearest {
         };
         let exclude_on = self.exclude_query_task.unwrap_or(query_task.is_some());
         let exclude = if exclude_on { query_task.clone() } else { None };
-        let filter = |id: ObjectId| self.passes(index, id, exclude.as_deref());
+        // Task records only when a filter needs them (a group or tag): reading every task of a large store
+        // costs more than the rest of a cold query.
+        let tasks: HashMap<String, crate::store::TaskRecord> =
+            if self.group.is_some() || !self.tags.is_empty() {
+                store
+                    .tasks()?
+                    .into_iter()
+                    .map(|t| (t.name.clone(), t))
+                    .collect()
+            } else {
+                HashMap::new()
+            };
+        let filter = |id: ObjectId| self.passes(index, &tasks, id, exclude.as_deref());
 
         // per task: space key -> SpaceScore; objects
         let mut per_task: BTreeMap<String, (BTreeMap<String, SpaceScore>, Vec<ObjectHit>)> =
@@ -519,7 +537,7 @@ impl Nearest {
                 objects.dedup_by_key(|o| (o.id, o.space));
                 TaskHit {
                     rank: 0,
-                    group: index.task(&task).and_then(|t| t.group.clone()),
+                    group: store.task(&task).ok().and_then(|t| t.group),
                     task,
                     score: score as f32,
                     per_space,

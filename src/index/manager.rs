@@ -26,7 +26,7 @@ use super::vectors::{self, VecsHeader};
 use super::{IndexConfig, SpaceIndex};
 use crate::embed::SpaceId;
 use crate::store::index_meta::IndexMeta;
-use crate::store::{ObjectId, ObjectRecord, SpaceRecord, Store, TaskRecord};
+use crate::store::{ObjectFacts, ObjectId, ObjectRecord, SpaceRecord, Store};
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -62,25 +62,15 @@ pub struct OpenReport {
     pub warnings: Vec<String>,
 }
 
-/// Object facts used by query filters.
-#[derive(Debug, Clone)]
-pub struct ObjectInfo {
-    pub task: String,
-    pub method: crate::object::MethodKind,
-    pub base_model: String,
-    pub stage: Option<String>,
-    pub spaces: Vec<SpaceId>,
-}
-
-/// All space indexes of a store, plus the object/task facts filters need.
+/// All space indexes of a store, plus the object facts filters need (task records are read from the
+/// store when a query needs them: a filter by group or tag, the groups of the tasks it returns).
 pub struct IndexManager {
     dir: PathBuf,
     config: IndexConfig,
     writable: bool,
     spaces: HashMap<SpaceId, SpaceIndex>,
     records: HashMap<SpaceId, SpaceRecord>,
-    objects: HashMap<ObjectId, ObjectInfo>,
-    tasks: HashMap<String, TaskRecord>,
+    objects: HashMap<ObjectId, ObjectFacts>,
 }
 
 impl std::fmt::Debug for IndexManager {
@@ -144,7 +134,6 @@ impl IndexManager {
             spaces: HashMap::new(),
             records: HashMap::new(),
             objects: HashMap::new(),
-            tasks: HashMap::new(),
         };
         let mut report = OpenReport::default();
         m.refresh_catalog(store)?;
@@ -173,37 +162,18 @@ impl IndexManager {
         self.records.values()
     }
     /// Facts about a live object.
-    pub fn object(&self, id: ObjectId) -> Option<&ObjectInfo> {
+    pub fn object(&self, id: ObjectId) -> Option<&ObjectFacts> {
         self.objects.get(&id)
     }
-    pub fn objects(&self) -> &HashMap<ObjectId, ObjectInfo> {
+    pub fn objects(&self) -> &HashMap<ObjectId, ObjectFacts> {
         &self.objects
-    }
-    pub fn task(&self, name: &str) -> Option<&TaskRecord> {
-        self.tasks.get(name)
     }
 
     fn refresh_catalog(&mut self, store: &Store) -> Result<(), IndexError> {
         self.objects = store
-            .objects()?
+            .object_facts()?
             .into_iter()
-            .map(|o: ObjectRecord| {
-                (
-                    o.id,
-                    ObjectInfo {
-                        task: o.task.clone(),
-                        method: o.method_kind(),
-                        base_model: o.base_model.clone(),
-                        stage: o.stage.clone(),
-                        spaces: o.embeddings.iter().map(|e| e.space).collect(),
-                    },
-                )
-            })
-            .collect();
-        self.tasks = store
-            .tasks()?
-            .into_iter()
-            .map(|t| (t.name.clone(), t))
+            .map(|f| (f.id, f))
             .collect();
         Ok(())
     }

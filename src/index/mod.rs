@@ -31,9 +31,13 @@
 //! graph walk (so `k` results still come back). When tombstones exceed
 //! [`IndexConfig::tombstone_rebuild_fraction`] (default 0.2) of the graph's points, the space is rebuilt.
 //!
-//! **Persistence** (see [`manager`] and `schema/index.md`): graphs are dumped beside the store in
-//! `<store>.index/`, under temporary names then renamed; the store records each index's generation and
-//! checksum; on open a missing, stale, foreign or unreadable index is rebuilt from the store.
+//! **Persistence** (see [`manager`], [`vectors`] and `schema/index.md`): each space's scanned rows are a
+//! `.vecs` file beside the store in `<store>.index/`, memory-mapped on open (a cold query reads no
+//! embedding from redb but those it reranks); graphs are dumped there too, under temporary names then
+//! renamed; the store records each graph's generation and checksum, and the space's generation that a
+//! `.vecs` file must match; on open a missing, stale, foreign or unreadable file is rebuilt from the store.
+//! A process answering one query uses [`IndexConfig::one_shot`]: it scans the mapped rows rather than
+//! load a graph.
 //!
 //! **Memory**: a space holds its indexed vectors twice when it has a graph (flat copy + hnsw_rs's copy):
 //! 100k x 384 f32 is 2 x 150 MB. Projected spaces hold only projected vectors (100k x 512 x 4 B x 2);
@@ -42,8 +46,8 @@
 //! **Partial** (as of this branch): the 100k-object benchmark configurations run only with
 //! `PEFTDB_BENCH_FULL=1` and have not been measured on the build machine; the 50k high-dimensional recall
 //! test scans the projections exactly (the graph over projected vectors is tested at 800 vectors); the
-//! `centered` and `delta` similarities are exact scans, not indexed (see [`crate::query`]); `open` loads
-//! every space's vectors, even when a query needs one space.
+//! `centered` and `delta` similarities are exact scans, not indexed (see [`crate::query`]); `open` maps
+//! every space's rows (and checks their checksums), even when a query needs one space.
 
 pub mod error;
 pub mod flat;
@@ -113,6 +117,20 @@ impl Default for IndexConfig {
             tombstone_rebuild_fraction: 0.2,
             filter_flat_below: 0.1,
             mode: SearchMode::Auto,
+        }
+    }
+}
+
+impl IndexConfig {
+    /// For a process that answers one query and exits (the CLI): `Auto` never loads or builds a graph.
+    /// Loading one reads and checksums its dump (at least the rows the exact scan reads, plus the links)
+    /// and building one takes minutes at 100k, while the scan of the space's memory-mapped rows
+    /// ([`vectors`]) reads each row once: a graph pays off only in a process that keeps it for many
+    /// queries (the library default). `SearchMode::Hnsw` still forces one.
+    pub fn one_shot() -> IndexConfig {
+        IndexConfig {
+            hnsw_min_vectors: usize::MAX,
+            ..IndexConfig::default()
         }
     }
 }

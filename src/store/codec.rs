@@ -158,17 +158,114 @@ pub fn decode_embedding(b: &[u8]) -> Result<Vec<f32>, String> {
                 ));
             }
             let scale = f32::from_le_bytes(b[6..10].try_into().expect("4 bytes"));
-            let h: Vec<half::f16> = b[10..]
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
-                .collect();
             let mut v = vec![0f32; n];
-            h.convert_to_f32_slice(&mut v);
+            match bytemuck::try_cast_slice::<u8, u16>(&b[10..]) {
+                // In place when the bytes are 2-aligned (the usual case), on a little-endian machine.
+                Ok(bits) if cfg!(target_endian = "little") => {
+                    use half::slice::HalfBitsSliceExt;
+                    let h: &[half::f16] = bits.reinterpret_cast();
+                    h.convert_to_f32_slice(&mut v);
+                }
+                _ => {
+                    let h: Vec<half::f16> = b[10..]
+                        .chunks_exact(2)
+                        .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
+                        .collect();
+                    h.convert_to_f32_slice(&mut v);
+                }
+            }
             v.iter_mut().for_each(|x| *x *= scale);
             Ok(v)
         }
         t => Err(format!("unknown embedding element type {t}")),
     }
+}
+
+/// Encode an object's facts (table `object_facts`):
+/// `u8 version(=1) | u8 len + method | u16 LE len + task | u16 LE len + base model |
+/// u16 LE len + stage (0xFFFF: none) | u16 LE count + count x u64 LE space ids` (strings UTF-8).
+pub fn encode_facts(f: &super::ObjectFacts) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + f.task.len() + f.base_model.len() + 8 * f.spaces.len());
+    out.push(1);
+    let m = f.method.as_str().as_bytes();
+    out.push(m.len() as u8);
+    out.extend_from_slice(m);
+    for s in [&f.task, &f.base_model] {
+        let b = &s.as_bytes()[..s.len().min(0xFFFE)];
+        out.extend_from_slice(&(b.len() as u16).to_le_bytes());
+        out.extend_from_slice(b);
+    }
+    match &f.stage {
+        Some(s) => {
+            let b = &s.as_bytes()[..s.len().min(0xFFFE)];
+            out.extend_from_slice(&(b.len() as u16).to_le_bytes());
+            out.extend_from_slice(b);
+        }
+        None => out.extend_from_slice(&0xFFFFu16.to_le_bytes()),
+    }
+    out.extend_from_slice(&(f.spaces.len() as u16).to_le_bytes());
+    for s in &f.spaces {
+        out.extend_from_slice(&s.0.to_le_bytes());
+    }
+    out
+}
+
+/// Decode an object's facts, validating every length.
+pub fn decode_facts(id: u64, b: &[u8]) -> Result<super::ObjectFacts, String> {
+    struct R<'a>(&'a [u8]);
+    impl<'a> R<'a> {
+        fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+            if self.0.len() < n {
+                return Err("object facts truncated".into());
+            }
+            let (a, b) = self.0.split_at(n);
+            self.0 = b;
+            Ok(a)
+        }
+        fn u16(&mut self) -> Result<usize, String> {
+            Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")) as usize)
+        }
+        fn str(&mut self, n: usize) -> Result<String, String> {
+            String::from_utf8(self.take(n)?.to_vec()).map_err(|_| "object facts: not UTF-8".into())
+        }
+    }
+    let mut r = R(b);
+    let v = r.take(1)?[0];
+    if v != 1 {
+        return Err(format!("unknown object facts version {v}"));
+    }
+    let mlen = r.take(1)?[0] as usize;
+    let m = r.str(mlen)?;
+    let method = crate::object::MethodKind::parse(&m)
+        .ok_or_else(|| format!("unknown method {m:?} in object facts"))?;
+    let tlen = r.u16()?;
+    let task = r.str(tlen)?;
+    let blen = r.u16()?;
+    let base_model = r.str(blen)?;
+    let slen = r.u16()?;
+    let stage = if slen == 0xFFFF {
+        None
+    } else {
+        Some(r.str(slen)?)
+    };
+    let n = r.u16()?;
+    let mut spaces = Vec::with_capacity(n);
+    for _ in 0..n {
+        spaces.push(crate::embed::SpaceId(u64::from_le_bytes(
+            r.take(8)?.try_into().expect("8 bytes"),
+        )));
+    }
+    if !r.0.is_empty() {
+        return Err(format!("{} bytes after the object facts", r.0.len()));
+    }
+    Ok(super::ObjectFacts {
+        id,
+        task,
+        method,
+        base_model,
+        stage,
+        spaces,
+    })
 }
 
 #[cfg(test)]
@@ -213,6 +310,20 @@ mod tests {
         #[test]
         fn embedding_decode_never_panics(b in proptest::collection::vec(any::<u8>(), 0..128)) {
             let _ = decode_embedding(&b);
+        }
+
+        #[test]
+        fn facts_round_trip(task in "[a-z0-9_]{0,30}", base in "[a-zA-Z/-]{0,40}", stage in proptest::option::of("[a-z]{0,8}"), m in 0usize..6, spaces in proptest::collection::vec(any::<u64>(), 0..4)) {
+            let f = super::super::ObjectFacts {
+                id: 7, task, method: crate::object::MethodKind::ALL[m], base_model: base, stage,
+                spaces: spaces.into_iter().map(crate::embed::SpaceId).collect(),
+            };
+            prop_assert_eq!(decode_facts(7, &encode_facts(&f)).unwrap(), f);
+        }
+
+        #[test]
+        fn facts_decode_never_panics(b in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode_facts(1, &b);
         }
 
         #[test]

@@ -3,13 +3,17 @@
 //! **1 -> 2** (chunked values, f16 embeddings): every object's tensors move from `tensors` (one value per
 //! tensor) to `object_tensors` (one chunked stream per object, byte-identical tensors); every embedding
 //! from `embeddings` (f32) to `space_embeddings` (chunked, [`super::codec::encode_embedding`]); spaces get
-//! a generation, the meta table a change sequence and a store uuid. All in **one write transaction**: a
+//! a generation, the meta table a change sequence and a store uuid, and `object_facts` is filled from the
+//! object records. All in **one write transaction**: a
 //! crash or a full disk during the migration leaves the version-1 store as it was, and the next writable
 //! open starts again. A read-only open of a version-1 store is refused with the fix (open it once for
 //! writing, e.g. `peftdb compact`).
 
 use super::chunked::{self, OBJECT_TENSORS, SPACE_EMBEDDINGS};
-use super::{codec, SpaceRecord, Store, EMBEDDINGS_V1, META, SPACES, TENSORS_V1};
+use super::{
+    codec, ObjectFacts, ObjectRecord, SpaceRecord, Store, EMBEDDINGS_V1, META, OBJECTS,
+    OBJECT_FACTS, SPACES, TENSORS_V1,
+};
 use crate::error::StoreError;
 use redb::ReadableTable;
 
@@ -64,6 +68,19 @@ impl Store {
                     .insert(
                         rec.id.0,
                         serde_json::to_vec(&rec).expect("serializes").as_slice(),
+                    )
+                    .map_err(|e| se(e.into()))?;
+            }
+            let objects = w.open_table(OBJECTS).map_err(|e| se(e.into()))?;
+            let mut facts = w.open_table(OBJECT_FACTS).map_err(|e| se(e.into()))?;
+            for item in objects.iter().map_err(|e| se(e.into()))? {
+                let (k, v) = item.map_err(|e| se(e.into()))?;
+                let rec: ObjectRecord = serde_json::from_slice(v.value())
+                    .map_err(|e| self.corrupt("objects", k.value(), e))?;
+                facts
+                    .insert(
+                        k.value(),
+                        codec::encode_facts(&ObjectFacts::of(&rec)).as_slice(),
                     )
                     .map_err(|e| se(e.into()))?;
             }

@@ -16,7 +16,7 @@ pub mod codec;
 pub mod index_meta;
 mod migrate;
 
-pub use chunked::CHUNK_BYTES;
+pub use chunked::MAX_CHUNK_BYTES;
 use chunked::{OBJECT_TENSORS, SPACE_EMBEDDINGS};
 
 use crate::embed::{tupate, Embedding, EmbeddingKind, NoEmbedding, SpaceId, SpaceKey};
@@ -48,6 +48,9 @@ pub(crate) const TENSORS_V1: TableDefinition<(u64, u32), &[u8]> = TableDefinitio
 pub(crate) const EMBEDDINGS_V1: TableDefinition<(u64, u64), &[u8]> =
     TableDefinition::new("embeddings");
 pub(crate) const SPACES: TableDefinition<u64, &[u8]> = TableDefinition::new("spaces");
+/// object id -> [`ObjectFacts`] (binary, [`codec::encode_facts`]): what queries filter and group by, without
+/// decoding whole object records.
+pub(crate) const OBJECT_FACTS: TableDefinition<u64, &[u8]> = TableDefinition::new("object_facts");
 pub(crate) const BASE_MODELS: TableDefinition<&str, &[u8]> = TableDefinition::new("base_models");
 
 /// The object id: allocated in increasing order by the store, never reused.
@@ -152,6 +155,32 @@ impl ObjectRecord {
             .iter()
             .find(|e| e.kind == EmbeddingKind::Tupate)
             .map(|e| e.space)
+    }
+}
+
+/// The facts about an object that queries filter and group by (table `object_facts`): a few dozen bytes,
+/// where the full [`ObjectRecord`] carries the adapter's config and metadata too.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectFacts {
+    pub id: ObjectId,
+    pub task: String,
+    pub method: MethodKind,
+    pub base_model: String,
+    pub stage: Option<String>,
+    pub spaces: Vec<SpaceId>,
+}
+
+impl ObjectFacts {
+    /// The facts of a record.
+    pub fn of(rec: &ObjectRecord) -> ObjectFacts {
+        ObjectFacts {
+            id: rec.id,
+            task: rec.task.clone(),
+            method: rec.method_kind(),
+            base_model: rec.base_model.clone(),
+            stage: rec.stage.clone(),
+            spaces: rec.embeddings.iter().map(|e| e.space).collect(),
+        }
     }
 }
 
@@ -577,7 +606,7 @@ impl Store {
                 w.open_table(t)
                     .map_err(|e| self.storage_err("creating tables")(e.into()))?;
             }
-            for t in [OBJECTS, SPACES] {
+            for t in [OBJECTS, SPACES, OBJECT_FACTS] {
                 w.open_table(t)
                     .map_err(|e| self.storage_err("creating tables")(e.into()))?;
             }
@@ -785,6 +814,9 @@ impl Store {
         let mut spaces = w
             .open_table(SPACES)
             .map_err(|e| se("ingesting")(e.into()))?;
+        let mut facts = w
+            .open_table(OBJECT_FACTS)
+            .map_err(|e| se("ingesting")(e.into()))?;
         let mut base_models = w
             .open_table(BASE_MODELS)
             .map_err(|e| se("ingesting")(e.into()))?;
@@ -941,6 +973,9 @@ impl Store {
             };
             objects
                 .insert(id, serde_json::to_vec(&rec).expect("serializes").as_slice())
+                .map_err(|e| se("ingesting")(e.into()))?;
+            facts
+                .insert(id, codec::encode_facts(&ObjectFacts::of(&rec)).as_slice())
                 .map_err(|e| se("ingesting")(e.into()))?;
             by_hash
                 .insert(p.hash.as_slice(), id)
@@ -1129,6 +1164,32 @@ impl Store {
         Ok((rec, obj))
     }
 
+    /// The facts of every object, in id order (what an index manager's catalog holds).
+    pub fn object_facts(&self) -> Result<Vec<ObjectFacts>, StoreError> {
+        let r = self.read()?;
+        let t = match r.open_table(OBJECT_FACTS) {
+            Ok(t) => t,
+            // A store written before the table existed: derive the facts from the records.
+            Err(redb::TableError::TableDoesNotExist(_)) => {
+                drop(r);
+                return Ok(self.objects()?.iter().map(ObjectFacts::of).collect());
+            }
+            Err(e) => return Err(self.storage_err("listing objects")(e.into())),
+        };
+        let mut out = Vec::new();
+        for item in t
+            .iter()
+            .map_err(|e| self.storage_err("listing objects")(e.into()))?
+        {
+            let (k, v) = item.map_err(|e| self.storage_err("listing objects")(e.into()))?;
+            out.push(
+                codec::decode_facts(k.value(), v.value())
+                    .map_err(|e| self.corrupt("object_facts", k.value(), e))?,
+            );
+        }
+        Ok(out)
+    }
+
     /// Export an object as a folder in its format (byte-identical to what was ingested).
     pub fn export(&self, id: ObjectId, dir: &Path) -> Result<(), crate::Error> {
         let (_, obj) = self.get(id)?;
@@ -1238,6 +1299,7 @@ impl Store {
             let mut tensors = w.open_table(OBJECT_TENSORS).map_err(|e| se(e.into()))?;
             let mut embeddings = w.open_table(SPACE_EMBEDDINGS).map_err(|e| se(e.into()))?;
             let mut spaces = w.open_table(SPACES).map_err(|e| se(e.into()))?;
+            let mut facts = w.open_table(OBJECT_FACTS).map_err(|e| se(e.into()))?;
             let mut meta = w.open_table(META).map_err(|e| se(e.into()))?;
             let seq = self.meta_u64(&meta, "change_seq")? + 1;
             meta.insert("change_seq", seq.to_le_bytes().as_slice())
@@ -1259,6 +1321,7 @@ impl Store {
                     .collect();
                 by_hash.remove(hash.as_slice()).map_err(|e| se(e.into()))?;
                 chunked::delete_tensors(&mut tensors, id).map_err(|e| se(e.into()))?;
+                facts.remove(id).map_err(|e| se(e.into()))?;
                 for er in &rec.embeddings {
                     chunked::delete_embedding(&mut embeddings, er.space.0, id)
                         .map_err(|e| se(e.into()))?;

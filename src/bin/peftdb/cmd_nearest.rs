@@ -22,7 +22,8 @@ pub enum SimilarityArg {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ModeArg {
-    /// HNSW for large spaces, exact scan for small ones and restrictive filters.
+    /// The exact scan of the space's memory-mapped rows (a one-shot process gains nothing from loading a
+    /// graph), or a graph the process already holds.
     Auto,
     /// Always the exact scan.
     Exact,
@@ -97,9 +98,10 @@ pub fn run(store_path: &Path, args: &NearestArgs, json: bool) -> anyhow::Result<
         ModeArg::Exact => SearchMode::Exact,
         ModeArg::Hnsw => SearchMode::Hnsw,
     };
+    // One query and exit: scan the memory-mapped rows rather than load a graph (`--mode hnsw` forces one).
     let config = IndexConfig {
         mode,
-        ..IndexConfig::default()
+        ..IndexConfig::one_shot()
     };
     let (index, report) = IndexManager::open(&store, config, &progress)
         .with_context(|| format!("opening the indexes of {}", store_path.display()))?;

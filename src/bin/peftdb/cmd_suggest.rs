@@ -145,7 +145,7 @@ pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
     let store = Store::open_for_reading(db)?;
     let pb = bar();
     pb.set_prefix("index");
-    let (index, _) = IndexManager::open(&store, IndexConfig::default(), &|_| {})?;
+    let (index, _) = IndexManager::open(&store, IndexConfig::one_shot(), &|_| {})?;
     let engine = load_engine(&a.model, &a.device, a.max_len)?;
     let task = Task::load(&a.task)?;
     let adapter = match &a.adapter {
