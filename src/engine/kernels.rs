@@ -124,28 +124,42 @@ unsafe fn mm(
 // ---------------------------------------------------------------------------------------------------
 // Vectorised element loops.
 
-/// Run `f` compiled for the best vector extension the CPU has (the closure is inlined into it).
-#[inline(always)]
-fn simd<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-        unsafe fn v4<R>(f: impl FnOnce() -> R) -> R {
-            f()
+/// Defines `fn $name(args)` whose body is compiled three times (AVX-512, AVX2+FMA, baseline) and
+/// dispatched at run time on the CPU's features; helpers it calls must be `#[inline(always)]`.
+macro_rules! multiversion {
+    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($a: $t),*) {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn imp($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v4($($a: $t),*) {
+                    imp($($a),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v3($($a: $t),*) {
+                    imp($($a),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features v4 is compiled for.
+                    return unsafe { v4($($a),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: as above.
+                    return unsafe { v3($($a),*) };
+                }
+            }
+            imp($($a),*)
         }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn v3<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return unsafe { v4(f) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return unsafe { v3(f) };
-        }
-    }
-    f()
+    };
 }
 
 const LANES: usize = 16;
@@ -222,21 +236,45 @@ fn row_dot(x: &[f32], y: &[f32]) -> f32 {
     s
 }
 
-/// In-place softmax of one row, with an optional additive mask.
-#[inline(always)]
-fn softmax_row(row: &mut [f32], mask: Option<&[f32]>) {
-    if let Some(m) = mask {
-        for (v, &a) in row.iter_mut().zip(m) {
-            *v += a;
+multiversion! {
+    /// In-place softmax of each row of `scores` (rows of `n`), with an optional additive mask (n).
+    fn softmax_rows(scores: &mut [f32], n: usize, mask: Option<&[f32]>) {
+        for row in scores.chunks_exact_mut(n) {
+            if let Some(m) = mask {
+                for (v, &a) in row.iter_mut().zip(m) {
+                    *v += a;
+                }
+            }
+            let mx = row_max(row);
+            for v in row.iter_mut() {
+                *v = exp_poly(*v - mx);
+            }
+            let inv = 1.0 / row_sum(row);
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
         }
     }
-    let mx = row_max(row);
-    for v in row.iter_mut() {
-        *v = exp_poly(*v - mx);
+}
+
+multiversion! {
+    /// Softmax backward in place: `ds = p (ds - rowsum(ds p))`, rows of `n`.
+    fn softmax_bwd_rows(ds: &mut [f32], p: &[f32], n: usize) {
+        for (d, pr) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
+            let c = row_dot(d, pr);
+            for (x, &y) in d.iter_mut().zip(pr) {
+                *x = y * (*x - c);
+            }
+        }
     }
-    let inv = 1.0 / row_sum(row);
-    for v in row.iter_mut() {
-        *v *= inv;
+}
+
+multiversion! {
+    /// `acc += x`, element-wise.
+    fn add_into(acc: &mut [f32], x: &[f32]) {
+        for (a, v) in acc.iter_mut().zip(x) {
+            *a += v;
+        }
     }
 }
 
@@ -381,11 +419,7 @@ impl CustomOp3 for Attention {
                     );
                 }
                 let mrow = mask.map(|m| &m[bi * skv..(bi + 1) * skv]);
-                simd(|| {
-                    for row in scores.chunks_exact_mut(skv) {
-                        softmax_row(row, mrow);
-                    }
-                });
+                softmax_rows(scores, skv, mrow);
                 unsafe {
                     // out[b, :, head] = P V.
                     mm(
@@ -493,15 +527,7 @@ impl CustomOp3 for Attention {
                                     );
                                 }
                                 // dS = P (dP - rowsum(dP P)).
-                                simd(|| {
-                                    for (d, pr) in ds.chunks_exact_mut(skv).zip(p.chunks_exact(skv))
-                                    {
-                                        let c = row_dot(d, pr);
-                                        for (x, &y) in d.iter_mut().zip(pr) {
-                                            *x = y * (*x - c);
-                                        }
-                                    }
-                                });
+                                softmax_bwd_rows(ds, p, skv);
                                 unsafe {
                                     // dQ = dS K.
                                     mm(
@@ -576,11 +602,7 @@ fn block_col_sums(
     let mut total = vec![vec![0f32; width]; outputs];
     for p in partial {
         for (t, p) in total.iter_mut().zip(p) {
-            simd(|| {
-                for (a, b) in t.iter_mut().zip(&p) {
-                    *a += b;
-                }
-            });
+            add_into(t, &p);
         }
     }
     total
@@ -687,13 +709,7 @@ impl CustomOp2 for Linear {
                 }
                 let db = if b.track_op() {
                     let s = block_col_sums(n, out, 1, |rows, acc| {
-                        simd(|| {
-                            for r in rows {
-                                for (a, v) in acc[0].iter_mut().zip(&g[r * out..(r + 1) * out]) {
-                                    *a += v;
-                                }
-                            }
-                        })
+                        add_into_rows(&mut acc[0], &g[rows.start * out..rows.end * out]);
                     });
                     Some(out_tensor(s.into_iter().next().unwrap_or_default(), out)?)
                 } else {
@@ -709,8 +725,9 @@ impl CustomOp2 for Linear {
 // ---------------------------------------------------------------------------------------------------
 // Layer norm.
 
-/// Layer norm over the last dimension: `(x - mean) / sqrt(var + eps) * w + b`, differentiable in all
-/// three when `differentiable`.
+/// Layer norm over the last dimension, `(x - mean) / sqrt(var + eps) * w + b`, with a frozen weight `w`
+/// (BERT's layer-norm weights are never trained here; biases are, by BitFit and LoRA `bias="all"`):
+/// differentiable in `x` and `b`.
 pub fn layer_norm(
     x: &Tensor,
     w: &Tensor,
@@ -721,17 +738,42 @@ pub fn layer_norm(
     let dims = x.dims().to_vec();
     let h = *dims.last().unwrap_or(&0);
     let x2 = x.contiguous()?.reshape(((), h))?;
-    let op = LayerNorm { eps: eps as f32 };
+    let op = LayerNorm {
+        eps: eps as f32,
+        w: w.contiguous()?,
+    };
     let y = if differentiable {
-        x2.apply_op3(w, b, op)?
+        x2.apply_op2(b, op)?
     } else {
-        x2.apply_op3_no_bwd(w, b, &op)?
+        x2.apply_op2_no_bwd(b, &op)?
     };
     y.reshape(dims)
 }
 
+/// `layer_norm(a + r)` in one pass (the residual connections): `a`, `r` (N, H).
+pub fn add_layer_norm(
+    a: &Tensor,
+    r: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    differentiable: bool,
+) -> Res<Tensor> {
+    let op = LayerNorm {
+        eps: eps as f32,
+        w: w.contiguous()?,
+    };
+    let (a, r) = (a.contiguous()?, r.contiguous()?);
+    if differentiable {
+        a.apply_op3(&r, b, op)
+    } else {
+        a.apply_op3_no_bwd(&r, b, &op)
+    }
+}
+
 struct LayerNorm {
     eps: f32,
+    w: Tensor,
 }
 
 #[inline(always)]
@@ -756,9 +798,176 @@ fn mean_rstd(x: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var / n + eps).sqrt())
 }
 
-impl CustomOp3 for LayerNorm {
+multiversion! {
+    /// Layer norm of rows of `w.len()`: `y = (x - mean) rstd w + b`.
+    fn ln_fwd_rows(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
+        let h = w.len();
+        for (yr, xr) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
+            let (mean, rstd) = mean_rstd(xr, eps);
+            for i in 0..h {
+                yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Layer norm's input gradient, rows of `w.len()`:
+    /// `dx = rstd (gw - mean(gw) - xhat mean(gw xhat))`, `gw = g w`.
+    fn ln_bwd_rows(dx: &mut [f32], x: &[f32], g: &[f32], w: &[f32], eps: f32) {
+        let h = w.len();
+        for ((dr, xr), gr) in dx.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(g.chunks_exact(h)) {
+            let (mean, rstd) = mean_rstd(xr, eps);
+            let mut s1 = [0f32; LANES];
+            let mut s2 = [0f32; LANES];
+            let mut i = 0;
+            while i + LANES <= h {
+                for l in 0..LANES {
+                    let gw = gr[i + l] * w[i + l];
+                    s1[l] += gw;
+                    s2[l] += gw * (xr[i + l] - mean) * rstd;
+                }
+                i += LANES;
+            }
+            let (mut a, mut c) = (0f32, 0f32);
+            for l in 0..LANES {
+                a += s1[l];
+                c += s2[l];
+            }
+            for j in i..h {
+                let gw = gr[j] * w[j];
+                a += gw;
+                c += gw * (xr[j] - mean) * rstd;
+            }
+            let (a, c) = (a / h as f32, c / h as f32);
+            for j in 0..h {
+                let xh = (xr[j] - mean) * rstd;
+                dr[j] = rstd * (gr[j] * w[j] - a - xh * c);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `acc` (w) += every row of `x` (rows of `acc.len()`).
+    fn add_into_rows(acc: &mut [f32], x: &[f32]) {
+        let w = acc.len();
+        for row in x.chunks_exact(w) {
+            for (a, v) in acc.iter_mut().zip(row) {
+                *a += v;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `out = a + r`.
+    fn add_vec(out: &mut [f32], a: &[f32], r: &[f32]) {
+        for ((o, x), y) in out.iter_mut().zip(a).zip(r) {
+            *o = x + y;
+        }
+    }
+}
+
+impl LayerNorm {
+    /// Forward of rows `x` (N, H), or of `x + r`.
+    fn forward(
+        &self,
+        x: &[f32],
+        r: Option<&[f32]>,
+        b: &[f32],
+        n: usize,
+        h: usize,
+    ) -> Res<Vec<f32>> {
+        with_f32(&self.w, |ws, lw| {
+            let w = contiguous_slice(ws, lw, "w")?;
+            if w.len() != h || b.len() != h || x.len() != n * h {
+                return err("layer-norm: weight/bias do not match the last dimension");
+            }
+            let mut y = vec![0f32; n * h];
+            let eps = self.eps;
+            y.par_chunks_mut(h * ROW_BLOCK)
+                .enumerate()
+                .for_each(|(i, yb)| {
+                    let xb = &x[i * h * ROW_BLOCK..i * h * ROW_BLOCK + yb.len()];
+                    match r {
+                        Some(r) => {
+                            let rb = &r[i * h * ROW_BLOCK..i * h * ROW_BLOCK + yb.len()];
+                            let mut sum = vec![0f32; yb.len()];
+                            add_vec(&mut sum, xb, rb);
+                            ln_fwd_rows(yb, &sum, w, b, eps);
+                        }
+                        None => ln_fwd_rows(yb, xb, w, b, eps),
+                    }
+                });
+            Ok(y)
+        })
+    }
+
+    /// (dx, db) for the rows `x` (the layer norm's input) and the output gradient `grad`.
+    fn backward(&self, x: &[f32], grad: &Tensor, want_b: bool) -> Res<(Tensor, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (n, h) = grad.dims2()?;
+        let eps = self.eps;
+        with_f32(&self.w, |ws, lw| {
+            let w = contiguous_slice(ws, lw, "w")?;
+            with_f32(&grad, |gs, lg| {
+                let g = contiguous_slice(gs, lg, "grad")?;
+                let mut dx = vec![0f32; n * h];
+                dx.par_chunks_mut(h * ROW_BLOCK)
+                    .zip(x.par_chunks(h * ROW_BLOCK))
+                    .zip(g.par_chunks(h * ROW_BLOCK))
+                    .for_each(|((db, xb), gb)| ln_bwd_rows(db, xb, gb, w, eps));
+                let db = if want_b {
+                    let s = block_col_sums(n, h, 1, |rows, acc| {
+                        add_into_rows(&mut acc[0], &g[rows.start * h..rows.end * h]);
+                    });
+                    Some(out_tensor(s.into_iter().next().unwrap_or_default(), h)?)
+                } else {
+                    None
+                };
+                Ok((out_tensor(dx, (n, h))?, db))
+            })
+        })
+    }
+}
+
+impl CustomOp2 for LayerNorm {
     fn name(&self) -> &'static str {
         "peftdb-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Res<(CpuStorage, Shape)> {
+        let x = contiguous_slice(s1.as_slice::<f32>()?, l1, "x")?;
+        let b = contiguous_slice(s2.as_slice::<f32>()?, l2, "b")?;
+        let (n, h) = l1.shape().dims2()?;
+        let y = self.forward(x, None, b, n, h)?;
+        Ok((CpuStorage::F32(y), Shape::from((n, h))))
+    }
+
+    fn bwd(
+        &self,
+        xt: &Tensor,
+        bt: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Res<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, db) = with_f32(xt, |xs, lx| {
+            self.backward(contiguous_slice(xs, lx, "x")?, grad, bt.track_op())
+        })?;
+        Ok((Some(dx), db))
+    }
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "peftdb-add-layer-norm"
     }
 
     fn cpu_fwd(
@@ -770,117 +979,40 @@ impl CustomOp3 for LayerNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Res<(CpuStorage, Shape)> {
-        let x = contiguous_slice(s1.as_slice::<f32>()?, l1, "x")?;
-        let w = contiguous_slice(s2.as_slice::<f32>()?, l2, "w")?;
+        let a = contiguous_slice(s1.as_slice::<f32>()?, l1, "a")?;
+        let r = contiguous_slice(s2.as_slice::<f32>()?, l2, "r")?;
         let b = contiguous_slice(s3.as_slice::<f32>()?, l3, "b")?;
         let (n, h) = l1.shape().dims2()?;
-        if w.len() != h || b.len() != h {
-            return err("layer-norm: weight/bias do not match the last dimension");
+        if l2.shape() != l1.shape() {
+            return err("add-layer-norm: the two inputs differ in shape");
         }
-        let mut y = vec![0f32; n * h];
-        let eps = self.eps;
-        y.par_chunks_mut(h * ROW_BLOCK)
-            .zip(x.par_chunks(h * ROW_BLOCK))
-            .for_each(|(yb, xb)| {
-                simd(|| {
-                    for (yr, xr) in yb.chunks_exact_mut(h).zip(xb.chunks_exact(h)) {
-                        let (mean, rstd) = mean_rstd(xr, eps);
-                        for i in 0..h {
-                            yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
-                        }
-                    }
-                })
-            });
+        let y = self.forward(a, Some(r), b, n, h)?;
         Ok((CpuStorage::F32(y), Shape::from((n, h))))
     }
 
     fn bwd(
         &self,
-        xt: &Tensor,
-        wt: &Tensor,
+        at: &Tensor,
+        rt: &Tensor,
         bt: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Res<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let (n, h) = xt.dims2()?;
-        let eps = self.eps;
-        let (want_w, want_b) = (wt.track_op(), bt.track_op());
-        let (dx, sums) = with_f32(xt, |xs, lx| {
-            let x = contiguous_slice(xs, lx, "x")?;
-            with_f32(wt, |ws, lw| {
-                let w = contiguous_slice(ws, lw, "w")?;
-                with_f32(&grad, |gs, lg| {
-                    let g = contiguous_slice(gs, lg, "grad")?;
-                    let mut dx = vec![0f32; n * h];
-                    dx.par_chunks_mut(h * ROW_BLOCK)
-                        .zip(x.par_chunks(h * ROW_BLOCK))
-                        .zip(g.par_chunks(h * ROW_BLOCK))
-                        .for_each(|((db, xb), gb)| {
-                            simd(|| {
-                                for ((dr, xr), gr) in db
-                                    .chunks_exact_mut(h)
-                                    .zip(xb.chunks_exact(h))
-                                    .zip(gb.chunks_exact(h))
-                                {
-                                    let (mean, rstd) = mean_rstd(xr, eps);
-                                    // dx = rstd (gw - mean(gw) - xhat mean(gw xhat)), gw = g w.
-                                    let mut s1 = [0f32; LANES];
-                                    let mut s2 = [0f32; LANES];
-                                    for i in 0..h {
-                                        let gw = gr[i] * w[i];
-                                        let xh = (xr[i] - mean) * rstd;
-                                        s1[i % LANES] += gw;
-                                        s2[i % LANES] += gw * xh;
-                                    }
-                                    let (mut a, mut c) = (0f32, 0f32);
-                                    for i in 0..LANES {
-                                        a += s1[i];
-                                        c += s2[i];
-                                    }
-                                    let (a, c) = (a / h as f32, c / h as f32);
-                                    for i in 0..h {
-                                        let xh = (xr[i] - mean) * rstd;
-                                        dr[i] = rstd * (gr[i] * w[i] - a - xh * c);
-                                    }
-                                }
-                            })
-                        });
-                    let sums = if want_w || want_b {
-                        Some(block_col_sums(n, h, 2, |rows, acc| {
-                            simd(|| {
-                                let (dw, rest) = acc.split_at_mut(1);
-                                let (dw, dbias) = (&mut dw[0], &mut rest[0]);
-                                for r in rows {
-                                    let xr = &x[r * h..(r + 1) * h];
-                                    let gr = &g[r * h..(r + 1) * h];
-                                    let (mean, rstd) = mean_rstd(xr, eps);
-                                    for i in 0..h {
-                                        dw[i] += gr[i] * (xr[i] - mean) * rstd;
-                                        dbias[i] += gr[i];
-                                    }
-                                }
-                            })
-                        }))
-                    } else {
-                        None
-                    };
-                    Ok((dx, sums))
-                })
+        let (dx, db) = with_f32(at, |as_, la| {
+            with_f32(rt, |rs, lr| {
+                let a = contiguous_slice(as_, la, "a")?;
+                let r = contiguous_slice(rs, lr, "r")?;
+                let mut x = vec![0f32; a.len()];
+                x.par_chunks_mut(PAR_CHUNK)
+                    .zip(a.par_chunks(PAR_CHUNK))
+                    .zip(r.par_chunks(PAR_CHUNK))
+                    .for_each(|((x, a), r)| add_vec(x, a, r));
+                self.backward(&x, grad, bt.track_op())
             })
         })?;
-        let (mut dw, mut db) = (None, None);
-        if let Some(mut s) = sums {
-            let sb = s.pop().unwrap_or_default();
-            let sw = s.pop().unwrap_or_default();
-            if want_w {
-                dw = Some(out_tensor(sw, h)?);
-            }
-            if want_b {
-                db = Some(out_tensor(sb, h)?);
-            }
-        }
-        Ok((Some(out_tensor(dx, (n, h))?), dw, db))
+        let dr = rt.track_op().then(|| dx.clone());
+        let da = at.track_op().then_some(dx);
+        Ok((da, dr, db))
     }
 }
 
@@ -906,23 +1038,25 @@ fn erf_as(x: f32) -> f32 {
 
 const PAR_CHUNK: usize = 16 * 1024;
 
-fn par_map(src: &[f32], f: impl Fn(f32) -> f32 + Sync + Copy) -> Vec<f32> {
-    let mut out = vec![0f32; src.len()];
-    let work = |o: &mut [f32], i: &[f32]| {
-        simd(|| {
-            for (o, &v) in o.iter_mut().zip(i) {
-                *o = f(v);
-            }
-        })
-    };
-    if src.len() < 4 * PAR_CHUNK {
-        work(&mut out, src);
-    } else {
-        out.par_chunks_mut(PAR_CHUNK)
-            .zip(src.par_chunks(PAR_CHUNK))
-            .for_each(|(o, i)| work(o, i));
+multiversion! {
+    /// `out = gelu(x)`.
+    fn gelu_fwd_vec(out: &mut [f32], x: &[f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = gelu_f(v);
+        }
     }
-    out
+}
+
+multiversion! {
+    /// `out = g * gelu'(x)`, `gelu'(x) = Phi(x) + x phi(x)`.
+    fn gelu_bwd_vec(out: &mut [f32], x: &[f32], g: &[f32]) {
+        let inv_sqrt_2pi = 0.398_942_3_f32;
+        for ((o, &v), &gv) in out.iter_mut().zip(x).zip(g) {
+            let d = 0.5 * (1.0 + erf_as(v * std::f32::consts::FRAC_1_SQRT_2))
+                + v * inv_sqrt_2pi * exp_poly(-0.5 * v * v);
+            *o = gv * d;
+        }
+    }
 }
 
 /// Exact (erf) GELU, `x Phi(x)`, with its analytic backward.
@@ -949,7 +1083,15 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Res<(CpuStorage, Shape)> {
         let src = contiguous_slice(s.as_slice::<f32>()?, l, "x")?;
-        Ok((CpuStorage::F32(par_map(src, gelu_f)), l.shape().clone()))
+        let mut out = vec![0f32; src.len()];
+        if src.len() < 4 * PAR_CHUNK {
+            gelu_fwd_vec(&mut out, src);
+        } else {
+            out.par_chunks_mut(PAR_CHUNK)
+                .zip(src.par_chunks(PAR_CHUNK))
+                .for_each(|(o, i)| gelu_fwd_vec(o, i));
+        }
+        Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Res<Option<Tensor>> {
@@ -960,19 +1102,10 @@ impl CustomOp1 for GeluErf {
             with_f32(&grad, |gs, lg| {
                 let g = contiguous_slice(gs, lg, "grad")?;
                 let mut out = vec![0f32; x.len()];
-                let inv_sqrt_2pi = 0.398_942_3_f32;
                 out.par_chunks_mut(PAR_CHUNK)
                     .zip(x.par_chunks(PAR_CHUNK))
                     .zip(g.par_chunks(PAR_CHUNK))
-                    .for_each(|((o, xc), gc)| {
-                        simd(|| {
-                            for ((o, &v), &gv) in o.iter_mut().zip(xc).zip(gc) {
-                                let d = 0.5 * (1.0 + erf_as(v * std::f32::consts::FRAC_1_SQRT_2))
-                                    + v * inv_sqrt_2pi * exp_poly(-0.5 * v * v);
-                                *o = gv * d;
-                            }
-                        })
-                    });
+                    .for_each(|((o, xc), gc)| gelu_bwd_vec(o, xc, gc));
                 Ok(out)
             })
         })?;
@@ -1239,26 +1372,38 @@ mod tests {
 
     #[test]
     fn layer_norm_matches_candle_and_its_gradients() {
-        for (i, &(n, h)) in [(512, 384), (3, 7), (2048, 384), (130, 8)]
+        for (i, &(n, h)) in [(512, 384), (3, 7), (2048, 384), (130, 8), (70, 37)]
             .iter()
             .enumerate()
         {
             let s = 300 + i as u64 * 10;
             let x = Var::from_tensor(&((rand(&[n, h], s) * 3.0).unwrap() + 0.5).unwrap()).unwrap();
-            let w = Var::from_tensor(&rand(&[h], s + 1)).unwrap();
+            let r = Var::from_tensor(&rand(&[n, h], s + 4)).unwrap();
+            let w = rand(&[h], s + 1);
             let b = Var::from_tensor(&rand(&[h], s + 2)).unwrap();
-            let r = rand(&[n, h], s + 3);
+            let gy = rand(&[n, h], s + 3);
             let eps = 1e-12;
             let fused = candle_nn::ops::layer_norm(&x, &w, &b, eps as f32).unwrap();
             let got = layer_norm(&x, &w, &b, eps, true).unwrap();
             let d = max_diff(&got, &fused);
             assert!(d < 1e-5, "case {i}: forward vs candle_nn max diff {d}");
             let want = reference_layer_norm(&x, &w, &b, eps);
-            let g = (got * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let g_ref = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            for (name, t, tol) in [("x", &x, 1e-4), ("w", &w, 1e-3), ("b", &b, 1e-3)] {
+            let g = (got * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_ref = (want * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, t, tol) in [("x", &x, 1e-4), ("b", &b, 1e-3)] {
                 let d = max_diff(g.get(t).unwrap(), g_ref.get(t).unwrap());
                 assert!(d < tol, "case {i}: d{name} max diff {d}");
+            }
+            // The residual form: layer_norm(x + r).
+            let got = add_layer_norm(&x, &r, &w, &b, eps, true).unwrap();
+            let want = reference_layer_norm(&(x.as_tensor() + r.as_tensor()).unwrap(), &w, &b, eps);
+            let d = max_diff(&got, &want);
+            assert!(d < 1e-5, "case {i}: add-layer-norm forward max diff {d}");
+            let g = (got * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_ref = (want * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, t, tol) in [("x", &x, 1e-4), ("r", &r, 1e-4), ("b", &b, 1e-3)] {
+                let d = max_diff(g.get(t).unwrap(), g_ref.get(t).unwrap());
+                assert!(d < tol, "case {i}: add-layer-norm d{name} max diff {d}");
             }
         }
         // (B, S, H) input keeps its shape.

@@ -616,7 +616,7 @@ impl BertModel {
         let ln0_bias = la
             .and_then(|l| l.norm_bias[0].as_ref())
             .unwrap_or(&layer.norms[0].1);
-        let h1 = layer_norm(&(attn + x2)?, &layer.norms[0].0, ln0_bias, eps, grad)?;
+        let h1 = add_layer_norm(&attn, x2, &layer.norms[0].0, ln0_bias, eps, grad)?;
         let inter = linear(&layer.linears[INTER], lin_ad(INTER), &h1, grad)?;
         let inter = self.activation.apply(&inter)?;
         let out = linear(&layer.linears[OUT], lin_ad(OUT), &inter, grad)?;
@@ -627,7 +627,7 @@ impl BertModel {
         let ln1_bias = la
             .and_then(|l| l.norm_bias[1].as_ref())
             .unwrap_or(&layer.norms[1].1);
-        layer_norm(&(out + h1)?, &layer.norms[1].0, ln1_bias, eps, grad)
+        add_layer_norm(&out, &h1, &layer.norms[1].0, ln1_bias, eps, grad)
     }
 }
 
@@ -694,6 +694,21 @@ fn frozen_linear(x: &Tensor, w: &Tensor, b: &Tensor, grad: Grad) -> candle_core:
         w.clone()
     };
     x.matmul(&w.t()?)?.broadcast_add(b)
+}
+
+/// `layer_norm(a + r)`: one fused op on the CPU.
+fn add_layer_norm(
+    a: &Tensor,
+    r: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    grad: Grad,
+) -> candle_core::Result<Tensor> {
+    if kernels::usable(a) && a.rank() == 2 {
+        return kernels::add_layer_norm(a, r, w, b, eps, grad == Grad::Yes);
+    }
+    layer_norm(&(a + r)?, w, b, eps, grad)
 }
 
 fn layer_norm(
