@@ -310,9 +310,10 @@ fn view3(l: &Layout, what: &str) -> Res<View3> {
     })
 }
 
-/// Multi-head attention. `q`: (B, Sq, H), already scaled by 1/sqrt(head_dim); `k`, `v`: (B, Skv, H);
-/// `mask`: additive (B, Skv) or none; returns the context (B, Sq, H) (heads concatenated along H).
-/// `Grad::Yes`-style differentiability comes with `keep_probs`.
+/// Multi-head attention. `q`: (B, Sq, H), already scaled by 1/sqrt(head_dim); `k`, `v`: (B, Skv, H)
+/// (any row and batch strides, unit stride along H); `mask`: additive (B, Skv) or none; returns the
+/// context (B, Sq, H) (heads concatenated along H). `differentiable` keeps the probabilities for the
+/// backward pass.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -321,15 +322,27 @@ pub fn attention(
     mask: Option<Vec<f32>>,
     differentiable: bool,
 ) -> Res<Tensor> {
-    let op = Attention {
-        heads,
-        mask,
-        probs: differentiable.then(|| Mutex::new(Vec::new())),
-    };
+    let op = Attention::new(heads, mask, differentiable);
     if differentiable {
         q.apply_op3(k, v, op)
     } else {
         q.apply_op3_no_bwd(k, v, &op)
+    }
+}
+
+/// [`attention`] on a fused projection `qkv` (B, S, 3H) (query, key, value side by side on the last
+/// dimension): one input, so the backward pass writes one (B, S, 3H) gradient (no narrow backward).
+pub fn attention_qkv(
+    qkv: &Tensor,
+    heads: usize,
+    mask: Option<Vec<f32>>,
+    differentiable: bool,
+) -> Res<Tensor> {
+    let op = Attention::new(heads, mask, differentiable);
+    if differentiable {
+        qkv.apply_op1(op)
+    } else {
+        qkv.apply_op1_no_bwd(&op)
     }
 }
 
@@ -340,7 +353,38 @@ struct Attention {
     probs: Option<Mutex<Vec<f32>>>,
 }
 
+/// Where a backward pass writes one operand's gradient: (b, s, c) at `ptr + b*sb + s*rs + c`.
+#[derive(Clone, Copy)]
+struct OutView {
+    ptr: SendPtr,
+    sb: usize,
+    rs: usize,
+}
+
+/// The three (B, S, H) views of a fused (B, S, 3H) projection.
+fn split_qkv(l: &Layout) -> Res<(View3, View3, View3)> {
+    let all = view3(l, "qkv")?;
+    if all.h % 3 != 0 {
+        return err("attention: the fused projection's last dimension is not 3H");
+    }
+    let h = all.h / 3;
+    let part = |j: usize| View3 {
+        off: all.off + j * h,
+        h,
+        ..all
+    };
+    Ok((part(0), part(1), part(2)))
+}
+
 impl Attention {
+    fn new(heads: usize, mask: Option<Vec<f32>>, differentiable: bool) -> Attention {
+        Attention {
+            heads,
+            mask,
+            probs: differentiable.then(|| Mutex::new(Vec::new())),
+        }
+    }
+
     fn check(&self, q: &View3, k: &View3, v: &View3) -> Res<usize> {
         if q.b != k.b || q.b != v.b || k.s != v.s || q.h != k.h || q.h != v.h {
             return err(format!(
@@ -357,28 +401,14 @@ impl Attention {
         }
         Ok(q.h / self.heads)
     }
-}
 
-impl CustomOp3 for Attention {
-    fn name(&self) -> &'static str {
-        "peftdb-attention"
-    }
-
-    fn cpu_fwd(
+    /// The context (B, Sq, H); keeps the probabilities when differentiable.
+    fn forward(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Res<(CpuStorage, Shape)> {
-        let (qs, ks, vs) = (
-            s1.as_slice::<f32>()?,
-            s2.as_slice::<f32>()?,
-            s3.as_slice::<f32>()?,
-        );
-        let (q, k, v) = (view3(l1, "q")?, view3(l2, "k")?, view3(l3, "v")?);
+        (qs, q): (&[f32], View3),
+        (ks, k): (&[f32], View3),
+        (vs, v): (&[f32], View3),
+    ) -> Res<Vec<f32>> {
         let hd = self.check(&q, &k, &v)?;
         let (b, sq, skv, h, nh) = (q.b, q.s, k.s, q.h, self.heads);
         let mut out = vec![0f32; b * sq * h];
@@ -400,6 +430,9 @@ impl CustomOp3 for Attention {
                 let qp = qs[q.off + bi * q.sb + hi * hd..].as_ptr();
                 let kp = ks[k.off + bi * k.sb + hi * hd..].as_ptr();
                 let vp = vs[v.off + bi * v.sb + hi * hd..].as_ptr();
+                let none = gemm::Parallelism::None;
+                // SAFETY: all pointers stay inside their operands (checked shapes), unit u writes
+                // only its own head's columns of the output.
                 unsafe {
                     // scores = Q K^T: rhs(kk, j) = K[j, kk].
                     mm(
@@ -415,18 +448,18 @@ impl CustomOp3 for Attention {
                         kp,
                         1,
                         k.ss,
-                        gemm::Parallelism::None,
+                        none,
                     );
                 }
-                let mrow = mask.map(|m| &m[bi * skv..(bi + 1) * skv]);
-                softmax_rows(scores, skv, mrow);
+                softmax_rows(scores, skv, mask.map(|m| &m[bi * skv..(bi + 1) * skv]));
                 unsafe {
                     // out[b, :, head] = P V.
+                    let o = optr.at(bi * sq * h + hi * hd);
                     mm(
                         sq,
                         hd,
                         skv,
-                        optr.at(bi * sq * h + hi * hd),
+                        o,
                         h,
                         false,
                         scores.as_ptr(),
@@ -435,7 +468,7 @@ impl CustomOp3 for Attention {
                         vp,
                         v.ss,
                         1,
-                        gemm::Parallelism::None,
+                        none,
                     );
                 }
             },
@@ -445,7 +478,141 @@ impl CustomOp3 for Attention {
                 .lock()
                 .map_err(|_| candle_core::Error::Msg("poisoned".into()))? = p;
         }
-        Ok((CpuStorage::F32(out), Shape::from((b, sq, h))))
+        Ok(out)
+    }
+
+    /// Writes dQ, dK, dV for the output gradient `go` (B, Sq, H) contiguous.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        (qs, q): (&[f32], View3),
+        (ks, k): (&[f32], View3),
+        (vs, v): (&[f32], View3),
+        go: &[f32],
+        dq: OutView,
+        dk: OutView,
+        dv: OutView,
+    ) -> Res<()> {
+        let Some(slot) = &self.probs else {
+            return err("attention: backward of a forward run without gradients");
+        };
+        let probs = slot
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        let hd = self.check(&q, &k, &v)?;
+        let (b, sq, skv, h, nh) = (q.b, q.s, k.s, q.h, self.heads);
+        if probs.len() != b * nh * sq * skv || go.len() != b * sq * h {
+            return err("attention: kept probabilities or gradient do not fit");
+        }
+        (0..b * nh).into_par_iter().for_each_init(
+            || vec![0f32; sq * skv],
+            |ds, u| {
+                let (bi, hi) = (u / nh, u % nh);
+                let p = &probs[u * sq * skv..(u + 1) * sq * skv];
+                let qp = qs[q.off + bi * q.sb + hi * hd..].as_ptr();
+                let kp = ks[k.off + bi * k.sb + hi * hd..].as_ptr();
+                let vp = vs[v.off + bi * v.sb + hi * hd..].as_ptr();
+                let gp = go[bi * sq * h + hi * hd..].as_ptr();
+                let at = |o: OutView| o.ptr.at(bi * o.sb + hi * hd);
+                let none = gemm::Parallelism::None;
+                // SAFETY: as in the forward pass; unit u writes only its own head's columns.
+                unsafe {
+                    // dV = P^T dO.
+                    mm(
+                        skv,
+                        hd,
+                        sq,
+                        at(dv),
+                        dv.rs,
+                        false,
+                        p.as_ptr(),
+                        1,
+                        skv,
+                        gp,
+                        h,
+                        1,
+                        none,
+                    );
+                    // dP = dO V^T.
+                    mm(
+                        sq,
+                        skv,
+                        hd,
+                        ds.as_mut_ptr(),
+                        skv,
+                        false,
+                        gp,
+                        h,
+                        1,
+                        vp,
+                        1,
+                        v.ss,
+                        none,
+                    );
+                }
+                // dS = P (dP - rowsum(dP P)).
+                softmax_bwd_rows(ds, p, skv);
+                unsafe {
+                    // dQ = dS K.
+                    mm(
+                        sq,
+                        hd,
+                        skv,
+                        at(dq),
+                        dq.rs,
+                        false,
+                        ds.as_ptr(),
+                        skv,
+                        1,
+                        kp,
+                        k.ss,
+                        1,
+                        none,
+                    );
+                    // dK = dS^T Q.
+                    mm(
+                        skv,
+                        hd,
+                        sq,
+                        at(dk),
+                        dk.rs,
+                        false,
+                        ds.as_ptr(),
+                        1,
+                        skv,
+                        qp,
+                        q.ss,
+                        1,
+                        none,
+                    );
+                }
+            },
+        );
+        Ok(())
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "peftdb-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Res<(CpuStorage, Shape)> {
+        let (q, k, v) = (view3(l1, "q")?, view3(l2, "k")?, view3(l3, "v")?);
+        let out = self.forward(
+            (s1.as_slice::<f32>()?, q),
+            (s2.as_slice::<f32>()?, k),
+            (s3.as_slice::<f32>()?, v),
+        )?;
+        Ok((CpuStorage::F32(out), Shape::from((q.b, q.s, q.h))))
     }
 
     fn bwd(
@@ -456,124 +623,81 @@ impl CustomOp3 for Attention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Res<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let Some(slot) = &self.probs else {
-            return err("attention: backward of a forward run without gradients");
-        };
-        let probs = slot
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
         let grad = grad.contiguous()?;
-        let (dq, dk, dv) = with_f32(qt, |qs, l1| {
+        let (b, sq, h) = qt.dims3()?;
+        let skv = kt.dim(1)?;
+        let mut dq = vec![0f32; b * sq * h];
+        let mut dk = vec![0f32; b * skv * h];
+        let mut dv = vec![0f32; b * skv * h];
+        let ov = |d: &mut Vec<f32>, s: usize| OutView {
+            ptr: SendPtr(d.as_mut_ptr()),
+            sb: s * h,
+            rs: h,
+        };
+        let (oq, ok, ovv) = (ov(&mut dq, sq), ov(&mut dk, skv), ov(&mut dv, skv));
+        with_f32(qt, |qs, l1| {
             with_f32(kt, |ks, l2| {
                 with_f32(vt, |vs, l3| {
                     with_f32(&grad, |gs, lg| {
-                        let (q, k, v) = (view3(l1, "q")?, view3(l2, "k")?, view3(l3, "v")?);
-                        let hd = self.check(&q, &k, &v)?;
-                        let go = contiguous_slice(gs, lg, "grad")?;
-                        let (b, sq, skv, h, nh) = (q.b, q.s, k.s, q.h, self.heads);
-                        if probs.len() != b * nh * sq * skv {
-                            return err("attention: kept probabilities do not fit");
-                        }
-                        let mut dq = vec![0f32; b * sq * h];
-                        let mut dk = vec![0f32; b * skv * h];
-                        let mut dv = vec![0f32; b * skv * h];
-                        let (pq, pk, pv) = (
-                            SendPtr(dq.as_mut_ptr()),
-                            SendPtr(dk.as_mut_ptr()),
-                            SendPtr(dv.as_mut_ptr()),
-                        );
-                        (0..b * nh).into_par_iter().for_each_init(
-                            || vec![0f32; sq * skv],
-                            |ds, u| {
-                                let (bi, hi) = (u / nh, u % nh);
-                                let p = &probs[u * sq * skv..(u + 1) * sq * skv];
-                                let qp = qs[q.off + bi * q.sb + hi * hd..].as_ptr();
-                                let kp = ks[k.off + bi * k.sb + hi * hd..].as_ptr();
-                                let vp = vs[v.off + bi * v.sb + hi * hd..].as_ptr();
-                                let gp = go[bi * sq * h + hi * hd..].as_ptr();
-                                let none = gemm::Parallelism::None;
-                                unsafe {
-                                    // dV = P^T dO.
-                                    mm(
-                                        skv,
-                                        hd,
-                                        sq,
-                                        pv.at(bi * skv * h + hi * hd),
-                                        h,
-                                        false,
-                                        p.as_ptr(),
-                                        1,
-                                        skv,
-                                        gp,
-                                        h,
-                                        1,
-                                        none,
-                                    );
-                                    // dP = dO V^T.
-                                    mm(
-                                        sq,
-                                        skv,
-                                        hd,
-                                        ds.as_mut_ptr(),
-                                        skv,
-                                        false,
-                                        gp,
-                                        h,
-                                        1,
-                                        vp,
-                                        1,
-                                        v.ss,
-                                        none,
-                                    );
-                                }
-                                // dS = P (dP - rowsum(dP P)).
-                                softmax_bwd_rows(ds, p, skv);
-                                unsafe {
-                                    // dQ = dS K.
-                                    mm(
-                                        sq,
-                                        hd,
-                                        skv,
-                                        pq.at(bi * sq * h + hi * hd),
-                                        h,
-                                        false,
-                                        ds.as_ptr(),
-                                        skv,
-                                        1,
-                                        kp,
-                                        k.ss,
-                                        1,
-                                        none,
-                                    );
-                                    // dK = dS^T Q.
-                                    mm(
-                                        skv,
-                                        hd,
-                                        sq,
-                                        pk.at(bi * skv * h + hi * hd),
-                                        h,
-                                        false,
-                                        ds.as_ptr(),
-                                        1,
-                                        skv,
-                                        qp,
-                                        q.ss,
-                                        1,
-                                        none,
-                                    );
-                                }
-                            },
-                        );
-                        Ok((
-                            out_tensor(dq, (b, sq, h))?,
-                            out_tensor(dk, (b, skv, h))?,
-                            out_tensor(dv, (b, skv, h))?,
-                        ))
+                        self.backward(
+                            (qs, view3(l1, "q")?),
+                            (ks, view3(l2, "k")?),
+                            (vs, view3(l3, "v")?),
+                            contiguous_slice(gs, lg, "grad")?,
+                            oq,
+                            ok,
+                            ovv,
+                        )
                     })
                 })
             })
         })?;
-        Ok((Some(dq), Some(dk), Some(dv)))
+        Ok((
+            Some(out_tensor(dq, (b, sq, h))?),
+            Some(out_tensor(dk, (b, skv, h))?),
+            Some(out_tensor(dv, (b, skv, h))?),
+        ))
+    }
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "peftdb-attention-qkv"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Res<(CpuStorage, Shape)> {
+        let x = s.as_slice::<f32>()?;
+        let (q, k, v) = split_qkv(l)?;
+        let out = self.forward((x, q), (x, k), (x, v))?;
+        Ok((CpuStorage::F32(out), Shape::from((q.b, q.s, q.h))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Res<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let (b, s, h3) = arg.dims3()?;
+        let h = h3 / 3;
+        let mut d = vec![0f32; b * s * h3];
+        let base = SendPtr(d.as_mut_ptr());
+        let part = |j: usize| OutView {
+            ptr: SendPtr(base.at(j * h)),
+            sb: s * h3,
+            rs: h3,
+        };
+        with_f32(arg, |xs, l| {
+            let (q, k, v) = split_qkv(l)?;
+            with_f32(&grad, |gs, lg| {
+                self.backward(
+                    (xs, q),
+                    (xs, k),
+                    (xs, v),
+                    contiguous_slice(gs, lg, "grad")?,
+                    part(0),
+                    part(1),
+                    part(2),
+                )
+            })
+        })?;
+        Ok(Some(out_tensor(d, (b, s, h3))?))
     }
 }
 
@@ -626,25 +750,13 @@ struct Linear {
     w: Tensor,
 }
 
-impl CustomOp2 for Linear {
-    fn name(&self) -> &'static str {
-        "peftdb-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Res<(CpuStorage, Shape)> {
-        let x = contiguous_slice(s1.as_slice::<f32>()?, l1, "x")?;
-        let bias = contiguous_slice(s2.as_slice::<f32>()?, l2, "bias")?;
-        let (n, inp) = l1.shape().dims2()?;
+impl Linear {
+    /// `x W^T + bias` (N, out) and out.
+    fn forward(&self, x: &[f32], bias: &[f32], n: usize, inp: usize) -> Res<(Vec<f32>, usize)> {
         with_f32(&self.w, |ws, lw| {
             let w = contiguous_slice(ws, lw, "w")?;
             let (out, win) = lw.shape().dims2()?;
-            if win != inp || bias.len() != out {
+            if win != inp || bias.len() != out || x.len() != n * inp {
                 return err(format!(
                     "linear: x (.., {inp}), w ({out}, {win}), bias {}",
                     bias.len()
@@ -654,6 +766,7 @@ impl CustomOp2 for Linear {
             for _ in 0..n {
                 y.extend_from_slice(bias);
             }
+            // SAFETY: shapes checked.
             unsafe {
                 mm(
                     n,
@@ -671,8 +784,59 @@ impl CustomOp2 for Linear {
                     gemm_par(n * out * inp),
                 );
             }
-            Ok((CpuStorage::F32(y), Shape::from((n, out))))
+            Ok((y, out))
         })
+    }
+
+    /// `dY W` (N, in) for `dY` (N, out).
+    fn input_grad(&self, g: &[f32], n: usize, out: usize) -> Res<Vec<f32>> {
+        with_f32(&self.w, |ws, lw| {
+            let w = contiguous_slice(ws, lw, "w")?;
+            let (wout, inp) = lw.shape().dims2()?;
+            if wout != out || g.len() != n * out {
+                return err("linear: gradient does not fit the weight");
+            }
+            let mut dx = vec![0f32; n * inp];
+            // SAFETY: shapes checked.
+            unsafe {
+                mm(
+                    n,
+                    inp,
+                    out,
+                    dx.as_mut_ptr(),
+                    inp,
+                    false,
+                    g.as_ptr(),
+                    out,
+                    1,
+                    w.as_ptr(),
+                    inp,
+                    1,
+                    gemm_par(n * out * inp),
+                );
+            }
+            Ok(dx)
+        })
+    }
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "peftdb-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Res<(CpuStorage, Shape)> {
+        let x = contiguous_slice(s1.as_slice::<f32>()?, l1, "x")?;
+        let bias = contiguous_slice(s2.as_slice::<f32>()?, l2, "bias")?;
+        let (n, inp) = l1.shape().dims2()?;
+        let (y, out) = self.forward(x, bias, n, inp)?;
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
     fn bwd(
@@ -684,41 +848,290 @@ impl CustomOp2 for Linear {
     ) -> Res<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let (n, out) = grad.dims2()?;
+        let inp = self.w.dim(1)?;
         let (dx, db) = with_f32(&grad, |gs, lg| {
             let g = contiguous_slice(gs, lg, "grad")?;
-            with_f32(&self.w, |ws, lw| {
-                let w = contiguous_slice(ws, lw, "w")?;
-                let inp = lw.shape().dims2()?.1;
-                let mut dx = vec![0f32; n * inp];
-                unsafe {
-                    mm(
-                        n,
-                        inp,
-                        out,
-                        dx.as_mut_ptr(),
-                        inp,
-                        false,
-                        g.as_ptr(),
-                        out,
-                        1,
-                        w.as_ptr(),
-                        inp,
-                        1,
-                        gemm_par(n * out * inp),
-                    );
-                }
-                let db = if b.track_op() {
-                    let s = block_col_sums(n, out, 1, |rows, acc| {
-                        add_into_rows(&mut acc[0], &g[rows.start * out..rows.end * out]);
-                    });
-                    Some(out_tensor(s.into_iter().next().unwrap_or_default(), out)?)
-                } else {
-                    None
-                };
-                Ok((out_tensor(dx, (n, inp))?, db))
+            let dx = self.input_grad(g, n, out)?;
+            let db = if b.track_op() {
+                let s = block_col_sums(n, out, 1, |rows, acc| {
+                    add_into_rows(&mut acc[0], &g[rows.start * out..rows.end * out]);
+                });
+                Some(out_tensor(s.into_iter().next().unwrap_or_default(), out)?)
+            } else {
+                None
+            };
+            Ok((dx, db))
+        })?;
+        Ok((Some(out_tensor(dx, (n, inp))?), db))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Linear layer with a frozen weight and LoRA updates on column blocks of its output.
+
+/// One LoRA update of a [`lora_linear`]: output columns `col..col + out`, ranks `r0..r0 + r` of the
+/// stacked factors, scale `scale`.
+#[derive(Clone, Copy, Debug)]
+pub struct LoraBlock {
+    pub col: usize,
+    pub r0: usize,
+    pub r: usize,
+    pub scale: f32,
+}
+
+/// `x W^T + b` plus, for each block j, `scale_j * x A_j^T B_j^T` added to output columns
+/// `col_j..col_j + out`: `a` stacks the A factors by rows (sum r, in), `b` the B factors by columns
+/// (out, sum r). One op for the fused query/key/value projection with LoRA on some of them; gradients
+/// for `x`, `a` and `b` (the weight and bias are frozen).
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    blocks: Vec<LoraBlock>,
+    differentiable: bool,
+) -> Res<Tensor> {
+    let op = LoraLinear {
+        w: w.contiguous()?,
+        bias: bias.contiguous()?,
+        blocks,
+    };
+    let (x, a, b) = (x.contiguous()?, a.contiguous()?, b.contiguous()?);
+    if differentiable {
+        x.apply_op3(&a, &b, op)
+    } else {
+        x.apply_op3_no_bwd(&a, &b, &op)
+    }
+}
+
+struct LoraLinear {
+    w: Tensor,
+    bias: Tensor,
+    blocks: Vec<LoraBlock>,
+}
+
+impl LoraLinear {
+    /// (out of each block, sum of ranks) after checking the shapes.
+    fn check(&self, n_in: usize, n_out: usize, a: (usize, usize), b: (usize, usize)) -> Res<usize> {
+        let (rr, ain) = a;
+        let (bo, br) = b;
+        if ain != n_in || br != rr {
+            return err(format!("lora-linear: a {a:?}, b {b:?}, input width {n_in}"));
+        }
+        for bl in &self.blocks {
+            if bl.r0 + bl.r > rr || bl.col + bo > n_out {
+                return err(format!(
+                    "lora-linear: block {bl:?} outside a {a:?} / output {n_out}"
+                ));
+            }
+        }
+        Ok(bo)
+    }
+
+    /// t = x A^T (N, R).
+    fn down(x: &[f32], a: &[f32], n: usize, inp: usize, rr: usize) -> Vec<f32> {
+        let mut t = vec![0f32; n * rr];
+        // SAFETY: shapes checked by the caller.
+        unsafe {
+            mm(
+                n,
+                rr,
+                inp,
+                t.as_mut_ptr(),
+                rr,
+                false,
+                x.as_ptr(),
+                inp,
+                1,
+                a.as_ptr(),
+                1,
+                inp,
+                gemm_par(n * rr * inp),
+            );
+        }
+        t
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "peftdb-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Res<(CpuStorage, Shape)> {
+        let x = contiguous_slice(s1.as_slice::<f32>()?, l1, "x")?;
+        let a = contiguous_slice(s2.as_slice::<f32>()?, l2, "a")?;
+        let b = contiguous_slice(s3.as_slice::<f32>()?, l3, "b")?;
+        let (n, inp) = l1.shape().dims2()?;
+        let base = Linear { w: self.w.clone() };
+        let y = with_f32(&self.bias, |bs, lb| {
+            base.forward(x, contiguous_slice(bs, lb, "bias")?, n, inp)
+        })?;
+        let (mut y, out) = y;
+        let (rr, _) = l2.shape().dims2()?;
+        let bo = self.check(inp, out, l2.shape().dims2()?, l3.shape().dims2()?)?;
+        let t = LoraLinear::down(x, a, n, inp, rr);
+        for bl in &self.blocks {
+            // SAFETY: block inside the output and the factors (checked).
+            unsafe {
+                gemm::gemm(
+                    n,
+                    bo,
+                    bl.r,
+                    y.as_mut_ptr().add(bl.col),
+                    1,
+                    out as isize,
+                    true,
+                    t.as_ptr().add(bl.r0),
+                    1,
+                    rr as isize,
+                    b.as_ptr().add(bl.r0),
+                    rr as isize,
+                    1,
+                    1.0,
+                    bl.scale,
+                    false,
+                    false,
+                    false,
+                    gemm_par(n * bo * bl.r),
+                );
+            }
+        }
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    }
+
+    fn bwd(
+        &self,
+        xt: &Tensor,
+        at: &Tensor,
+        bt: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Res<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (n, out) = grad.dims2()?;
+        let (rr, inp) = at.dims2()?;
+        let bo = self.check(inp, out, (rr, inp), bt.dims2()?)?;
+        let (dx, da, db) = with_f32(xt, |xs, lx| {
+            let x = contiguous_slice(xs, lx, "x")?;
+            with_f32(at, |as_, la| {
+                let a = contiguous_slice(as_, la, "a")?;
+                with_f32(bt, |bs, lb| {
+                    let b = contiguous_slice(bs, lb, "b")?;
+                    with_f32(&grad, |gs, lg| {
+                        let g = contiguous_slice(gs, lg, "grad")?;
+                        let mut dx = Linear { w: self.w.clone() }.input_grad(g, n, out)?;
+                        // u = scale_j * dY_j B_j (N, R), per block.
+                        let mut u = vec![0f32; n * rr];
+                        let mut db = vec![0f32; bo * rr];
+                        let t = LoraLinear::down(x, a, n, inp, rr);
+                        for bl in &self.blocks {
+                            // SAFETY: blocks checked against the shapes.
+                            unsafe {
+                                gemm::gemm(
+                                    n,
+                                    bl.r,
+                                    bo,
+                                    u.as_mut_ptr().add(bl.r0),
+                                    1,
+                                    rr as isize,
+                                    false,
+                                    g.as_ptr().add(bl.col),
+                                    1,
+                                    out as isize,
+                                    b.as_ptr().add(bl.r0),
+                                    1,
+                                    rr as isize,
+                                    0.0,
+                                    bl.scale,
+                                    false,
+                                    false,
+                                    false,
+                                    gemm_par(n * bl.r * bo),
+                                );
+                                // dB_j = scale_j dY_j^T t_j (out, r).
+                                gemm::gemm(
+                                    bo,
+                                    bl.r,
+                                    n,
+                                    db.as_mut_ptr().add(bl.r0),
+                                    1,
+                                    rr as isize,
+                                    false,
+                                    g.as_ptr().add(bl.col),
+                                    out as isize,
+                                    1,
+                                    t.as_ptr().add(bl.r0),
+                                    1,
+                                    rr as isize,
+                                    0.0,
+                                    bl.scale,
+                                    false,
+                                    false,
+                                    false,
+                                    gemm::Parallelism::None,
+                                );
+                            }
+                        }
+                        let mut da = vec![0f32; rr * inp];
+                        // SAFETY: shapes checked.
+                        unsafe {
+                            // dX += u A.
+                            mm(
+                                n,
+                                inp,
+                                rr,
+                                dx.as_mut_ptr(),
+                                inp,
+                                true,
+                                u.as_ptr(),
+                                rr,
+                                1,
+                                a.as_ptr(),
+                                inp,
+                                1,
+                                gemm_par(n * inp * rr),
+                            );
+                            // dA = u^T X (R, in).
+                            mm(
+                                rr,
+                                inp,
+                                n,
+                                da.as_mut_ptr(),
+                                inp,
+                                false,
+                                u.as_ptr(),
+                                1,
+                                rr,
+                                x.as_ptr(),
+                                inp,
+                                1,
+                                gemm::Parallelism::None,
+                            );
+                        }
+                        Ok((dx, da, db))
+                    })
+                })
             })
         })?;
-        Ok((Some(dx), db))
+        Ok((
+            Some(out_tensor(dx, (n, inp))?),
+            at.track_op()
+                .then(|| out_tensor(da, (rr, inp)))
+                .transpose()?,
+            bt.track_op()
+                .then(|| out_tensor(db, (bo, rr)))
+                .transpose()?,
+        ))
     }
 }
 
@@ -1356,6 +1769,118 @@ mod tests {
                 .backward()
                 .unwrap();
             assert!(g.get(&c).is_none());
+        }
+    }
+
+    #[test]
+    fn attention_on_a_fused_projection_matches_and_backprops() {
+        for (i, &(b, s, h, nh, masked)) in [(8, 64, 384, 12, false), (3, 5, 8, 2, true)]
+            .iter()
+            .enumerate()
+        {
+            let qkv = Var::from_tensor(&rand(&[b, s, 3 * h], 600 + i as u64)).unwrap();
+            let r = rand(&[b, s, h], 610 + i as u64);
+            let (mv, mt) = padding_mask(b, s);
+            let (mv, mt) = if masked {
+                (Some(mv), Some(mt))
+            } else {
+                (None, None)
+            };
+            let parts = |t: &Tensor| {
+                (
+                    t.narrow(2, 0, h).unwrap(),
+                    t.narrow(2, h, h).unwrap(),
+                    t.narrow(2, 2 * h, h).unwrap(),
+                )
+            };
+            let got = attention_qkv(&qkv, nh, mv, true).unwrap();
+            let (q, k, v) = parts(&qkv);
+            let want = reference_attention(&q, &k, &v, nh, mt.as_ref());
+            let d = max_diff(&got, &want);
+            assert!(d < 2e-6, "case {i}: forward max diff {d}");
+            let g = (got * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_ref = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let d = max_diff(g.get(&qkv).unwrap(), g_ref.get(&qkv).unwrap());
+            assert!(d < 1e-5, "case {i}: dqkv max diff {d}");
+        }
+    }
+
+    #[test]
+    fn lora_linear_matches_generic_ops_and_gradients() {
+        // (N, in, H, blocks as (slot, rank)): LoRA r=8 on query and value of MiniLM, and an odd case
+        // with different ranks on all three.
+        for (i, (n, inp, h, slots)) in [
+            (512, 384, 384, vec![(0usize, 8usize), (2, 8)]),
+            (7, 5, 3, vec![(0, 2), (1, 1), (2, 3)]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let seed = 700 + i as u64 * 20;
+            let x = Var::from_tensor(&rand(&[n, inp], seed)).unwrap();
+            let w = rand(&[3 * h, inp], seed + 1);
+            let bias = rand(&[3 * h], seed + 2);
+            let gy = rand(&[n, 3 * h], seed + 3);
+            let mut a_parts = Vec::new();
+            let mut b_parts = Vec::new();
+            let mut blocks = Vec::new();
+            let mut r0 = 0;
+            for (j, &(slot, r)) in slots.iter().enumerate() {
+                let sd = seed + 4 + 2 * j as u64;
+                a_parts.push(Var::from_tensor(&rand(&[r, inp], sd)).unwrap());
+                b_parts.push(Var::from_tensor(&rand(&[h, r], sd + 1)).unwrap());
+                let scale = 0.5 + j as f32;
+                blocks.push(LoraBlock {
+                    col: slot * h,
+                    r0,
+                    r,
+                    scale,
+                });
+                r0 += r;
+            }
+            let a = Tensor::cat(
+                &a_parts.iter().map(|v| v.as_tensor()).collect::<Vec<_>>(),
+                0,
+            )
+            .unwrap();
+            let bm = Tensor::cat(
+                &b_parts.iter().map(|v| v.as_tensor()).collect::<Vec<_>>(),
+                1,
+            )
+            .unwrap();
+            let got = lora_linear(&x, &w, &bias, &a, &bm, blocks.clone(), true).unwrap();
+            // Generic: base + per block scale * x A^T B^T into its columns.
+            let mut cols: Vec<Tensor> = (0..3)
+                .map(|j| {
+                    x.matmul(&w.narrow(0, j * h, h).unwrap().t().unwrap())
+                        .unwrap()
+                        .broadcast_add(&bias.narrow(0, j * h, h).unwrap())
+                        .unwrap()
+                })
+                .collect();
+            for (j, &(slot, _)) in slots.iter().enumerate() {
+                let d = x
+                    .matmul(&a_parts[j].t().unwrap())
+                    .unwrap()
+                    .matmul(&b_parts[j].t().unwrap())
+                    .unwrap();
+                cols[slot] = (&cols[slot] + (d * blocks[j].scale as f64).unwrap()).unwrap();
+            }
+            let want = Tensor::cat(&cols, 1).unwrap();
+            let d = max_diff(&got, &want);
+            assert!(d < 1e-4, "case {i}: forward max diff {d}");
+            let g = (got * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_ref = (want * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+            let d = max_diff(g.get(&x).unwrap(), g_ref.get(&x).unwrap());
+            assert!(d < 1e-3, "case {i}: dx max diff {d}");
+            for j in 0..slots.len() {
+                let da = max_diff(g.get(&a_parts[j]).unwrap(), g_ref.get(&a_parts[j]).unwrap());
+                let db = max_diff(g.get(&b_parts[j]).unwrap(), g_ref.get(&b_parts[j]).unwrap());
+                assert!(
+                    da < 1e-2 && db < 1e-2,
+                    "case {i} block {j}: dA {da} dB {db}"
+                );
+            }
         }
     }
 

@@ -546,10 +546,64 @@ impl BertModel {
                 .map(|a| a.ia3_in.is_none() && a.ia3_out.is_none() && a.bias.is_none())
                 .unwrap_or(true)
         });
-        let (q, k, v) = if lora_only {
-            // One GEMM for the frozen projections (attention scale folded into the query's), then
-            // each LoRA update added to its slice.
-            let qkv = kernels::linear(x2, &layer.qkv_weight, &layer.qkv_bias, grad == Grad::Yes)?
+        let prefix = la.and_then(|l| l.prefix.as_ref());
+        let mask = match add_mask {
+            Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let differentiable = grad == Grad::Yes;
+        let loras: Vec<(usize, &LoraWeights)> = [Q, K, V]
+            .iter()
+            .filter_map(|&slot| {
+                lin_ad(slot)
+                    .and_then(|a| a.lora.as_ref())
+                    .map(|l| (slot, l))
+            })
+            .collect();
+        let single = loras.iter().all(|(_, l)| l.groups == 1);
+        let (q, k, v) = if lora_only && single {
+            // One op for the frozen projections (attention scale folded into the query's) and the
+            // LoRA updates of their column blocks.
+            let qkv = if loras.is_empty() {
+                kernels::linear(x2, &layer.qkv_weight, &layer.qkv_bias, differentiable)?
+            } else {
+                let mut blocks = Vec::new();
+                let mut r0 = 0;
+                for (slot, l) in &loras {
+                    let r = l.a.dim(0)?;
+                    let s = if *slot == Q { l.scale * scale } else { l.scale };
+                    blocks.push(kernels::LoraBlock {
+                        col: slot * h,
+                        r0,
+                        r,
+                        scale: s as f32,
+                    });
+                    r0 += r;
+                }
+                let a = Tensor::cat(&loras.iter().map(|(_, l)| &l.a).collect::<Vec<_>>(), 0)?;
+                let bm = Tensor::cat(&loras.iter().map(|(_, l)| &l.b).collect::<Vec<_>>(), 1)?;
+                kernels::lora_linear(
+                    x2,
+                    &layer.qkv_weight,
+                    &layer.qkv_bias,
+                    &a,
+                    &bm,
+                    blocks,
+                    differentiable,
+                )?
+            }
+            .reshape((b, s, 3 * h))?;
+            if prefix.is_none() {
+                return kernels::attention_qkv(&qkv, nh, mask, differentiable)?.reshape((b * s, h));
+            }
+            (
+                qkv.narrow(2, 0, h)?,
+                qkv.narrow(2, h, h)?,
+                qkv.narrow(2, 2 * h, h)?,
+            )
+        } else if lora_only {
+            // Stacked LoRA adapters (inference): the fused projection plus each update.
+            let qkv = kernels::linear(x2, &layer.qkv_weight, &layer.qkv_bias, differentiable)?
                 .reshape((b, s, 3 * h))?;
             let part = |slot: usize, j: usize| -> candle_core::Result<Tensor> {
                 let view = qkv.narrow(2, j * h, h)?;
@@ -573,7 +627,7 @@ impl BertModel {
                 v.reshape((b, s, h))?,
             )
         };
-        let (k, v) = match la.and_then(|l| l.prefix.as_ref()) {
+        let (k, v) = match prefix {
             Some((pk, pv)) => {
                 // (heads, T, hd) -> (B, T, H), prepended.
                 let t = pk.dim(1)?;
@@ -590,11 +644,7 @@ impl BertModel {
             }
             None => (k, v),
         };
-        let mask = match add_mask {
-            Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
-            None => None,
-        };
-        kernels::attention(&q, &k, &v, nh, mask, grad == Grad::Yes)?.reshape((b * s, h))
+        kernels::attention(&q, &k, &v, nh, mask, differentiable)?.reshape((b * s, h))
     }
 
     /// Attention output projection, residual + layer norm, feed-forward, residual + layer norm.
