@@ -361,7 +361,24 @@ impl Nearest {
             } else {
                 HashMap::new()
             };
-        let filter = |id: ObjectId| self.passes(index, &tasks, id, exclude.as_deref());
+        // The excluded task's objects, found once: with no other filter, the per-row test is a lookup in
+        // this small set (a scan of 100k rows called a catalog lookup and a string compare per row).
+        let excluded: std::collections::HashSet<ObjectId> = match &exclude {
+            Some(t) => index
+                .objects()
+                .iter()
+                .filter(|o| &o.task == t)
+                .map(|o| o.id)
+                .collect(),
+            None => Default::default(),
+        };
+        let other_filters = self.method.is_some()
+            || self.base_model.is_some()
+            || self.group.is_some()
+            || !self.tags.is_empty();
+        let filter = |id: ObjectId| {
+            !excluded.contains(&id) && (!other_filters || self.passes(index, &tasks, id, None))
+        };
 
         // per task: space key -> SpaceScore; objects
         let mut per_task: BTreeMap<String, (BTreeMap<String, SpaceScore>, Vec<ObjectHit>)> =
@@ -379,10 +396,10 @@ impl Nearest {
                 let mut ids: Vec<ObjectId> = index
                     .objects()
                     .iter()
-                    .filter(|(id, o)| {
-                        o.method == MethodKind::Lora && o.base_model == q.base_model && filter(**id)
+                    .filter(|o| {
+                        o.method == MethodKind::Lora && o.base_model == q.base_model && filter(o.id)
                     })
-                    .map(|(id, _)| *id)
+                    .map(|o| o.id)
                     .collect();
                 ids.sort_unstable();
                 use rayon::prelude::*;
@@ -437,7 +454,10 @@ impl Nearest {
                         let (hits, engine) =
                             si.search(&qv.vector, k_obj, self.mode, &filter, Some(&fetch))?;
                         for h in hits {
-                            let o = index.object(h.id).expect("filtered");
+                            // A row committed after the catalog was read has no facts yet: skip it.
+                            let Some(o) = index.object(h.id) else {
+                                continue;
+                            };
                             add_score(
                                 &mut per_task,
                                 &o.task,
@@ -455,7 +475,9 @@ impl Nearest {
                         }
                     } else {
                         for (id, score) in centered_scan(store, qv.space, &qv.vector, &filter)? {
-                            let o = index.object(id).expect("filtered");
+                            let Some(o) = index.object(id) else {
+                                continue;
+                            };
                             add_score(
                                 &mut per_task,
                                 &o.task,
@@ -480,7 +502,8 @@ impl Nearest {
                 // Ensemble: fill exact per-space scores that a space's search did not return.
                 if qvs.len() > 1 && self.similarity == Similarity::Tupate {
                     let mut by_task_space: HashMap<(&str, SpaceId), Vec<ObjectId>> = HashMap::new();
-                    for (id, o) in index.objects() {
+                    for o in index.objects() {
+                        let id = &o.id;
                         if per_task.contains_key(&o.task) && filter(*id) {
                             for s in &o.spaces {
                                 by_task_space
@@ -606,8 +629,8 @@ impl Nearest {
                 let ids: Vec<ObjectId> = index
                     .objects()
                     .iter()
-                    .filter(|(_, o)| &o.task == name)
-                    .map(|(id, _)| *id)
+                    .filter(|o| &o.task == name)
+                    .map(|o| o.id)
                     .collect();
                 from_objects(ids)?
             }
@@ -683,8 +706,8 @@ impl Nearest {
                 let lora: Vec<(ObjectId, Option<&str>)> = index
                     .objects()
                     .iter()
-                    .filter(|(_, o)| &o.task == name && o.method == MethodKind::Lora)
-                    .map(|(id, o)| (*id, o.stage.as_deref()))
+                    .filter(|o| &o.task == name && o.method == MethodKind::Lora)
+                    .map(|o| (o.id, o.stage.as_deref()))
                     .collect();
                 let id = pick_representative(lora.into_iter()).ok_or_else(|| {
                     QueryError::DeltaNeedsLora {

@@ -303,12 +303,12 @@ fn generated_zoo_ensemble_filters_and_cli() {
     let max = index
         .objects()
         .iter()
-        .filter(|(_, o)| o.task == top.task && o.method == MethodKind::Lora)
-        .map(|(id, _)| {
+        .filter(|o| o.task == top.task && o.method == MethodKind::Lora)
+        .map(|o| {
             cosine(
                 &q,
                 &store
-                    .embedding(lora_space.space.unwrap(), *id)
+                    .embedding(lora_space.space.unwrap(), o.id)
                     .unwrap()
                     .unwrap(),
             )

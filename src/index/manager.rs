@@ -70,7 +70,8 @@ pub struct IndexManager {
     writable: bool,
     spaces: HashMap<SpaceId, SpaceIndex>,
     records: HashMap<SpaceId, SpaceRecord>,
-    objects: HashMap<ObjectId, ObjectFacts>,
+    /// Sorted by id (the store lists them in id order): found by binary search, no hashing of 100k ids.
+    objects: Vec<ObjectFacts>,
 }
 
 impl std::fmt::Debug for IndexManager {
@@ -133,7 +134,7 @@ impl IndexManager {
             writable: store.is_writable(),
             spaces: HashMap::new(),
             records: HashMap::new(),
-            objects: HashMap::new(),
+            objects: Vec::new(),
         };
         let mut report = OpenReport::default();
         m.refresh_catalog(store)?;
@@ -163,18 +164,21 @@ impl IndexManager {
     }
     /// Facts about a live object.
     pub fn object(&self, id: ObjectId) -> Option<&ObjectFacts> {
-        self.objects.get(&id)
+        self.objects
+            .binary_search_by_key(&id, |o| o.id)
+            .ok()
+            .map(|i| &self.objects[i])
     }
-    pub fn objects(&self) -> &HashMap<ObjectId, ObjectFacts> {
+    /// Every live object's facts, in id order.
+    pub fn objects(&self) -> &[ObjectFacts] {
         &self.objects
     }
 
     fn refresh_catalog(&mut self, store: &Store) -> Result<(), IndexError> {
-        self.objects = store
-            .object_facts()?
-            .into_iter()
-            .map(|f| (f.id, f))
-            .collect();
+        self.objects = store.object_facts()?;
+        if !self.objects.is_sorted_by_key(|o| o.id) {
+            self.objects.sort_by_key(|o| o.id);
+        }
         Ok(())
     }
 
@@ -529,7 +533,9 @@ impl IndexManager {
         let removed = store.remove(ids)?;
         let mut warnings = Vec::new();
         for rec in &removed {
-            self.objects.remove(&rec.id);
+            if let Ok(i) = self.objects.binary_search_by_key(&rec.id, |o| o.id) {
+                self.objects.remove(i);
+            }
             for e in &rec.embeddings {
                 if let Some(idx) = self.spaces.get_mut(&e.space) {
                     idx.remove(&[rec.id]);

@@ -159,6 +159,9 @@ pub fn run(store_path: &Path, args: &NearestArgs, json: bool) -> anyhow::Result<
     } else {
         print!("{}", render(&res));
     }
+    // The process exits now: freeing the catalog of a large store (100k objects' strings) cost a fifth of a
+    // cold query. The store itself is closed properly (its drop ends the writable redb handle cleanly).
+    std::mem::forget(index);
     Ok(())
 }
 
