@@ -363,21 +363,22 @@ impl Nearest {
             };
         // The excluded task's objects, found once: with no other filter, the per-row test is a lookup in
         // this small set (a scan of 100k rows called a catalog lookup and a string compare per row).
-        let excluded: std::collections::HashSet<ObjectId> = match &exclude {
+        let excluded: Vec<ObjectId> = match &exclude {
             Some(t) => index
                 .objects()
                 .iter()
                 .filter(|o| &o.task == t)
                 .map(|o| o.id)
-                .collect(),
-            None => Default::default(),
+                .collect(), // in id order
+            None => Vec::new(),
         };
         let other_filters = self.method.is_some()
             || self.base_model.is_some()
             || self.group.is_some()
             || !self.tags.is_empty();
         let filter = |id: ObjectId| {
-            !excluded.contains(&id) && (!other_filters || self.passes(index, &tasks, id, None))
+            excluded.binary_search(&id).is_err()
+                && (!other_filters || self.passes(index, &tasks, id, None))
         };
 
         // per task: space key -> SpaceScore; objects
@@ -450,9 +451,33 @@ impl Nearest {
                                 space: qv.space.to_string(),
                             })?;
                         let fetch = |id: u64| store.embedding(qv.space, id).ok().flatten();
-                        let k_obj = (self.k * 5).max(50);
-                        let (hits, engine) =
-                            si.search(&qv.vector, k_obj, self.mode, &filter, Some(&fetch))?;
+                        // Objects to retrieve for k tasks. Several query spaces are averaged per task, so
+                        // each space looks deeper (a task ranked k+1 in every space can win the mean).
+                        // One space: start at k objects (one per task is the common zoo) and widen
+                        // until k tasks are found; a projected space reranks 10x that many exactly, each
+                        // a read from the store, so asking for 50 objects read 500 embeddings.
+                        let (hits, engine) = if qvs.len() > 1 {
+                            let k_obj = (self.k * 5).max(50);
+                            si.search(&qv.vector, k_obj, self.mode, &filter, Some(&fetch))?
+                        } else {
+                            let mut k_obj = self.k;
+                            loop {
+                                let (hits, engine) =
+                                    si.search(&qv.vector, k_obj, self.mode, &filter, Some(&fetch))?;
+                                let tasks_found: std::collections::HashSet<&str> = hits
+                                    .iter()
+                                    .filter_map(|h| index.object(h.id))
+                                    .map(|o| o.task.as_str())
+                                    .collect();
+                                if tasks_found.len() >= self.k
+                                    || hits.len() < k_obj
+                                    || k_obj >= si.len()
+                                {
+                                    break (hits, engine);
+                                }
+                                k_obj *= 4;
+                            }
+                        };
                         for h in hits {
                             // A row committed after the catalog was read has no facts yet: skip it.
                             let Some(o) = index.object(h.id) else {

@@ -178,7 +178,9 @@ pub fn open(path: &Path, expected: &VecsHeader) -> Result<MappedRows, String> {
     // SAFETY: peftdb never modifies a .vecs file in place (it writes a new file and renames it over), so
     // the mapping does not change while it is read; a file truncated behind peftdb's back fails the
     // length check below before any row is read.
-    let map = unsafe { Mmap::map(&f) }.map_err(|e| format!("{}: {e}", path.display()))?;
+    // `populate`: fault the whole file in at once (it is read whole by the checksum and every scan).
+    let map = unsafe { memmap2::MmapOptions::new().populate().map(&f) }
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let (found, body_sum) =
         VecsHeader::decode(&map).map_err(|e| format!("{}: {e}", path.display()))?;
     if found != *expected {
