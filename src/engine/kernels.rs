@@ -30,6 +30,24 @@ fn err<T>(msg: impl Into<String>) -> Res<T> {
     Err(candle_core::Error::Msg(msg.into()))
 }
 
+/// Thread use of candle's own element-wise ops: unless `CANDLE_NUM_THREADS` is set, run them on the
+/// calling thread (sets `CANDLE_NUM_THREADS=1` once, before candle's pool starts).
+///
+/// candle hands any element-wise op over 64K elements to a pool whose threads spin-wait for work and
+/// whose caller spin-waits for them. After these kernels, the engine's remaining such ops are mostly
+/// the gradient accumulations of candle's backward pass (memory-bound adds that a second thread barely
+/// speeds up); on a machine where the cores are busy, each hand-over can cost the caller a scheduler
+/// time slice: it took up to 40% of a LoRA training step on the 2-core build machine. The GEMMs and
+/// these kernels use rayon's pool (`RAYON_NUM_THREADS`) and are not affected.
+pub fn tune_threads() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+            std::env::set_var("CANDLE_NUM_THREADS", "1");
+        }
+    });
+}
+
 /// Whether the kernels apply: CPU, f32.
 pub fn usable(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32

@@ -107,6 +107,9 @@ impl Engine {
                 });
             }
         }
+        if device.is_cpu() {
+            kernels::tune_threads();
+        }
         let model = BertModel::load(model_dir, device)?;
         let tokenizer = TextTokenizer::from_file(
             &model_dir.join("tokenizer.json"),
