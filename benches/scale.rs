@@ -95,13 +95,21 @@ fn zoo(n: usize) -> PathBuf {
     dir
 }
 
-/// Run a command; returns (wall seconds, peak RSS in KiB from GNU time, stdout).
+/// Run a command; returns (wall seconds, peak RSS in KiB from GNU time, stdout). Without GNU time
+/// (`/usr/bin/time`, Debian package `time`) the RSS is reported as 0.
 fn timed(cmd: &mut Command) -> (f64, u64, String) {
     let rss_file = bench_dir().join(".rss");
+    let _ = std::fs::remove_file(&rss_file);
     let prog = cmd.get_program().to_owned();
     let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
-    let mut c = Command::new("/usr/bin/time");
-    c.arg("-f").arg("%M").arg("-o").arg(&rss_file).arg(prog);
+    let gnu_time = Path::new("/usr/bin/time").is_file();
+    let mut c = if gnu_time {
+        let mut c = Command::new("/usr/bin/time");
+        c.arg("-f").arg("%M").arg("-o").arg(&rss_file).arg(prog);
+        c
+    } else {
+        Command::new(prog)
+    };
     c.args(args);
     for (k, v) in cmd.get_envs() {
         if let Some(v) = v {
