@@ -11,6 +11,7 @@
 //!   seeded and deterministic on CPU), returning the "early" and "best" checkpoints as PEFT objects.
 //! - [`task`]: task folders (task.json + JSONL splits, schema/task.schema.json) and k-shot sampling.
 //! - [`device`]: `--device cpu|cuda[:N]`.
+//! - [`kernels`]: hand-written CPU kernels for the hot ops (candle custom ops with their backward passes).
 //!
 //! Status and limits (honest list):
 //! - Checked against Hugging Face PEFT: the bare model, LoRA (r/alpha, rank_pattern, bias="all", rsLoRA),
@@ -21,8 +22,8 @@
 //!   then the layer's residual + layer norm); AdapterHub's `original_ln_before`/`residual_before_ln`
 //!   variants (Pfeiffer) are not read from the config.
 //! - RoBERTa-style configs load (position offset pad+1, `roberta.` prefix) but no RoBERTa model is tested.
-//! - The CUDA path compiles with the `cuda` feature; the two CPU kernels (frozen-weight matmul, erf-GELU)
-//!   fall back to candle's ops there. Not run on a GPU in this project.
+//! - The CUDA path compiles with the `cuda` feature; the CPU kernels ([`kernels`]: attention, linear,
+//!   LoRA-QKV, layer norm, GELU) fall back to candle's ops there.
 //! - Accuracy after training is tested for LoRA and BitFit; IA3, prefix, prompt and bottleneck training
 //!   is covered by the gradient check and (bottleneck) the determinism test only.
 //!

@@ -1,11 +1,12 @@
 //! The BERT-family encoder: configuration, weights and the forward pass with adapter hooks.
 //!
 //! The forward pass is written for this engine (not candle-transformers' BERT) so that every adapter
-//! method can act where PEFT / AdapterHub put it, and so that the hot path avoids needless copies:
-//! query, key and value are one fused matmul when no adapter needs them apart, the three heads' layout
-//! change is a single copy, the key transpose is a strided view that the GEMM reads directly, and the
-//! softmax scale is folded into the query. Inference uses candle's fused layer-norm and softmax kernels;
-//! the differentiable path ([`Grad::Yes`]) composes them from primitive ops, which candle can backprop.
+//! method can act where PEFT / AdapterHub put it. On the CPU (f32) it runs on the engine's own kernels
+//! ([`super::kernels`]): query, key and value are one fused projection (LoRA updates on q/k/v inside the
+//! same op, the softmax scale folded into the query), attention is one op that reads the heads in
+//! place, and the residual adds are fused into the layer norms; every kernel has its backward pass, so
+//! inference and training ([`Grad::Yes`]) share the path. Elsewhere (CUDA) it is composed from candle's
+//! ops: the heads' layout change is a single copy, the key transpose a strided view.
 
 use super::adapters::{AdapterSet, Bottleneck, LayerAdapter, LinearAdapter, LoraWeights};
 use super::error::{EngineError, EngineResult};
