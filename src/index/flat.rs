@@ -99,10 +99,11 @@ impl FlatIndex {
         }
     }
     /// Rows mapped from a `.vecs` file (searched in place).
-    pub(crate) fn mapped(dim: usize, rows: super::vectors::MappedRows) -> FlatIndex {
+    pub(crate) fn mapped(dim: usize, mut rows: super::vectors::MappedRows) -> FlatIndex {
         FlatIndex {
             dim,
-            ids: rows.ids.clone(),
+            // Moved, not copied: the mapped rows need only the map.
+            ids: std::mem::take(&mut rows.ids),
             data: Rows::Mapped(rows),
         }
     }

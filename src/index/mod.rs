@@ -191,15 +191,19 @@ impl SpaceIndex {
     /// Use rows mapped from the space's `.vecs` file (no graph; see [`SpaceIndex::rebuild`]).
     pub(crate) fn attach_mapped(&mut self, rows: vectors::MappedRows) {
         self.flat = FlatIndex::mapped(self.flat.dim(), rows);
-        self.pos = self
-            .flat
+        self.pos = self.positions();
+        self.dead.clear();
+        self.hnsw = None;
+    }
+
+    /// Row position of every id in the flat rows.
+    fn positions(&self) -> HashMap<u64, usize> {
+        self.flat
             .ids()
             .iter()
             .enumerate()
             .map(|(i, id)| (*id, i))
-            .collect();
-        self.dead.clear();
-        self.hnsw = None;
+            .collect()
     }
 
     /// Whether the rows are searched in place in a mapped `.vecs` file.
@@ -342,13 +346,7 @@ impl SpaceIndex {
         if !self.dead.is_empty() {
             let dead = std::mem::take(&mut self.dead);
             self.flat.retain(|id| !dead.contains(&id));
-            self.pos = self
-                .flat
-                .ids()
-                .iter()
-                .enumerate()
-                .map(|(i, id)| (*id, i))
-                .collect();
+            self.pos = self.positions();
         }
         self.hnsw = None;
         if self.wants_graph() {
