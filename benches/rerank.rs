@@ -58,6 +58,7 @@ fn bench(c: &mut Criterion) {
         label_texts: &labels,
         examples: &examples,
         reference: Some(&cands[0]),
+        weights: None,
     };
     let opts = RerankOptions::default(); // Loss, KL, EL2N, cosine of logits and labels
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();

@@ -8,8 +8,9 @@ use crate::object::LightweightObject;
 use std::path::Path;
 
 pub use crate::transfer::{
-    suggest, CandidateReport, Decision, SuggestConfig, SuggestEvent, SuggestInput, SuggestReport,
-    TransferError as SuggestError, DEFAULT_INDICATOR, DEFAULT_K, DEFAULT_NOISE_Z, DEFAULT_TAU,
+    suggest, CandidateReport, Decision, LabelPrior, SuggestConfig, SuggestEvent, SuggestInput,
+    SuggestReport, TransferError as SuggestError, DEFAULT_INDICATOR, DEFAULT_K, DEFAULT_NOISE_Z,
+    DEFAULT_PRIOR, DEFAULT_TAU,
 };
 
 /// Write the initialization and its report (`peftdb_report.json`) into `dir`, atomically: everything is

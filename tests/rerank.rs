@@ -29,6 +29,7 @@ fn indicators_on_real_adapters_agree_with_direct_computation() {
         label_texts: &labels,
         examples: &examples,
         reference: Some(&a),
+        weights: None,
     };
     let opts = RerankOptions {
         indicators: vec![
@@ -114,6 +115,7 @@ fn indicators_on_real_adapters_agree_with_direct_computation() {
     // Errors: no reference for KL; weight cosine across shapes; an adapter for another model.
     let no_ref = RerankInput {
         reference: None,
+        weights: None,
         ..input
     };
     assert!(matches!(
@@ -129,6 +131,7 @@ fn indicators_on_real_adapters_agree_with_direct_computation() {
         label_texts: &labels,
         examples: &examples,
         reference: Some(&a),
+        weights: None,
     };
     assert!(matches!(
         rerank(&input, &[&b], &wc, &mut |_, _| {}),
@@ -150,6 +153,44 @@ fn indicators_on_real_adapters_agree_with_direct_computation() {
         "{e}"
     );
     assert!(e.to_string().contains("768"), "{e}");
+
+    // Example weights: all ones are no weights; doubling class 1's examples scales exactly its terms;
+    // a wrong count is refused with both numbers.
+    let plain_opts = RerankOptions {
+        indicators: vec![Indicator::Loss, Indicator::LossCal, Indicator::El2n],
+        ..Default::default()
+    };
+    let plain = rerank(&input, &[&a], &plain_opts, &mut |_, _| {}).unwrap();
+    let ones = vec![1.0; examples.len()];
+    let with_ones = RerankInput {
+        weights: Some(&ones),
+        ..input
+    };
+    let same = rerank(&with_ones, &[&a], &plain_opts, &mut |_, _| {}).unwrap();
+    for k in ["loss", "loss-cal", "el2n"] {
+        assert!((plain[0].scores[k] - same[0].scores[k]).abs() < 1e-12, "{k}");
+    }
+    assert_eq!(plain[0].accuracy, same[0].accuracy);
+    let w: Vec<f64> = examples
+        .iter()
+        .map(|e| if e.label == 1 { 1.5 } else { 0.5 })
+        .collect();
+    let weighted = RerankInput {
+        weights: Some(&w),
+        ..input
+    };
+    let out_w = rerank(&weighted, &[&a], &plain_opts, &mut |_, _| {}).unwrap();
+    let (pl, wl) = (&plain[0].per_example.loss, &out_w[0].per_example.loss);
+    for j in 0..examples.len() {
+        assert!((pl[j] * w[j] - wl[j]).abs() < 1e-9);
+    }
+    let short = vec![1.0; examples.len() - 1];
+    let bad = RerankInput {
+        weights: Some(&short),
+        ..input
+    };
+    let e = rerank(&bad, &[&a], &plain_opts, &mut |_, _| {}).unwrap_err();
+    assert!(matches!(e, RerankError::BadWeights { got, examples: n } if got + 1 == n), "{e}");
 }
 
 /// A copy of a LoRA adapter with every value of the tensors matching `part` multiplied by `f`.

@@ -849,6 +849,7 @@ impl Runner<'_> {
             label_texts: &labels,
             examples,
             reference: Some(&reference),
+            weights: None,
         };
         let scores =
             rerank(&input, &refs, &opts, &mut |_, _| {}).map_err(|e| ExperimentError::Rerank {

@@ -35,6 +35,7 @@ use crate::query::Similarity;
 use crate::rerank::Indicator;
 use crate::store::Store;
 use crate::transfer::{
+    LabelPrior,
     decide, evaluate, retrieve, score, scratch_init, store_base_model, suggest, target_adapter,
     Decision, Episode, SuggestConfig, SuggestInput, TransferError,
 };
@@ -205,28 +206,31 @@ fn protocol(cfg: &StudyConfig, zoo_hash: &str, phase: Phase, max_len: usize) -> 
     h.as_str()[..12].to_string()
 }
 
-/// A short label of a pipeline setting (similarity, K, indicator, tau, noise threshold, merge).
+/// A short label of a pipeline setting (similarity, K, indicator, tau, noise threshold, merge, label
+/// prior).
 pub fn config_label(c: &SuggestConfig) -> String {
     format!(
-        "{}/k{}/{}/tau{}/z{}/{}",
+        "{}/k{}/{}/tau{}/z{}/{}/prior-{}",
         c.similarity.as_str(),
         c.k,
         c.indicator.as_str(),
         c.tau,
         c.noise_z,
-        crate::transfer::merge_name(c.effective_merge())
+        crate::transfer::merge_name(c.effective_merge()),
+        c.prior.as_str()
     )
 }
 
 /// Bump when the tuning grid (or what a tune record holds) changes.
-const GRID_VERSION: u32 = 2;
+const GRID_VERSION: u32 = 3;
 
 /// The tuning grid. Every source is scored (K = 13 covers the zoo: on grid 1, scoring all sources beat
-/// the top 3 or 5 of every similarity), so the grid varies what decides the answer: the indicator that
-/// ranks, weights and tests the candidates (Loss, calibrated Loss, EL2N, cosine of logits and labels)
-/// x the noise threshold; then tau around (calibrated Loss, z 2); the retrieval's top 5 by `delta`; and
-/// the papers' setting (TuPaTE, K 5, cosine of logits and labels, parameter averaging, every candidate
-/// with a positive gain weighted).
+/// the top 3 or 5 of every similarity), so the grid varies what decides the answer: the label prior the
+/// balanced episode is weighted to (the train split's label frequencies, or uniform) x the indicator
+/// that ranks, weights and tests the candidates (Loss, calibrated Loss, EL2N, cosine of logits and
+/// labels) x the noise threshold; then tau around (calibrated Loss, z 1, train prior); the retrieval's
+/// top 5 by `delta`; and the papers' setting (TuPaTE, K 5, cosine of logits and labels, parameter
+/// averaging, every candidate with a positive gain weighted, no prior).
 pub fn grid(base: &SuggestConfig) -> Vec<SuggestConfig> {
     let mut out: Vec<SuggestConfig> = Vec::new();
     let mut push = |c: SuggestConfig| {
@@ -241,29 +245,34 @@ pub fn grid(base: &SuggestConfig) -> Vec<SuggestConfig> {
         f(&mut c);
         c
     };
-    for ind in [
-        Indicator::Loss,
-        Indicator::LossCal,
-        Indicator::El2n,
-        Indicator::CosLogits,
-    ] {
-        for z in [1.0, 1.5, 2.0, 3.0] {
-            push(all(&|c| {
-                c.indicator = ind;
-                c.noise_z = z;
-            }));
+    for prior in LabelPrior::ALL {
+        for ind in [
+            Indicator::Loss,
+            Indicator::LossCal,
+            Indicator::El2n,
+            Indicator::CosLogits,
+        ] {
+            for z in [1.0, 2.0] {
+                push(all(&|c| {
+                    c.prior = prior;
+                    c.indicator = ind;
+                    c.noise_z = z;
+                }));
+            }
         }
     }
-    for tau in [0.03, 0.3, 1.0] {
+    for tau in [0.03, 1.0] {
         push(all(&|c| {
+            c.prior = LabelPrior::Train;
             c.indicator = Indicator::LossCal;
-            c.noise_z = 2.0;
+            c.noise_z = 1.0;
             c.tau = tau;
         }));
     }
     push(all(&|c| {
+        c.prior = LabelPrior::Train;
         c.indicator = Indicator::LossCal;
-        c.noise_z = 2.0;
+        c.noise_z = 1.0;
         c.k = 5;
     }));
     let mut c = base.clone();
@@ -272,6 +281,7 @@ pub fn grid(base: &SuggestConfig) -> Vec<SuggestConfig> {
     c.merge = MergeMode::Param;
     c.k = 5;
     c.noise_z = 0.0;
+    c.prior = LabelPrior::Uniform;
     push(c);
     out
 }
@@ -726,6 +736,7 @@ impl<'a> Study<'a> {
         let opts = base.score.clone();
         // Source-side TEXTEMB vectors (seed-free).
         let mut src_textemb: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+        let mut dev_cache: BTreeMap<(String, String), SplitEval> = BTreeMap::new();
         for t in self.targets() {
             for seed in self.cfg.tune_seeds.clone() {
                 let task = self.tasks[t].clone();
@@ -802,16 +813,25 @@ impl<'a> Study<'a> {
                 let objs: Vec<LightweightObject> =
                     src.iter().map(|&s| self.object(s)).collect::<Result<_>>()?;
                 let refs: Vec<&LightweightObject> = objs.iter().collect();
-                let scores = score(
-                    self.engine,
-                    &task,
-                    &episode,
-                    &target,
-                    &refs,
-                    &cfg,
-                    &mut |_| {},
-                )
-                .map_err(&te)?;
+                // Scored under each label prior; the candidates and the `rerank:` predictors are those
+                // of the base setting's prior, the other prior's are `rerank:IND@PRIOR`.
+                let mut by_prior: BTreeMap<&'static str, crate::transfer::Scores> = BTreeMap::new();
+                for prior in LabelPrior::ALL {
+                    let mut pc = cfg.clone();
+                    pc.prior = prior;
+                    let sc = score(
+                        self.engine,
+                        &task,
+                        &episode,
+                        &target,
+                        &refs,
+                        &pc,
+                        &mut |_| {},
+                    )
+                    .map_err(&te)?;
+                    by_prior.insert(prior.as_str(), sc);
+                }
+                let scores = by_prior[cfg.prior.as_str()].clone();
                 let names: Vec<String> = src.iter().map(|&s| self.tasks[s].name.clone()).collect();
                 let mut candidates: Vec<TunedCandidate> = Vec::with_capacity(names.len());
                 for ((n, c), obj) in names.iter().zip(&scores.candidates).zip(&refs) {
@@ -828,8 +848,21 @@ impl<'a> Study<'a> {
                     })
                     .collect();
                     let [gain, gain_se] = gains[Indicator::Loss.as_str()];
-                    let dev =
-                        split_eval(self.engine, &task, Some(obj), self.limit(&task.dev), &opts)?;
+                    // A source's dev accuracy does not depend on the seed: evaluated once.
+                    let dev = match dev_cache.get(&(task.name.clone(), n.clone())) {
+                        Some(d) => d.clone(),
+                        None => {
+                            let d = split_eval(
+                                self.engine,
+                                &task,
+                                Some(obj),
+                                self.limit(&task.dev),
+                                &opts,
+                            )?;
+                            dev_cache.insert((task.name.clone(), n.clone()), d.clone());
+                            d
+                        }
+                    };
                     candidates.push(TunedCandidate {
                         task: n.clone(),
                         scores: c.scores.clone(),
@@ -860,6 +893,26 @@ impl<'a> Study<'a> {
                             .collect(),
                     );
                 }
+                for (prior, sc) in &by_prior {
+                    if *prior == cfg.prior.as_str() {
+                        continue;
+                    }
+                    for ind in [Indicator::Loss, Indicator::LossCal] {
+                        predictors.insert(
+                            format!("rerank:{}@{prior}", ind.as_str()),
+                            names
+                                .iter()
+                                .zip(&sc.candidates)
+                                .map(|(n, c)| {
+                                    (
+                                        n.clone(),
+                                        c.scores.get(ind.as_str()).copied().unwrap_or(f64::NAN),
+                                    )
+                                })
+                                .collect(),
+                        );
+                    }
+                }
                 let scratch = scratch_init(self.engine, &cfg, base_model).map_err(&te)?;
                 // Each grid setting's answer, evaluated on the dev split (identical answers once).
                 let mut cache: BTreeMap<String, f64> = BTreeMap::new();
@@ -877,10 +930,11 @@ impl<'a> Study<'a> {
                         .take(c.k)
                         .filter_map(|(n, _)| names.iter().position(|x| x == *n))
                         .collect();
+                    let ps = &by_prior[c.prior.as_str()];
                     let sub = crate::transfer::Scores {
-                        examples: scores.examples,
-                        bare: scores.bare.clone(),
-                        candidates: pick.iter().map(|&i| scores.candidates[i].clone()).collect(),
+                        examples: ps.examples,
+                        bare: ps.bare.clone(),
+                        candidates: pick.iter().map(|&i| ps.candidates[i].clone()).collect(),
                     };
                     let sub_refs: Vec<&LightweightObject> = pick.iter().map(|&i| refs[i]).collect();
                     let d = decide(self.engine, &task, &episode, &sub_refs, &sub, &scratch, &c)

@@ -60,9 +60,23 @@ fn scaled_loglik(probs: &[f32], classes: usize, labels: &[usize], a: f64) -> Vec
 /// log-probabilities are multiplied by it. The log-likelihood is concave in `a` (a log-sum-exp of
 /// linear functions subtracted from a linear one), so a golden-section search on log `a` finds it.
 pub fn calibration(probs: &[f32], classes: usize, labels: &[usize]) -> f64 {
+    calibration_weighted(probs, classes, labels, None)
+}
+
+/// [`calibration`] with each example's log-likelihood weighted (`weights[j]`, e.g. the importance weight
+/// that makes a class-balanced sample stand for the task's label distribution); `None`: all 1.
+pub fn calibration_weighted(
+    probs: &[f32],
+    classes: usize,
+    labels: &[usize],
+    weights: Option<&[f64]>,
+) -> f64 {
     let f = |la: f64| -> f64 {
         let t = scaled_loglik(probs, classes, labels, la.exp());
-        t.iter().sum::<f64>()
+        match weights {
+            Some(w) => t.iter().zip(w).map(|(x, w)| x * w).sum::<f64>(),
+            None => t.iter().sum::<f64>(),
+        }
     };
     let (mut lo, mut hi) = (CALIBRATION_RANGE.0.ln(), CALIBRATION_RANGE.1.ln());
     let g = (5f64.sqrt() - 1.0) / 2.0;
@@ -92,7 +106,18 @@ pub fn calibration(probs: &[f32], classes: usize, labels: &[usize]) -> f64 {
 /// the new task's labels, only for ranking them wrong: a source trained on other labels is sharp, and a
 /// sharp classifier that is right more often can still have the worse raw log-likelihood.
 pub fn loss_calibrated_terms(probs: &[f32], classes: usize, labels: &[usize]) -> Vec<f64> {
-    let a = calibration(probs, classes, labels);
+    loss_calibrated_terms_weighted(probs, classes, labels, None)
+}
+
+/// [`loss_calibrated_terms`] with the temperature fitted on weighted examples
+/// ([`calibration_weighted`]); the terms themselves are not multiplied by the weights.
+pub fn loss_calibrated_terms_weighted(
+    probs: &[f32],
+    classes: usize,
+    labels: &[usize],
+    weights: Option<&[f64]>,
+) -> Vec<f64> {
+    let a = calibration_weighted(probs, classes, labels, weights);
     scaled_loglik(probs, classes, labels, a)
 }
 
@@ -286,6 +311,29 @@ mod tests {
         assert!((t.iter().sum::<f64>() - el2n(&p, 2, &y)).abs() < 1e-12);
         let t = cosine_terms(&p, 2, &y);
         assert!((t.iter().sum::<f64>() - cosine_logits_labels(&p, 2, &y)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn weighted_calibration_equals_repeating_examples() {
+        // Weight 3 on an example fits the same temperature as that example written three times.
+        let z = [1.0f32, 0.0, 0.2, 0.9, 0.3, -0.4, -0.1, 0.6];
+        let p = softmax_rows(&z, 2);
+        let y = [0usize, 1, 0, 0];
+        let w = [3.0, 1.0, 1.0, 1.0];
+        let mut rep = p.clone();
+        rep.extend_from_slice(&p[..2]);
+        rep.extend_from_slice(&p[..2]);
+        let y_rep = [0usize, 1, 0, 0, 0, 0];
+        let a_w = calibration_weighted(&p, 2, &y, Some(&w));
+        let a_rep = calibration(&rep, 2, &y_rep);
+        assert!((a_w - a_rep).abs() < 1e-6 * a_rep, "{a_w} {a_rep}");
+        // All-ones weights are no weights.
+        let ones = [1.0; 4];
+        assert!((calibration_weighted(&p, 2, &y, Some(&ones)) - calibration(&p, 2, &y)).abs() < 1e-12);
+        assert_eq!(
+            loss_calibrated_terms_weighted(&p, 2, &y, None),
+            loss_calibrated_terms(&p, 2, &y)
+        );
     }
 
     #[test]

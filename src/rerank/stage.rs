@@ -27,6 +27,8 @@ pub enum RerankError {
     NoCandidates,
     #[error("no examples to score candidates on")]
     NoExamples,
+    #[error("{got} example weights for {examples} examples; give one finite, non-negative weight per example with a positive sum")]
+    BadWeights { got: usize, examples: usize },
     #[error(
         "indicator {0} needs a reference adapter (a fresh adapter briefly trained on the new task)"
     )]
@@ -106,13 +108,34 @@ pub struct PerExample {
 }
 
 impl PerExample {
-    pub fn of(probs: &[f32], classes: usize, targets: &[usize]) -> PerExample {
-        PerExample {
+    /// The terms of every example; with `weights` (one per example, mean 1: [`RerankInput::weights`])
+    /// each term is multiplied by its example's weight and the calibration is fitted on the weighted
+    /// examples, so means and sums of the terms are the weighted indicators.
+    pub fn of(
+        probs: &[f32],
+        classes: usize,
+        targets: &[usize],
+        weights: Option<&[f64]>,
+    ) -> PerExample {
+        let mut pe = PerExample {
             loss: indicators::loss_terms(probs, classes, targets),
-            loss_cal: indicators::loss_calibrated_terms(probs, classes, targets),
+            loss_cal: indicators::loss_calibrated_terms_weighted(probs, classes, targets, weights),
             el2n: indicators::el2n_terms(probs, classes, targets),
             cos_logits: indicators::cosine_terms(probs, classes, targets),
+        };
+        if let Some(w) = weights {
+            for series in [
+                &mut pe.loss,
+                &mut pe.loss_cal,
+                &mut pe.el2n,
+                &mut pe.cos_logits,
+            ] {
+                for (x, w) in series.iter_mut().zip(w) {
+                    *x *= w;
+                }
+            }
         }
+        pe
     }
 
     /// The series of `indicator`, for those that are a sum or mean of per-example terms of the label
@@ -139,6 +162,40 @@ impl PerExample {
     }
 }
 
+/// Accuracy with each example weighted (`weights` of mean 1, else plain accuracy).
+fn weighted_accuracy(predictions: &[usize], targets: &[usize], weights: Option<&[f64]>) -> f64 {
+    let n = targets.len().max(1) as f64;
+    match weights {
+        None => predictions.iter().zip(targets).filter(|(a, b)| a == b).count() as f64 / n,
+        Some(w) => {
+            predictions
+                .iter()
+                .zip(targets)
+                .zip(w)
+                .filter(|((a, b), _)| a == b)
+                .map(|(_, w)| w)
+                .sum::<f64>()
+                / n
+        }
+    }
+}
+
+/// Checks `input.weights` against the examples.
+fn check_weights(input: &RerankInput<'_>) -> Result<(), RerankError> {
+    if let Some(w) = input.weights {
+        let ok = w.len() == input.examples.len()
+            && w.iter().all(|x| x.is_finite() && *x >= 0.0)
+            && w.iter().sum::<f64>() > 0.0;
+        if !ok {
+            return Err(RerankError::BadWeights {
+                got: w.len(),
+                examples: input.examples.len(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Paired comparison of two per-example series over the same examples: the mean of `a_j - b_j` and its
 /// standard error (sd / sqrt(n), 0 for fewer than two examples).
 pub fn paired_gain(a: &[f64], b: &[f64]) -> (f64, f64) {
@@ -162,6 +219,7 @@ pub fn bare(input: &RerankInput<'_>, opts: &RerankOptions) -> Result<CandidateSc
     if input.examples.is_empty() {
         return Err(RerankError::NoExamples);
     }
+    check_weights(input)?;
     let t0 = Instant::now();
     let engine = input.engine;
     let labels: Vec<TokenIds> = engine.tokenize(input.label_texts)?;
@@ -170,10 +228,10 @@ pub fn bare(input: &RerankInput<'_>, opts: &RerankOptions) -> Result<CandidateSc
     let targets: Vec<usize> = input.examples.iter().map(|e| e.label).collect();
     let classes = input.label_texts.len();
     let sc = engine.score(None, &labels, &inputs, &opts.score)?;
-    let accuracy = sc.accuracy(&targets);
+    let accuracy = weighted_accuracy(&sc.predictions(), &targets, input.weights);
     let cross_entropy = sc.cross_entropy(&targets);
     let probs: Vec<f32> = sc.probs.into_iter().flatten().collect();
-    let per_example = PerExample::of(&probs, classes, &targets);
+    let per_example = PerExample::of(&probs, classes, &targets, input.weights);
     let scores = [
         Indicator::Loss,
         Indicator::LossCal,
@@ -194,11 +252,16 @@ pub fn bare(input: &RerankInput<'_>, opts: &RerankOptions) -> Result<CandidateSc
 
 /// The new task's side of the stage: its verbalizers, its examples and (for KL / weight cosine) the
 /// reference adapter.
+#[derive(Clone, Copy)]
 pub struct RerankInput<'a> {
     pub engine: &'a Engine,
     pub label_texts: &'a [String],
     pub examples: &'a [Example],
     pub reference: Option<&'a LightweightObject>,
+    /// Importance weight of each example (mean 1), e.g. to make a class-balanced sample stand for the
+    /// task's label distribution: the label-only indicators, their per-example terms and the accuracy
+    /// are weighted (KL and the weight- and gradient-based indicators are not). `None`: all 1.
+    pub weights: Option<&'a [f64]>,
 }
 
 fn flat(o: &LightweightObject) -> Vec<f32> {
@@ -241,6 +304,7 @@ pub fn rerank(
     if input.examples.is_empty() {
         return Err(RerankError::NoExamples);
     }
+    check_weights(input)?;
     let engine = input.engine;
     let want = |i: Indicator| opts.indicators.contains(&i);
     let needs_ref = [Indicator::Kl, Indicator::WeightCosine]
@@ -295,12 +359,12 @@ pub fn rerank(
             index,
             source: Box::new(source),
         };
-        let accuracy = sc.accuracy(&targets);
+        let accuracy = weighted_accuracy(&sc.predictions(), &targets, input.weights);
         let cross_entropy = sc.cross_entropy(&targets);
         let probs = flatten(sc.probs);
         // The label-only indicators come from their per-example terms (computed once, calibration
         // included).
-        let per_example = PerExample::of(&probs, classes, &targets);
+        let per_example = PerExample::of(&probs, classes, &targets, input.weights);
         let mut scores = BTreeMap::new();
         for ind in &opts.indicators {
             let s = match ind {
@@ -386,7 +450,7 @@ mod tests {
     #[test]
     fn per_example_terms_pick_the_gold_label_and_clamp() {
         let probs = [0.25f32, 0.75, 1.0, 0.0];
-        let pe = PerExample::of(&probs, 2, &[1, 1]);
+        let pe = PerExample::of(&probs, 2, &[1, 1], None);
         let ll = pe.series(Indicator::Loss).unwrap();
         assert!((ll[0] - 0.75f64.ln()).abs() < 1e-7);
         assert!((ll[1] - indicators::EPS.ln()).abs() < 1e-9);
@@ -395,5 +459,23 @@ mod tests {
         // Calibration can only raise the log-likelihood of the examples it is fitted on.
         let cal = pe.series(Indicator::LossCal).unwrap();
         assert!(cal.iter().sum::<f64>() >= ll.iter().sum::<f64>() - 1e-9);
+    }
+
+    #[test]
+    fn weights_scale_each_term_and_the_accuracy() {
+        let probs = [0.25f32, 0.75, 0.9, 0.1, 0.4, 0.6];
+        let y = [1usize, 1, 1];
+        let w = [0.5, 2.0, 0.5];
+        let plain = PerExample::of(&probs, 2, &y, None);
+        let weighted = PerExample::of(&probs, 2, &y, Some(&w));
+        for ind in [Indicator::Loss, Indicator::El2n, Indicator::CosLogits] {
+            let (a, b) = (plain.series(ind).unwrap(), weighted.series(ind).unwrap());
+            for j in 0..3 {
+                assert!((a[j] * w[j] - b[j]).abs() < 1e-12, "{ind:?} {j}");
+            }
+        }
+        // Predictions 1, 0, 1 against 1, 1, 1: plain 2/3, weighted (0.5 + 0.5) / 3.
+        assert!((weighted_accuracy(&[1, 0, 1], &y, None) - 2.0 / 3.0).abs() < 1e-12);
+        assert!((weighted_accuracy(&[1, 0, 1], &y, Some(&w)) - 1.0 / 3.0).abs() < 1e-12);
     }
 }

@@ -15,6 +15,7 @@ use peftdb::rerank::stage::{bare, rerank, RerankInput, RerankOptions};
 use peftdb::rerank::Indicator;
 use peftdb::store::Store;
 use peftdb::suggest::{suggest, write_suggestion, SuggestConfig, SuggestEvent, SuggestInput};
+use peftdb::suggest::LabelPrior;
 use peftdb::transfer::{Episode, Gain};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,10 @@ fn parse_indicator(s: &str) -> Result<Indicator, String> {
                 .join(", ")
         )
     })
+}
+
+fn parse_prior(s: &str) -> Result<LabelPrior, String> {
+    LabelPrior::parse(s).ok_or_else(|| format!("unknown label prior {s:?}; one of train, uniform"))
 }
 
 fn parse_method(s: &str) -> Result<MethodKind, String> {
@@ -105,6 +110,11 @@ pub struct SuggestArgs {
     /// initialization is written and the report says so.
     #[arg(long, default_value_t = peftdb::suggest::DEFAULT_NOISE_Z)]
     pub noise_z: f64,
+    /// The examples are drawn class-balanced (--shots per class); `train` weights each by its class's
+    /// share of the task's train split, so scores and the no-harm test reflect your data's label
+    /// distribution; `uniform` counts every class alike.
+    #[arg(long, value_parser = parse_prior, default_value = peftdb::suggest::DEFAULT_PRIOR.as_str())]
+    pub label_prior: LabelPrior,
     /// Examples per class (train shots for the short tune; train and dev shots score the candidates).
     #[arg(long, default_value_t = 16)]
     pub shots: usize,
@@ -175,6 +185,7 @@ pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
         },
         noise_z: a.noise_z,
         base_model: a.base_model.clone(),
+        prior: a.label_prior,
     };
     let input = SuggestInput {
         store: &store,
@@ -301,6 +312,9 @@ pub struct RerankArgs {
     pub shots: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Label distribution the examples are weighted to (as `suggest --label-prior`).
+    #[arg(long, value_parser = parse_prior, default_value = peftdb::suggest::DEFAULT_PRIOR.as_str())]
+    pub label_prior: LabelPrior,
     /// Training steps for euclidean / performance.
     #[arg(long, default_value_t = 10)]
     pub m_steps: usize,
@@ -341,13 +355,16 @@ pub fn rerank_cmd(db: &Path, a: &RerankArgs, json: bool) -> Result<u8> {
     let engine = load_engine(&a.model, &a.device, a.max_len)?;
     let task = Task::load(&a.task)?;
     // The pipeline's episode: the same examples `suggest --shots N --seed S` scores candidates on.
-    let examples = Episode::sample(&task, a.shots, a.seed)?.scoring_examples();
+    let episode = Episode::sample(&task, a.shots, a.seed)?;
+    let examples = episode.scoring_examples();
+    let weights = episode.weights(&task, a.label_prior);
     let labels = task.label_texts();
     let input = RerankInput {
         engine: &engine,
         label_texts: &labels,
         examples: &examples,
         reference: reference.as_ref(),
+        weights: weights.as_deref(),
     };
     let opts = RerankOptions {
         indicators: a.indicator.clone(),
