@@ -35,13 +35,14 @@
 //! - `tupate`: cosine of raw TuPaTE embeddings, through the space's index (HNSW or flat);
 //! - `centered`: cosine after subtracting the space's mean embedding; an exact scan of the space's stored
 //!   embeddings (two streaming passes) — not indexed yet;
-//! - `delta`: cosine of LoRA weight updates `s B A` ([`crate::embed::delta`]); an exact scan over the
-//!   stored LoRA objects of the query's base model (their factors are read from the store), any rank,
-//!   rank patterns included — not indexed yet (the seeded sketch to index exists in
-//!   [`crate::embed::delta::DeltaSketch`]).
+//! - `delta`: cosine of LoRA weight updates `s B A` ([`crate::embed::delta`]), exact, any rank, rank
+//!   patterns included (the factors are read from the store). Up to [`DELTA_SCAN_MAX`] LoRA objects of
+//!   the query's base model every one is compared; in a larger zoo the index of the query's
+//!   delta-sketch space (a seeded sketch of every module's update, stored at ingestion:
+//!   [`crate::embed::delta_sketch`]) shortlists the candidates, which are then compared exactly.
 
-use crate::embed::delta::{delta_cosine, LoraDelta};
-use crate::embed::{cosine, tupate, SpaceId};
+use crate::embed::delta::{delta_cosine, DeltaSketch, LoraDelta};
+use crate::embed::{cosine, tupate, EmbeddingKind, SpaceId, SpaceKey};
 use crate::index::{Engine, IndexError, IndexManager, QueryError, SearchMode};
 use crate::object::formats::ReadOptions;
 use crate::object::{read_adapter, LightweightObject, MethodKind};
@@ -102,6 +103,10 @@ pub enum Target {
         vector: Vec<f32>,
     },
 }
+
+/// Up to this many LoRA objects (of the query's base model, after filters) `delta` computes every exact
+/// cosine; beyond, the delta-sketch index shortlists them ([`Nearest::run`]).
+pub const DELTA_SCAN_MAX: usize = 512;
 
 /// A nearest-task query (builder).
 #[derive(Debug, Clone)]
@@ -403,6 +408,7 @@ impl Nearest {
                     .map(|o| o.id)
                     .collect();
                 ids.sort_unstable();
+                let (ids, engine) = self.delta_shortlist(store, index, &q, ids, &filter)?;
                 use rayon::prelude::*;
                 let scored: Vec<(ObjectId, f32)> = ids
                     .par_iter()
@@ -430,7 +436,7 @@ impl Nearest {
                     label: engine_label,
                     method: MethodKind::Lora,
                     object: q.object,
-                    engine: "scan".into(),
+                    engine: engine.into(),
                 });
             }
             Similarity::Tupate | Similarity::Centered => {
@@ -615,8 +621,12 @@ impl Nearest {
         index: &IndexManager,
     ) -> Result<Vec<QueryVec>, QueryError> {
         let method_ok = |s: SpaceId| {
-            self.method
-                .is_none_or(|m| index.space_record(s).is_some_and(|r| r.key.method == m))
+            index
+                .space_record(s)
+                .is_some_and(|r| r.key.kind == EmbeddingKind::Tupate)
+                && self
+                    .method
+                    .is_none_or(|m| index.space_record(s).is_some_and(|r| r.key.method == m))
                 && self
                     .base_model
                     .as_deref()
@@ -723,6 +733,79 @@ impl Nearest {
             });
         }
         Ok(out)
+    }
+
+    /// The LoRA objects whose exact `delta` cosine is computed. Up to [`DELTA_SCAN_MAX`] objects (or with
+    /// [`SearchMode::Exact`]) all of them; beyond, the index of the query's delta-sketch space (the
+    /// same modules: [`crate::embed::delta_sketch`]) shortlists the nearest objects by sketch cosine,
+    /// widened until they hold twice `k` tasks; every object of those tasks and every LoRA object outside
+    /// that space (other modules, or stored before sketches existed) is then compared exactly, so only
+    /// the sketch's estimate decides which tasks are left out. Returns the ids and the engine's name (`scan`, `hnsw` or `flat`).
+    fn delta_shortlist(
+        &self,
+        store: &Store,
+        index: &IndexManager,
+        q: &QueryDelta,
+        ids: Vec<ObjectId>,
+        filter: &(dyn Fn(u64) -> bool + Sync),
+    ) -> Result<(Vec<ObjectId>, &'static str), QueryError> {
+        if ids.len() <= DELTA_SCAN_MAX || self.mode == SearchMode::Exact {
+            return Ok((ids, "scan"));
+        }
+        let sk = DeltaSketch::default();
+        let (paths, vector) = sk.sketch(&q.delta);
+        let key = SpaceKey {
+            base_model: q.base_model.clone(),
+            method: MethodKind::Lora,
+            kind: EmbeddingKind::DeltaSketch,
+            signature: paths.into_iter().map(|p| (p, vec![sk.p, sk.q])).collect(),
+        };
+        let sid = key.id();
+        let Some(si) = index.space(sid) else {
+            return Ok((ids, "scan"));
+        };
+        if !vector.iter().all(|v| v.is_finite()) {
+            return Ok((ids, "scan"));
+        }
+        let fetch = |id: u64| store.embedding(sid, id).ok().flatten();
+        let mut want = (self.k * 8).max(64);
+        let (hits, engine) = loop {
+            let (hits, engine) = si.search(&vector, want, self.mode, filter, Some(&fetch))?;
+            let tasks: std::collections::HashSet<&str> = hits
+                .iter()
+                .filter_map(|h| index.object(h.id))
+                .map(|o| o.task.as_str())
+                .collect();
+            if tasks.len() >= 2 * self.k || hits.len() < want || want >= si.len() {
+                break (hits, engine);
+            }
+            want *= 4;
+        };
+        // Every object of a shortlisted task is compared (a task scores its closest object), and every
+        // object outside the sketch space.
+        let tasks: std::collections::HashSet<&str> = hits
+            .iter()
+            .filter_map(|h| index.object(h.id))
+            .map(|o| o.task.as_str())
+            .collect();
+        let mut out: Vec<ObjectId> = ids
+            .iter()
+            .copied()
+            .filter(|id| {
+                index
+                    .object(*id)
+                    .is_some_and(|o| !o.spaces.contains(&sid) || tasks.contains(o.task.as_str()))
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        Ok((
+            out,
+            match engine {
+                Engine::Hnsw => "hnsw",
+                Engine::Flat => "flat",
+            },
+        ))
     }
 
     fn query_delta(&self, store: &Store, index: &IndexManager) -> Result<QueryDelta, QueryError> {

@@ -79,15 +79,33 @@ fn config() -> IndexConfig {
     }
 }
 
+fn tupate_space(store: &Store) -> peftdb::embed::SpaceId {
+    store
+        .spaces()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.key.kind == peftdb::embed::EmbeddingKind::Tupate)
+        .expect("a TuPaTE space")
+        .id
+}
+
 fn open(store: &Store) -> (IndexManager, SpaceState) {
     let (m, report) = IndexManager::open(store, config(), &|_| {}).unwrap();
-    assert_eq!(report.spaces.len(), 1);
+    // The TuPaTE space and the delta-sketch space of the LoRA objects.
+    assert_eq!(report.spaces.len(), 2);
     assert!(report.warnings.is_empty(), "{:?}", report.warnings);
-    (m, report.spaces[0].1.clone())
+    let tupate = tupate_space(store);
+    let state = report
+        .spaces
+        .iter()
+        .find(|(id, _)| *id == tupate)
+        .map(|(_, s)| s.clone())
+        .expect("the TuPaTE space");
+    (m, state)
 }
 
 fn answers(store: &Store, m: &IndexManager, qs: &[Vec<f32>], mode: SearchMode) -> Vec<Vec<Hit>> {
-    let space = store.spaces().unwrap()[0].id;
+    let space = tupate_space(store);
     let si = m.space(space).unwrap();
     qs.iter()
         .map(|q| {
@@ -99,7 +117,7 @@ fn answers(store: &Store, m: &IndexManager, qs: &[Vec<f32>], mode: SearchMode) -
 }
 
 fn check_recall(store: &Store, got: &[Vec<Hit>], qs: &[Vec<f32>]) {
-    let space = store.spaces().unwrap()[0].id;
+    let space = tupate_space(store);
     let all = store.embeddings(space).unwrap();
     let mut total = 0.0;
     for (g, q) in got.iter().zip(qs) {
@@ -111,18 +129,24 @@ fn check_recall(store: &Store, got: &[Vec<Hit>], qs: &[Vec<f32>]) {
 }
 
 /// The graph files of the index folder (not the space's `.vecs` rows, tested in tests/store_v2.rs).
-fn files(dir: &Path) -> Vec<PathBuf> {
+/// The graph files of one space (the TuPaTE space; the delta-sketch space has its own).
+fn files(dir: &Path, space: SpaceId) -> Vec<PathBuf> {
+    let prefix = format!("space-{space}-");
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| !p.to_string_lossy().ends_with(".vecs"))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+        })
         .collect();
     v.sort();
     v
 }
 
-fn file_ending(dir: &Path, suffix: &str) -> PathBuf {
-    files(dir)
+fn file_ending(dir: &Path, space: SpaceId, suffix: &str) -> PathBuf {
+    files(dir, space)
         .into_iter()
         .find(|p| p.to_string_lossy().ends_with(suffix))
         .unwrap_or_else(|| panic!("no *{suffix} in {}", dir.display()))
@@ -144,7 +168,7 @@ fn reload_and_recovery() {
     let store = Store::create(&path).unwrap();
     let data = vectors(3_000, 1);
     ingest(&store, &data, 0);
-    let space: SpaceId = store.spaces().unwrap()[0].id;
+    let space: SpaceId = tupate_space(&store);
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     let qs: Vec<Vec<f32>> = (0..100)
         .map(|_| {
@@ -165,10 +189,10 @@ fn reload_and_recovery() {
     drop(m);
     let dir = index_dir(&path);
     assert_eq!(
-        files(&dir).len(),
+        files(&dir, space).len(),
         3,
         "graph, data and ids: {:?}",
-        files(&dir)
+        files(&dir, space)
     );
     assert_eq!(store.index_meta(space).unwrap().unwrap().generation, 1);
 
@@ -197,7 +221,7 @@ fn reload_and_recovery() {
     drop(m);
 
     // Corrupt a byte in the middle of the data file: detected by checksum, rebuilt, same top answers.
-    let data_file = file_ending(&dir, ".hnsw.data");
+    let data_file = file_ending(&dir, space, ".hnsw.data");
     let mut bytes = std::fs::read(&data_file).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
@@ -212,14 +236,14 @@ fn reload_and_recovery() {
     drop(m);
     assert_eq!(store.index_meta(space).unwrap().unwrap().generation, 2);
     assert_eq!(
-        files(&dir).len(),
+        files(&dir, space).len(),
         3,
         "old generation removed: {:?}",
-        files(&dir)
+        files(&dir, space)
     );
 
     // Truncate the graph file.
-    let graph_file = file_ending(&dir, ".hnsw.graph");
+    let graph_file = file_ending(&dir, space, ".hnsw.graph");
     let len = std::fs::metadata(&graph_file).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)
@@ -233,14 +257,14 @@ fn reload_and_recovery() {
     drop(m);
 
     // Files of another generation put in place of the current ones.
-    let gen3: Vec<(PathBuf, Vec<u8>)> = files(&dir)
+    let gen3: Vec<(PathBuf, Vec<u8>)> = files(&dir, space)
         .into_iter()
         .map(|p| {
             let b = std::fs::read(&p).unwrap();
             (p, b)
         })
         .collect();
-    std::fs::remove_file(file_ending(&dir, ".ids")).unwrap(); // missing file -> generation 4
+    std::fs::remove_file(file_ending(&dir, space, ".ids")).unwrap(); // missing file -> generation 4
     let (m, st) = open(&store);
     assert_rebuilt(&st, "missing");
     drop(m);
@@ -265,7 +289,7 @@ fn reload_and_recovery() {
     drop(m);
 
     // Garbage where the record points, and a record that is not JSON: rebuilt, never a panic.
-    std::fs::write(file_ending(&dir, ".hnsw.graph"), b"garbage").unwrap();
+    std::fs::write(file_ending(&dir, space, ".hnsw.graph"), b"garbage").unwrap();
     let (m, st) = open(&store);
     assert_rebuilt(&st, "checksum");
     drop(m);
@@ -332,7 +356,7 @@ fn read_only_store_builds_in_memory() {
         !index_dir(&path).exists(),
         "a read-only store writes nothing"
     );
-    let space = store.spaces().unwrap()[0].id;
+    let space = tupate_space(&store);
     let v = store.embedding(space, 7).unwrap().unwrap();
     let res = Nearest::vector(space, v).k(1).run(&store, &m).unwrap();
     assert_eq!(res.tasks[0].task, "t6");

@@ -168,7 +168,10 @@ fn indicators_on_real_adapters_agree_with_direct_computation() {
     };
     let same = rerank(&with_ones, &[&a], &plain_opts, &mut |_, _| {}).unwrap();
     for k in ["loss", "loss-cal", "el2n"] {
-        assert!((plain[0].scores[k] - same[0].scores[k]).abs() < 1e-12, "{k}");
+        assert!(
+            (plain[0].scores[k] - same[0].scores[k]).abs() < 1e-12,
+            "{k}"
+        );
     }
     assert_eq!(plain[0].accuracy, same[0].accuracy);
     let w: Vec<f64> = examples
@@ -190,7 +193,10 @@ fn indicators_on_real_adapters_agree_with_direct_computation() {
         ..input
     };
     let e = rerank(&bad, &[&a], &plain_opts, &mut |_, _| {}).unwrap_err();
-    assert!(matches!(e, RerankError::BadWeights { got, examples: n } if got + 1 == n), "{e}");
+    assert!(
+        matches!(e, RerankError::BadWeights { got, examples: n } if got + 1 == n),
+        "{e}"
+    );
 }
 
 /// A copy of a LoRA adapter with every value of the tensors matching `part` multiplied by `f`.

@@ -59,9 +59,17 @@ fn ingest_a_zoo_of_210_adapters_and_read_every_one_back() {
     assert!(tasks
         .iter()
         .all(|t| t.group.as_deref().unwrap().starts_with("group-")));
-    // One space per method, each with 70 embeddings of the right dimension.
+    // One TuPaTE space per method and the LoRA delta-sketch space, each with 70 embeddings of the
+    // right dimension.
     let spaces = store.spaces().unwrap();
-    assert_eq!(spaces.len(), 3);
+    assert_eq!(spaces.len(), 4);
+    assert_eq!(
+        spaces
+            .iter()
+            .filter(|s| s.key.kind == peftdb::embed::EmbeddingKind::DeltaSketch)
+            .count(),
+        1
+    );
     for s in &spaces {
         assert_eq!(s.count, 70);
         let embs = store.embeddings(s.id).unwrap();
@@ -69,8 +77,8 @@ fn ingest_a_zoo_of_210_adapters_and_read_every_one_back() {
         assert!(embs.iter().all(|(_, v)| v.len() == s.dim));
     }
     let dims: BTreeSet<usize> = spaces.iter().map(|s| s.dim).collect();
-    // LoRA r=8 q,v: 4*8*384; BitFit: 7*384+1536; IA3: 2*384+1536.
-    assert_eq!(dims, BTreeSet::from([12288, 4224, 2304]));
+    // LoRA r=8 q,v: 4*8*384; BitFit: 7*384+1536; IA3: 2*384+1536; the LoRA sketch: 12 modules of 16x16.
+    assert_eq!(dims, BTreeSet::from([12288, 4224, 2304, 3072]));
 
     // Same bytes again: nothing new.
     let again = ingest_zoo(
@@ -214,12 +222,22 @@ fn cli_ingest_ls_export_cmp() {
     assert_eq!(objs.len(), 7);
     let lora = objs.iter().find(|o| o["task"] == "lora_r8_qv").unwrap();
     assert_eq!(lora["method"], "lora");
-    assert_eq!(lora["spaces"].as_array().unwrap().len(), 1);
+    let kinds = |o: &serde_json::Value| -> Vec<String> {
+        o["spaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["kind"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(kinds(lora), ["tupate", "delta-sketch"]);
     let rp = objs
         .iter()
         .find(|o| o["task"] == "lora_rank_pattern")
         .unwrap();
-    assert!(rp["spaces"].as_array().unwrap().is_empty());
+    // Ranks that differ by layer have no TuPaTE space; their update still has a sketch (`delta`
+    // compares any ranks).
+    assert_eq!(kinds(rp), ["delta-sketch"]);
 
     let id = lora["id"].as_u64().unwrap().to_string();
     let target = dir.path().join("exported");

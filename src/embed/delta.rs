@@ -19,7 +19,9 @@
 //! that `E[Phi^T Phi] = I`, `E[Psi^T Psi] = I`; then `E[<Y1, Y2>] = <dW1, dW2>`. It is computed from the
 //! factors as `(Phi B)(A Psi^T)`, in O(r (p d + q k) + p q r), and is exactly as factorisation-invariant as
 //! the update. The concatenated sketch is a fixed-length vector for a given set of modules and can be
-//! indexed like any embedding (the query engine scans it exactly for now; see [`crate::query`]).
+//! indexed like any embedding: the store keeps it as the `delta-sketch` embedding of every LoRA object
+//! ([`crate::embed::delta_sketch`]), and `delta` queries over a large zoo shortlist through its index
+//! before the exact comparison ([`crate::query`]).
 
 use crate::object::layout::{parse_tensor_name, Role};
 use crate::object::{LightweightObject, Method};

@@ -33,17 +33,23 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 
-/// Kinds of embedding. Only TuPaTE exists today; the store keys embeddings by kind so others can be added.
+/// Kinds of embedding; the store keys embeddings (and spaces) by kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
 pub enum EmbeddingKind {
+    /// TuPaTE: tuned parameters of each layer concatenated, averaged over layers ([`tupate`]).
+    #[serde(rename = "tupate")]
     Tupate,
+    /// LoRA only: a seeded sketch of the update delta-W = s B A of every module ([`delta_sketch`]);
+    /// its cosine estimates the `delta` similarity, so a large zoo is searched through an index.
+    #[serde(rename = "delta-sketch")]
+    DeltaSketch,
 }
 
 impl EmbeddingKind {
     pub fn as_str(self) -> &'static str {
         match self {
             EmbeddingKind::Tupate => "tupate",
+            EmbeddingKind::DeltaSketch => "delta-sketch",
         }
     }
 }
@@ -100,7 +106,16 @@ impl SpaceKey {
 
     /// Human-readable label, e.g. `lora/12288d@sentence-transformers/all-MiniLM-L6-v2`.
     pub fn label(&self) -> String {
-        format!("{}/{}d@{}", self.method, self.dim(), self.base_model)
+        match self.kind {
+            EmbeddingKind::Tupate => format!("{}/{}d@{}", self.method, self.dim(), self.base_model),
+            k => format!(
+                "{}/{}/{}d@{}",
+                self.method,
+                k.as_str(),
+                self.dim(),
+                self.base_model
+            ),
+        }
     }
 }
 
@@ -168,6 +183,35 @@ pub fn layer_key(module: &str, role: &Role) -> String {
 }
 
 /// Compute the TuPaTE embedding of an object.
+/// The delta-W sketch of a LoRA adapter ([`delta::DeltaSketch`] with its default seed and size): one
+/// `p x q` block per adapted module, in module-path order. Its space is keyed by the module paths, so
+/// adapters of the same modules share it. `None` for other methods.
+pub fn delta_sketch(obj: &LightweightObject) -> Option<Result<Embedding, NoEmbedding>> {
+    if obj.method.kind() != MethodKind::Lora {
+        return None;
+    }
+    let d = match delta::LoraDelta::from_object(obj) {
+        Ok(d) => d,
+        Err(e) => return Some(Err(NoEmbedding { reason: e.0 })),
+    };
+    let sk = delta::DeltaSketch::default();
+    let (paths, vector) = sk.sketch(&d);
+    if !vector.iter().all(|v| v.is_finite()) {
+        return Some(Err(NoEmbedding {
+            reason: "the LoRA update has values that are not finite".into(),
+        }));
+    }
+    Some(Ok(Embedding {
+        space: SpaceKey {
+            base_model: obj.base_model.clone(),
+            method: MethodKind::Lora,
+            kind: EmbeddingKind::DeltaSketch,
+            signature: paths.into_iter().map(|p| (p, vec![sk.p, sk.q])).collect(),
+        },
+        vector,
+    }))
+}
+
 pub fn tupate(obj: &LightweightObject) -> Result<Embedding, NoEmbedding> {
     let kind = obj.method.kind();
     let (signature, vector) = match &obj.method {

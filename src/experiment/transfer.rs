@@ -35,9 +35,8 @@ use crate::query::Similarity;
 use crate::rerank::Indicator;
 use crate::store::Store;
 use crate::transfer::{
-    LabelPrior,
     decide, evaluate, retrieve, score, scratch_init, store_base_model, suggest, target_adapter,
-    Decision, Episode, SuggestConfig, SuggestInput, TransferError,
+    Decision, Episode, LabelPrior, SuggestConfig, SuggestInput, TransferError,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};

@@ -329,7 +329,9 @@ mod tests {
         assert!((a_w - a_rep).abs() < 1e-6 * a_rep, "{a_w} {a_rep}");
         // All-ones weights are no weights.
         let ones = [1.0; 4];
-        assert!((calibration_weighted(&p, 2, &y, Some(&ones)) - calibration(&p, 2, &y)).abs() < 1e-12);
+        assert!(
+            (calibration_weighted(&p, 2, &y, Some(&ones)) - calibration(&p, 2, &y)).abs() < 1e-12
+        );
         assert_eq!(
             loss_calibrated_terms_weighted(&p, 2, &y, None),
             loss_calibrated_terms(&p, 2, &y)

@@ -166,7 +166,14 @@ impl PerExample {
 fn weighted_accuracy(predictions: &[usize], targets: &[usize], weights: Option<&[f64]>) -> f64 {
     let n = targets.len().max(1) as f64;
     match weights {
-        None => predictions.iter().zip(targets).filter(|(a, b)| a == b).count() as f64 / n,
+        None => {
+            predictions
+                .iter()
+                .zip(targets)
+                .filter(|(a, b)| a == b)
+                .count() as f64
+                / n
+        }
         Some(w) => {
             predictions
                 .iter()

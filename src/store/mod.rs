@@ -19,7 +19,9 @@ mod migrate;
 pub use chunked::MAX_CHUNK_BYTES;
 use chunked::{OBJECT_TENSORS, SPACE_EMBEDDINGS};
 
-use crate::embed::{tupate, Embedding, EmbeddingKind, NoEmbedding, SpaceId, SpaceKey};
+use crate::embed::{
+    delta_sketch, tupate, Embedding, EmbeddingKind, NoEmbedding, SpaceId, SpaceKey,
+};
 use crate::error::StoreError;
 use crate::object::layout::{parse_tensor_name, Role};
 use crate::object::{AdapterFormat, LightweightObject, Method, MethodKind};
@@ -283,13 +285,30 @@ pub struct PreparedObject {
     pub new: NewObject,
     pub hash: [u8; 32],
     pub tupate: Result<Embedding, NoEmbedding>,
+    /// LoRA only: the delta-W sketch ([`delta_sketch`]).
+    pub sketch: Option<Result<Embedding, NoEmbedding>>,
 }
 
 impl PreparedObject {
     pub fn prepare(new: NewObject) -> PreparedObject {
         let hash = content_hash(&new.object);
         let tupate = tupate(&new.object);
-        PreparedObject { new, hash, tupate }
+        let sketch = delta_sketch(&new.object);
+        PreparedObject {
+            new,
+            hash,
+            tupate,
+            sketch,
+        }
+    }
+
+    /// Every embedding of the object by kind (TuPaTE first), or why it has none of that kind.
+    fn embeddings(&self) -> Vec<(EmbeddingKind, &Result<Embedding, NoEmbedding>)> {
+        let mut v = vec![(EmbeddingKind::Tupate, &self.tupate)];
+        if let Some(s) = &self.sketch {
+            v.push((EmbeddingKind::DeltaSketch, s));
+        }
+        v
     }
 }
 
@@ -913,39 +932,39 @@ impl Store {
                 .map_err(|e| se("writing tensors")(e.into()))?;
             let mut emb_refs = Vec::new();
             let mut missing = Vec::new();
-            match &p.tupate {
-                Ok(e) => {
-                    let sid = e.space.id();
-                    let mut rec = match spaces.get(sid.0).map_err(|e| se("ingesting")(e.into()))? {
-                        Some(v) => serde_json::from_slice::<SpaceRecord>(v.value())
-                            .map_err(|e| self.corrupt("spaces", sid, e))?,
-                        None => SpaceRecord {
-                            id: sid,
-                            key: e.space.clone(),
-                            dim: e.vector.len(),
-                            count: 0,
-                            generation: 0,
-                        },
-                    };
-                    rec.count += 1;
-                    rec.generation = seq;
-                    spaces
-                        .insert(
-                            sid.0,
-                            serde_json::to_vec(&rec).expect("serializes").as_slice(),
-                        )
-                        .map_err(|e| se("ingesting")(e.into()))?;
-                    chunked::put_embedding(&mut embeddings, sid.0, id, &e.vector)
-                        .map_err(|e| se("writing embeddings")(e.into()))?;
-                    emb_refs.push(EmbeddingRef {
-                        kind: EmbeddingKind::Tupate,
-                        space: sid,
-                    });
+            for (kind, emb) in p.embeddings() {
+                match emb {
+                    Ok(e) => {
+                        let sid = e.space.id();
+                        let mut rec =
+                            match spaces.get(sid.0).map_err(|e| se("ingesting")(e.into()))? {
+                                Some(v) => serde_json::from_slice::<SpaceRecord>(v.value())
+                                    .map_err(|e| self.corrupt("spaces", sid, e))?,
+                                None => SpaceRecord {
+                                    id: sid,
+                                    key: e.space.clone(),
+                                    dim: e.vector.len(),
+                                    count: 0,
+                                    generation: 0,
+                                },
+                            };
+                        rec.count += 1;
+                        rec.generation = seq;
+                        spaces
+                            .insert(
+                                sid.0,
+                                serde_json::to_vec(&rec).expect("serializes").as_slice(),
+                            )
+                            .map_err(|e| se("ingesting")(e.into()))?;
+                        chunked::put_embedding(&mut embeddings, sid.0, id, &e.vector)
+                            .map_err(|e| se("writing embeddings")(e.into()))?;
+                        emb_refs.push(EmbeddingRef { kind, space: sid });
+                    }
+                    Err(n) => missing.push(MissingEmbedding {
+                        kind,
+                        reason: n.reason.clone(),
+                    }),
                 }
-                Err(n) => missing.push(MissingEmbedding {
-                    kind: EmbeddingKind::Tupate,
-                    reason: n.reason.clone(),
-                }),
             }
             let rec = ObjectRecord {
                 id,

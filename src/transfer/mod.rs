@@ -30,7 +30,7 @@
 //!    own examples without being told.
 //! 6. **Evaluation** ([`evaluate`]): accuracy and loss of any adapter (or the bare model) on a split.
 
-use crate::embed::tupate;
+use crate::embed::{tupate, EmbeddingKind};
 use crate::engine::scoring::ScoreOptions;
 use crate::engine::task::{few_shot, Example, Task};
 use crate::engine::train::{
@@ -288,7 +288,7 @@ impl Episode {
             })
             .collect();
         let mean = w.iter().sum::<f64>() / n;
-        if !(mean > 0.0) {
+        if mean.is_nan() || mean <= 0.0 {
             return None;
         }
         for x in &mut w {
@@ -398,7 +398,7 @@ pub fn retrieve(
     if !spaces.iter().any(|s| s.id == space_id) {
         let of_method: Vec<String> = spaces
             .iter()
-            .filter(|s| s.key.method == method)
+            .filter(|s| s.key.method == method && s.key.kind == EmbeddingKind::Tupate)
             .map(|s| s.key.label())
             .collect();
         return Err(TransferError::NoSpace {
@@ -1075,7 +1075,11 @@ mod tests {
         assert!((share0 - 0.1).abs() < 1e-12, "{share0}");
         // Every example of a class weighs the same: 0.1 / (7/15) and 0.9 / (8/15).
         for (e, w) in ex.iter().zip(&w) {
-            let want = if e.label == 0 { 0.1 * 15.0 / 7.0 } else { 0.9 * 15.0 / 8.0 };
+            let want = if e.label == 0 {
+                0.1 * 15.0 / 7.0
+            } else {
+                0.9 * 15.0 / 8.0
+            };
             assert!((w - want).abs() < 1e-12);
         }
         // A balanced train split gives weights of 1 up to the episode's own imbalance.
