@@ -221,13 +221,12 @@ impl Default for DeltaSketch {
 }
 
 impl DeltaSketch {
-    fn sign(&self, module: u64, side: u64, row: usize, col: usize) -> f64 {
-        let h = mix(self.seed ^ mix(module ^ mix(side ^ mix((row as u64) << 32 | col as u64))));
-        if h & 1 == 1 {
-            1.0
-        } else {
-            -1.0
-        }
+    /// Row `row` of a module's sign matrix (`side` 1: Phi, 2: Psi) over `cols` columns: bit `col % 64` of
+    /// word `col / 64`, each word one SplitMix64 draw of (seed, module, side, row, word).
+    fn sign_row(&self, module: u64, side: u64, row: usize, cols: usize) -> Vec<u64> {
+        (0..cols.div_ceil(64))
+            .map(|w| mix(self.seed ^ mix(module ^ mix(side ^ mix((row as u64) << 32 | w as u64)))))
+            .collect()
     }
 
     /// `Phi dW Psi^T` of one module (p x q, row-major), from the factors.
@@ -241,11 +240,13 @@ impl DeltaSketch {
         let sp = 1.0 / (p as f64).sqrt();
         let sq = 1.0 / (q as f64).sqrt();
         // L = Phi B (p x r)
+        let bit = |row: &[u64], col: usize| (row[col / 64] >> (col % 64)) & 1 == 1;
         let mut l = vec![0f64; p * r];
-        for i in 0..m.d {
-            let brow = &m.b[i * r..(i + 1) * r];
-            for u in 0..p {
-                let s = self.sign(key, 1, u, i) * sp;
+        for u in 0..p {
+            let signs = self.sign_row(key, 1, u, m.d);
+            for i in 0..m.d {
+                let s = if bit(&signs, i) { sp } else { -sp };
+                let brow = &m.b[i * r..(i + 1) * r];
                 for t in 0..r {
                     l[u * r + t] += s * brow[t] as f64;
                 }
@@ -253,9 +254,10 @@ impl DeltaSketch {
         }
         // Rt = A Psi^T (r x q)
         let mut rt = vec![0f64; r * q];
-        for j in 0..m.k {
-            for v in 0..q {
-                let s = self.sign(key, 2, v, j) * sq;
+        for v in 0..q {
+            let signs = self.sign_row(key, 2, v, m.k);
+            for j in 0..m.k {
+                let s = if bit(&signs, j) { sq } else { -sq };
                 for t in 0..r {
                     rt[t * q + v] += m.a[t * m.k + j] as f64 * s;
                 }
