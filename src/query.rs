@@ -66,6 +66,14 @@ pub enum Similarity {
 
 impl Similarity {
     pub const ALL: [Similarity; 3] = [Similarity::Tupate, Similarity::Centered, Similarity::Delta];
+
+    /// The embedding kind whose index this similarity searches.
+    pub fn embedding_kind(self) -> EmbeddingKind {
+        match self {
+            Similarity::Tupate | Similarity::Centered => EmbeddingKind::Tupate,
+            Similarity::Delta => EmbeddingKind::DeltaSketch,
+        }
+    }
     pub fn as_str(self) -> &'static str {
         match self {
             Similarity::Tupate => "tupate",
@@ -738,7 +746,7 @@ impl Nearest {
     /// The LoRA objects whose exact `delta` cosine is computed. Up to [`DELTA_SCAN_MAX`] objects (or with
     /// [`SearchMode::Exact`]) all of them; beyond, the index of the query's delta-sketch space (the
     /// same modules: [`crate::embed::delta_sketch`]) shortlists the nearest objects by sketch cosine,
-    /// widened until they hold twice `k` tasks; every object of those tasks and every LoRA object outside
+    /// widened until they hold four times `k` tasks; every object of those tasks and every LoRA object outside
     /// that space (other modules, or stored before sketches existed) is then compared exactly, so only
     /// the sketch's estimate decides which tasks are left out. Returns the ids and the engine's name (`scan`, `hnsw` or `flat`).
     fn delta_shortlist(
@@ -776,7 +784,7 @@ impl Nearest {
                 .filter_map(|h| index.object(h.id))
                 .map(|o| o.task.as_str())
                 .collect();
-            if tasks.len() >= 2 * self.k || hits.len() < want || want >= si.len() {
+            if tasks.len() >= 4 * self.k || hits.len() < want || want >= si.len() {
                 break (hits, engine);
             }
             want *= 4;

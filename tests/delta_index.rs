@@ -107,5 +107,6 @@ fn sketch_index_shortlist_matches_the_exact_scan() {
     }
     let queries = (0..tasks).step_by(9).count();
     let recall = overlap as f64 / (queries * k) as f64;
-    assert!(recall >= 0.95, "top-{k} task recall {recall}");
+    eprintln!("top-{k} task recall over {queries} queries: {recall:.3}");
+    assert!(recall >= 0.98, "top-{k} task recall {recall}");
 }

@@ -2,6 +2,7 @@
 //! independent computation straight from the safetensors bytes), stored, and exported byte-identical.
 
 use peftdb::embed::tupate;
+use peftdb::embed::EmbeddingKind;
 use peftdb::object::formats::ReadOptions;
 use peftdb::object::{read_adapter, DType, Method, MethodKind, Tensor};
 use peftdb::store::{NewObject, Outcome, Store, TaskRecord};
@@ -242,7 +243,12 @@ fn rank_pattern_is_stored_without_embedding_and_says_why() {
         panic!("{out:?}")
     };
     let rec = store.object(id).unwrap();
-    assert!(rec.embeddings.is_empty());
+    // No TuPaTE embedding (the layers differ in shape); the update's sketch has no such limit.
+    assert!(rec.tupate_space().is_none());
+    let kinds: Vec<EmbeddingKind> = rec.embeddings.iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, [EmbeddingKind::DeltaSketch]);
+    assert_eq!(rec.no_embedding.len(), 1);
+    assert_eq!(rec.no_embedding[0].kind, EmbeddingKind::Tupate);
     assert!(
         rec.no_embedding[0].reason.contains("layer 0"),
         "{}",

@@ -139,11 +139,20 @@ impl IndexManager {
         let mut report = OpenReport::default();
         m.refresh_catalog(store)?;
         for rec in store.spaces()? {
+            if !m.wants(&rec) {
+                m.records.insert(rec.id, rec);
+                continue;
+            }
             let state = m.load_space(store, &rec, progress, &mut report.warnings)?;
             report.spaces.push((rec.id, state));
             m.records.insert(rec.id, rec);
         }
         Ok((m, report))
+    }
+
+    /// Whether this manager keeps an index of the space ([`IndexConfig::kind`]).
+    fn wants(&self, rec: &SpaceRecord) -> bool {
+        self.config.kind.is_none_or(|k| k == rec.key.kind)
     }
 
     /// The index directory.
@@ -463,6 +472,10 @@ impl IndexManager {
         self.spaces.retain(|id, _| live_spaces.contains(id));
         self.records.retain(|id, _| live_spaces.contains(id));
         for rec in recs {
+            if !self.wants(&rec) {
+                self.records.insert(rec.id, rec);
+                continue;
+            }
             if !self.spaces.contains_key(&rec.id) {
                 let st = self.load_space(store, &rec, progress, &mut report.warnings)?;
                 report.spaces.push((rec.id, st));

@@ -59,7 +59,7 @@ pub mod vectors;
 pub use error::{IndexError, QueryError};
 pub use manager::{IndexManager, OpenReport, SpaceState};
 
-use crate::embed::SpaceId;
+use crate::embed::{EmbeddingKind, SpaceId};
 use flat::{normalize, FlatIndex};
 use hnsw::{HnswGraph, HnswParams};
 use projection::{Projection, ProjectionPlan};
@@ -102,6 +102,11 @@ pub struct IndexConfig {
     /// walk loses recall when most nodes are filtered out).
     pub filter_flat_below: f64,
     pub mode: SearchMode,
+    /// Open the indexes of this embedding kind's spaces only (a process that answers one kind of query:
+    /// the CLI's `nearest` and `suggest`); the other spaces' records stay known, their indexes are not
+    /// read. `None`: every space.
+    #[serde(default)]
+    pub kind: Option<EmbeddingKind>,
 }
 
 impl Default for IndexConfig {
@@ -117,6 +122,7 @@ impl Default for IndexConfig {
             tombstone_rebuild_fraction: 0.2,
             filter_flat_below: 0.1,
             mode: SearchMode::Auto,
+            kind: None,
         }
     }
 }

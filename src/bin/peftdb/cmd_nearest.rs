@@ -99,8 +99,15 @@ pub fn run(store_path: &Path, args: &NearestArgs, json: bool) -> anyhow::Result<
         ModeArg::Hnsw => SearchMode::Hnsw,
     };
     // One query and exit: scan the memory-mapped rows rather than load a graph (`--mode hnsw` forces one).
+    let similarity = match args.similarity {
+        SimilarityArg::Tupate => Similarity::Tupate,
+        SimilarityArg::Centered => Similarity::Centered,
+        SimilarityArg::Delta => Similarity::Delta,
+    };
+    // Only the spaces this similarity searches are opened.
     let config = IndexConfig {
         mode,
+        kind: Some(similarity.embedding_kind()),
         ..IndexConfig::one_shot()
     };
     let (index, report) = IndexManager::open(&store, config, &progress)
@@ -127,14 +134,7 @@ pub fn run(store_path: &Path, args: &NearestArgs, json: bool) -> anyhow::Result<
     } else {
         anyhow::bail!("give --task, --object or --adapter");
     };
-    q = q
-        .k(args.k)
-        .search_mode(mode)
-        .similarity(match args.similarity {
-            SimilarityArg::Tupate => Similarity::Tupate,
-            SimilarityArg::Centered => Similarity::Centered,
-            SimilarityArg::Delta => Similarity::Delta,
-        });
+    q = q.k(args.k).search_mode(mode).similarity(similarity);
     if let Some(m) = &args.method {
         let m = MethodKind::parse(m).with_context(|| {
             format!("unknown method {m:?} (lora, ia3, prefix, prompt, bitfit, adapter)")

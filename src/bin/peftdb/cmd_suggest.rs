@@ -155,7 +155,11 @@ pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
     let store = Store::open_for_reading(db)?;
     let pb = bar();
     pb.set_prefix("index");
-    let (index, _) = IndexManager::open(&store, IndexConfig::one_shot(), &|_| {})?;
+    let config = IndexConfig {
+        kind: Some(similarity.embedding_kind()),
+        ..IndexConfig::one_shot()
+    };
+    let (index, _) = IndexManager::open(&store, config, &|_| {})?;
     let engine = load_engine(&a.model, &a.device, a.max_len)?;
     let task = Task::load(&a.task)?;
     let adapter = match &a.adapter {
