@@ -222,6 +222,34 @@ fn summary() {
         queries_json.push(format!("\"{nq}\": {per_q}"));
         loop_json.push(format!("\"{nq}\": {per_q_loop}"));
     }
+    // What each embedding costs per adapter, against reading it (same adapters, same run).
+    let sample: Vec<_> = files
+        .iter()
+        .filter(|f| f.to_string_lossy().ends_with(".safetensors"))
+        .take(50)
+        .map(|f| f.parent().unwrap().to_path_buf())
+        .collect();
+    let read_opts = peftdb::object::formats::ReadOptions::default();
+    let t0 = Instant::now();
+    let objs: Vec<_> = sample
+        .iter()
+        .map(|d| peftdb::object::read_adapter(d, &read_opts).expect("adapter"))
+        .collect();
+    let read_ms = t0.elapsed().as_secs_f64() * 1e3 / objs.len() as f64;
+    let t0 = Instant::now();
+    for o in &objs {
+        std::hint::black_box(peftdb::embed::tupate(o).is_ok());
+    }
+    let tupate_ms = t0.elapsed().as_secs_f64() * 1e3 / objs.len() as f64;
+    let t0 = Instant::now();
+    for o in &objs {
+        std::hint::black_box(peftdb::embed::delta_sketch(o).is_some());
+    }
+    let sketch_ms = t0.elapsed().as_secs_f64() * 1e3 / objs.len() as f64;
+    println!(
+        "per adapter: read + validate {read_ms:.2} ms, TuPaTE {tupate_ms:.2} ms, delta sketch {sketch_ms:.2} ms ({:.2}x TuPaTE)",
+        sketch_ms / tupate_ms
+    );
     println!(
         "ingest {count} adapters, {mb:.1} MB: {:.2} s = {:.1} adapters/s, {:.1} MB/s",
         ingest_s,

@@ -15,10 +15,10 @@
 //! in both and the norms over all modules of each: a module adapted by only one adapter lowers the
 //! similarity.
 //!
-//! **Sketch** ([`DeltaSketch`]): `Y_m = Phi_m dW_m Psi_m^T` (p x q) with seeded Rademacher matrices scaled so
-//! that `E[Phi^T Phi] = I`, `E[Psi^T Psi] = I`; then `E[<Y1, Y2>] = <dW1, dW2>`. It is computed from the
-//! factors as `(Phi B)(A Psi^T)`, in O(r (p d + q k) + p q r), and is exactly as factorisation-invariant as
-//! the update. The concatenated sketch is a fixed-length vector for a given set of modules and can be
+//! **Sketch** ([`DeltaSketch`]): `Y_m = Phi_m dW_m Psi_m^T` (p x q) with seeded CountSketch matrices (each
+//! column one +-1 at a hashed row), so `Phi^T Phi` has ones on its diagonal and zero-mean entries off it,
+//! and `E[<Y1, Y2>] = <dW1, dW2>`. It is computed from the factors as `(Phi B)(A Psi^T)`, in
+//! O(r (d + k) + p q r), and is exactly as factorisation-invariant as the update. The concatenated sketch is a fixed-length vector for a given set of modules and can be
 //! indexed like any embedding: the store keeps it as the `delta-sketch` embedding of every LoRA object
 //! ([`crate::embed::delta_sketch`]), and `delta` queries over a large zoo shortlist through its index
 //! before the exact comparison ([`crate::query`]).
@@ -221,46 +221,41 @@ impl Default for DeltaSketch {
 }
 
 impl DeltaSketch {
-    /// Row `row` of a module's sign matrix (`side` 1: Phi, 2: Psi) over `cols` columns: bit `col % 64` of
-    /// word `col / 64`, each word one SplitMix64 draw of (seed, module, side, row, word).
-    fn sign_row(&self, module: u64, side: u64, row: usize, cols: usize) -> Vec<u64> {
-        (0..cols.div_ceil(64))
-            .map(|w| mix(self.seed ^ mix(module ^ mix(side ^ mix((row as u64) << 32 | w as u64)))))
-            .collect()
+    /// Bucket (of `buckets`) and sign of index `i` on `side` (1: the output side, Phi; 2: the input side,
+    /// Psi): one SplitMix64 draw of (seed, module, side, i); bit 0 is the sign, the rest the bucket.
+    fn hash(&self, module: u64, side: u64, i: usize, buckets: usize) -> (usize, f64) {
+        let h = mix(self.seed ^ mix(module ^ mix(side ^ mix(i as u64))));
+        let sign = if h & 1 == 1 { 1.0 } else { -1.0 };
+        (((h >> 1) % buckets as u64) as usize, sign)
     }
 
-    /// `Phi dW Psi^T` of one module (p x q, row-major), from the factors.
+    /// `Phi dW Psi^T` of one module (p x q, row-major), from the factors. Phi and Psi are CountSketch
+    /// matrices: column i of Phi has a single +-1 at a hashed row, so `Phi B` adds each row of B, signed,
+    /// into one of p buckets (O(d r)), and `A Psi^T` each column of A into one of q (O(k r)).
     pub fn module(&self, path: &str, m: &LowRank) -> Vec<f32> {
         let key = u64::from_le_bytes(
             blake3::hash(path.as_bytes()).as_bytes()[..8]
                 .try_into()
                 .expect("8"),
         );
-        let (p, q, r) = (self.p, self.q, m.r);
-        let sp = 1.0 / (p as f64).sqrt();
-        let sq = 1.0 / (q as f64).sqrt();
+        let (p, q, r) = (self.p.max(1), self.q.max(1), m.r);
         // L = Phi B (p x r)
-        let bit = |row: &[u64], col: usize| (row[col / 64] >> (col % 64)) & 1 == 1;
         let mut l = vec![0f64; p * r];
-        for u in 0..p {
-            let signs = self.sign_row(key, 1, u, m.d);
-            for i in 0..m.d {
-                let s = if bit(&signs, i) { sp } else { -sp };
-                let brow = &m.b[i * r..(i + 1) * r];
-                for t in 0..r {
-                    l[u * r + t] += s * brow[t] as f64;
-                }
+        for i in 0..m.d {
+            let (u, s) = self.hash(key, 1, i, p);
+            let brow = &m.b[i * r..(i + 1) * r];
+            for (t, b) in brow.iter().enumerate() {
+                l[u * r + t] += s * *b as f64;
             }
         }
         // Rt = A Psi^T (r x q)
+        let cols: Vec<(usize, f64)> = (0..m.k).map(|j| self.hash(key, 2, j, q)).collect();
         let mut rt = vec![0f64; r * q];
-        for v in 0..q {
-            let signs = self.sign_row(key, 2, v, m.k);
-            for j in 0..m.k {
-                let s = if bit(&signs, j) { sq } else { -sq };
-                for t in 0..r {
-                    rt[t * q + v] += m.a[t * m.k + j] as f64 * s;
-                }
+        for t in 0..r {
+            let arow = &m.a[t * m.k..(t + 1) * m.k];
+            let out = &mut rt[t * q..(t + 1) * q];
+            for (a, &(v, s)) in arow.iter().zip(&cols) {
+                out[v] += s * *a as f64;
             }
         }
         let mut y = vec![0f32; p * q];
