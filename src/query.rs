@@ -41,8 +41,8 @@
 //!   delta-sketch space (a seeded sketch of every module's update, stored at ingestion:
 //!   [`crate::embed::delta_sketch`]) shortlists the candidates, which are then compared exactly.
 
-use crate::embed::delta::{delta_cosine, DeltaSketch, LoraDelta};
-use crate::embed::{cosine, tupate, EmbeddingKind, SpaceId, SpaceKey};
+use crate::embed::delta::{delta_cosine, LoraDelta};
+use crate::embed::{cosine, delta_sketch_of, tupate, EmbeddingKind, SpaceId};
 use crate::index::{Engine, IndexError, IndexManager, QueryError, SearchMode};
 use crate::object::formats::ReadOptions;
 use crate::object::{read_adapter, LightweightObject, MethodKind};
@@ -629,16 +629,14 @@ impl Nearest {
         index: &IndexManager,
     ) -> Result<Vec<QueryVec>, QueryError> {
         let method_ok = |s: SpaceId| {
-            index
-                .space_record(s)
-                .is_some_and(|r| r.key.kind == EmbeddingKind::Tupate)
-                && self
-                    .method
-                    .is_none_or(|m| index.space_record(s).is_some_and(|r| r.key.method == m))
-                && self
-                    .base_model
-                    .as_deref()
-                    .is_none_or(|b| index.space_record(s).is_some_and(|r| r.key.base_model == b))
+            index.space_record(s).is_some_and(|r| {
+                r.key.kind == EmbeddingKind::Tupate
+                    && self.method.is_none_or(|m| r.key.method == m)
+                    && self
+                        .base_model
+                        .as_deref()
+                        .is_none_or(|b| r.key.base_model == b)
+            })
         };
         let from_objects = |ids: Vec<ObjectId>| -> Result<Vec<QueryVec>, QueryError> {
             let mut by_space: BTreeMap<SpaceId, Vec<(ObjectId, Option<&str>)>> = BTreeMap::new();
@@ -760,24 +758,16 @@ impl Nearest {
         if ids.len() <= DELTA_SCAN_MAX || self.mode == SearchMode::Exact {
             return Ok((ids, "scan"));
         }
-        let sk = DeltaSketch::default();
-        let (paths, vector) = sk.sketch(&q.delta);
-        let key = SpaceKey {
-            base_model: q.base_model.clone(),
-            method: MethodKind::Lora,
-            kind: EmbeddingKind::DeltaSketch,
-            signature: paths.into_iter().map(|p| (p, vec![sk.p, sk.q])).collect(),
+        let Ok(sketch) = delta_sketch_of(&q.delta, &q.base_model) else {
+            return Ok((ids, "scan"));
         };
-        let sid = key.id();
+        let (sid, vector) = (sketch.space.id(), sketch.vector);
         let Some(si) = index.space(sid) else {
             return Ok((ids, "scan"));
         };
-        if !vector.iter().all(|v| v.is_finite()) {
-            return Ok((ids, "scan"));
-        }
         let fetch = |id: u64| store.embedding(sid, id).ok().flatten();
         let mut want = (self.k * 8).max(64);
-        let (hits, engine) = loop {
+        let (tasks, engine) = loop {
             let (hits, engine) = si.search(&vector, want, self.mode, filter, Some(&fetch))?;
             let tasks: std::collections::HashSet<&str> = hits
                 .iter()
@@ -785,18 +775,13 @@ impl Nearest {
                 .map(|o| o.task.as_str())
                 .collect();
             if tasks.len() >= 4 * self.k || hits.len() < want || want >= si.len() {
-                break (hits, engine);
+                break (tasks, engine);
             }
             want *= 4;
         };
         // Every object of a shortlisted task is compared (a task scores its closest object), and every
-        // object outside the sketch space.
-        let tasks: std::collections::HashSet<&str> = hits
-            .iter()
-            .filter_map(|h| index.object(h.id))
-            .map(|o| o.task.as_str())
-            .collect();
-        let mut out: Vec<ObjectId> = ids
+        // object outside the sketch space; `ids` is sorted and distinct, and so is this subset of it.
+        let out: Vec<ObjectId> = ids
             .iter()
             .copied()
             .filter(|id| {
@@ -805,8 +790,6 @@ impl Nearest {
                     .is_some_and(|o| !o.spaces.contains(&sid) || tasks.contains(o.task.as_str()))
             })
             .collect();
-        out.sort_unstable();
-        out.dedup();
         Ok((
             out,
             match engine {

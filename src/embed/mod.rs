@@ -182,7 +182,6 @@ pub fn layer_key(module: &str, role: &Role) -> String {
     }
 }
 
-/// Compute the TuPaTE embedding of an object.
 /// The delta-W sketch of a LoRA adapter ([`delta::DeltaSketch`] with its default seed and size): one
 /// `p x q` block per adapted module, in module-path order. Its space is keyed by the module paths, so
 /// adapters of the same modules share it. `None` for other methods.
@@ -190,28 +189,36 @@ pub fn delta_sketch(obj: &LightweightObject) -> Option<Result<Embedding, NoEmbed
     if obj.method.kind() != MethodKind::Lora {
         return None;
     }
-    let d = match delta::LoraDelta::from_object(obj) {
-        Ok(d) => d,
-        Err(e) => return Some(Err(NoEmbedding { reason: e.0 })),
-    };
+    Some(match delta::LoraDelta::from_object(obj) {
+        Ok(d) => delta_sketch_of(&d, &obj.base_model),
+        Err(e) => Err(NoEmbedding { reason: e.0 }),
+    })
+}
+
+/// [`delta_sketch`] of an update already collected from its factors, for adapters of `base_model`.
+pub fn delta_sketch_of(
+    delta: &delta::LoraDelta,
+    base_model: &str,
+) -> Result<Embedding, NoEmbedding> {
     let sk = delta::DeltaSketch::default();
-    let (paths, vector) = sk.sketch(&d);
+    let (paths, vector) = sk.sketch(delta);
     if !vector.iter().all(|v| v.is_finite()) {
-        return Some(Err(NoEmbedding {
+        return Err(NoEmbedding {
             reason: "the LoRA update has values that are not finite".into(),
-        }));
+        });
     }
-    Some(Ok(Embedding {
+    Ok(Embedding {
         space: SpaceKey {
-            base_model: obj.base_model.clone(),
+            base_model: base_model.to_string(),
             method: MethodKind::Lora,
             kind: EmbeddingKind::DeltaSketch,
             signature: paths.into_iter().map(|p| (p, vec![sk.p, sk.q])).collect(),
         },
         vector,
-    }))
+    })
 }
 
+/// Compute the TuPaTE embedding of an object.
 pub fn tupate(obj: &LightweightObject) -> Result<Embedding, NoEmbedding> {
     let kind = obj.method.kind();
     let (signature, vector) = match &obj.method {

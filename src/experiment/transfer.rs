@@ -830,7 +830,7 @@ impl<'a> Study<'a> {
                     .map_err(&te)?;
                     by_prior.insert(prior.as_str(), sc);
                 }
-                let scores = by_prior[cfg.prior.as_str()].clone();
+                let scores = &by_prior[cfg.prior.as_str()];
                 let names: Vec<String> = src.iter().map(|&s| self.tasks[s].name.clone()).collect();
                 let mut candidates: Vec<TunedCandidate> = Vec::with_capacity(names.len());
                 for ((n, c), obj) in names.iter().zip(&scores.candidates).zip(&refs) {
@@ -872,6 +872,20 @@ impl<'a> Study<'a> {
                         dev: Some(dev),
                     });
                 }
+                // A rerank predictor: each source's score of one indicator under one prior.
+                let ranking =
+                    |sc: &crate::transfer::Scores, ind: Indicator| -> BTreeMap<String, f64> {
+                        names
+                            .iter()
+                            .zip(&sc.candidates)
+                            .map(|(n, c)| {
+                                (
+                                    n.clone(),
+                                    c.scores.get(ind.as_str()).copied().unwrap_or(f64::NAN),
+                                )
+                            })
+                            .collect()
+                    };
                 for ind in [
                     Indicator::Loss,
                     Indicator::LossCal,
@@ -879,37 +893,15 @@ impl<'a> Study<'a> {
                     Indicator::El2n,
                     Indicator::Kl,
                 ] {
-                    predictors.insert(
-                        format!("rerank:{}", ind.as_str()),
-                        candidates
-                            .iter()
-                            .map(|c| {
-                                (
-                                    c.task.clone(),
-                                    c.scores.get(ind.as_str()).copied().unwrap_or(f64::NAN),
-                                )
-                            })
-                            .collect(),
-                    );
+                    predictors.insert(format!("rerank:{}", ind.as_str()), ranking(scores, ind));
                 }
                 for (prior, sc) in &by_prior {
                     if *prior == cfg.prior.as_str() {
                         continue;
                     }
                     for ind in [Indicator::Loss, Indicator::LossCal] {
-                        predictors.insert(
-                            format!("rerank:{}@{prior}", ind.as_str()),
-                            names
-                                .iter()
-                                .zip(&sc.candidates)
-                                .map(|(n, c)| {
-                                    (
-                                        n.clone(),
-                                        c.scores.get(ind.as_str()).copied().unwrap_or(f64::NAN),
-                                    )
-                                })
-                                .collect(),
-                        );
+                        predictors
+                            .insert(format!("rerank:{}@{prior}", ind.as_str()), ranking(sc, ind));
                     }
                 }
                 let scratch = scratch_init(self.engine, &cfg, base_model).map_err(&te)?;

@@ -164,27 +164,14 @@ impl PerExample {
 
 /// Accuracy with each example weighted (`weights` of mean 1, else plain accuracy).
 fn weighted_accuracy(predictions: &[usize], targets: &[usize], weights: Option<&[f64]>) -> f64 {
-    let n = targets.len().max(1) as f64;
-    match weights {
-        None => {
-            predictions
-                .iter()
-                .zip(targets)
-                .filter(|(a, b)| a == b)
-                .count() as f64
-                / n
-        }
-        Some(w) => {
-            predictions
-                .iter()
-                .zip(targets)
-                .zip(w)
-                .filter(|((a, b), _)| a == b)
-                .map(|(_, w)| w)
-                .sum::<f64>()
-                / n
-        }
-    }
+    let hits: f64 = predictions
+        .iter()
+        .zip(targets)
+        .enumerate()
+        .filter(|(_, (a, b))| a == b)
+        .map(|(j, _)| weights.map_or(1.0, |w| w[j]))
+        .sum();
+    hits / targets.len().max(1) as f64
 }
 
 /// Checks `input.weights` against the examples.

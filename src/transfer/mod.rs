@@ -256,32 +256,19 @@ impl Episode {
     /// an example of class c weighs prior(c) / (its class's share of the scoring examples). `None` for
     /// [`LabelPrior::Uniform`] (the episode as drawn) and when the task's train split is empty.
     pub fn weights(&self, task: &Task, prior: LabelPrior) -> Option<Vec<f64>> {
-        let classes = task.labels.len();
-        let mut counts = vec![0f64; classes];
-        match prior {
-            LabelPrior::Uniform => return None,
-            LabelPrior::Train => {
-                for e in &task.train {
-                    if let Some(c) = counts.get_mut(e.label) {
-                        *c += 1.0;
-                    }
-                }
-            }
+        if prior == LabelPrior::Uniform {
+            return None;
         }
+        let classes = task.labels.len();
+        let counts = class_counts(&task.train, classes);
         let total: f64 = counts.iter().sum();
         if total == 0.0 {
             return None;
         }
-        let examples = self.scoring_examples();
-        let mut seen = vec![0f64; classes];
-        for e in &examples {
-            if let Some(c) = seen.get_mut(e.label) {
-                *c += 1.0;
-            }
-        }
-        let n = examples.len() as f64;
-        let mut w: Vec<f64> = examples
-            .iter()
+        let examples = || self.train.iter().chain(&self.dev);
+        let seen = class_counts(examples(), classes);
+        let n = examples().count() as f64;
+        let mut w: Vec<f64> = examples()
             .map(|e| match (counts.get(e.label), seen.get(e.label)) {
                 (Some(&p), Some(&s)) if s > 0.0 => (p / total) / (s / n),
                 _ => 0.0,
@@ -296,6 +283,17 @@ impl Episode {
         }
         Some(w)
     }
+}
+
+/// How many of `examples` have each of the `classes` labels (labels out of range are not counted).
+fn class_counts<'e>(examples: impl IntoIterator<Item = &'e Example>, classes: usize) -> Vec<f64> {
+    let mut counts = vec![0f64; classes];
+    for e in examples {
+        if let Some(c) = counts.get_mut(e.label) {
+            *c += 1.0;
+        }
+    }
+    counts
 }
 
 /// One retrieved candidate.
