@@ -137,13 +137,26 @@ impl IndexManager {
             objects: Vec::new(),
         };
         let mut report = OpenReport::default();
-        m.refresh_catalog(store)?;
-        for rec in store.spaces()? {
+        let recs = store.spaces()?;
+        // A cold process spends most of its time reading the catalog (a redb scan) and mapping and
+        // checksumming each wanted space's `.vecs` file: the two are independent, so they overlap.
+        let (catalog, mut mapped) = rayon::join(
+            || store.object_facts(),
+            || {
+                recs.iter()
+                    .filter(|rec| m.wants(rec))
+                    .map(|rec| (rec.id, m.open_vectors(store, rec)))
+                    .collect::<HashMap<_, _>>()
+            },
+        );
+        m.set_catalog(catalog?);
+        for rec in recs {
             if !m.wants(&rec) {
                 m.records.insert(rec.id, rec);
                 continue;
             }
-            let state = m.load_space(store, &rec, progress, &mut report.warnings)?;
+            let pre = mapped.remove(&rec.id);
+            let state = m.load_space_with(store, &rec, pre, progress, &mut report.warnings)?;
             report.spaces.push((rec.id, state));
             m.records.insert(rec.id, rec);
         }
@@ -184,11 +197,15 @@ impl IndexManager {
     }
 
     fn refresh_catalog(&mut self, store: &Store) -> Result<(), IndexError> {
-        self.objects = store.object_facts()?;
+        self.set_catalog(store.object_facts()?);
+        Ok(())
+    }
+
+    fn set_catalog(&mut self, objects: Vec<ObjectFacts>) {
+        self.objects = objects;
         if !self.objects.is_sorted_by_key(|o| o.id) {
             self.objects.sort_by_key(|o| o.id);
         }
-        Ok(())
     }
 
     /// What the space's `.vecs` file must say to be current.
@@ -232,9 +249,32 @@ impl IndexManager {
         progress: &dyn Fn(Progress<'_>),
         warnings: &mut Vec<String>,
     ) -> Result<SpaceState, IndexError> {
-        let mut idx = SpaceIndex::new(rec.id, rec.dim, self.config);
+        self.load_space_with(store, rec, None, progress, warnings)
+    }
+
+    /// The space's `.vecs` file, if it is current and whole (`Err(reason)`: rebuild from the store).
+    fn open_vectors(
+        &self,
+        store: &Store,
+        rec: &SpaceRecord,
+    ) -> Result<vectors::MappedRows, String> {
+        let idx = SpaceIndex::for_record(rec, self.config);
         let header = self.vecs_header(store, &idx, rec);
-        match vectors::open(&vectors::path_for(&self.dir, rec.id), &header) {
+        vectors::open(&vectors::path_for(&self.dir, rec.id), &header)
+    }
+
+    /// [`Self::load_space`] with the space's `.vecs` file already opened (`pre`), or opened here.
+    fn load_space_with(
+        &mut self,
+        store: &Store,
+        rec: &SpaceRecord,
+        pre: Option<Result<vectors::MappedRows, String>>,
+        progress: &dyn Fn(Progress<'_>),
+        warnings: &mut Vec<String>,
+    ) -> Result<SpaceState, IndexError> {
+        let mut idx = SpaceIndex::for_record(rec, self.config);
+        let opened = pre.unwrap_or_else(|| self.open_vectors(store, rec));
+        match opened {
             Ok(rows) => idx.attach_mapped(rows),
             Err(_) => {
                 self.read_rows(store, rec, &mut idx)?;

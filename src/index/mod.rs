@@ -194,6 +194,18 @@ impl SpaceIndex {
         }
     }
 
+    /// An empty index for a stored space. A delta-sketch space (`EmbeddingKind::DeltaSketch`) only
+    /// shortlists objects whose updates are then compared exactly, and its own search reranks from the
+    /// stored sketches, so it is projected whenever that makes its rows smaller (above
+    /// [`IndexConfig::projection_dim`]): a MiniLM LoRA's 3,072-d sketch row takes 2 KB, not 12 KB.
+    pub fn for_record(rec: &crate::store::SpaceRecord, config: IndexConfig) -> SpaceIndex {
+        let mut c = config;
+        if rec.key.kind == crate::embed::EmbeddingKind::DeltaSketch {
+            c.project_above = c.project_above.min(c.projection_dim);
+        }
+        SpaceIndex::new(rec.id, rec.dim, c)
+    }
+
     /// Use rows mapped from the space's `.vecs` file (no graph; see [`SpaceIndex::rebuild`]).
     pub(crate) fn attach_mapped(&mut self, rows: vectors::MappedRows) {
         self.flat = FlatIndex::mapped(self.flat.dim(), rows);

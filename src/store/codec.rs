@@ -225,8 +225,11 @@ pub fn decode_facts(id: u64, b: &[u8]) -> Result<super::ObjectFacts, String> {
         fn u16(&mut self) -> Result<usize, String> {
             Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")) as usize)
         }
+        fn str_ref(&mut self, n: usize) -> Result<&'a str, String> {
+            std::str::from_utf8(self.take(n)?).map_err(|_| "object facts: not UTF-8".into())
+        }
         fn str(&mut self, n: usize) -> Result<String, String> {
-            String::from_utf8(self.take(n)?.to_vec()).map_err(|_| "object facts: not UTF-8".into())
+            self.str_ref(n).map(str::to_owned)
         }
     }
     let mut r = R(b);
@@ -235,8 +238,8 @@ pub fn decode_facts(id: u64, b: &[u8]) -> Result<super::ObjectFacts, String> {
         return Err(format!("unknown object facts version {v}"));
     }
     let mlen = r.take(1)?[0] as usize;
-    let m = r.str(mlen)?;
-    let method = crate::object::MethodKind::parse(&m)
+    let m = r.str_ref(mlen)?;
+    let method = crate::object::MethodKind::parse(m)
         .ok_or_else(|| format!("unknown method {m:?} in object facts"))?;
     let tlen = r.u16()?;
     let task = r.str(tlen)?;

@@ -53,6 +53,8 @@ pub(crate) const SPACES: TableDefinition<u64, &[u8]> = TableDefinition::new("spa
 /// object id -> [`ObjectFacts`] (binary, [`codec::encode_facts`]): what queries filter and group by, without
 /// decoding whole object records.
 pub(crate) const OBJECT_FACTS: TableDefinition<u64, &[u8]> = TableDefinition::new("object_facts");
+/// Catalogs of at least this many objects are read on two threads.
+const FACTS_SPLIT: usize = 20_000;
 pub(crate) const BASE_MODELS: TableDefinition<&str, &[u8]> = TableDefinition::new("base_models");
 
 /// The object id: allocated in increasing order by the store, never reused.
@@ -1195,18 +1197,39 @@ impl Store {
             }
             Err(e) => return Err(self.storage_err("listing objects")(e.into())),
         };
-        let mut out = Vec::new();
-        for item in t
-            .iter()
-            .map_err(|e| self.storage_err("listing objects")(e.into()))?
-        {
-            let (k, v) = item.map_err(|e| self.storage_err("listing objects")(e.into()))?;
-            out.push(
-                codec::decode_facts(k.value(), v.value())
-                    .map_err(|e| self.corrupt("object_facts", k.value(), e))?,
-            );
+        let se = |e: redb::StorageError| self.storage_err("listing objects")(e.into());
+        let n = usize::try_from(t.len().map_err(se)?).unwrap_or(0);
+        // Facts of the ids in `range`, in id order.
+        let read = |range: (std::ops::Bound<u64>, std::ops::Bound<u64>),
+                    cap: usize|
+         -> Result<Vec<ObjectFacts>, StoreError> {
+            let mut out = Vec::with_capacity(cap);
+            for item in t.range(range).map_err(se)? {
+                let (k, v) = item.map_err(se)?;
+                out.push(
+                    codec::decode_facts(k.value(), v.value())
+                        .map_err(|e| self.corrupt("object_facts", k.value(), e))?,
+                );
+            }
+            Ok(out)
+        };
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        // A large catalog is read in two halves of the key range on two threads (one snapshot).
+        let bounds = (t.first().map_err(se)?, t.last().map_err(se)?);
+        match bounds {
+            (Some((lo, _)), Some((hi, _))) if n >= FACTS_SPLIT => {
+                let (lo, hi) = (lo.value(), hi.value());
+                let mid = lo + (hi - lo) / 2;
+                let (a, b) = rayon::join(
+                    || read((Unbounded, Included(mid)), n / 2 + 1),
+                    || read((Excluded(mid), Unbounded), n / 2 + 1),
+                );
+                let mut a = a?;
+                a.extend(b?);
+                Ok(a)
+            }
+            _ => read((Unbounded, Unbounded), n),
         }
-        Ok(out)
     }
 
     /// Export an object as a folder in its format (byte-identical to what was ingested).
