@@ -25,8 +25,9 @@
 
 use crate::object::layout::{parse_tensor_name, Role};
 use crate::object::{LightweightObject, Method};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// One module's low-rank update `scale * B A`.
 #[derive(Debug, Clone, PartialEq)]
@@ -201,7 +202,7 @@ fn mix(mut z: u64) -> u64 {
 }
 
 /// Seeded sketch of LoRA updates (see module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DeltaSketch {
     pub seed: u64,
     /// Rows of the left sketch (output side).
@@ -239,23 +240,24 @@ impl DeltaSketch {
                 .expect("8"),
         );
         let (p, q, r) = (self.p.max(1), self.q.max(1), m.r);
+        let rows = self.buckets(key, 1, m.d, p);
+        let cols = self.buckets(key, 2, m.k, q);
         // L = Phi B (p x r)
         let mut l = vec![0f64; p * r];
-        for i in 0..m.d {
-            let (u, s) = self.hash(key, 1, i, p);
+        for (i, &(u, s)) in rows.iter().enumerate() {
             let brow = &m.b[i * r..(i + 1) * r];
-            for (t, b) in brow.iter().enumerate() {
-                l[u * r + t] += s * *b as f64;
+            let lrow = &mut l[u as usize * r..(u as usize + 1) * r];
+            for (o, b) in lrow.iter_mut().zip(brow) {
+                *o += s * *b as f64;
             }
         }
         // Rt = A Psi^T (r x q)
-        let cols: Vec<(usize, f64)> = (0..m.k).map(|j| self.hash(key, 2, j, q)).collect();
         let mut rt = vec![0f64; r * q];
         for t in 0..r {
             let arow = &m.a[t * m.k..(t + 1) * m.k];
             let out = &mut rt[t * q..(t + 1) * q];
-            for (a, &(v, s)) in arow.iter().zip(&cols) {
-                out[v] += s * *a as f64;
+            for (a, &(v, s)) in arow.iter().zip(cols.iter()) {
+                out[v as usize] += s * *a as f64;
             }
         }
         let mut y = vec![0f32; p * q];
@@ -271,6 +273,33 @@ impl DeltaSketch {
         y
     }
 
+    /// The (bucket, sign) of indices `0..n` on one side of a module: [`Self::hash`] of each, computed
+    /// once per (sketch, module, side, n) and shared (every adapter of a zoo has the same modules, and the
+    /// hashing was most of a sketch's cost).
+    fn buckets(&self, module: u64, side: u64, n: usize, buckets: usize) -> Arc<[(u32, f64)]> {
+        type Key = (DeltaSketch, u64, u64, usize, usize);
+        static CACHE: OnceLock<Mutex<HashMap<Key, Arc<[(u32, f64)]>>>> = OnceLock::new();
+        let key = (*self, module, side, n, buckets);
+        let cache = CACHE.get_or_init(Default::default);
+        if let Some(hit) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+            return hit;
+        }
+        let v: Arc<[(u32, f64)]> = (0..n)
+            .map(|i| {
+                let (b, s) = self.hash(module, side, i, buckets);
+                (b as u32, s)
+            })
+            .collect();
+        if let Ok(mut c) = cache.lock() {
+            // Bounded: a process sketching adapters of very many shapes starts over.
+            if c.len() >= 4096 {
+                c.clear();
+            }
+            c.insert(key, v.clone());
+        }
+        v
+    }
+
     /// The concatenated sketch of every module, in module-path order, with the paths.
     pub fn sketch(&self, delta: &LoraDelta) -> (Vec<String>, Vec<f32>) {
         let mut paths = Vec::new();
@@ -280,5 +309,60 @@ impl DeltaSketch {
             out.extend(self.module(path, m));
         }
         (paths, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sketch equals `scale * Phi (B A) Psi^T` with Phi and Psi built densely from [`DeltaSketch::hash`]
+    /// (the format schema/store.md specifies), on the first call and on a cached second call.
+    #[test]
+    fn module_is_phi_delta_psi_t() {
+        let (d, k, r) = (13, 11, 3);
+        let a: Vec<f32> = (0..r * k)
+            .map(|i| ((i * 7 % 5) as f32 - 2.0) / 3.0)
+            .collect();
+        let b: Vec<f32> = (0..d * r)
+            .map(|i| ((i * 3 % 7) as f32 - 3.0) / 4.0)
+            .collect();
+        let m = LowRank::new(a.clone(), b.clone(), r, k, d, 2.5);
+        let s = DeltaSketch {
+            seed: 42,
+            p: 4,
+            q: 5,
+        };
+        let key = u64::from_le_bytes(blake3::hash(b"x.q").as_bytes()[..8].try_into().unwrap());
+        let mut phi = vec![0f64; s.p * d];
+        for i in 0..d {
+            let (u, sg) = s.hash(key, 1, i, s.p);
+            phi[u * d + i] = sg;
+        }
+        let mut psi = vec![0f64; s.q * k];
+        for j in 0..k {
+            let (v, sg) = s.hash(key, 2, j, s.q);
+            psi[v * k + j] = sg;
+        }
+        let dw = |i: usize, j: usize| {
+            (0..r)
+                .map(|t| b[i * r + t] as f64 * a[t * k + j] as f64)
+                .sum::<f64>()
+        };
+        for _ in 0..2 {
+            let y = s.module("x.q", &m);
+            for u in 0..s.p {
+                for v in 0..s.q {
+                    let mut want = 0.0;
+                    for i in 0..d {
+                        for j in 0..k {
+                            want += phi[u * d + i] * dw(i, j) * psi[v * k + j];
+                        }
+                    }
+                    want *= 2.5;
+                    assert!((y[u * s.q + v] as f64 - want).abs() < 1e-5 * (1.0 + want.abs()));
+                }
+            }
+        }
     }
 }
