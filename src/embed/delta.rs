@@ -278,13 +278,14 @@ impl DeltaSketch {
     /// hashing was most of a sketch's cost).
     fn buckets(&self, module: u64, side: u64, n: usize, buckets: usize) -> Arc<[(u32, f64)]> {
         type Key = (DeltaSketch, u64, u64, usize, usize);
-        static CACHE: OnceLock<Mutex<HashMap<Key, Arc<[(u32, f64)]>>>> = OnceLock::new();
+        type Buckets = Arc<[(u32, f64)]>;
+        static CACHE: OnceLock<Mutex<HashMap<Key, Buckets>>> = OnceLock::new();
         let key = (*self, module, side, n, buckets);
         let cache = CACHE.get_or_init(Default::default);
         if let Some(hit) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
             return hit;
         }
-        let v: Arc<[(u32, f64)]> = (0..n)
+        let v: Buckets = (0..n)
             .map(|i| {
                 let (b, s) = self.hash(module, side, i, buckets);
                 (b as u32, s)
