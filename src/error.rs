@@ -1,8 +1,10 @@
-//! Errors: one enum per operation area, and the umbrella [`Error`].
+//! Errors of the bottom layers: reading adapters, the store, ingestion and export, one enum per
+//! operation area. This module imports nothing above the leaf [`crate::dtype`]; the umbrella
+//! [`crate::Error`], which gathers every layer's errors, sits at the top of the crate (`lib.rs`).
 //!
 //! Every variant that concerns a file names it, and the messages say what to do about the problem.
 
-use crate::object::DType;
+use crate::dtype::DType;
 use std::path::PathBuf;
 use thiserror::Error;
 
@@ -135,11 +137,13 @@ pub enum StoreError {
     Missing { path: PathBuf },
     #[error("{path}: store already exists")]
     Exists { path: PathBuf },
-    #[error("{path}: storage error while {during}: {detail}; the store keeps every earlier commit (free disk space and re-run)")]
+    #[error("{path}: storage error while {during}: {source}; the store keeps every earlier commit (free disk space and re-run)")]
     Storage {
         path: PathBuf,
-        during: String,
-        detail: String,
+        during: &'static str,
+        /// redb's error (an I/O error from the disk arrives as `redb::Error::Io`), boxed: it is large.
+        #[source]
+        source: Box<redb::Error>,
     },
     #[error("{path}: corrupt record in table {table} (key {key}): {detail}")]
     Corrupt {
@@ -184,47 +188,3 @@ pub enum ExportError {
         source: std::io::Error,
     },
 }
-
-/// Any peftdb error.
-#[derive(Debug, Error)]
-pub enum Error {
-    #[error(transparent)]
-    Read(#[from] ReadError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Ingest(#[from] IngestError),
-    #[error(transparent)]
-    Export(#[from] ExportError),
-    #[error(transparent)]
-    Engine(Box<crate::engine::EngineError>),
-    #[error(transparent)]
-    Task(#[from] crate::engine::TaskError),
-    #[error(transparent)]
-    Index(#[from] crate::index::IndexError),
-    #[error(transparent)]
-    Query(#[from] crate::index::QueryError),
-    #[error(transparent)]
-    Rerank(Box<crate::rerank::stage::RerankError>),
-    #[error(transparent)]
-    Ensemble(#[from] crate::ensemble::EnsembleError),
-    #[error(transparent)]
-    Suggest(Box<crate::suggest::SuggestError>),
-}
-
-macro_rules! boxed_from {
-    ($($variant:ident($ty:ty)),*) => {$(
-        impl From<$ty> for Error {
-            fn from(e: $ty) -> Self {
-                Error::$variant(Box::new(e))
-            }
-        }
-    )*};
-}
-boxed_from!(
-    Engine(crate::engine::EngineError),
-    Rerank(crate::rerank::stage::RerankError),
-    Suggest(crate::suggest::SuggestError)
-);
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;

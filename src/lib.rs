@@ -32,6 +32,7 @@
 //! The library never prints; the `peftdb` binary is a thin shell over it. See ARCHITECTURE.md for the
 //! module map and schema/store.md for the file format.
 
+mod dtype;
 pub mod embed;
 pub mod engine;
 pub mod ensemble;
@@ -45,6 +46,56 @@ pub mod suggest;
 pub mod synth;
 pub mod transfer;
 
-pub use error::{Error, Result};
 pub mod index;
 pub mod query;
+
+/// Any peftdb error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Read(#[from] error::ReadError),
+    #[error(transparent)]
+    Store(#[from] error::StoreError),
+    #[error(transparent)]
+    Ingest(#[from] error::IngestError),
+    #[error(transparent)]
+    Export(#[from] error::ExportError),
+    #[error(transparent)]
+    Engine(Box<crate::engine::EngineError>),
+    #[error(transparent)]
+    Task(#[from] crate::engine::TaskError),
+    #[error(transparent)]
+    Index(#[from] crate::index::IndexError),
+    #[error(transparent)]
+    Query(#[from] crate::index::QueryError),
+    #[error(transparent)]
+    Rerank(Box<crate::rerank::stage::RerankError>),
+    #[error(transparent)]
+    Ensemble(#[from] crate::ensemble::EnsembleError),
+    /// The transfer pipeline (`suggest`, `rerank`, `evaluate`): [`transfer::TransferError`].
+    #[error(transparent)]
+    Suggest(Box<crate::suggest::SuggestError>),
+    #[error(transparent)]
+    Experiment(Box<crate::experiment::ExperimentError>),
+    #[error(transparent)]
+    Study(Box<crate::experiment::transfer::StudyError>),
+}
+
+macro_rules! boxed_from {
+    ($($variant:ident($ty:ty)),*) => {$(
+        impl From<$ty> for Error {
+            fn from(e: $ty) -> Self {
+                Error::$variant(Box::new(e))
+            }
+        }
+    )*};
+}
+boxed_from!(
+    Engine(crate::engine::EngineError),
+    Rerank(crate::rerank::stage::RerankError),
+    Suggest(crate::suggest::SuggestError),
+    Experiment(crate::experiment::ExperimentError),
+    Study(crate::experiment::transfer::StudyError)
+);
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

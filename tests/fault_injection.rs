@@ -156,7 +156,9 @@ fn ingest_through(path: &Path, zoo: &Path, faults: &Arc<Faults>) -> Result<(), S
                 Ok(_) => {
                     check_integrity(&store);
                 }
-                Err(StoreError::Storage { detail, .. }) => {
+                Err(StoreError::Storage { source, .. }) => {
+                    // redb's own error is kept as the source, not flattened into a string.
+                    let detail = source.to_string();
                     assert!(detail.contains("re-open"), "{detail}")
                 }
                 Err(other) => panic!("unclear error after a fault: {other:?}"),
@@ -216,7 +218,7 @@ fn injected_write_and_sync_faults_never_corrupt_the_store() {
         let outcome = ingest_through(&path, &zoo, &faults);
         let failed = faults.failed.load(Ordering::SeqCst);
         match &outcome {
-            Err(StoreError::Storage { detail, .. }) => {
+            Err(StoreError::Storage { source: detail, .. }) => {
                 errors_seen += 1;
                 assert!(
                     failed > 0,

@@ -78,10 +78,14 @@ fn a_full_disk_gives_a_clear_error_and_keeps_earlier_commits() {
     };
     let e = ingest_zoo(&store, std::slice::from_ref(&zoo), None, &opts, &|_| {}).unwrap_err();
     match &e {
-        IngestError::Store(StoreError::Storage { path, detail, .. }) => {
+        IngestError::Store(StoreError::Storage { path, source, .. }) => {
             assert_eq!(path, &db);
+            // The disk's own error is kept as the source (redb's Io variant), not flattened to a string.
+            let detail = source.to_string();
+            let full = matches!(&**source, redb::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull);
             assert!(
-                detail.contains("No space left") || detail.to_lowercase().contains("storage full"),
+                full || detail.contains("No space left")
+                    || detail.to_lowercase().contains("storage full"),
                 "{detail}"
             );
         }

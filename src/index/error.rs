@@ -12,8 +12,12 @@ use thiserror::Error;
 pub enum IndexError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{path}: {detail}; check permissions and free disk space, then re-run (the index is rebuilt from the store)")]
-    Io { path: PathBuf, detail: String },
+    #[error("{path}: {source}; check permissions and free disk space, then re-run (the index is rebuilt from the store)")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: index file unusable ({reason}); it is derived data: delete it and it will be rebuilt from the store")]
     Corrupt { path: PathBuf, reason: String },
     #[error("hnsw_rs failed while {during}: {detail}; the index is derived data and will be rebuilt (or force exact search with `peftdb nearest --mode exact`)")]

@@ -203,7 +203,7 @@ impl HnswGraph {
             if f.exists() {
                 std::fs::remove_file(f).map_err(|e| IndexError::Io {
                     path: f.clone(),
-                    detail: e.to_string(),
+                    source: e,
                 })?;
             }
         }
@@ -211,7 +211,7 @@ impl HnswGraph {
         let probe = dir.join(format!("{basename}.probe"));
         std::fs::write(&probe, b"").map_err(|e| IndexError::Io {
             path: probe.clone(),
-            detail: e.to_string(),
+            source: e,
         })?;
         let _ = std::fs::remove_file(&probe);
         let g = self.read();

@@ -94,7 +94,7 @@ pub fn index_dir(store_path: &Path) -> PathBuf {
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> IndexError + '_ {
     move |e| IndexError::Io {
         path: path.to_path_buf(),
-        detail: e.to_string(),
+        source: e,
     }
 }
 

@@ -96,7 +96,7 @@ pub fn path_for(dir: &Path, space: SpaceId) -> PathBuf {
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> IndexError + '_ {
     move |e| IndexError::Io {
         path: path.to_path_buf(),
-        detail: e.to_string(),
+        source: e,
     }
 }
 
@@ -112,7 +112,7 @@ pub fn write(
     if cfg!(target_endian = "big") {
         return Err(IndexError::Io {
             path: dir.to_path_buf(),
-            detail: "vectors files are little-endian only".into(),
+            source: std::io::Error::other("vectors files are little-endian only"),
         });
     }
     assert_eq!(ids.len(), header.n, "one id per row");

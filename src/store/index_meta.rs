@@ -2,7 +2,7 @@
 //! index builder. See `schema/index.md`.
 
 use super::chunked::{self, SPACE_EMBEDDINGS};
-use super::{ObjectId, Store};
+use super::{During, ObjectId, Store};
 use crate::embed::SpaceId;
 use crate::error::StoreError;
 use redb::{TableDefinition, TableError};
@@ -48,12 +48,9 @@ impl Store {
         let t = match r.open_table(INDEXES) {
             Ok(t) => t,
             Err(TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(self.storage_err("reading index state")(e.into())),
+            Err(e) => return Err(e).during(&self.path, "reading index state"),
         };
-        match t
-            .get(space.0)
-            .map_err(|e| self.storage_err("reading index state")(e.into()))?
-        {
+        match t.get(space.0).during(&self.path, "reading index state")? {
             // An unreadable record is not fatal: the index is derived data and is rebuilt.
             Some(v) => Ok(serde_json::from_slice(v.value()).ok()),
             None => Ok(None),
@@ -70,23 +67,22 @@ impl Store {
         {
             let mut t = w
                 .open_table(INDEXES)
-                .map_err(|e| self.storage_err("writing index state")(e.into()))?;
+                .during(&self.path, "writing index state")?;
             match meta {
                 Some(m) => {
                     t.insert(
                         space.0,
                         serde_json::to_vec(m).expect("serializes").as_slice(),
                     )
-                    .map_err(|e| self.storage_err("writing index state")(e.into()))?;
+                    .during(&self.path, "writing index state")?;
                 }
                 None => {
                     t.remove(space.0)
-                        .map_err(|e| self.storage_err("writing index state")(e.into()))?;
+                        .during(&self.path, "writing index state")?;
                 }
             }
         }
-        w.commit()
-            .map_err(|e| self.storage_err("writing index state")(e.into()))
+        w.commit().during(&self.path, "writing index state")
     }
 
     /// Visit every embedding of a space in id order, one at a time (one snapshot; nothing accumulates).
@@ -98,7 +94,7 @@ impl Store {
         let r = self.read()?;
         let t = r
             .open_table(SPACE_EMBEDDINGS)
-            .map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
+            .during(&self.path, "reading embeddings")?;
         let mut bad = None;
         chunked::for_each_embedding(&t, space.0, |id, v| match v {
             Ok(v) if bad.is_none() => f(id, v),
@@ -107,7 +103,7 @@ impl Store {
                 bad.get_or_insert((id, e));
             }
         })
-        .map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
+        .during(&self.path, "reading embeddings")?;
         match bad {
             Some((id, e)) => Err(self.corrupt("space_embeddings", format!("({space}, {id})"), e)),
             None => Ok(()),
@@ -119,13 +115,13 @@ impl Store {
         let r = self.read()?;
         let t = r
             .open_table(SPACE_EMBEDDINGS)
-            .map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
+            .during(&self.path, "reading embeddings")?;
         let mut out = Vec::new();
         for item in t
             .range((space.0, 0u64, 0u32)..=(space.0, u64::MAX, u32::MAX))
-            .map_err(|e| self.storage_err("reading embeddings")(e.into()))?
+            .during(&self.path, "reading embeddings")?
         {
-            let (k, _) = item.map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
+            let (k, _) = item.during(&self.path, "reading embeddings")?;
             let (_, id, chunk) = k.value();
             if chunk == 0 {
                 out.push(id);

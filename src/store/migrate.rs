@@ -11,7 +11,7 @@
 
 use super::chunked::{self, OBJECT_TENSORS, SPACE_EMBEDDINGS};
 use super::{
-    codec, ObjectFacts, ObjectRecord, SpaceRecord, Store, EMBEDDINGS_V1, META, OBJECTS,
+    codec, During, ObjectFacts, ObjectRecord, SpaceRecord, Store, EMBEDDINGS_V1, META, OBJECTS,
     OBJECT_FACTS, SPACES, TENSORS_V1,
 };
 use crate::error::StoreError;
@@ -19,20 +19,20 @@ use redb::ReadableTable;
 
 impl Store {
     pub(super) fn migrate_v1_to_v2(&self) -> Result<(), StoreError> {
-        let se = |e: redb::Error| self.storage_err("migrating the store to schema version 2")(e);
+        const DURING: &str = "migrating the store to schema version 2";
         let w = self.write()?;
         {
-            let old_t = w.open_table(TENSORS_V1).map_err(|e| se(e.into()))?;
-            let mut new_t = w.open_table(OBJECT_TENSORS).map_err(|e| se(e.into()))?;
+            let old_t = w.open_table(TENSORS_V1).during(&self.path, DURING)?;
+            let mut new_t = w.open_table(OBJECT_TENSORS).during(&self.path, DURING)?;
             let mut cur: Option<u64> = None;
             let mut tensors = Vec::new();
-            for item in old_t.iter().map_err(|e| se(e.into()))? {
-                let (k, v) = item.map_err(|e| se(e.into()))?;
+            for item in old_t.iter().during(&self.path, DURING)? {
+                let (k, v) = item.during(&self.path, DURING)?;
                 let (id, idx) = k.value();
                 if cur != Some(id) {
                     if let Some(prev) = cur {
                         chunked::put_tensors(&mut new_t, prev, &tensors)
-                            .map_err(|e| se(e.into()))?;
+                            .during(&self.path, DURING)?;
                     }
                     cur = Some(id);
                     tensors.clear();
@@ -43,21 +43,21 @@ impl Store {
                 );
             }
             if let Some(prev) = cur {
-                chunked::put_tensors(&mut new_t, prev, &tensors).map_err(|e| se(e.into()))?;
+                chunked::put_tensors(&mut new_t, prev, &tensors).during(&self.path, DURING)?;
             }
-            let old_e = w.open_table(EMBEDDINGS_V1).map_err(|e| se(e.into()))?;
-            let mut new_e = w.open_table(SPACE_EMBEDDINGS).map_err(|e| se(e.into()))?;
-            for item in old_e.iter().map_err(|e| se(e.into()))? {
-                let (k, v) = item.map_err(|e| se(e.into()))?;
+            let old_e = w.open_table(EMBEDDINGS_V1).during(&self.path, DURING)?;
+            let mut new_e = w.open_table(SPACE_EMBEDDINGS).during(&self.path, DURING)?;
+            for item in old_e.iter().during(&self.path, DURING)? {
+                let (k, v) = item.during(&self.path, DURING)?;
                 let (space, id) = k.value();
                 let vec = codec::decode_f32(v.value())
                     .map_err(|e| self.corrupt("embeddings", format!("({space}, {id})"), e))?;
-                chunked::put_embedding(&mut new_e, space, id, &vec).map_err(|e| se(e.into()))?;
+                chunked::put_embedding(&mut new_e, space, id, &vec).during(&self.path, DURING)?;
             }
-            let mut spaces = w.open_table(SPACES).map_err(|e| se(e.into()))?;
+            let mut spaces = w.open_table(SPACES).during(&self.path, DURING)?;
             let mut recs = Vec::new();
-            for item in spaces.iter().map_err(|e| se(e.into()))? {
-                let (k, v) = item.map_err(|e| se(e.into()))?;
+            for item in spaces.iter().during(&self.path, DURING)? {
+                let (k, v) = item.during(&self.path, DURING)?;
                 let mut rec: SpaceRecord = serde_json::from_slice(v.value())
                     .map_err(|e| self.corrupt("spaces", k.value(), e))?;
                 rec.generation = 1;
@@ -69,12 +69,12 @@ impl Store {
                         rec.id.0,
                         serde_json::to_vec(&rec).expect("serializes").as_slice(),
                     )
-                    .map_err(|e| se(e.into()))?;
+                    .during(&self.path, DURING)?;
             }
-            let objects = w.open_table(OBJECTS).map_err(|e| se(e.into()))?;
-            let mut facts = w.open_table(OBJECT_FACTS).map_err(|e| se(e.into()))?;
-            for item in objects.iter().map_err(|e| se(e.into()))? {
-                let (k, v) = item.map_err(|e| se(e.into()))?;
+            let objects = w.open_table(OBJECTS).during(&self.path, DURING)?;
+            let mut facts = w.open_table(OBJECT_FACTS).during(&self.path, DURING)?;
+            for item in objects.iter().during(&self.path, DURING)? {
+                let (k, v) = item.during(&self.path, DURING)?;
                 let rec: ObjectRecord = serde_json::from_slice(v.value())
                     .map_err(|e| self.corrupt("objects", k.value(), e))?;
                 facts
@@ -82,21 +82,21 @@ impl Store {
                         k.value(),
                         codec::encode_facts(&ObjectFacts::of(&rec)).as_slice(),
                     )
-                    .map_err(|e| se(e.into()))?;
+                    .during(&self.path, DURING)?;
             }
-            let mut meta = w.open_table(META).map_err(|e| se(e.into()))?;
+            let mut meta = w.open_table(META).during(&self.path, DURING)?;
             meta.insert("change_seq", 1u64.to_le_bytes().as_slice())
-                .map_err(|e| se(e.into()))?;
+                .during(&self.path, DURING)?;
             meta.insert(
                 "store_uuid",
                 rand::random::<u128>().to_le_bytes().as_slice(),
             )
-            .map_err(|e| se(e.into()))?;
+            .during(&self.path, DURING)?;
             meta.insert("schema_version", 2u32.to_le_bytes().as_slice())
-                .map_err(|e| se(e.into()))?;
+                .during(&self.path, DURING)?;
         }
-        w.delete_table(TENSORS_V1).map_err(|e| se(e.into()))?;
-        w.delete_table(EMBEDDINGS_V1).map_err(|e| se(e.into()))?;
-        w.commit().map_err(|e| se(e.into()))
+        w.delete_table(TENSORS_V1).during(&self.path, DURING)?;
+        w.delete_table(EMBEDDINGS_V1).during(&self.path, DURING)?;
+        w.commit().during(&self.path, DURING)
     }
 }

@@ -53,6 +53,22 @@ pub(crate) const SPACES: TableDefinition<u64, &[u8]> = TableDefinition::new("spa
 /// object id -> [`ObjectFacts`] (binary, [`codec::encode_facts`]): what queries filter and group by, without
 /// decoding whole object records.
 pub(crate) const OBJECT_FACTS: TableDefinition<u64, &[u8]> = TableDefinition::new("object_facts");
+/// Storage failures with their context (the private extension that keeps redb's error as the source):
+/// `table.get(k).during(&self.path, "reading objects")?`.
+pub(crate) trait During<T> {
+    fn during(self, path: &Path, what: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T, E: Into<redb::Error>> During<T> for Result<T, E> {
+    fn during(self, path: &Path, what: &'static str) -> Result<T, StoreError> {
+        self.map_err(|e| StoreError::Storage {
+            path: path.to_path_buf(),
+            during: what,
+            source: Box::new(e.into()),
+        })
+    }
+}
+
 /// Catalogs of at least this many objects are read on two threads.
 const FACTS_SPLIT: usize = 20_000;
 pub(crate) const BASE_MODELS: TableDefinition<&str, &[u8]> = TableDefinition::new("base_models");
@@ -371,15 +387,6 @@ pub struct StoreStats {
 }
 
 impl Store {
-    fn storage_err(&self, during: &str) -> impl FnOnce(redb::Error) -> StoreError + '_ {
-        let during = during.to_string();
-        move |e| StoreError::Storage {
-            path: self.path.clone(),
-            during,
-            detail: e.to_string(),
-        }
-    }
-
     fn map_open_err(path: &Path, e: redb::DatabaseError) -> StoreError {
         match e {
             redb::DatabaseError::DatabaseAlreadyOpen
@@ -401,8 +408,8 @@ impl Store {
             },
             redb::DatabaseError::Storage(redb::StorageError::Io(io)) => StoreError::Storage {
                 path: path.to_path_buf(),
-                during: "opening".into(),
-                detail: io.to_string(),
+                during: "opening",
+                source: Box::new(io.into()),
             },
             other => StoreError::NotAStore {
                 path: path.to_path_buf(),
@@ -450,8 +457,8 @@ impl Store {
                     } else {
                         StoreError::Storage {
                             path: path.to_path_buf(),
-                            during: "creating".into(),
-                            detail: e.to_string(),
+                            during: "creating",
+                            source: Box::new(e.into()),
                         }
                     }
                 })
@@ -482,12 +489,8 @@ impl Store {
 
     fn has_no_tables(&self) -> Result<bool, StoreError> {
         let r = self.read()?;
-        let mut tables = r
-            .list_tables()
-            .map_err(|e| self.storage_err("opening")(e.into()))?;
-        let mut multimap = r
-            .list_multimap_tables()
-            .map_err(|e| self.storage_err("opening")(e.into()))?;
+        let mut tables = r.list_tables().during(&self.path, "opening")?;
+        let mut multimap = r.list_multimap_tables().during(&self.path, "opening")?;
         Ok(tables.next().is_none() && multimap.next().is_none())
     }
 
@@ -586,20 +589,12 @@ impl Store {
             Db::Rw(d) => d.begin_read(),
             Db::Ro(d) => d.begin_read(),
         };
-        r.map_err(|e| StoreError::Storage {
-            path: self.path.clone(),
-            during: "starting a read".into(),
-            detail: e.to_string(),
-        })
+        r.during(&self.path, "starting a read")
     }
 
     fn write(&self) -> Result<WriteTransaction, StoreError> {
         match &self.db {
-            Db::Rw(d) => d.begin_write().map_err(|e| StoreError::Storage {
-                path: self.path.clone(),
-                during: "starting a write".into(),
-                detail: e.to_string(),
-            }),
+            Db::Rw(d) => d.begin_write().during(&self.path, "starting a write"),
             Db::Ro(_) => Err(StoreError::ReadOnly),
         }
     }
@@ -607,39 +602,34 @@ impl Store {
     fn init_schema(&self) -> Result<(), StoreError> {
         let w = self.write()?;
         {
-            let mut meta = w
-                .open_table(META)
-                .map_err(|e| self.storage_err("creating tables")(e.into()))?;
+            let mut meta = w.open_table(META).during(&self.path, "creating tables")?;
             meta.insert("format", b"peftdb".as_slice())
-                .map_err(|e| self.storage_err("creating tables")(e.into()))?;
+                .during(&self.path, "creating tables")?;
             meta.insert("schema_version", SCHEMA_VERSION.to_le_bytes().as_slice())
-                .map_err(|e| self.storage_err("creating tables")(e.into()))?;
+                .during(&self.path, "creating tables")?;
             meta.insert("next_object_id", 1u64.to_le_bytes().as_slice())
-                .map_err(|e| self.storage_err("creating tables")(e.into()))?;
+                .during(&self.path, "creating tables")?;
             meta.insert("change_seq", 0u64.to_le_bytes().as_slice())
-                .map_err(|e| self.storage_err("creating tables")(e.into()))?;
+                .during(&self.path, "creating tables")?;
             meta.insert(
                 "store_uuid",
                 rand::random::<u128>().to_le_bytes().as_slice(),
             )
-            .map_err(|e| self.storage_err("creating tables")(e.into()))?;
+            .during(&self.path, "creating tables")?;
             for t in [TASKS, BASE_MODELS] {
-                w.open_table(t)
-                    .map_err(|e| self.storage_err("creating tables")(e.into()))?;
+                w.open_table(t).during(&self.path, "creating tables")?;
             }
             for t in [OBJECTS, SPACES, OBJECT_FACTS] {
-                w.open_table(t)
-                    .map_err(|e| self.storage_err("creating tables")(e.into()))?;
+                w.open_table(t).during(&self.path, "creating tables")?;
             }
             w.open_table(OBJECT_BY_HASH)
-                .map_err(|e| self.storage_err("creating tables")(e.into()))?;
+                .during(&self.path, "creating tables")?;
             w.open_table(OBJECT_TENSORS)
-                .map_err(|e| self.storage_err("creating tables")(e.into()))?;
+                .during(&self.path, "creating tables")?;
             w.open_table(SPACE_EMBEDDINGS)
-                .map_err(|e| self.storage_err("creating tables")(e.into()))?;
+                .during(&self.path, "creating tables")?;
         }
-        w.commit()
-            .map_err(|e| self.storage_err("creating tables")(e.into()))
+        w.commit().during(&self.path, "creating tables")
     }
 
     fn check_schema(&self) -> Result<(), StoreError> {
@@ -653,14 +643,14 @@ impl Store {
             .map_err(|_| not_store("a redb file without peftdb's meta table"))?;
         let fmt = meta
             .get("format")
-            .map_err(|e| self.storage_err("reading meta")(e.into()))?
+            .during(&self.path, "reading meta")?
             .ok_or_else(|| not_store("no format marker"))?;
         if fmt.value() != b"peftdb" {
             return Err(not_store("wrong format marker"));
         }
         let v = meta
             .get("schema_version")
-            .map_err(|e| self.storage_err("reading meta")(e.into()))?
+            .during(&self.path, "reading meta")?
             .ok_or_else(|| not_store("no schema version"))?;
         let v = v.value();
         if v.len() != 4 {
@@ -701,10 +691,7 @@ impl Store {
         meta: &impl ReadableTable<&'static str, &'static [u8]>,
         key: &'static str,
     ) -> Result<u64, StoreError> {
-        match meta
-            .get(key)
-            .map_err(|e| self.storage_err("reading meta")(e.into()))?
-        {
+        match meta.get(key).during(&self.path, "reading meta")? {
             Some(v) => {
                 let b: [u8; 8] = v
                     .value()
@@ -720,12 +707,10 @@ impl Store {
     /// record it, so files left by another store at the same path are never taken for this one's.
     pub fn uuid(&self) -> Result<u128, StoreError> {
         let r = self.read()?;
-        let meta = r
-            .open_table(META)
-            .map_err(|e| self.storage_err("reading meta")(e.into()))?;
+        let meta = r.open_table(META).during(&self.path, "reading meta")?;
         let v = meta
             .get("store_uuid")
-            .map_err(|e| self.storage_err("reading meta")(e.into()))?
+            .during(&self.path, "reading meta")?
             .ok_or_else(|| self.corrupt("meta", "store_uuid", "missing"))?;
         let b: [u8; 16] = v
             .value()
@@ -751,8 +736,8 @@ impl Store {
                         Err(e) => {
                             return Err(StoreError::Storage {
                                 path,
-                                during: "compacting".into(),
-                                detail: e.to_string(),
+                                during: "compacting",
+                                source: Box::new(e.into()),
                             })
                         }
                     }
@@ -787,8 +772,7 @@ impl Store {
     pub fn commit_batch(&self, batch: Vec<PreparedObject>) -> Result<Vec<Outcome>, StoreError> {
         let w = self.write()?;
         let outcomes = self.apply_batch(&w, batch, false)?;
-        w.commit()
-            .map_err(|e| self.storage_err("committing a batch")(e.into()))?;
+        w.commit().during(&self.path, "committing a batch")?;
         Ok(outcomes)
     }
 
@@ -800,8 +784,7 @@ impl Store {
     ) -> Result<Vec<Outcome>, StoreError> {
         let w = self.write()?;
         let outcomes = self.apply_batch(&w, batch, true)?;
-        w.commit()
-            .map_err(|e| self.storage_err("committing a batch")(e.into()))?;
+        w.commit().during(&self.path, "committing a batch")?;
         Ok(outcomes)
     }
 
@@ -811,41 +794,26 @@ impl Store {
         batch: Vec<PreparedObject>,
         stop_at_rejection: bool,
     ) -> Result<Vec<Outcome>, StoreError> {
-        let se = |during: &'static str| {
-            move |e: redb::Error| StoreError::Storage {
-                path: self.path.clone(),
-                during: during.into(),
-                detail: e.to_string(),
-            }
-        };
-        let mut meta = w.open_table(META).map_err(|e| se("ingesting")(e.into()))?;
-        let mut tasks = w.open_table(TASKS).map_err(|e| se("ingesting")(e.into()))?;
-        let mut objects = w
-            .open_table(OBJECTS)
-            .map_err(|e| se("ingesting")(e.into()))?;
+        let mut meta = w.open_table(META).during(&self.path, "ingesting")?;
+        let mut tasks = w.open_table(TASKS).during(&self.path, "ingesting")?;
+        let mut objects = w.open_table(OBJECTS).during(&self.path, "ingesting")?;
         let mut by_hash = w
             .open_table(OBJECT_BY_HASH)
-            .map_err(|e| se("ingesting")(e.into()))?;
+            .during(&self.path, "ingesting")?;
         let mut tensors = w
             .open_table(OBJECT_TENSORS)
-            .map_err(|e| se("ingesting")(e.into()))?;
+            .during(&self.path, "ingesting")?;
         let mut embeddings = w
             .open_table(SPACE_EMBEDDINGS)
-            .map_err(|e| se("ingesting")(e.into()))?;
-        let mut spaces = w
-            .open_table(SPACES)
-            .map_err(|e| se("ingesting")(e.into()))?;
-        let mut facts = w
-            .open_table(OBJECT_FACTS)
-            .map_err(|e| se("ingesting")(e.into()))?;
-        let mut base_models = w
-            .open_table(BASE_MODELS)
-            .map_err(|e| se("ingesting")(e.into()))?;
+            .during(&self.path, "ingesting")?;
+        let mut spaces = w.open_table(SPACES).during(&self.path, "ingesting")?;
+        let mut facts = w.open_table(OBJECT_FACTS).during(&self.path, "ingesting")?;
+        let mut base_models = w.open_table(BASE_MODELS).during(&self.path, "ingesting")?;
 
         let mut next_id = {
             let v = meta
                 .get("next_object_id")
-                .map_err(|e| se("ingesting")(e.into()))?
+                .during(&self.path, "ingesting")?
                 .ok_or_else(|| self.corrupt("meta", "next_object_id", "missing"))?;
             let b: [u8; 8] = v
                 .value()
@@ -858,7 +826,7 @@ impl Store {
         for p in batch {
             if let Some(id) = by_hash
                 .get(p.hash.as_slice())
-                .map_err(|e| se("ingesting")(e.into()))?
+                .during(&self.path, "ingesting")?
             {
                 outcomes.push(Outcome::AlreadyPresent(id.value()));
                 continue;
@@ -867,7 +835,7 @@ impl Store {
             // Base-model fit: the adapter's implied dimensions must agree with what is known of the model.
             let mut profile: BaseModelProfile = match base_models
                 .get(obj.base_model.as_str())
-                .map_err(|e| se("ingesting")(e.into()))?
+                .during(&self.path, "ingesting")?
             {
                 Some(v) => serde_json::from_slice(v.value())
                     .map_err(|e| self.corrupt("base_models", &obj.base_model, e))?,
@@ -909,12 +877,12 @@ impl Store {
                     obj.base_model.as_str(),
                     serde_json::to_vec(&profile).expect("serializes").as_slice(),
                 )
-                .map_err(|e| se("ingesting")(e.into()))?;
+                .during(&self.path, "ingesting")?;
 
             // Task: create, or merge new metadata in.
             let mut task = match tasks
                 .get(p.new.task.name.as_str())
-                .map_err(|e| se("ingesting")(e.into()))?
+                .during(&self.path, "ingesting")?
             {
                 Some(v) => serde_json::from_slice::<TaskRecord>(v.value())
                     .map_err(|e| self.corrupt("tasks", &p.new.task.name, e))?,
@@ -926,30 +894,29 @@ impl Store {
                     task.name.as_str(),
                     serde_json::to_vec(&task).expect("serializes").as_slice(),
                 )
-                .map_err(|e| se("ingesting")(e.into()))?;
+                .during(&self.path, "ingesting")?;
 
             let id = next_id;
             next_id += 1;
             chunked::put_tensors(&mut tensors, id, &obj.tensors)
-                .map_err(|e| se("writing tensors")(e.into()))?;
+                .during(&self.path, "writing tensors")?;
             let mut emb_refs = Vec::new();
             let mut missing = Vec::new();
             for (kind, emb) in p.embeddings() {
                 match emb {
                     Ok(e) => {
                         let sid = e.space.id();
-                        let mut rec =
-                            match spaces.get(sid.0).map_err(|e| se("ingesting")(e.into()))? {
-                                Some(v) => serde_json::from_slice::<SpaceRecord>(v.value())
-                                    .map_err(|e| self.corrupt("spaces", sid, e))?,
-                                None => SpaceRecord {
-                                    id: sid,
-                                    key: e.space.clone(),
-                                    dim: e.vector.len(),
-                                    count: 0,
-                                    generation: 0,
-                                },
-                            };
+                        let mut rec = match spaces.get(sid.0).during(&self.path, "ingesting")? {
+                            Some(v) => serde_json::from_slice::<SpaceRecord>(v.value())
+                                .map_err(|e| self.corrupt("spaces", sid, e))?,
+                            None => SpaceRecord {
+                                id: sid,
+                                key: e.space.clone(),
+                                dim: e.vector.len(),
+                                count: 0,
+                                generation: 0,
+                            },
+                        };
                         rec.count += 1;
                         rec.generation = seq;
                         spaces
@@ -957,9 +924,9 @@ impl Store {
                                 sid.0,
                                 serde_json::to_vec(&rec).expect("serializes").as_slice(),
                             )
-                            .map_err(|e| se("ingesting")(e.into()))?;
+                            .during(&self.path, "ingesting")?;
                         chunked::put_embedding(&mut embeddings, sid.0, id, &e.vector)
-                            .map_err(|e| se("writing embeddings")(e.into()))?;
+                            .during(&self.path, "writing embeddings")?;
                         emb_refs.push(EmbeddingRef { kind, space: sid });
                     }
                     Err(n) => missing.push(MissingEmbedding {
@@ -994,19 +961,19 @@ impl Store {
             };
             objects
                 .insert(id, serde_json::to_vec(&rec).expect("serializes").as_slice())
-                .map_err(|e| se("ingesting")(e.into()))?;
+                .during(&self.path, "ingesting")?;
             facts
                 .insert(id, codec::encode_facts(&ObjectFacts::of(&rec)).as_slice())
-                .map_err(|e| se("ingesting")(e.into()))?;
+                .during(&self.path, "ingesting")?;
             by_hash
                 .insert(p.hash.as_slice(), id)
-                .map_err(|e| se("ingesting")(e.into()))?;
+                .during(&self.path, "ingesting")?;
             outcomes.push(Outcome::Added(id));
         }
         meta.insert("next_object_id", next_id.to_le_bytes().as_slice())
-            .map_err(|e| se("ingesting")(e.into()))?;
+            .during(&self.path, "ingesting")?;
         meta.insert("change_seq", seq.to_le_bytes().as_slice())
-            .map_err(|e| se("ingesting")(e.into()))?;
+            .during(&self.path, "ingesting")?;
         Ok(outcomes)
     }
 
@@ -1020,12 +987,10 @@ impl Store {
     pub fn put_task(&self, task: &TaskRecord) -> Result<(), StoreError> {
         let w = self.write()?;
         {
-            let mut tasks = w
-                .open_table(TASKS)
-                .map_err(|e| self.storage_err("writing a task")(e.into()))?;
+            let mut tasks = w.open_table(TASKS).during(&self.path, "writing a task")?;
             let mut cur = match tasks
                 .get(task.name.as_str())
-                .map_err(|e| self.storage_err("writing a task")(e.into()))?
+                .during(&self.path, "writing a task")?
             {
                 Some(v) => serde_json::from_slice::<TaskRecord>(v.value())
                     .map_err(|e| self.corrupt("tasks", &task.name, e))?,
@@ -1037,24 +1002,18 @@ impl Store {
                     task.name.as_str(),
                     serde_json::to_vec(&cur).expect("serializes").as_slice(),
                 )
-                .map_err(|e| self.storage_err("writing a task")(e.into()))?;
+                .during(&self.path, "writing a task")?;
         }
-        w.commit()
-            .map_err(|e| self.storage_err("writing a task")(e.into()))
+        w.commit().during(&self.path, "writing a task")
     }
 
     /// All tasks, by name.
     pub fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
         let r = self.read()?;
-        let t = r
-            .open_table(TASKS)
-            .map_err(|e| self.storage_err("listing tasks")(e.into()))?;
+        let t = r.open_table(TASKS).during(&self.path, "listing tasks")?;
         let mut out = Vec::new();
-        for item in t
-            .iter()
-            .map_err(|e| self.storage_err("listing tasks")(e.into()))?
-        {
-            let (k, v) = item.map_err(|e| self.storage_err("listing tasks")(e.into()))?;
+        for item in t.iter().during(&self.path, "listing tasks")? {
+            let (k, v) = item.during(&self.path, "listing tasks")?;
             out.push(
                 serde_json::from_slice(v.value())
                     .map_err(|e| self.corrupt("tasks", k.value(), e))?,
@@ -1066,12 +1025,10 @@ impl Store {
     /// One task.
     pub fn task(&self, name: &str) -> Result<TaskRecord, StoreError> {
         let r = self.read()?;
-        let t = r
-            .open_table(TASKS)
-            .map_err(|e| self.storage_err("reading a task")(e.into()))?;
+        let t = r.open_table(TASKS).during(&self.path, "reading a task")?;
         let v = t
             .get(name)
-            .map_err(|e| self.storage_err("reading a task")(e.into()))?
+            .during(&self.path, "reading a task")?
             .ok_or_else(|| StoreError::NotFound {
                 what: "task",
                 key: name.to_string(),
@@ -1084,13 +1041,10 @@ impl Store {
         let r = self.read()?;
         let t = r
             .open_table(OBJECTS)
-            .map_err(|e| self.storage_err("listing objects")(e.into()))?;
+            .during(&self.path, "listing objects")?;
         let mut out = Vec::new();
-        for item in t
-            .iter()
-            .map_err(|e| self.storage_err("listing objects")(e.into()))?
-        {
-            let (k, v) = item.map_err(|e| self.storage_err("listing objects")(e.into()))?;
+        for item in t.iter().during(&self.path, "listing objects")? {
+            let (k, v) = item.during(&self.path, "listing objects")?;
             out.push(self.decode_object(k.value(), v.value())?);
         }
         Ok(out)
@@ -1105,10 +1059,10 @@ impl Store {
     fn object_in(&self, r: &ReadTransaction, id: ObjectId) -> Result<ObjectRecord, StoreError> {
         let t = r
             .open_table(OBJECTS)
-            .map_err(|e| self.storage_err("reading an object")(e.into()))?;
+            .during(&self.path, "reading an object")?;
         let v = t
             .get(id)
-            .map_err(|e| self.storage_err("reading an object")(e.into()))?
+            .during(&self.path, "reading an object")?
             .ok_or_else(|| StoreError::NotFound {
                 what: "object",
                 key: id.to_string(),
@@ -1140,14 +1094,14 @@ impl Store {
         let r = self.read()?;
         let t = r
             .open_table(OBJECT_BY_HASH)
-            .map_err(|e| self.storage_err("looking up a hash")(e.into()))?;
+            .during(&self.path, "looking up a hash")?;
         let mut hits = Vec::new();
         for item in t
             .range(lo.as_slice()..=hi.as_slice())
-            .map_err(|e| self.storage_err("looking up a hash")(e.into()))?
+            .during(&self.path, "looking up a hash")?
             .take(2)
         {
-            let (_, v) = item.map_err(|e| self.storage_err("looking up a hash")(e.into()))?;
+            let (_, v) = item.during(&self.path, "looking up a hash")?;
             hits.push(v.value());
         }
         Ok((hits.len() == 1).then(|| hits[0]))
@@ -1159,9 +1113,9 @@ impl Store {
         let rec = self.object_in(&r, id)?;
         let t = r
             .open_table(OBJECT_TENSORS)
-            .map_err(|e| self.storage_err("reading tensors")(e.into()))?;
+            .during(&self.path, "reading tensors")?;
         let tensors = chunked::get_tensors(&t, id)
-            .map_err(|e| self.storage_err("reading tensors")(e.into()))?
+            .during(&self.path, "reading tensors")?
             .map_err(|e| self.corrupt("object_tensors", id, e))?;
         if tensors.len() != rec.tensor_count as usize {
             return Err(self.corrupt(
@@ -1195,9 +1149,13 @@ impl Store {
                 drop(r);
                 return Ok(self.objects()?.iter().map(ObjectFacts::of).collect());
             }
-            Err(e) => return Err(self.storage_err("listing objects")(e.into())),
+            Err(e) => return Err(e).during(&self.path, "listing objects"),
         };
-        let se = |e: redb::StorageError| self.storage_err("listing objects")(e.into());
+        let se = |e: redb::StorageError| StoreError::Storage {
+            path: self.path.clone(),
+            during: "listing objects",
+            source: Box::new(e.into()),
+        };
         let n = usize::try_from(t.len().map_err(se)?).unwrap_or(0);
         // Facts of the ids in `range`, in id order.
         let read = |range: (std::ops::Bound<u64>, std::ops::Bound<u64>),
@@ -1242,15 +1200,10 @@ impl Store {
     /// Every space.
     pub fn spaces(&self) -> Result<Vec<SpaceRecord>, StoreError> {
         let r = self.read()?;
-        let t = r
-            .open_table(SPACES)
-            .map_err(|e| self.storage_err("listing spaces")(e.into()))?;
+        let t = r.open_table(SPACES).during(&self.path, "listing spaces")?;
         let mut out = Vec::new();
-        for item in t
-            .iter()
-            .map_err(|e| self.storage_err("listing spaces")(e.into()))?
-        {
-            let (k, v) = item.map_err(|e| self.storage_err("listing spaces")(e.into()))?;
+        for item in t.iter().during(&self.path, "listing spaces")? {
+            let (k, v) = item.during(&self.path, "listing spaces")?;
             out.push(
                 serde_json::from_slice(v.value())
                     .map_err(|e| self.corrupt("spaces", SpaceId(k.value()), e))?,
@@ -1263,12 +1216,10 @@ impl Store {
     pub fn space(&self, id: SpaceId) -> Result<SpaceRecord, StoreError> {
         // One lookup by key (not a decode of every space).
         let r = self.read()?;
-        let t = r
-            .open_table(SPACES)
-            .map_err(|e| self.storage_err("reading a space")(e.into()))?;
+        let t = r.open_table(SPACES).during(&self.path, "reading a space")?;
         let v = t
             .get(id.0)
-            .map_err(|e| self.storage_err("reading a space")(e.into()))?
+            .during(&self.path, "reading a space")?
             .ok_or_else(|| StoreError::NotFound {
                 what: "space",
                 key: id.to_string(),
@@ -1281,7 +1232,7 @@ impl Store {
         let r = self.read()?;
         let t = r
             .open_table(SPACE_EMBEDDINGS)
-            .map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
+            .during(&self.path, "reading embeddings")?;
         let mut out = Vec::new();
         let mut bad = None;
         chunked::for_each_embedding(&t, space.0, |id, v| match v {
@@ -1290,7 +1241,7 @@ impl Store {
                 bad.get_or_insert((id, e));
             }
         })
-        .map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
+        .during(&self.path, "reading embeddings")?;
         if let Some((id, e)) = bad {
             return Err(self.corrupt("space_embeddings", format!("({space}, {id})"), e));
         }
@@ -1302,10 +1253,8 @@ impl Store {
         let r = self.read()?;
         let t = r
             .open_table(SPACE_EMBEDDINGS)
-            .map_err(|e| self.storage_err("reading embeddings")(e.into()))?;
-        match chunked::get_embedding(&t, space.0, id)
-            .map_err(|e| self.storage_err("reading embeddings")(e.into()))?
-        {
+            .during(&self.path, "reading embeddings")?;
+        match chunked::get_embedding(&t, space.0, id).during(&self.path, "reading embeddings")? {
             Some(v) => Ok(Some(v.map_err(|e| {
                 self.corrupt("space_embeddings", format!("({space}, {id})"), e)
             })?)),
@@ -1318,8 +1267,7 @@ impl Store {
     pub fn remove(&self, ids: &[ObjectId]) -> Result<Vec<ObjectRecord>, StoreError> {
         let w = self.write()?;
         let removed = self.remove_in(&w, ids)?;
-        w.commit()
-            .map_err(|e| self.storage_err("removing")(e.into()))?;
+        w.commit().during(&self.path, "removing")?;
         Ok(removed)
     }
 
@@ -1331,23 +1279,19 @@ impl Store {
     ) -> Result<Vec<ObjectRecord>, StoreError> {
         let mut removed = Vec::new();
         {
-            let se = |e: redb::Error| StoreError::Storage {
-                path: self.path.clone(),
-                during: "removing".into(),
-                detail: e.to_string(),
-            };
-            let mut objects = w.open_table(OBJECTS).map_err(|e| se(e.into()))?;
-            let mut by_hash = w.open_table(OBJECT_BY_HASH).map_err(|e| se(e.into()))?;
-            let mut tensors = w.open_table(OBJECT_TENSORS).map_err(|e| se(e.into()))?;
-            let mut embeddings = w.open_table(SPACE_EMBEDDINGS).map_err(|e| se(e.into()))?;
-            let mut spaces = w.open_table(SPACES).map_err(|e| se(e.into()))?;
-            let mut facts = w.open_table(OBJECT_FACTS).map_err(|e| se(e.into()))?;
-            let mut meta = w.open_table(META).map_err(|e| se(e.into()))?;
+            const DURING: &str = "removing";
+            let mut objects = w.open_table(OBJECTS).during(&self.path, DURING)?;
+            let mut by_hash = w.open_table(OBJECT_BY_HASH).during(&self.path, DURING)?;
+            let mut tensors = w.open_table(OBJECT_TENSORS).during(&self.path, DURING)?;
+            let mut embeddings = w.open_table(SPACE_EMBEDDINGS).during(&self.path, DURING)?;
+            let mut spaces = w.open_table(SPACES).during(&self.path, DURING)?;
+            let mut facts = w.open_table(OBJECT_FACTS).during(&self.path, DURING)?;
+            let mut meta = w.open_table(META).during(&self.path, DURING)?;
             let seq = self.meta_u64(&meta, "change_seq")? + 1;
             meta.insert("change_seq", seq.to_le_bytes().as_slice())
-                .map_err(|e| se(e.into()))?;
+                .during(&self.path, DURING)?;
             for &id in ids {
-                let rec = match objects.remove(id).map_err(|e| se(e.into()))? {
+                let rec = match objects.remove(id).during(&self.path, DURING)? {
                     Some(v) => self.decode_object(id, v.value())?,
                     None => {
                         return Err(StoreError::NotFound {
@@ -1361,29 +1305,29 @@ impl Store {
                         u8::from_str_radix(&rec.content_hash[2 * i..2 * i + 2], 16).ok()
                     })
                     .collect();
-                by_hash.remove(hash.as_slice()).map_err(|e| se(e.into()))?;
-                chunked::delete_tensors(&mut tensors, id).map_err(|e| se(e.into()))?;
-                facts.remove(id).map_err(|e| se(e.into()))?;
+                by_hash.remove(hash.as_slice()).during(&self.path, DURING)?;
+                chunked::delete_tensors(&mut tensors, id).during(&self.path, DURING)?;
+                facts.remove(id).during(&self.path, DURING)?;
                 for er in &rec.embeddings {
                     chunked::delete_embedding(&mut embeddings, er.space.0, id)
-                        .map_err(|e| se(e.into()))?;
+                        .during(&self.path, DURING)?;
                     let cur = spaces
                         .get(er.space.0)
-                        .map_err(|e| se(e.into()))?
+                        .during(&self.path, DURING)?
                         .map(|v| serde_json::from_slice::<SpaceRecord>(v.value()));
                     if let Some(cur) = cur {
                         let mut s = cur.map_err(|e| self.corrupt("spaces", er.space, e))?;
                         s.count = s.count.saturating_sub(1);
                         s.generation = seq;
                         if s.count == 0 {
-                            spaces.remove(er.space.0).map_err(|e| se(e.into()))?;
+                            spaces.remove(er.space.0).during(&self.path, DURING)?;
                         } else {
                             spaces
                                 .insert(
                                     er.space.0,
                                     serde_json::to_vec(&s).expect("serializes").as_slice(),
                                 )
-                                .map_err(|e| se(e.into()))?;
+                                .during(&self.path, DURING)?;
                         }
                     }
                 }
@@ -1400,11 +1344,11 @@ impl Store {
         let w = self.write()?;
         // The task's objects as this transaction sees them.
         let ids = {
-            let se = |e: redb::Error| self.storage_err("removing")(e);
-            let t = w.open_table(OBJECTS).map_err(|e| se(e.into()))?;
+            const DURING: &str = "removing";
+            let t = w.open_table(OBJECTS).during(&self.path, DURING)?;
             let mut ids = Vec::new();
-            for item in t.iter().map_err(|e| se(e.into()))? {
-                let (k, v) = item.map_err(|e| se(e.into()))?;
+            for item in t.iter().during(&self.path, DURING)? {
+                let (k, v) = item.during(&self.path, DURING)?;
                 if self.decode_object(k.value(), v.value())?.task == name {
                     ids.push(k.value());
                 }
@@ -1413,15 +1357,10 @@ impl Store {
         };
         let removed = self.remove_in(&w, &ids)?;
         {
-            let mut tasks = w
-                .open_table(TASKS)
-                .map_err(|e| self.storage_err("removing")(e.into()))?;
-            tasks
-                .remove(name)
-                .map_err(|e| self.storage_err("removing")(e.into()))?;
+            let mut tasks = w.open_table(TASKS).during(&self.path, "removing")?;
+            tasks.remove(name).during(&self.path, "removing")?;
         }
-        w.commit()
-            .map_err(|e| self.storage_err("removing")(e.into()))?;
+        w.commit().during(&self.path, "removing")?;
         Ok(removed)
     }
 
@@ -1432,7 +1371,7 @@ impl Store {
         let tasks = r
             .open_table(TASKS)
             .and_then(|t| t.len().map_err(Into::into))
-            .map_err(|e| self.storage_err("counting")(e.into()))?;
+            .during(&self.path, "counting")?;
         let mut by_method: BTreeMap<String, u64> = BTreeMap::new();
         for o in &objects {
             *by_method.entry(o.method_kind().to_string()).or_default() += 1;

@@ -117,10 +117,27 @@ fn main() -> ExitCode {
     match r {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::from(exit_code_for(&e))
         }
     }
+}
+
+/// The error and its causes, joined by ": ", each cause left out when an earlier message already quotes it
+/// (the library's messages name their cause, and keep it as the `source` for programs that walk the chain).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if out.contains(&msg) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&msg);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -128,6 +145,22 @@ mod tests {
     use super::Cli;
     use clap::CommandFactory;
     use std::collections::BTreeSet;
+
+    #[test]
+    fn error_chain_quotes_each_cause_once() {
+        let io = std::io::Error::other("disk full");
+        let e = peftdb::error::StoreError::Storage {
+            path: "z.peftdb".into(),
+            during: "ingesting",
+            source: Box::new(io.into()),
+        };
+        let msg = super::error_chain(&anyhow::Error::new(e).context("ingesting zoo/"));
+        assert_eq!(msg.matches("disk full").count(), 1, "{msg}");
+        assert!(
+            msg.starts_with("ingesting zoo/: z.peftdb: storage error while ingesting"),
+            "{msg}"
+        );
+    }
     use std::path::Path;
 
     fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
