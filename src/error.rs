@@ -179,6 +179,12 @@ pub enum IngestError {
 /// Writing an object back to files.
 #[derive(Debug, Error)]
 pub enum ExportError {
+    /// Reading the object out of the store.
+    #[error("{source}")]
+    Store {
+        #[from]
+        source: StoreError,
+    },
     #[error("{path}: already exists and is not empty; choose a new folder or remove it")]
     TargetExists { path: PathBuf },
     #[error("{path}: {source}")]

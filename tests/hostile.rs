@@ -1020,10 +1020,7 @@ fn export_targets_cannot_be_clobbered_or_escape_through_names() {
     std::fs::write(out.join("keep.txt"), b"mine").unwrap();
     let e = store.export(1, &out).unwrap_err();
     assert!(
-        matches!(
-            e,
-            peftdb::Error::Export(peftdb::error::ExportError::TargetExists { .. })
-        ),
+        matches!(e, peftdb::error::ExportError::TargetExists { .. }),
         "{e:?}"
     );
     assert_eq!(std::fs::read(out.join("keep.txt")).unwrap(), b"mine");

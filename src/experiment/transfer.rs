@@ -70,7 +70,7 @@ pub enum StudyError {
     Store {
         path: PathBuf,
         #[source]
-        source: Box<crate::Error>,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("record {key}: {source}")]
     Record {
@@ -468,9 +468,9 @@ impl<'a> Study<'a> {
         })?;
         let tasks = load_tasks(&cfg.tasks)?;
         let db = cfg.out.join("zoo.peftdb");
-        let serr = |e: crate::Error| StudyError::Store {
+        let serr = |e: Box<dyn std::error::Error + Send + Sync>| StudyError::Store {
             path: db.clone(),
-            source: Box::new(e),
+            source: e,
         };
         // The store is derived data: rebuilt from the zoo whenever it is missing.
         let fresh = !db.exists();
@@ -558,7 +558,7 @@ impl<'a> Study<'a> {
             .map(|(_, o)| o)
             .map_err(|e| StudyError::Store {
                 path: self.store.path().to_path_buf(),
-                source: Box::new(e.into()),
+                source: Box::new(e),
             })
     }
 
@@ -1243,7 +1243,7 @@ fn report(study: &Study<'_>) -> Result<String> {
     for (name, id) in &study.objects {
         let rec = study.store.object(*id).map_err(|e| StudyError::Store {
             path: study.store.path().to_path_buf(),
-            source: Box::new(e.into()),
+            source: Box::new(e),
         })?;
         let m = |k: &str| rec.metrics.get(k).copied().unwrap_or(f64::NAN);
         let bare = get(Phase::Zero, name, "bare", 0)

@@ -22,7 +22,7 @@ use chunked::{OBJECT_TENSORS, SPACE_EMBEDDINGS};
 use crate::embed::{
     delta_sketch, tupate, Embedding, EmbeddingKind, NoEmbedding, SpaceId, SpaceKey,
 };
-use crate::error::StoreError;
+use crate::error::{ExportError, StoreError};
 use crate::object::layout::{parse_tensor_name, Role};
 use crate::object::{AdapterFormat, LightweightObject, Method, MethodKind};
 use redb::{
@@ -1191,7 +1191,7 @@ impl Store {
     }
 
     /// Export an object as a folder in its format (byte-identical to what was ingested).
-    pub fn export(&self, id: ObjectId, dir: &Path) -> Result<(), crate::Error> {
+    pub fn export(&self, id: ObjectId, dir: &Path) -> Result<(), ExportError> {
         let (_, obj) = self.get(id)?;
         crate::object::write_adapter(&obj, dir)?;
         Ok(())
