@@ -9,8 +9,8 @@
 use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use criterion::Criterion;
-use peftdb::engine::scoring::cross_entropy;
-use peftdb::engine::train::{init_adapter, MethodSpec};
+use peftdb::engine::cross_entropy;
+use peftdb::engine::{init_adapter, MethodSpec};
 use peftdb::engine::{AdapterSet, Batch, Engine, Grad};
 use peftdb::object::MethodKind;
 use rand::SeedableRng;

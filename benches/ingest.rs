@@ -121,7 +121,7 @@ fn embeddings(n: usize, dim: usize, seed: u64) -> Vec<f32> {
 }
 
 /// Exact cosine top-k over unit-norm rows (a simple single-threaded loop): the baseline the index's
-/// exact scan (`peftdb::index::flat::FlatIndex`, what `peftdb nearest` runs below the HNSW switch-over) is
+/// exact scan (`peftdb::index::FlatIndex`, what `peftdb nearest` runs below the HNSW switch-over) is
 /// measured against.
 fn top_k(rows: &[f32], dim: usize, q: &[f32], k: usize) -> Vec<(u32, f32)> {
     let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
@@ -194,7 +194,7 @@ fn summary() {
         let rows = embeddings(nq, DIM, 7);
         let queries = embeddings(QUERIES, DIM, 99);
         // peftdb's exact scan (the index's flat search, filter included, parallel over chunks).
-        let mut flat = peftdb::index::flat::FlatIndex::new(DIM);
+        let mut flat = peftdb::index::FlatIndex::new(DIM);
         for (i, r) in rows.chunks_exact(DIM).enumerate() {
             flat.push_unit(i as u64, r);
         }
@@ -229,7 +229,7 @@ fn summary() {
         .take(50)
         .map(|f| f.parent().unwrap().to_path_buf())
         .collect();
-    let read_opts = peftdb::object::formats::ReadOptions::default();
+    let read_opts = peftdb::object::ReadOptions::default();
     let t0 = Instant::now();
     let objs: Vec<_> = sample
         .iter()

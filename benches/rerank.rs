@@ -5,11 +5,11 @@
 //! message otherwise. `cargo bench --bench rerank`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use peftdb::engine::scoring::ScoreOptions;
-use peftdb::engine::task::{few_shot, Task};
+use peftdb::engine::ScoreOptions;
 use peftdb::engine::{Engine, EngineOptions};
-use peftdb::object::{formats::ReadOptions, read_adapter, LightweightObject};
-use peftdb::rerank::stage::{rerank, RerankInput, RerankOptions};
+use peftdb::object::{read_adapter, LightweightObject, ReadOptions};
+use peftdb::rerank::{rerank, RerankInput, RerankOptions};
+use peftdb::task::{few_shot, Task};
 use std::path::PathBuf;
 use std::time::Instant;
 

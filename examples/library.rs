@@ -5,7 +5,7 @@
 
 use peftdb::embed::cosine;
 use peftdb::ingest::{ingest_zoo, IngestOptions};
-use peftdb::object::{formats::ReadOptions, read_adapter};
+use peftdb::object::{read_adapter, ReadOptions};
 use peftdb::store::{NewObject, Outcome, Store, TaskRecord};
 use std::path::Path;
 

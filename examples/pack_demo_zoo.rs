@@ -7,7 +7,7 @@
 //! e.g.   cargo run --release --example pack_demo_zoo -- examples/transfer/zoo examples/demo-zoo ../shared/tasks
 
 use half::f16;
-use peftdb::object::formats::{read_adapter, write_adapter, ReadOptions};
+use peftdb::object::{read_adapter, write_adapter, ReadOptions};
 use peftdb::object::{DType, Tensor};
 use std::path::PathBuf;
 

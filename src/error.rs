@@ -1,5 +1,5 @@
 //! Errors of the bottom layers: reading adapters, the store, ingestion and export, one enum per
-//! operation area. This module imports nothing above the leaf [`crate::dtype`]; the umbrella
+//! operation area. This module imports nothing above the leaf `crate::dtype`; the umbrella
 //! [`crate::Error`], which gathers every layer's errors, sits at the top of the crate (`lib.rs`).
 //!
 //! Every variant that concerns a file names it, and the messages say what to do about the problem.

@@ -8,7 +8,7 @@
 //! Data flows one way: files -> [`object`] -> [`embed`] -> [`store`] (via [`ingest`] for whole zoos).
 //!
 //! ```
-//! use peftdb::object::{formats::ReadOptions, read_adapter};
+//! use peftdb::object::{ReadOptions, read_adapter};
 //! use peftdb::store::{NewObject, Outcome, Store, TaskRecord};
 //! # let dir = tempfile::tempdir().unwrap();
 //! # let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peft-fixtures");
@@ -44,6 +44,7 @@ pub mod rerank;
 pub mod store;
 pub mod suggest;
 pub mod synth;
+pub mod task;
 pub mod transfer;
 
 pub mod index;
@@ -63,7 +64,7 @@ pub enum Error {
     #[error(transparent)]
     Engine(Box<crate::engine::EngineError>),
     #[error(transparent)]
-    Task(#[from] crate::engine::TaskError),
+    Task(#[from] crate::task::TaskError),
     #[error(transparent)]
     Index(#[from] crate::index::IndexError),
     #[error(transparent)]

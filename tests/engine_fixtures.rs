@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::Device;
 use peftdb::engine::{Engine, EngineError};
-use peftdb::object::{formats::ReadOptions, read_adapter};
+use peftdb::object::{read_adapter, ReadOptions};
 use serde_json::Value;
 
 const TOL: f32 = 1e-4;

@@ -3,16 +3,12 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use peftdb::engine::scoring::ScoreOptions;
-use peftdb::engine::task::{few_shot, Task};
-use peftdb::engine::train::{
-    init_adapter, train, MethodSpec, TrainConfig, TrainData, TrainOutcome,
-};
+use peftdb::engine::ScoreOptions;
+use peftdb::engine::{init_adapter, train, MethodSpec, TrainConfig, TrainData, TrainOutcome};
 use peftdb::engine::{BertModel, Engine, EngineOptions, TextTokenizer};
-use peftdb::object::build::build_object;
-use peftdb::object::{
-    formats::ReadOptions, read_adapter, write_adapter, LightweightObject, MethodKind,
-};
+use peftdb::object::build_object;
+use peftdb::object::{read_adapter, write_adapter, LightweightObject, MethodKind, ReadOptions};
+use peftdb::task::{few_shot, Task};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 

@@ -2,8 +2,8 @@
 //! explicitly, rsLoRA / rank_pattern scaling preserved, and the errors.
 
 use peftdb::ensemble::{average, best_single, merge, softmax_weights, EnsembleError, MergeMode};
-use peftdb::object::formats::ReadOptions;
-use peftdb::object::layout::{parse_tensor_name, Role};
+use peftdb::object::ReadOptions;
+use peftdb::object::{parse_tensor_name, Role};
 use peftdb::object::{read_adapter, write_adapter, LightweightObject, Method};
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -5,8 +5,8 @@
 mod common;
 
 use peftdb::engine::{Engine, EngineOptions};
-use peftdb::experiment::report::write_report;
-use peftdb::experiment::results::ResultsFile;
+use peftdb::experiment::write_report;
+use peftdb::experiment::ResultsFile;
 use peftdb::experiment::{run, ExperimentConfig, RunOptions};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -282,7 +282,7 @@ fn small_experiment_runs_resumes_and_reports() {
     let csv = std::fs::read_to_string(big_dir.join("comparison.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 3 * 2, "{csv}");
     // The comparison's numbers against both settings' gains, worked out here.
-    let c = peftdb::experiment::compare::compare(&big_data, &data);
+    let c = peftdb::experiment::compare(&big_data, &data);
     assert_eq!(c.targets.len(), 3);
     for tc in &c.targets {
         let t = data.tasks.iter().position(|x| x == &tc.target).unwrap();
@@ -309,7 +309,7 @@ fn small_experiment_runs_resumes_and_reports() {
         assert_eq!(tc.scratch.1, data.scratch[t].unwrap());
     }
     // A setting against itself agrees everywhere.
-    let same = peftdb::experiment::compare::compare(&data, &data);
+    let same = peftdb::experiment::compare(&data, &data);
     assert_eq!(same.same_best, 3);
     for tc in &same.targets {
         assert!(matches!(tc.spearman, None | Some(1.0)), "{:?}", tc.spearman);

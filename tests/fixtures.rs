@@ -3,7 +3,7 @@
 
 use peftdb::embed::tupate;
 use peftdb::embed::EmbeddingKind;
-use peftdb::object::formats::ReadOptions;
+use peftdb::object::ReadOptions;
 use peftdb::object::{read_adapter, DType, Method, MethodKind, Tensor};
 use peftdb::store::{NewObject, Outcome, Store, TaskRecord};
 use std::path::{Path, PathBuf};

@@ -3,8 +3,8 @@
 
 use peftdb::embed::tupate;
 use peftdb::error::ReadError;
-use peftdb::object::formats::ReadOptions;
 use peftdb::object::safetensors_io;
+use peftdb::object::ReadOptions;
 use peftdb::object::{read_adapter, write_adapter, AdapterFormat, Method, Tensor};
 use peftdb::store::{NewObject, Outcome, Store, TaskRecord};
 use peftdb::synth::{bitfit, lora, ModelShape, Seeds};

@@ -15,10 +15,10 @@
 mod common;
 
 use candle_core::Device;
-use peftdb::engine::scoring::ScoreOptions;
-use peftdb::engine::task::{few_shot, Task};
+use peftdb::engine::ScoreOptions;
 use peftdb::engine::{parse_device, Engine, EngineOptions};
-use peftdb::object::{formats::ReadOptions, read_adapter, LightweightObject, Tensor};
+use peftdb::object::{read_adapter, LightweightObject, ReadOptions, Tensor};
+use peftdb::task::{few_shot, Task};
 use std::time::Instant;
 
 const TOL: f32 = 1e-4;

@@ -126,8 +126,8 @@ fn hnsw_recall_default_params_filters_and_deletes() {
         .collect();
     let dir = tempfile::tempdir().unwrap();
     idx.graph().unwrap().dump(dir.path(), "g").unwrap();
-    let g = peftdb::index::hnsw::HnswGraph::load(dir.path(), "g", 384, IndexConfig::default().hnsw)
-        .unwrap();
+    let g =
+        peftdb::index::HnswGraph::load(dir.path(), "g", 384, IndexConfig::default().hnsw).unwrap();
     // Same answers as sets: the order of near-ties (equal scores to float precision) is not part of the
     // answer and may differ between the built and the reloaded graph.
     for (q, b) in qs.iter().zip(&before) {

@@ -2,7 +2,7 @@
 //! index files. Seeded data; no timing assertions.
 
 use peftdb::embed::SpaceId;
-use peftdb::index::manager::index_dir;
+use peftdb::index::index_dir;
 use peftdb::index::{brute_force, recall, Hit, IndexConfig, IndexManager, SearchMode, SpaceState};
 use peftdb::object::{AdapterFormat, LightweightObject, LoraBias, LoraConfig, Method, Tensor};
 use peftdb::query::Nearest;

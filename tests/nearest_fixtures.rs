@@ -3,7 +3,7 @@
 use peftdb::embed::cosine;
 use peftdb::embed::delta::{delta_cosine, LoraDelta};
 use peftdb::index::{IndexConfig, IndexManager};
-use peftdb::object::formats::ReadOptions;
+use peftdb::object::ReadOptions;
 use peftdb::object::{read_adapter, LightweightObject, MethodKind, Tensor};
 use peftdb::query::{Nearest, Similarity};
 use peftdb::store::{NewObject, Outcome, Store, TaskRecord};

@@ -2,12 +2,12 @@
 
 mod common;
 
-use peftdb::engine::task::{few_shot, Task};
 use peftdb::engine::{Engine, EngineError};
-use peftdb::object::{formats::ReadOptions, read_adapter, LightweightObject};
+use peftdb::object::{read_adapter, LightweightObject, ReadOptions};
 use peftdb::rerank::indicators;
-use peftdb::rerank::stage::{rerank, RerankError, RerankInput, RerankOptions};
 use peftdb::rerank::Indicator;
+use peftdb::rerank::{rerank, RerankError, RerankInput, RerankOptions};
+use peftdb::task::{few_shot, Task};
 
 fn fixture(name: &str) -> LightweightObject {
     read_adapter(&common::fixture(name), &ReadOptions::default()).unwrap()
@@ -228,7 +228,7 @@ fn stacked_lora_candidates_score_like_one_pass_each() {
     ];
     let sets: Vec<_> = objs.iter().map(|o| engine.prepare(o).unwrap()).collect();
     let refs: Vec<_> = sets.iter().collect();
-    let opts = peftdb::engine::scoring::ScoreOptions {
+    let opts = peftdb::engine::ScoreOptions {
         batch_size: 5,
         ..Default::default()
     };

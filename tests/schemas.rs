@@ -271,7 +271,7 @@ fn train_reports_validate_and_read_back_typed() {
         let bytes = std::fs::read(&p).unwrap();
         let v: Value = serde_json::from_slice(&bytes).unwrap();
         check(&schema, &v, &p.display().to_string());
-        let r: peftdb::engine::train::TrainReport =
+        let r: peftdb::engine::TrainReport =
             serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         assert_eq!(serde_json::to_value(&r).unwrap(), v, "{}", p.display());
         assert!(r.history.iter().any(|h| h.step == r.best.step));
@@ -314,7 +314,7 @@ fn train_reports_validate_and_read_back_typed() {
         serde_json::from_slice(&std::fs::read(out.join("train_report.json")).unwrap()).unwrap();
     check(&schema, &written, "peftdb train's train_report.json");
     assert_eq!(printed, written);
-    let r: peftdb::engine::train::TrainReport = serde_json::from_value(written).unwrap();
+    let r: peftdb::engine::TrainReport = serde_json::from_value(written).unwrap();
     assert_eq!((r.steps, r.history.len(), r.max_len), (2, 2, 24));
     assert!(r.best.path.join("adapter_config.json").exists());
     // What the schema and the type refuse: a report without its history.
@@ -326,5 +326,5 @@ fn train_reports_validate_and_read_back_typed() {
     let mut bad: Value = serde_json::from_slice(&std::fs::read(one).unwrap()).unwrap();
     bad.as_object_mut().unwrap().remove("history");
     assert!(!schema.is_valid(&bad));
-    assert!(serde_json::from_value::<peftdb::engine::train::TrainReport>(bad).is_err());
+    assert!(serde_json::from_value::<peftdb::engine::TrainReport>(bad).is_err());
 }

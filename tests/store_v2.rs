@@ -5,8 +5,8 @@ mod common;
 
 use peftdb::embed::tupate;
 use peftdb::error::StoreError;
-use peftdb::index::manager::index_dir;
-use peftdb::index::vectors::path_for;
+use peftdb::index::index_dir;
+use peftdb::index::vectors_path;
 use peftdb::index::{brute_force, IndexConfig, IndexManager, SearchMode};
 use peftdb::object::read_adapter;
 use peftdb::query::Nearest;
@@ -175,7 +175,7 @@ fn vectors_files_are_used_only_when_current_and_whole() {
     let first: Vec<PathBuf> = (0..50).map(|t| zoo.join(format!("task-{t:03}"))).collect();
     peftdb::ingest::ingest_zoo(&store, &first, None, &Default::default(), &|_| {}).unwrap();
     let space = store.spaces().unwrap()[0].id;
-    let file = path_for(&index_dir(&p), space);
+    let file = vectors_path(&index_dir(&p), space);
     let open = |s: &Store| IndexManager::open(s, IndexConfig::default(), &|_| {}).unwrap();
 
     // First open reads the store and writes the file; the next one maps it. Same answers, exact ones.

@@ -2,15 +2,15 @@
 
 mod common;
 
-use peftdb::engine::scoring::ScoreOptions;
-use peftdb::engine::task::{few_shot, Task};
-use peftdb::engine::train::{train, TrainConfig, TrainData};
+use peftdb::engine::ScoreOptions;
+use peftdb::engine::{train, TrainConfig, TrainData};
 use peftdb::engine::{Engine, EngineOptions};
 use peftdb::ensemble::MergeMode;
 use peftdb::index::{IndexConfig, IndexManager};
-use peftdb::object::{formats::ReadOptions, read_adapter, MethodKind};
+use peftdb::object::{read_adapter, MethodKind, ReadOptions};
 use peftdb::store::{NewObject, Outcome, Store, TaskRecord};
 use peftdb::suggest::{suggest, write_suggestion, SuggestConfig, SuggestError, SuggestInput};
+use peftdb::task::{few_shot, Task};
 use std::path::PathBuf;
 
 const BASE: &str = "sentence-transformers/all-MiniLM-L6-v2";

@@ -6,8 +6,7 @@
 
 mod common;
 
-use peftdb::engine::scoring::ScoreOptions;
-use peftdb::engine::task::Task;
+use peftdb::engine::ScoreOptions;
 use peftdb::engine::{Engine, EngineOptions};
 use peftdb::index::{IndexConfig, IndexManager};
 use peftdb::ingest::{ingest_zoo, IngestOptions};
@@ -15,6 +14,7 @@ use peftdb::object::LightweightObject;
 use peftdb::query::Similarity;
 use peftdb::store::Store;
 use peftdb::suggest::{suggest, Decision, SuggestConfig, SuggestInput};
+use peftdb::task::Task;
 use peftdb::transfer::{
     decide, evaluate, retrieve, score, scratch_init, store_base_model, target_adapter, Episode,
 };

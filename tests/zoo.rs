@@ -1,7 +1,7 @@
 //! Batch ingestion of generated zoos (200+ adapters of three methods), manifests, re-runs, and the CLI.
 
 use peftdb::ingest::{ingest_zoo, IngestOptions, ItemOutcome};
-use peftdb::object::formats::ReadOptions;
+use peftdb::object::ReadOptions;
 use peftdb::object::{read_adapter, MethodKind};
 use peftdb::store::Store;
 use peftdb::synth::{write_zoo, ModelShape};

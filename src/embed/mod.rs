@@ -10,7 +10,7 @@
 //!
 //! Method specifics:
 //! - **prefix tuning**: `prompt_embeddings` (tokens x (layers x 2 x dim)) is split per layer into its key and
-//!   value parts ([`crate::object::layout::prefix_parts`]); a layer's vector is key (tokens x dim, row-major)
+//!   value parts (`crate::object::layout::prefix_parts`); a layer's vector is key (tokens x dim, row-major)
 //!   then value.
 //! - **prompt tuning** has no per-layer parameters: the whole prompt table is the single "layer".
 //! - tensors outside the Transformer layers (the embedding LayerNorm bias and pooler bias that LoRA with

@@ -1,45 +1,10 @@
-//! Errors of the model engine ([`EngineError`]) and of task data ([`TaskError`]).
+//! Errors of the model engine ([`EngineError`]); task data has its own ([`crate::task::TaskError`]).
 //!
 //! Every variant that concerns a file or a tensor names it, and the message says what to do.
 
+use crate::task::TaskError;
 use std::path::PathBuf;
 use thiserror::Error;
-
-/// Loading task data (task.json + JSONL splits).
-#[derive(Debug, Error)]
-pub enum TaskError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(
-        "{path}: missing; a task folder holds task.json and train.jsonl, dev.jsonl, test.jsonl"
-    )]
-    MissingFile { path: PathBuf },
-    #[error("{path}: invalid task.json: {reason} (see schema/task.schema.json)")]
-    Config { path: PathBuf, reason: String },
-    #[error("{path}: label {label:?} has no verbalizer text; give labels[].text a non-empty string (the text the label is scored by)")]
-    NoVerbalizer { path: PathBuf, label: String },
-    #[error("{path}:{line}: {reason}; each line must be {{\"text\": string, \"label\": one of the task's labels}}")]
-    BadLine {
-        path: PathBuf,
-        line: usize,
-        reason: String,
-    },
-    #[error("{path}:{line}: unknown label {label:?}; task.json declares {known:?}")]
-    UnknownLabel {
-        path: PathBuf,
-        line: usize,
-        label: String,
-        known: Vec<String>,
-    },
-    #[error("{path}: the split is empty; every split needs at least one example")]
-    EmptySplit { path: PathBuf },
-    #[error("few-shot sampling: {0}")]
-    Sampling(String),
-}
 
 /// Anything the model engine can fail with.
 #[derive(Debug, Error)]

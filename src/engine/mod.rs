@@ -1,56 +1,64 @@
 //! The model engine: a BERT-family encoder (candle) that runs any stored adapter, scores any task's labels
 //! without a task head, and trains new adapters.
 //!
-//! - [`model`]: config + weights + the forward pass with adapter hooks ([`BertModel`]).
-//! - [`adapters`]: a [`LightweightObject`] turned into tensors the forward pass applies ([`AdapterSet`]).
-//! - [`tokenize`]: `tokenizer.json`, tokenize-once [`TokenIds`], padded [`Batch`]es.
-//! - [`scoring`]: head-free label scoring: the logit of label c is `cos(e(x), e(verbalizer_c)) / T`, both
+//! - `model`: config + weights + the forward pass with adapter hooks ([`BertModel`]).
+//! - `adapters`: a [`LightweightObject`] turned into tensors the forward pass applies ([`AdapterSet`]).
+//! - `tokenize`: `tokenizer.json`, tokenize-once [`TokenIds`], padded [`Batch`]es.
+//! - `scoring`: head-free label scoring: the logit of label c is `cos(e(x), e(verbalizer_c)) / T`, both
 //!   embeddings mean-pooled with the adapter applied; softmax gives P; cross-entropy on P is the training
 //!   and indicator loss. Gradients of that loss w.r.t. an adapter's tensors (for GraNd) are exposed.
 //! - [`train`]: few-shot training of a new adapter of any method (AdamW on the adapter's parameters only,
 //!   seeded and deterministic on CPU), returning the "early" and "best" checkpoints as PEFT objects.
-//! - [`task`]: task folders (task.json + JSONL splits, schema/task.schema.json) and k-shot sampling.
-//! - [`device`]: `--device cpu|cuda[:N]`.
-//! - [`kernels`]: hand-written CPU kernels for the hot ops (candle custom ops with their backward passes).
+//! - `task`: task folders (task.json + JSONL splits, schema/task.schema.json) and k-shot sampling.
+//! - `device`: `--device cpu|cuda[:N]`.
+//! - `kernels`: hand-written CPU kernels for the hot ops (candle custom ops with their backward passes).
 //!
 //! Status and limits (honest list):
 //! - Checked against Hugging Face PEFT: the bare model, LoRA (r/alpha, rank_pattern, bias="all", rsLoRA),
 //!   IA3, prefix and prompt tuning (tests/engine_fixtures.rs, all within 1e-5). BitFit and bottleneck
 //!   adapters have no PEFT reference (PEFT has neither); their forward follows the semantics documented in
-//!   [`adapters`] and their gradients are checked by finite differences.
+//!   `adapters` and their gradients are checked by finite differences.
 //! - Bottleneck adapters always run with Houlsby placement (adapter on the sub-layer output, its own skip,
 //!   then the layer's residual + layer norm); AdapterHub's `original_ln_before`/`residual_before_ln`
 //!   variants (Pfeiffer) are not read from the config.
 //! - RoBERTa-style configs load (position offset pad+1, `roberta.` prefix) but no RoBERTa model is tested.
-//! - The CUDA path compiles with the `cuda` feature; the CPU kernels ([`kernels`]: attention, linear,
+//! - The CUDA path compiles with the `cuda` feature; the CPU kernels (`kernels`: attention, linear,
 //!   LoRA-QKV, layer norm, GELU) fall back to candle's ops there.
 //! - Accuracy after training is tested for LoRA and BitFit; IA3, prefix, prompt and bottleneck training
 //!   is covered by the gradient check and (bottleneck) the determinism test only.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), peftdb::engine::EngineError> {
-//! use peftdb::engine::{Engine, task::Task, scoring::ScoreOptions};
+//! use peftdb::engine::{Engine, ScoreOptions};
+//! use peftdb::task::Task;
 //! let engine = Engine::load("models/all-MiniLM-L6-v2".as_ref(), &candle_core::Device::Cpu)?;
 //! let task = Task::load("../shared/tasks/movie_sentiment".as_ref())?;
 //! let probs = engine.label_probs(None, &task.label_texts(), &["a fine film"], &ScoreOptions::default())?;
 //! # Ok(()) }
 //! ```
 
-pub mod adapters;
-pub mod device;
-pub mod error;
-pub mod kernels;
-pub mod model;
-pub mod scoring;
-pub mod task;
-pub mod tokenize;
-pub mod train;
+pub(crate) mod adapters;
+pub(crate) mod device;
+pub(crate) mod error;
+pub(crate) mod kernels;
+pub(crate) mod model;
+pub(crate) mod scoring;
+pub(crate) mod tokenize;
+pub(crate) mod train;
 
 pub use adapters::AdapterSet;
 pub use device::parse_device;
-pub use error::{EngineError, EngineResult, TaskError};
+pub use error::{EngineError, EngineResult};
+pub use kernels::tune_threads;
 pub use model::{BertConfig, BertModel, Grad};
-pub use tokenize::{Batch, TextTokenizer, TokenIds};
+pub use scoring::{
+    cosine_logits, cross_entropy, AdapterGradients, LabelScores, ScoreOptions, DEFAULT_TEMPERATURE,
+};
+pub use tokenize::{batches, Batch, TextTokenizer, TokenIds, DEFAULT_MAX_LEN};
+pub use train::{
+    fresh_adapter, init_adapter, train, Checkpoint, CheckpointReport, EvalPoint, MethodSpec,
+    Progress as TrainProgress, TrainConfig, TrainData, TrainOutcome, TrainReport,
+};
 
 use crate::object::LightweightObject;
 use candle_core::{Device, Tensor};

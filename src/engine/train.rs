@@ -26,7 +26,6 @@ use super::adapters::AdapterSet;
 use super::error::{EngineError, EngineResult};
 use super::model::{Grad, LINEAR_SLOTS, LN_SLOTS};
 use super::scoring::{cross_entropy, ScoreOptions, DEFAULT_TEMPERATURE};
-use super::task::{shuffle, Example};
 use super::tokenize::{Batch, TokenIds};
 use super::Engine;
 use crate::object::build::build_object;
@@ -34,6 +33,7 @@ use crate::object::{
     BitFitConfig, BottleneckConfig, Ia3Config, LightweightObject, LoraBias, LoraConfig, Method,
     MethodKind, PrefixConfig, PromptConfig, Tensor as StoredTensor,
 };
+use crate::task::{shuffle, Example};
 use candle_core::{Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::{Rng, SeedableRng};

@@ -2,7 +2,7 @@
 //! real model?
 //!
 //! One [`ExperimentConfig`] drives four phases, every run of which is appended to a results file
-//! ([`results`]) as it finishes, so an interrupted experiment resumes where it stopped:
+//! (`results`) as it finishes, so an interrupted experiment resumes where it stopped:
 //!
 //! 1. **zoo** ([`run`]): for every task and method, an adapter trained on the task's training split, with
 //!    an early (first evaluation) and a best (highest dev accuracy) checkpoint, written under
@@ -18,21 +18,23 @@
 //! 4. **textemb**: the TEXTEMB baseline's task vectors (the base model's mean last-layer token state over
 //!    the training texts).
 //!
-//! [`report`] turns the results into the markdown report, CSVs and PNG plots; [`metrics`] holds rho and
+//! `report` turns the results into the markdown report, CSVs and PNG plots; `metrics` holds rho and
 //! NDCG. Runs are ordered zoo, textemb, then per seed and per target (scratch, every source, the
 //! indicators and the PEWE initializations), so a run cut short still has whole targets to report.
 
-pub mod compare;
-pub mod metrics;
-pub mod plot;
-pub mod predict;
-pub mod report;
-pub mod results;
+pub(crate) mod compare;
+pub(crate) mod metrics;
+pub(crate) mod plot;
+pub(crate) mod predict;
+pub(crate) mod report;
+pub(crate) mod results;
 pub mod transfer;
 
-use crate::engine::task::{few_shot, shuffle, Example, Task};
+pub use compare::{compare, markdown as comparison_markdown, Comparison};
+pub use report::{write_report, ReportData};
+pub use results::{Record, ResultsError, ResultsFile};
+
 use crate::engine::train::{train, MethodSpec, TrainConfig, TrainData};
-use crate::engine::TaskError;
 use crate::engine::{Engine, EngineError};
 use crate::ensemble::{average, merge, softmax_weights, EnsembleError, MergeMode};
 use crate::error::{ExportError, ReadError};
@@ -40,9 +42,11 @@ use crate::object::formats::{read_adapter, write_adapter, ReadOptions};
 use crate::object::{LightweightObject, MethodKind};
 use crate::rerank::stage::{rerank, RerankError, RerankInput, RerankOptions};
 use crate::rerank::Indicator;
+use crate::task::TaskError;
+use crate::task::{few_shot, shuffle, Example, Task};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use results::{Record, ResultsError, ResultsFile};
+
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeMap;

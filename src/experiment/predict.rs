@@ -20,9 +20,9 @@ use super::{zoo_dir, ExperimentConfig, ExperimentError};
 use crate::embed::cosine;
 use crate::embed::delta::{delta_cosine, LoraDelta};
 use crate::embed::tupate;
-use crate::engine::task::Task;
 use crate::object::formats::{read_adapter, ReadOptions};
 use crate::object::MethodKind;
+use crate::task::Task;
 use std::collections::BTreeMap;
 use std::path::Path;
 

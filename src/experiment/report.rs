@@ -9,7 +9,7 @@ use super::plot;
 use super::predict::{predictions, Predictions};
 use super::results::{Record, ResultsFile};
 use super::{load_tasks, ExperimentConfig, ExperimentError};
-use crate::engine::task::Task;
+use crate::task::Task;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -117,7 +117,7 @@ pub struct ReportData {
     pub seeds: Vec<u64>,
     /// Test accuracy of limited runs: (target, init label, seed) -> accuracy.
     pub limited: BTreeMap<(String, String, u64), f64>,
-    /// gains[target][source] over seeds (paired with scratch of the same seed); None on the diagonal or
+    /// gains\[target\]\[source\] over seeds (paired with scratch of the same seed); None on the diagonal or
     /// when missing.
     pub gains: Vec<Vec<Option<Cell>>>,
     pub scratch: Vec<Option<Cell>>,
@@ -652,7 +652,7 @@ pub fn write_report(
         let _ = writeln!(
             md,
             "{row}{} |",
-            pct(t.majority_rate(crate::engine::task::Split::Test))
+            pct(t.majority_rate(crate::task::Split::Test))
         );
     }
     let p = dir.join("zoo.csv");

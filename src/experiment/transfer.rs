@@ -16,16 +16,14 @@
 //!   and LIMITED few-shot training from it;
 //! - `scratch`: per target and seed, LIMITED few-shot training from scratch on the same episode.
 //!
-//! The report ([`report`]) turns the records into tables: the zoo, the ground truth, the answer against
+//! The report (`report`) turns the records into tables: the zoo, the ground truth, the answer against
 //! the baselines, few-shot against scratch, NDCG/rho of every predictor, the tuning grid, and the issue's
 //! acceptance numbers.
 
 use super::metrics::{ndcg, rho};
 use super::results::{Record, ResultsError, ResultsFile};
 use crate::engine::scoring::ScoreOptions;
-use crate::engine::task::{Example, Task};
 use crate::engine::train::{train, TrainConfig, TrainData};
-use crate::engine::TaskError;
 use crate::engine::{Engine, EngineError};
 use crate::ensemble::{merge, MergeMode};
 use crate::index::{IndexConfig, IndexManager};
@@ -34,6 +32,8 @@ use crate::object::LightweightObject;
 use crate::query::Similarity;
 use crate::rerank::Indicator;
 use crate::store::Store;
+use crate::task::TaskError;
+use crate::task::{Example, Task};
 use crate::transfer::{
     decide, evaluate, retrieve, score, scratch_init, store_base_model, suggest, target_adapter,
     Decision, Episode, LabelPrior, SuggestConfig, SuggestInput, TransferError,

@@ -21,7 +21,7 @@
 //! build on that loaded machine (27.8 s for 10k). Force either engine with [`SearchMode`].
 //!
 //! **High-dimensional spaces** (dimension above [`IndexConfig::project_above`], default 4,096; a 7B LoRA
-//! has 100k+) index a seeded sparse random projection ([`projection::Projection`]) of dimension
+//! has 100k+) index a seeded sparse random projection (`projection::Projection`) of dimension
 //! [`IndexConfig::projection_dim`] (default 512). The index proposes `max(rerank_factor * k, rerank_min)`
 //! candidates and they are reranked by exact cosine of the stored full embeddings, so the scores returned
 //! are exact; recall@10 against exact search on the full vectors is tested on 50k vectors
@@ -31,7 +31,7 @@
 //! graph walk (so `k` results still come back). When tombstones exceed
 //! [`IndexConfig::tombstone_rebuild_fraction`] (default 0.2) of the graph's points, the space is rebuilt.
 //!
-//! **Persistence** (see [`manager`], [`vectors`] and `schema/index.md`): each space's scanned rows are a
+//! **Persistence** (see `manager`, `vectors` and `schema/index.md`): each space's scanned rows are a
 //! `.vecs` file beside the store in `<store>.index/`, memory-mapped on open (a cold query reads no
 //! embedding from redb but those it reranks); graphs are dumped there too, under temporary names then
 //! renamed; the store records each graph's generation and checksum, and the space's generation that a
@@ -49,19 +49,22 @@
 //! `centered` and `delta` similarities are exact scans, not indexed (see [`crate::query`]); `open` maps
 //! every space's rows (and checks their checksums), even when a query needs one space.
 
-pub mod error;
-pub mod flat;
-pub mod hnsw;
-pub mod manager;
-pub mod projection;
-pub mod vectors;
+pub(crate) mod error;
+pub(crate) mod flat;
+pub(crate) mod hnsw;
+pub(crate) mod manager;
+pub(crate) mod projection;
+pub(crate) mod vectors;
 
 pub use error::{IndexError, QueryError};
-pub use manager::{IndexManager, OpenReport, SpaceState};
+pub use flat::FlatIndex;
+pub use hnsw::{HnswGraph, HnswParams};
+pub use manager::{index_dir, IndexManager, OpenReport, Progress, SpaceState};
+pub use vectors::path_for as vectors_path;
 
 use crate::embed::{EmbeddingKind, SpaceId};
-use flat::{normalize, FlatIndex};
-use hnsw::{HnswGraph, HnswParams};
+use flat::normalize;
+
 use projection::{Projection, ProjectionPlan};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -131,7 +134,7 @@ impl IndexConfig {
     /// For a process that answers one query and exits (the CLI): `Auto` never loads or builds a graph.
     /// Loading one reads and checksums its dump (at least the rows the exact scan reads, plus the links)
     /// and building one takes minutes at 100k, while the scan of the space's memory-mapped rows
-    /// ([`vectors`]) reads each row once: a graph pays off only in a process that keeps it for many
+    /// (`vectors`) reads each row once: a graph pays off only in a process that keeps it for many
     /// queries (the library default). `SearchMode::Hnsw` still forces one.
     pub fn one_shot() -> IndexConfig {
         IndexConfig {

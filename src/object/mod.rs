@@ -5,15 +5,15 @@
 //! stored dtype) and the verbatim configuration file it came with, so that an export is byte-identical.
 //!
 //! Submodules:
-//! - [`layout`]: the tensor-name parser (layer index, module path, role) for BERT, Llama/Qwen/Mistral, T5
+//! - `layout`: the tensor-name parser (layer index, module path, role) for BERT, Llama/Qwen/Mistral, T5
 //!   and GPT-2 layouts, and the per-layer split of prefix tuning's `prompt_embeddings`.
 //! - [`safetensors_io`]: a validating safetensors reader that keeps tensor order and metadata, and the writer
 //!   that reproduces the file byte for byte.
-//! - [`formats`]: PEFT folders, AdapterHub bottleneck adapters and peftdb's BitFit bias sets.
+//! - `formats`: PEFT folders, AdapterHub bottleneck adapters and peftdb's BitFit bias sets.
 
-pub mod build;
-pub mod formats;
-pub mod layout;
+pub(crate) mod build;
+pub(crate) mod formats;
+pub(crate) mod layout;
 pub mod safetensors_io;
 
 use serde::{Deserialize, Serialize};
@@ -21,7 +21,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 pub use crate::dtype::DType;
-pub use formats::{read_adapter, write_adapter, AdapterFormat};
+pub use build::{adapter_config, build_object};
+pub use formats::{
+    is_adapter_dir, read_adapter, write_adapter, write_adapter_with, AdapterFormat, ReadOptions,
+    MAX_CONFIG_BYTES, MAX_WEIGHTS_BYTES,
+};
 pub use layout::{parse_tensor_name, LayerRef, Role, TensorLocation};
 
 /// One tensor of an adapter: its name as in the file, dtype, shape and little-endian bytes in that dtype.

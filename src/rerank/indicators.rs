@@ -4,11 +4,11 @@
 //!
 //! | indicator | S_i |
 //! |---|---|
-//! | Loss | -(mean cross-entropy) = mean_j log P_ij[y_j] |
-//! | calibrated Loss | mean_j log softmax(a_i log P_ij)[y_j], a_i fitted per candidate ([`calibration`]) |
+//! | Loss | -(mean cross-entropy) = mean_j log P_ij\[y_j\] |
+//! | calibrated Loss | mean_j log softmax(a_i log P_ij)\[y_j\], a_i fitted per candidate ([`calibration`]) |
 //! | KL | -sum_j KL(P_ij \|\| P~_j) |
 //! | EL2N | -sum_j \|\|P_ij - onehot(y_j)\|\|_2 |
-//! | cosine of logits and labels | sum_j cos(P_ij, onehot(y_j)) = sum_j P_ij[y_j] / \|\|P_ij\|\|_2 |
+//! | cosine of logits and labels | sum_j cos(P_ij, onehot(y_j)) = sum_j P_ij\[y_j\] / \|\|P_ij\|\|_2 |
 //! | GraNd | -sqrt(sum over the candidate's parameters of (dL/dp)^2) |
 //! | weight cosine | cos(flattened O~, flattened O_i) |
 //! | Euclidean | -\|\|O_i after m steps - O_i\|\|_2 |
@@ -24,7 +24,7 @@ fn rows<'a>(probs: &'a [f32], classes: usize) -> impl Iterator<Item = &'a [f32]>
     probs.chunks_exact(classes.max(1))
 }
 
-/// Per-example terms of Loss: log P_j[y_j] (clamped at [`EPS`]).
+/// Per-example terms of Loss: log P_j\[y_j\] (clamped at [`EPS`]).
 pub fn loss_terms(probs: &[f32], classes: usize, labels: &[usize]) -> Vec<f64> {
     rows(probs, classes)
         .zip(labels)
@@ -42,7 +42,7 @@ pub fn loss(probs: &[f32], classes: usize, labels: &[usize]) -> f64 {
 pub const CALIBRATION_RANGE: (f64, f64) = (1.0 / 32.0, 32.0);
 
 /// Mean log-likelihood of the gold labels after rescaling each row's log-probabilities by `a`:
-/// mean_j log softmax(a * log P_j)[y_j].
+/// mean_j log softmax(a * log P_j)\[y_j\].
 fn scaled_loglik(probs: &[f32], classes: usize, labels: &[usize], a: f64) -> Vec<f64> {
     rows(probs, classes)
         .zip(labels)

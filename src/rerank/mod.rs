@@ -4,7 +4,11 @@
 //! the stage that runs the model engine with each candidate on the new task's examples sits on top of them.
 
 pub mod indicators;
-pub mod stage;
+pub(crate) mod stage;
+
+pub use stage::{
+    bare, paired_gain, rerank, CandidateScores, PerExample, RerankError, RerankInput, RerankOptions,
+};
 
 use serde::{Deserialize, Serialize};
 

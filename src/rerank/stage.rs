@@ -11,10 +11,10 @@
 use super::indicators;
 use super::Indicator;
 use crate::engine::scoring::ScoreOptions;
-use crate::engine::task::Example;
 use crate::engine::train::{train, TrainConfig, TrainData};
 use crate::engine::{Engine, EngineError, TokenIds};
 use crate::object::LightweightObject;
+use crate::task::Example;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -97,7 +97,7 @@ pub struct CandidateScores {
 /// Each example's term of the label-only indicators, in example order (higher is better).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PerExample {
-    /// log P[y_j] (Loss).
+    /// log P\[y_j\] (Loss).
     pub loss: Vec<f64>,
     /// log-likelihood after the fitted temperature (calibrated Loss).
     pub loss_cal: Vec<f64>,

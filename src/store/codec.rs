@@ -283,7 +283,18 @@ mod tests {
             let n: usize = shape.iter().product();
             let t = Tensor { name, dtype, shape, data: (0..n * dtype.size()).map(|i| i as u8).collect() };
             let enc = encode_tensor(&t);
-            prop_assert_eq!(decode_tensor(&enc).unwrap(), t);
+            prop_assert_eq!(decode_tensor(&enc).unwrap(), t.clone());
+            // Any strict prefix or extension is refused, not misread.
+            prop_assert!(decode_tensor(&enc[..enc.len() - 1]).is_err() || t.data.is_empty());
+            let mut longer = enc.clone();
+            longer.push(0);
+            prop_assert!(decode_tensor(&longer).is_err());
+        }
+
+        #[test]
+        fn tensor_names_of_any_script_round_trip(name in "[a-zA-Z0-9_.\\-/ \u{e9}\u{4e2d}]{1,40}") {
+            let t = Tensor { name, dtype: DType::BF16, shape: vec![2], data: vec![1, 2, 3, 4] };
+            prop_assert_eq!(decode_tensor(&encode_tensor(&t)).unwrap(), t);
         }
 
         #[test]

@@ -10,10 +10,10 @@
 //! Every ingestion batch is one write transaction: an object, its tensors and its embedding become visible
 //! together or not at all.
 
-pub mod backend;
+pub(crate) mod backend;
 pub(crate) mod chunked;
-pub mod codec;
-pub mod index_meta;
+pub(crate) mod codec;
+pub(crate) mod index_meta;
 mod migrate;
 
 pub use chunked::MAX_CHUNK_BYTES;

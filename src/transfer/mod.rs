@@ -32,11 +32,10 @@
 
 use crate::embed::{tupate, EmbeddingKind};
 use crate::engine::scoring::ScoreOptions;
-use crate::engine::task::{few_shot, Example, Task};
 use crate::engine::train::{
     fresh_adapter, train, Progress as TrainProgress, TrainConfig, TrainData,
 };
-use crate::engine::{Engine, EngineError, TaskError};
+use crate::engine::{Engine, EngineError};
 use crate::ensemble::{merge, softmax_weights, EnsembleError, MergeMode};
 use crate::error::StoreError;
 use crate::index::{IndexManager, QueryError};
@@ -47,6 +46,8 @@ use crate::rerank::stage::{
 };
 use crate::rerank::Indicator;
 use crate::store::Store;
+use crate::task::TaskError;
+use crate::task::{few_shot, Example, Task};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -1039,7 +1040,7 @@ mod tests {
             group: None,
             description: None,
             labels: (0..train.len())
-                .map(|i| crate::engine::task::Label {
+                .map(|i| crate::task::Label {
                     id: i.to_string(),
                     text: format!("label {i}"),
                 })

@@ -3,10 +3,10 @@
 
 use anyhow::Context;
 use indicatif::ProgressBar;
-use peftdb::engine::scoring::ScoreOptions;
-use peftdb::engine::task::{Split, Task};
+use peftdb::engine::ScoreOptions;
 use peftdb::engine::{parse_device, Engine, EngineOptions};
-use peftdb::object::{formats::ReadOptions, read_adapter};
+use peftdb::object::{read_adapter, ReadOptions};
+use peftdb::task::{Split, Task};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -38,7 +38,7 @@ pub struct EvalArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Label-scoring temperature (logits = cosine / T).
-    #[arg(long, default_value_t = peftdb::engine::scoring::DEFAULT_TEMPERATURE)]
+    #[arg(long, default_value_t = peftdb::engine::DEFAULT_TEMPERATURE)]
     pub temperature: f64,
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use peftdb::engine::{parse_device, Engine, EngineOptions};
-use peftdb::experiment::report::write_report;
+use peftdb::experiment::write_report;
 use peftdb::experiment::{run, ExperimentConfig, ExperimentEvent, RunOptions};
 use std::path::PathBuf;
 

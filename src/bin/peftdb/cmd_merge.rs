@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use peftdb::ensemble::{merge, softmax_weights, MergeMode};
-use peftdb::object::{formats::ReadOptions, read_adapter, write_adapter, LightweightObject};
+use peftdb::object::{read_adapter, write_adapter, LightweightObject, ReadOptions};
 use peftdb::store::Store;
 use serde_json::json;
 use std::path::{Path, PathBuf};

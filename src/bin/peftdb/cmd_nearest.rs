@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::{ArgGroup, Args, ValueEnum};
-use peftdb::index::manager::Progress;
+use peftdb::index::Progress;
 use peftdb::index::{IndexConfig, IndexManager, SearchMode, SpaceState};
 use peftdb::object::MethodKind;
 use peftdb::query::{Nearest, NearestResult, Similarity};

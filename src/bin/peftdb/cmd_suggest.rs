@@ -4,18 +4,18 @@ use crate::table::render;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use peftdb::engine::scoring::ScoreOptions;
-use peftdb::engine::task::Task;
+use peftdb::engine::ScoreOptions;
 use peftdb::engine::{parse_device, Engine, EngineOptions};
 use peftdb::ensemble::MergeMode;
 use peftdb::index::{IndexConfig, IndexManager};
-use peftdb::object::{formats::ReadOptions, read_adapter, LightweightObject, MethodKind};
+use peftdb::object::{read_adapter, LightweightObject, MethodKind, ReadOptions};
 use peftdb::query::Similarity;
-use peftdb::rerank::stage::{bare, rerank, RerankInput, RerankOptions};
 use peftdb::rerank::Indicator;
+use peftdb::rerank::{bare, rerank, RerankInput, RerankOptions};
 use peftdb::store::Store;
 use peftdb::suggest::LabelPrior;
 use peftdb::suggest::{suggest, write_suggestion, SuggestConfig, SuggestEvent, SuggestInput};
+use peftdb::task::Task;
 use peftdb::transfer::{Episode, Gain};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -124,7 +124,7 @@ pub struct SuggestArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Label-scoring temperature.
-    #[arg(long, default_value_t = peftdb::engine::scoring::DEFAULT_TEMPERATURE)]
+    #[arg(long, default_value_t = peftdb::engine::DEFAULT_TEMPERATURE)]
     pub temperature: f64,
     /// Base model name of the target (default: the store's, for --method).
     #[arg(long)]
@@ -322,7 +322,7 @@ pub struct RerankArgs {
     /// Training steps for euclidean / performance.
     #[arg(long, default_value_t = 10)]
     pub m_steps: usize,
-    #[arg(long, default_value_t = peftdb::engine::scoring::DEFAULT_TEMPERATURE)]
+    #[arg(long, default_value_t = peftdb::engine::DEFAULT_TEMPERATURE)]
     pub temperature: f64,
     #[arg(long, default_value_t = 128)]
     pub max_len: usize,

@@ -2,10 +2,10 @@
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use peftdb::engine::task::{few_shot, Task};
-use peftdb::engine::train::{train, Progress, TrainConfig, TrainData};
 use peftdb::engine::{parse_device, Engine, EngineOptions};
-use peftdb::object::{formats::ReadOptions, read_adapter, write_adapter, MethodKind};
+use peftdb::engine::{train, TrainConfig, TrainData, TrainProgress as Progress};
+use peftdb::object::{read_adapter, write_adapter, MethodKind, ReadOptions};
+use peftdb::task::{few_shot, Task};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -75,7 +75,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Label-scoring temperature (logits = cosine / T).
-    #[arg(long, default_value_t = peftdb::engine::scoring::DEFAULT_TEMPERATURE)]
+    #[arg(long, default_value_t = peftdb::engine::DEFAULT_TEMPERATURE)]
     pub temperature: f64,
     /// Maximum tokens per text.
     #[arg(long, default_value_t = 128)]
@@ -184,7 +184,7 @@ pub fn run(args: TrainArgs, json: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("{}", args.out.display()))?;
     write_adapter(&outcome.best.object, &args.out.join("best"))?;
     write_adapter(&outcome.early.object, &args.out.join("early"))?;
-    let report = peftdb::engine::train::TrainReport::new(
+    let report = peftdb::engine::TrainReport::new(
         &task.name,
         &cfg,
         &outcome,

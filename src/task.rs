@@ -1,11 +1,47 @@
 //! Task data: a folder with `task.json` (schema/task.schema.json) and `train.jsonl`, `dev.jsonl`,
 //! `test.jsonl` (one `{"text": ..., "label": ...}` per line), and seeded k-shot sampling.
 
-use super::error::TaskError;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// Loading task data (task.json + JSONL splits).
+#[derive(Debug, Error)]
+pub enum TaskError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}: missing; a task folder holds task.json and train.jsonl, dev.jsonl, test.jsonl"
+    )]
+    MissingFile { path: PathBuf },
+    #[error("{path}: invalid task.json: {reason} (see schema/task.schema.json)")]
+    Config { path: PathBuf, reason: String },
+    #[error("{path}: label {label:?} has no verbalizer text; give labels[].text a non-empty string (the text the label is scored by)")]
+    NoVerbalizer { path: PathBuf, label: String },
+    #[error("{path}:{line}: {reason}; each line must be {{\"text\": string, \"label\": one of the task's labels}}")]
+    BadLine {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("{path}:{line}: unknown label {label:?}; task.json declares {known:?}")]
+    UnknownLabel {
+        path: PathBuf,
+        line: usize,
+        label: String,
+        known: Vec<String>,
+    },
+    #[error("{path}: the split is empty; every split needs at least one example")]
+    EmptySplit { path: PathBuf },
+    #[error("few-shot sampling: {0}")]
+    Sampling(String),
+}
 
 /// A label: its id as it appears in the data, and the verbalizer text it is scored by.
 #[derive(Debug, Clone, PartialEq, Eq)]
