@@ -52,6 +52,17 @@ pub enum SafetensorsError {
     Reference(String),
 }
 
+/// What PEFT expects of an `adapter_config.json` field ([`ReadError::ConfigField`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeftExpectation {
+    /// The type or value PEFT accepts there.
+    pub expected: String,
+    /// What PEFT does with the field, and where (its source file and function): why a bad value fails.
+    pub why: &'static str,
+    /// How to fix the config.
+    pub fix: &'static str,
+}
+
 /// Reading an adapter from files.
 #[derive(Debug, Error)]
 pub enum ReadError {
@@ -69,6 +80,16 @@ pub enum ReadError {
     MissingWeights { dir: PathBuf, expected: String },
     #[error("{path}: invalid adapter config: {reason}")]
     Config { path: PathBuf, reason: String },
+    #[error("{path}: PEFT could not load this config: \"{field}\" is {found}, but PEFT expects {} ({}). Fix: {}", .peft.expected, .peft.why, .peft.fix)]
+    ConfigField {
+        path: PathBuf,
+        /// The top-level config key to fix.
+        field: &'static str,
+        /// What the config holds (the offending list item or object key named).
+        found: String,
+        /// What PEFT accepts, why, and the fix (boxed: keeps `ReadError` small).
+        peft: Box<PeftExpectation>,
+    },
     #[error("{path}: unknown peft_type {peft_type:?}; peftdb reads LORA, IA3, PREFIX_TUNING, PROMPT_TUNING, BITFIT (its own) and AdapterHub bottleneck adapters")]
     UnknownPeftType { path: PathBuf, peft_type: String },
     #[error("{path}: {source}")]

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{copy_dir, fixture, snapshot};
+use common::{copy_dir, fixture, peft_configs, snapshot};
 use peftdb::error::{ReadError, SafetensorsError};
 use peftdb::ingest::{ingest_zoo, IngestOptions, ItemOutcome};
 use peftdb::object::safetensors_io;
@@ -535,7 +535,7 @@ fn corpus(root: &Path) -> Vec<Case> {
         "config_r_not_integer",
         d.clone(),
         d.join(CFG),
-        Box::new(|e| matches!(e, ReadError::Config { reason, .. } if reason.contains('r'))),
+        config_field("r"),
     );
     // 34. Unknown peft_type.
     let d = case(root, "unknown_peft_type", "lora_r8_qv", |d| {
@@ -603,7 +603,27 @@ fn corpus(root: &Path) -> Vec<Case> {
         d.join(ST),
         Box::new(|e| matches!(e, ReadError::ShapeMismatch { .. })),
     );
+    // 39+. Config fields PEFT reads, of a type or value PEFT refuses (or would read differently from
+    // peftdb): each refused with ReadError::ConfigField naming the field (see src/object/peft_config.rs).
+    for c in peft_configs::refused() {
+        let d = case(root, c.name, c.fixture, |d| {
+            edit_config(d, |cfg| {
+                for (k, val) in c.set {
+                    cfg.insert(k.to_string(), val);
+                }
+            });
+        });
+        add(c.name, d.clone(), d.join(CFG), config_field(c.field));
+    }
     v
+}
+
+/// A `ReadError::ConfigField` for exactly `field`, whose message names the field (quoted).
+fn config_field(field: &'static str) -> Check {
+    Box::new(move |e| {
+        matches!(e, ReadError::ConfigField { field: f, .. } if *f == field)
+            && e.to_string().contains(&format!("\"{field}\""))
+    })
 }
 
 /// A protocol-2 pickle that calls `os.system("touch <marker>")` when loaded.
@@ -1118,4 +1138,77 @@ fn strict_ingestion_commits_exactly_the_adapters_before_the_first_rejection() {
         assert_eq!(objects.len(), 2, "{bad}");
         assert!(objects.iter().any(|o| o.method_kind() == MethodKind::Ia3));
     }
+}
+
+#[test]
+fn configs_peft_loads_are_still_accepted_verbatim() {
+    // Values PEFT accepts that a checker could wrongly refuse (see peft_configs::accepted).
+    let variants = peft_configs::accepted();
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, (fixture_name, set)) in variants.into_iter().enumerate() {
+        let d = case(tmp.path(), &format!("ok_{i}"), fixture_name, |d| {
+            edit_config(d, |c| {
+                for (k, v) in set.as_object().unwrap() {
+                    c.insert(k.clone(), v.clone());
+                }
+            });
+        });
+        let obj = read_adapter(&d, &ReadOptions::default())
+            .unwrap_or_else(|e| panic!("variant {i} of {fixture_name} refused: {e}"));
+        assert_eq!(obj.config_json, std::fs::read(d.join(CFG)).unwrap());
+    }
+}
+
+#[test]
+fn a_zoo_with_configs_peft_cannot_load_stores_only_the_good_adapters() {
+    use serde_json::json;
+    let tmp = tempfile::tempdir().unwrap();
+    let zoo = tmp.path().join("zoo");
+    copy_dir(&fixture("lora_r8_qv"), &zoo.join("a_good/lora"));
+    let bad_lora = case(&zoo.join("b_bad_bias"), "lora", "lora_bias_all", |d| {
+        edit_config(d, |c| {
+            c.insert("bias".into(), json!("everything"));
+        })
+    });
+    copy_dir(&fixture("ia3"), &zoo.join("c_good/ia3"));
+    let bad_prompt = case(&zoo.join("d_bad_prompt"), "prompt", "prompt_10", |d| {
+        edit_config(d, |c| {
+            c.insert("num_virtual_tokens".into(), json!("10"));
+        })
+    });
+    copy_dir(&fixture("prefix_20"), &zoo.join("e_good/prefix"));
+
+    let store = Store::create(tmp.path().join("z.peftdb")).unwrap();
+    let r = ingest_zoo(
+        &store,
+        std::slice::from_ref(&zoo),
+        None,
+        &IngestOptions::default(),
+        &|_| {},
+    )
+    .unwrap();
+    assert_eq!((r.ingested(), r.rejected()), (3, 2), "{:?}", r.items);
+    for (dir, field) in [(&bad_lora, "bias"), (&bad_prompt, "num_virtual_tokens")] {
+        let rel = dir.strip_prefix(&zoo).unwrap();
+        let item = r
+            .items
+            .iter()
+            .find(|i| i.path.ends_with(rel))
+            .unwrap_or_else(|| panic!("{} not in the report: {:?}", dir.display(), r.items));
+        match &item.outcome {
+            ItemOutcome::Rejected { reason } => {
+                assert!(reason.contains(&format!("\"{field}\"")), "{reason}");
+                assert!(reason.contains("adapter_config.json"), "{reason}");
+            }
+            other => panic!("{}: {other:?}", dir.display()),
+        }
+    }
+    let mut tasks: Vec<String> = store
+        .objects()
+        .unwrap()
+        .into_iter()
+        .map(|o| o.task)
+        .collect();
+    tasks.sort();
+    assert_eq!(tasks, ["a_good", "c_good", "e_good"]);
 }

@@ -1,6 +1,9 @@
 //! The JSON Schemas in schema/ describe what peftdb actually reads and writes: every schema is valid, and
 //! real files and outputs validate against them.
 
+mod common;
+
+use common::peft_configs;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -90,6 +93,54 @@ fn shared_tasks_and_peft_configs_validate() {
             );
         }
     }
+}
+
+/// The PEFT config schema states the rules the reader enforces (src/object/peft_config.rs): it refuses the
+/// hostile configs of tests/hostile.rs that JSON Schema can express, and accepts the PEFT-loadable variants
+/// and the demo zoo's configs, which the reader also accepts.
+#[test]
+fn peft_config_schema_agrees_with_the_reader() {
+    let peft = schema("peft_adapter_config.schema.json");
+    let mut seen = 0;
+    for c in peft_configs::refused() {
+        let doc = peft_configs::edited(
+            &common::fixture(c.fixture),
+            c.set.into_iter().map(|(k, v)| (k.to_string(), v)),
+        );
+        if !c.schema_sees {
+            continue;
+        }
+        seen += 1;
+        assert!(
+            !peft.is_valid(&doc),
+            "{}: the schema accepts a config the reader refuses ({:?})",
+            c.name,
+            c.field
+        );
+    }
+    assert!(seen >= 40, "only {seen} refused cases checked");
+    for (fixture, set) in peft_configs::accepted() {
+        let doc = peft_configs::edited(&common::fixture(fixture), set.as_object().unwrap().clone());
+        check(
+            &peft,
+            &doc,
+            &format!("accepted variant of {fixture}: {set}"),
+        );
+    }
+    let demo = root().join("examples/demo-zoo");
+    let mut n = 0;
+    for e in std::fs::read_dir(&demo).unwrap() {
+        let p = e.unwrap().path().join("lora/adapter_config.json");
+        if p.is_file() {
+            n += 1;
+            check(
+                &peft,
+                &serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap(),
+                &p.display().to_string(),
+            );
+        }
+    }
+    assert!(n > 0, "no demo-zoo configs under {}", demo.display());
 }
 
 fn peftdb(db: &Path, args: &[&str]) -> Value {

@@ -11,6 +11,7 @@
 //! folder appears complete or not at all.
 
 use super::layout::{parse_tensor_name, Role};
+use super::peft_config;
 use super::safetensors_io;
 use super::{
     BitFitConfig, BottleneckConfig, Ia3Config, LightweightObject, LoraBias, LoraConfig, Method,
@@ -164,6 +165,11 @@ pub fn read_adapter(dir: &Path, opts: &ReadOptions) -> Result<LightweightObject,
         });
     };
 
+    if format == AdapterFormat::Peft {
+        // The fields PEFT reads must have the types and values PEFT accepts, or the export would not load.
+        peft_config::check(obj, &cfg_path)?;
+    }
+
     let weights_path = weights_names
         .iter()
         .map(|n| dir.join(n))
@@ -265,10 +271,33 @@ fn get_usize(
     key: &str,
     path: &Path,
 ) -> Result<usize, ReadError> {
+    // Present values were type-checked by `peft_config::check`; what is left is a missing (or null) field
+    // that peftdb needs for its shape checks.
     obj.get(key)
         .and_then(|v| v.as_u64())
         .map(|v| v as usize)
-        .ok_or_else(|| cfg_err(path, format!("{key} must be a non-negative integer")))
+        .ok_or_else(|| {
+            cfg_err(
+                path,
+                format!(
+                    "{key} is missing or not a non-negative integer; peftdb needs it to check the weights' \
+                     shapes (write it as PEFT's save_pretrained does, e.g. from the base model's config)"
+                ),
+            )
+        })
+}
+
+/// `num_transformer_submodules` as PEFT uses it: null or missing means 2 for SEQ_2_SEQ_LM, else 1
+/// (`PeftModel._setup_prompt_encoder`).
+fn transformer_submodules(obj: &serde_json::Map<String, Value>) -> usize {
+    match obj
+        .get("num_transformer_submodules")
+        .and_then(|v| v.as_u64())
+    {
+        Some(n) => n as usize,
+        None if obj.get("task_type").and_then(|v| v.as_str()) == Some("SEQ_2_SEQ_LM") => 2,
+        None => 1,
+    }
 }
 
 fn get_modules(obj: &serde_json::Map<String, Value>, key: &str) -> Vec<String> {
@@ -389,14 +418,11 @@ fn parse_peft_method(
                     .and_then(|v| v.as_bool())
                     .unwrap_or(false),
             };
-            let subs = obj
-                .get("num_transformer_submodules")
-                .and_then(|v| v.as_u64())
-                .unwrap_or(1) as usize;
-            if subs != 1 {
+            if transformer_submodules(obj) != 1 {
                 return Err(cfg_err(
                     cfg_path,
-                    "num_transformer_submodules != 1 (encoder-decoder prefixes) is not supported yet",
+                    "num_transformer_submodules != 1 (encoder-decoder prefixes; null with task_type \
+                     SEQ_2_SEQ_LM means 2) is not supported yet",
                 ));
             }
             let t = single_prompt_table(tensors, wpath, "prefix tuning")?;
@@ -416,10 +442,7 @@ fn parse_peft_method(
                 num_virtual_tokens: get_usize(obj, "num_virtual_tokens", cfg_path)?,
                 token_dim: get_usize(obj, "token_dim", cfg_path)?,
             };
-            let subs = obj
-                .get("num_transformer_submodules")
-                .and_then(|v| v.as_u64())
-                .unwrap_or(1) as usize;
+            let subs = transformer_submodules(obj);
             let t = single_prompt_table(tensors, wpath, "prompt tuning")?;
             let want = [cfg.num_virtual_tokens * subs.max(1), cfg.token_dim];
             if t.shape != want {

@@ -10,10 +10,12 @@
 //! - [`safetensors_io`]: a validating safetensors reader that keeps tensor order and metadata, and the writer
 //!   that reproduces the file byte for byte.
 //! - `formats`: PEFT folders, AdapterHub bottleneck adapters and peftdb's BitFit bias sets.
+//! - `peft_config`: the rules PEFT applies to the config fields it reads, checked before anything is stored.
 
 pub(crate) mod build;
 pub(crate) mod formats;
 pub(crate) mod layout;
+pub(crate) mod peft_config;
 pub mod safetensors_io;
 
 use serde::{Deserialize, Serialize};

@@ -2,6 +2,8 @@
 //! store snapshots (crash, concurrency, hostile input, resources, fault injection).
 #![allow(dead_code)]
 
+pub mod peft_configs;
+
 use peftdb::store::Store;
 use std::path::{Path, PathBuf};
 
