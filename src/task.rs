@@ -83,6 +83,13 @@ impl Split {
     }
 }
 
+impl std::str::FromStr for Split {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Split::parse(s).ok_or_else(|| format!("unknown split {s:?}; one of train, dev, test"))
+    }
+}
+
 /// A loaded task.
 #[derive(Debug, Clone)]
 pub struct Task {

@@ -64,6 +64,61 @@ pub enum MergeMode {
     DeltaSvd { rank: Option<usize> },
 }
 
+/// A merge mode by name, as the CLI and reports spell it (`param`, `delta-cat`, `delta-svd`); the SVD rank
+/// is a separate setting ([`MergeKind::mode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeKind {
+    Param,
+    DeltaCat,
+    DeltaSvd,
+}
+
+impl MergeKind {
+    pub const ALL: [MergeKind; 3] = [MergeKind::Param, MergeKind::DeltaCat, MergeKind::DeltaSvd];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MergeKind::Param => "param",
+            MergeKind::DeltaCat => "delta-cat",
+            MergeKind::DeltaSvd => "delta-svd",
+        }
+    }
+    /// The merge this name means, with the SVD rank for `delta-svd` (None: the best candidate's).
+    pub fn mode(self, rank: Option<usize>) -> MergeMode {
+        match self {
+            MergeKind::Param => MergeMode::Param,
+            MergeKind::DeltaCat => MergeMode::DeltaCat,
+            MergeKind::DeltaSvd => MergeMode::DeltaSvd { rank },
+        }
+    }
+}
+
+impl MergeMode {
+    /// The name of this merge ([`MergeKind`]), without its rank.
+    pub fn kind(self) -> MergeKind {
+        match self {
+            MergeMode::Param => MergeKind::Param,
+            MergeMode::DeltaCat => MergeKind::DeltaCat,
+            MergeMode::DeltaSvd { .. } => MergeKind::DeltaSvd,
+        }
+    }
+}
+
+impl std::str::FromStr for MergeKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        MergeKind::ALL
+            .into_iter()
+            .find(|k| k.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("unknown merge {s:?}; one of param, delta-cat, delta-svd"))
+    }
+}
+
+impl std::fmt::Display for MergeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 /// softmax(S / tau), computed stably.
 pub fn softmax_weights(scores: &[f64], tau: f64) -> Result<Vec<f64>, EnsembleError> {
     if !(tau.is_finite() && tau > 0.0) {

@@ -156,6 +156,17 @@ impl MethodKind {
     }
 }
 
+impl std::str::FromStr for MethodKind {
+    type Err = String;
+    /// The one parser of a method name (`lora`, `ia3`, ...; any case), for the CLI and the records alike.
+    fn from_str(s: &str) -> Result<Self, String> {
+        MethodKind::parse(s).ok_or_else(|| {
+            let all: Vec<&str> = MethodKind::ALL.iter().map(|m| m.as_str()).collect();
+            format!("unknown method {s:?}; one of {}", all.join(", "))
+        })
+    }
+}
+
 impl fmt::Display for MethodKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.pad(self.as_str())

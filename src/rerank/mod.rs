@@ -72,6 +72,17 @@ impl Indicator {
     }
 }
 
+impl std::str::FromStr for Indicator {
+    type Err = String;
+    /// The one parser of an indicator name (`loss`, `loss-cal`, `cos-logits`, ...).
+    fn from_str(s: &str) -> Result<Self, String> {
+        Indicator::parse(s).ok_or_else(|| {
+            let all: Vec<&str> = Indicator::ALL.iter().map(|i| i.as_str()).collect();
+            format!("unknown indicator {s:?}; one of {}", all.join(", "))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -132,6 +132,14 @@ impl LabelPrior {
     }
 }
 
+impl std::str::FromStr for LabelPrior {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        LabelPrior::parse(s)
+            .ok_or_else(|| format!("unknown label prior {s:?}; one of train, uniform"))
+    }
+}
+
 /// Default label prior: the train split's label frequencies (see [`LabelPrior`]). On the study's dev grid
 /// (grid 3) every indicator gains more with it than without (calibrated Loss z 1: +6.3 against +4.4 dev
 /// points), and the rankings it gives find the sources that transfer (NDCG against the zero-shot gains
@@ -842,10 +850,8 @@ pub struct SuggestInput<'a> {
 
 pub fn merge_name(m: MergeMode) -> String {
     match m {
-        MergeMode::Param => "param".into(),
-        MergeMode::DeltaCat => "delta-cat".into(),
-        MergeMode::DeltaSvd { rank: None } => "delta-svd".into(),
-        MergeMode::DeltaSvd { rank: Some(r) } => format!("delta-svd (rank {r})"),
+        MergeMode::DeltaSvd { rank: Some(r) } => format!("{} (rank {r})", m.kind()),
+        other => other.kind().as_str().into(),
     }
 }
 
@@ -1006,6 +1012,51 @@ pub fn suggest(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every named setting the CLI and the records spell has one parser: each name reads back as itself,
+    /// and an unknown name is refused with the list of names.
+    #[test]
+    fn every_setting_name_parses_back() {
+        use crate::task::Split;
+        fn check<T: std::str::FromStr + PartialEq + std::fmt::Debug + Copy>(
+            all: &[T],
+            name: fn(T) -> &'static str,
+        ) where
+            T::Err: std::fmt::Display,
+        {
+            for &v in all {
+                assert_eq!(name(v).parse::<T>().ok(), Some(v), "{}", name(v));
+            }
+            let e = "no-such-name"
+                .parse::<T>()
+                .expect_err("refused")
+                .to_string();
+            assert!(
+                e.contains("no-such-name") && e.contains(name(all[0])),
+                "{e}"
+            );
+        }
+        check(&MethodKind::ALL, MethodKind::as_str);
+        check(&Indicator::ALL, Indicator::as_str);
+        check(&LabelPrior::ALL, LabelPrior::as_str);
+        check(
+            &crate::ensemble::MergeKind::ALL,
+            crate::ensemble::MergeKind::as_str,
+        );
+        check(&Similarity::ALL, Similarity::as_str);
+        check(&[Split::Train, Split::Dev, Split::Test], |s| match s {
+            Split::Train => "train",
+            Split::Dev => "dev",
+            Split::Test => "test",
+        });
+        for k in crate::ensemble::MergeKind::ALL {
+            assert_eq!(k.mode(Some(4)).kind(), k);
+        }
+        assert_eq!(
+            merge_name(MergeMode::DeltaSvd { rank: Some(4) }),
+            "delta-svd (rank 4)"
+        );
+    }
 
     #[test]
     fn a_gain_helps_only_beyond_the_noise() {

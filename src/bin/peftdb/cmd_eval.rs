@@ -10,10 +10,6 @@ use peftdb::task::{Split, Task};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-fn parse_split(s: &str) -> Result<Split, String> {
-    Split::parse(s).ok_or_else(|| format!("unknown split {s:?}; one of train, dev, test"))
-}
-
 /// Evaluate an adapter on a task split.
 #[derive(clap::Args, Debug, Clone)]
 pub struct EvalArgs {
@@ -32,7 +28,7 @@ pub struct EvalArgs {
     /// The peftdb store: the global --db (filled in by main).
     #[arg(skip)]
     pub db: Option<PathBuf>,
-    #[arg(long, value_parser = parse_split, default_value = "test")]
+    #[arg(long, default_value = "test")]
     pub split: Split,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]

@@ -1,22 +1,12 @@
 //! `peftdb merge`: combine stored objects and/or adapter folders into one adapter folder.
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
-use peftdb::ensemble::{merge, softmax_weights, MergeMode};
+use clap::Args;
+use peftdb::ensemble::{merge, softmax_weights, MergeKind, MergeMode};
 use peftdb::object::{read_adapter, write_adapter, LightweightObject, ReadOptions};
 use peftdb::store::Store;
 use serde_json::json;
 use std::path::{Path, PathBuf};
-
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MergeArg {
-    /// Weighted average of the parameters (same method, configuration and shapes).
-    Param,
-    /// LoRA only: exact merge of the weight updates by concatenating factors (rank = sum of ranks).
-    DeltaCat,
-    /// LoRA only: merge of the weight updates re-factored by truncated SVD.
-    DeltaSvd,
-}
 
 #[derive(Args, Debug)]
 pub struct MergeArgs {
@@ -35,10 +25,12 @@ pub struct MergeArgs {
     /// Softmax temperature for --scores.
     #[arg(long, default_value_t = 1.0)]
     pub tau: f64,
-    /// How to merge (default: delta-cat when every candidate is a LoRA, the exact average of the
-    /// updates B.A; param otherwise, where averaging parameters is averaging updates).
-    #[arg(long = "merge", value_enum)]
-    pub mode: Option<MergeArg>,
+    /// How to merge: param (the weighted average of the parameters), delta-cat (LoRA only: the exact
+    /// merge of the updates B.A by concatenating factors, rank = sum of ranks) or delta-svd (LoRA only:
+    /// the same, re-factored by truncated SVD). Default: delta-cat when every candidate is a LoRA, param
+    /// otherwise, where averaging parameters is averaging updates.
+    #[arg(long = "merge")]
+    pub mode: Option<MergeKind>,
     /// Target rank for delta-svd (default: the highest-weight candidate's rank per module).
     #[arg(long)]
     pub rank: Option<usize>,
@@ -81,9 +73,7 @@ pub fn run(db: &Path, a: &MergeArgs, json: bool) -> Result<u8> {
         .iter()
         .all(|c| c.method.kind() == peftdb::object::MethodKind::Lora);
     let mode = match a.mode {
-        Some(MergeArg::Param) => MergeMode::Param,
-        Some(MergeArg::DeltaCat) => MergeMode::DeltaCat,
-        Some(MergeArg::DeltaSvd) => MergeMode::DeltaSvd { rank: a.rank },
+        Some(kind) => kind.mode(a.rank),
         None if all_lora => MergeMode::DeltaCat,
         None => MergeMode::Param,
     };

@@ -11,16 +11,6 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum SimilarityArg {
-    /// Cosine of raw TuPaTE embeddings (the paper).
-    Tupate,
-    /// Cosine after subtracting each space's mean embedding.
-    Centered,
-    /// Cosine of LoRA weight updates delta-W = s B A (LoRA only).
-    Delta,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ModeArg {
     /// The exact scan of the space's memory-mapped rows (a one-shot process gains nothing from loading a
     /// graph), or a graph the process already holds.
@@ -47,12 +37,13 @@ pub struct NearestArgs {
     /// Number of tasks to return.
     #[arg(short = 'k', long = "top", default_value_t = 10)]
     pub k: usize,
-    /// Similarity variant.
-    #[arg(long, value_enum, default_value_t = SimilarityArg::Tupate)]
-    pub similarity: SimilarityArg,
+    /// Similarity: tupate (cosine of raw TuPaTE embeddings, the paper), centered (cosine after
+    /// subtracting each space's mean embedding) or delta (cosine of LoRA weight updates s B A; LoRA only).
+    #[arg(long, default_value = "tupate")]
+    pub similarity: Similarity,
     /// Only objects of this method (lora, ia3, prefix, prompt, bitfit, adapter).
     #[arg(long)]
-    pub method: Option<String>,
+    pub method: Option<MethodKind>,
     /// Only tasks of this group.
     #[arg(long)]
     pub group: Option<String>,
@@ -99,11 +90,7 @@ pub fn run(store_path: &Path, args: &NearestArgs, json: bool) -> anyhow::Result<
         ModeArg::Hnsw => SearchMode::Hnsw,
     };
     // One query and exit: scan the memory-mapped rows rather than load a graph (`--mode hnsw` forces one).
-    let similarity = match args.similarity {
-        SimilarityArg::Tupate => Similarity::Tupate,
-        SimilarityArg::Centered => Similarity::Centered,
-        SimilarityArg::Delta => Similarity::Delta,
-    };
+    let similarity = args.similarity;
     // Only the spaces this similarity searches are opened.
     let config = IndexConfig {
         mode,
@@ -135,10 +122,7 @@ pub fn run(store_path: &Path, args: &NearestArgs, json: bool) -> anyhow::Result<
         anyhow::bail!("give --task, --object or --adapter");
     };
     q = q.k(args.k).search_mode(mode).similarity(similarity);
-    if let Some(m) = &args.method {
-        let m = MethodKind::parse(m).with_context(|| {
-            format!("unknown method {m:?} (lora, ia3, prefix, prompt, bitfit, adapter)")
-        })?;
+    if let Some(m) = args.method {
         q = q.method(m);
     }
     if let Some(g) = &args.group {

@@ -2,11 +2,11 @@
 
 use crate::table::render;
 use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use peftdb::engine::ScoreOptions;
 use peftdb::engine::{parse_device, Engine, EngineOptions};
-use peftdb::ensemble::MergeMode;
+use peftdb::ensemble::MergeKind;
 use peftdb::index::{IndexConfig, IndexManager};
 use peftdb::object::{read_adapter, LightweightObject, MethodKind, ReadOptions};
 use peftdb::query::Similarity;
@@ -19,36 +19,6 @@ use peftdb::task::Task;
 use peftdb::transfer::{Episode, Gain};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MergeArg {
-    Param,
-    DeltaSvd,
-    DeltaCat,
-}
-
-fn parse_indicator(s: &str) -> Result<Indicator, String> {
-    Indicator::parse(s).ok_or_else(|| {
-        format!(
-            "unknown indicator {s:?}; one of {}",
-            Indicator::ALL
-                .iter()
-                .map(|i| i.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    })
-}
-
-fn parse_prior(s: &str) -> Result<LabelPrior, String> {
-    LabelPrior::parse(s).ok_or_else(|| format!("unknown label prior {s:?}; one of train, uniform"))
-}
-
-fn parse_method(s: &str) -> Result<MethodKind, String> {
-    MethodKind::parse(s).ok_or_else(|| {
-        format!("unknown method {s:?}; one of lora, ia3, prefix, prompt, bitfit, adapter")
-    })
-}
 
 fn bar() -> ProgressBar {
     let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
@@ -88,23 +58,24 @@ pub struct SuggestArgs {
     pub k: usize,
     /// Indicator that ranks the candidates, tests them against the bare model (its per-example terms)
     /// and gives their softmax weights.
-    #[arg(long, value_parser = parse_indicator, default_value = peftdb::suggest::DEFAULT_INDICATOR.as_str())]
+    #[arg(long, default_value = peftdb::suggest::DEFAULT_INDICATOR.as_str())]
     pub indicator: Indicator,
     /// Softmax temperature over per-example indicator scores (sums are divided by the example count).
     #[arg(long, default_value_t = peftdb::suggest::DEFAULT_TAU)]
     pub tau: f64,
-    /// Method of the target and the candidates.
-    #[arg(long, value_parser = parse_method, default_value = "lora")]
+    /// Method of the target and the candidates (lora, ia3, prefix, prompt, bitfit, adapter).
+    #[arg(long, default_value = "lora")]
     pub method: MethodKind,
-    /// How the candidates are combined.
-    #[arg(long = "merge", value_enum, default_value = "delta-cat")]
-    pub merge: MergeArg,
+    /// How the candidates are combined: delta-cat (LoRA: the exact average of the updates B.A), delta-svd
+    /// (the same, re-factored to --rank) or param (the average of the parameters).
+    #[arg(long = "merge", default_value = "delta-cat")]
+    pub merge: MergeKind,
     /// Target rank of delta-svd.
     #[arg(long)]
     pub rank: Option<usize>,
     /// Stage-1 similarity: tupate, centered or delta.
     #[arg(long, default_value = "delta")]
-    pub similarity: String,
+    pub similarity: Similarity,
     /// A candidate gets weight only if it beats the bare model on the examples by more than this many
     /// standard errors (paired, per-example term of the indicator); if none does, a from-scratch
     /// initialization is written and the report says so.
@@ -113,7 +84,7 @@ pub struct SuggestArgs {
     /// The examples are drawn class-balanced (--shots per class); `train` weights each by its class's
     /// share of the task's train split, so scores and the no-harm test reflect your data's label
     /// distribution; `uniform` counts every class alike.
-    #[arg(long, value_parser = parse_prior, default_value = peftdb::suggest::DEFAULT_PRIOR.as_str())]
+    #[arg(long, default_value = peftdb::suggest::DEFAULT_PRIOR.as_str())]
     pub label_prior: LabelPrior,
     /// Examples per class (train shots for the short tune; train and dev shots score the candidates).
     #[arg(long, default_value_t = 16)]
@@ -151,7 +122,7 @@ pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
             a.out.display()
         );
     }
-    let similarity: Similarity = a.similarity.parse()?;
+    let similarity = a.similarity;
     let store = Store::open_for_reading(db)?;
     let pb = bar();
     pb.set_prefix("index");
@@ -174,11 +145,7 @@ pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
         k: a.k,
         indicator: a.indicator,
         tau: a.tau,
-        merge: match a.merge {
-            MergeArg::Param => MergeMode::Param,
-            MergeArg::DeltaCat => MergeMode::DeltaCat,
-            MergeArg::DeltaSvd => MergeMode::DeltaSvd { rank: a.rank },
-        },
+        merge: a.merge.mode(a.rank),
         similarity,
         shots: a.shots,
         short_tune_steps: a.steps,
@@ -306,7 +273,11 @@ pub struct RerankArgs {
     #[arg(long = "adapter")]
     pub adapters: Vec<PathBuf>,
     /// Indicators to compute (comma-separated).
-    #[arg(long, value_delimiter = ',', value_parser = parse_indicator, default_value = "loss-cal,loss,el2n,cos-logits")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "loss-cal,loss,el2n,cos-logits"
+    )]
     pub indicator: Vec<Indicator>,
     /// Reference adapter (a fresh adapter briefly trained on the new task), for kl and weight-cosine.
     #[arg(long)]
@@ -317,7 +288,7 @@ pub struct RerankArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Label distribution the examples are weighted to (as `suggest --label-prior`).
-    #[arg(long, value_parser = parse_prior, default_value = peftdb::suggest::DEFAULT_PRIOR.as_str())]
+    #[arg(long, default_value = peftdb::suggest::DEFAULT_PRIOR.as_str())]
     pub label_prior: LabelPrior,
     /// Training steps for euclidean / performance.
     #[arg(long, default_value_t = 10)]

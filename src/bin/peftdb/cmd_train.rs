@@ -9,12 +9,6 @@ use peftdb::task::{few_shot, Task};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-fn parse_method(s: &str) -> Result<MethodKind, String> {
-    MethodKind::parse(s).ok_or_else(|| {
-        format!("unknown method {s:?}; one of lora, ia3, prefix, prompt, bitfit, adapter")
-    })
-}
-
 /// Train an adapter (writes OUT/best and OUT/early, plus OUT/train_report.json).
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainArgs {
@@ -25,7 +19,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub task: PathBuf,
     /// lora | ia3 | prefix | prompt | bitfit | adapter (ignored with --init/--init-object).
-    #[arg(long, value_parser = parse_method, default_value = "lora")]
+    #[arg(long, default_value = "lora")]
     pub method: MethodKind,
     /// Output folder (must not exist or be empty).
     #[arg(long)]
