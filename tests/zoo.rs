@@ -404,3 +404,51 @@ fn hash_prefix_lookup_matches_a_scan_of_every_record() {
         ));
     }
 }
+
+/// A cold `nearest` whose derived files are current opens the store read-only and writes nothing to it
+/// (a writable open writes and syncs redb's header on open and close); the first query after a change
+/// rebuilds the `.vecs` rows with a writable handle and saves them.
+#[test]
+fn cli_nearest_writes_nothing_once_its_index_files_are_current() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("q.peftdb");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peft-fixtures");
+    assert!(peftdb(&db).arg("init").status().unwrap().success());
+    assert!(peftdb(&db)
+        .arg("ingest")
+        .arg(&fixtures)
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let query = || {
+        let out = peftdb(&db)
+            .args(["--json", "nearest", "--task", "lora_r8_qv", "-k", "3"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let index = peftdb::index::index_dir(&db);
+    let _ = std::fs::remove_dir_all(&index);
+    query(); // rebuilds and saves the rows
+    let saved = std::fs::read_dir(&index).unwrap().count();
+    assert!(saved > 0, "the first query saves the index files");
+    let stamp = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
+    let before = (stamp(&db), std::fs::read(&db).unwrap());
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    query();
+    query();
+    assert_eq!(
+        stamp(&db),
+        before.0,
+        "a query with current index files modified the store"
+    );
+    assert!(
+        std::fs::read(&db).unwrap() == before.1,
+        "the store's bytes changed"
+    );
+}

@@ -208,6 +208,26 @@ impl IndexManager {
         }
     }
 
+    /// Whether every space `config` opens has a current `.vecs` file (header and length; the checksums are
+    /// checked when it is mapped). A process that only queries can then open the store read-only: it
+    /// writes nothing (a writable open writes and syncs redb's header on open and close) and needs no
+    /// write access; when some file is missing or stale, a writable handle rebuilds and saves it.
+    pub fn vectors_current(store: &Store, config: IndexConfig) -> Result<bool, IndexError> {
+        let m = IndexManager {
+            dir: index_dir(store.path()),
+            config,
+            writable: false,
+            spaces: HashMap::new(),
+            records: HashMap::new(),
+            objects: Vec::new(),
+        };
+        Ok(store.spaces()?.iter().filter(|r| m.wants(r)).all(|rec| {
+            let idx = SpaceIndex::for_record(rec, m.config);
+            let header = m.vecs_header(store, &idx, rec);
+            vectors::header_current(&vectors::path_for(&m.dir, rec.id), &header)
+        }))
+    }
+
     /// What the space's `.vecs` file must say to be current.
     fn vecs_header(&self, store: &Store, idx: &SpaceIndex, rec: &SpaceRecord) -> VecsHeader {
         VecsHeader {

@@ -169,6 +169,26 @@ impl MappedRows {
     }
 }
 
+/// Whether a space's file is there with the header and length `expected` implies (its first 80 bytes and
+/// its size only: the checksums are checked when it is opened).
+pub fn header_current(path: &Path, expected: &VecsHeader) -> bool {
+    use std::io::Read;
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut h = [0u8; HEADER];
+    if f.read_exact(&mut h).is_err() {
+        return false;
+    }
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let want = expected
+        .n
+        .checked_mul(8 + 4 * expected.dim)
+        .and_then(|b| b.checked_add(HEADER));
+    matches!(VecsHeader::decode(&h), Ok((found, _)) if found == *expected)
+        && want == usize::try_from(len).ok()
+}
+
 /// Open a space's file if it is there, current and whole; `Err(reason)` otherwise (rebuild).
 pub fn open(path: &Path, expected: &VecsHeader) -> Result<MappedRows, String> {
     if cfg!(target_endian = "big") {

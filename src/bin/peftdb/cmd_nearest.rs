@@ -63,12 +63,6 @@ pub struct NearestArgs {
 
 /// Run `peftdb nearest`.
 pub fn run(store_path: &Path, args: &NearestArgs, json: bool) -> anyhow::Result<()> {
-    // Writable when possible (so rebuilt indexes are saved), read-only when another process writes.
-    let store = match Store::open(store_path) {
-        Ok(s) => s,
-        Err(peftdb::error::StoreError::Locked { .. }) => Store::open_read_only(store_path)?,
-        Err(e) => return Err(e.into()),
-    };
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = indicatif::ProgressBar::new_spinner();
         b.enable_steady_tick(std::time::Duration::from_millis(120));
@@ -96,6 +90,23 @@ pub fn run(store_path: &Path, args: &NearestArgs, json: bool) -> anyhow::Result<
         mode,
         kind: Some(similarity.embedding_kind()),
         ..IndexConfig::one_shot()
+    };
+    // Read-only when the derived files are current (a query then writes nothing: a writable open writes
+    // and syncs redb's header twice, which under a busy disk cost more than the query); writable when
+    // indexes must be rebuilt, so that they are saved for the next query; read-only again when another
+    // process writes.
+    let store = Store::open_for_reading(store_path)?;
+    let store = if matches!(args.mode, ModeArg::Hnsw)
+        || !IndexManager::vectors_current(&store, config)?
+    {
+        drop(store);
+        match Store::open(store_path) {
+            Ok(s) => s,
+            Err(peftdb::error::StoreError::Locked { .. }) => Store::open_for_reading(store_path)?,
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        store
     };
     let (index, report) = IndexManager::open(&store, config, &progress)
         .with_context(|| format!("opening the indexes of {}", store_path.display()))?;
