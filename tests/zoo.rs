@@ -452,3 +452,54 @@ fn cli_nearest_writes_nothing_once_its_index_files_are_current() {
         "the store's bytes changed"
     );
 }
+
+/// `peftdb compact` after `rm` removes the derived files no query can use (the `.vecs` rows of a changed
+/// space, a temporary file a killed writer left), keeps what is current, and queries work after it.
+#[test]
+fn cli_compact_removes_stale_index_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.peftdb");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peft-fixtures");
+    assert!(peftdb(&db).arg("init").status().unwrap().success());
+    assert!(peftdb(&db)
+        .arg("ingest")
+        .arg(&fixtures)
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let run = |args: &[&str]| {
+        let out = peftdb(&db).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    run(&["nearest", "--task", "lora_r8_qv", "-k", "3"]);
+    let index = peftdb::index::index_dir(&db);
+    let vecs = |d: &Path| -> BTreeSet<String> {
+        std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect()
+    };
+    let before = vecs(&index);
+    assert!(!before.is_empty());
+    std::fs::write(index.join(".tmp-space-00-1234.vecs"), b"half written").unwrap();
+    // Nothing is stale yet: compact keeps every current file and drops the leftover.
+    let v: serde_json::Value = serde_json::from_slice(&run(&["--json", "compact"])).unwrap();
+    assert_eq!(v["index_bytes_freed"], 12, "{v}");
+    assert_eq!(vecs(&index), before);
+    // Remove the objects of one task: its space's rows are stale, and compact removes them.
+    let objs: Vec<serde_json::Value> =
+        serde_json::from_slice(&run(&["ls", "objects", "--json"])).unwrap();
+    let id = objs.iter().find(|o| o["task"] == "lora_r8_qv").unwrap()["id"].to_string();
+    run(&["rm", &id]);
+    let v: serde_json::Value = serde_json::from_slice(&run(&["--json", "compact"])).unwrap();
+    assert!(v["index_bytes_freed"].as_u64().unwrap() > 0, "{v}");
+    assert!(vecs(&index).len() < before.len());
+    // The next query rebuilds what it needs.
+    run(&["nearest", "--task", "lora_rslora", "-k", "3"]);
+}

@@ -228,6 +228,59 @@ impl IndexManager {
         }))
     }
 
+    /// Delete the derived files in the store's index folder that no query can use any more: the `.vecs`
+    /// rows of a space that is gone or has changed since they were written (`config`'s projection), and
+    /// the graph files of a space that is gone. They would be rebuilt on the next open anyway; `peftdb
+    /// compact` calls this so that a compacted store does not keep the rows of objects it removed.
+    /// Returns the bytes freed.
+    pub fn remove_stale_files(store: &Store, config: IndexConfig) -> Result<u64, IndexError> {
+        let dir = index_dir(store.path());
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(0); // no index folder: nothing derived yet
+        };
+        let spaces: HashMap<SpaceId, SpaceRecord> =
+            store.spaces()?.into_iter().map(|r| (r.id, r)).collect();
+        let m = IndexManager {
+            dir: dir.clone(),
+            config,
+            writable: false,
+            spaces: HashMap::new(),
+            records: HashMap::new(),
+            objects: Vec::new(),
+        };
+        let mut freed = 0;
+        for e in entries {
+            let e = e.map_err(io_err(&dir))?;
+            let name = e.file_name().to_string_lossy().to_string();
+            // A temporary file left by a write that never finished (only writers write, and the caller
+            // holds the store's one write handle).
+            let leftover = name.starts_with(".tmp-space-");
+            let Some(rest) = name.strip_prefix("space-").or(leftover.then_some("")) else {
+                continue;
+            };
+            let id: String = rest.chars().take_while(|c| c.is_ascii_hexdigit()).collect();
+            let space = id.parse::<SpaceId>().ok();
+            if space.is_none() && !leftover {
+                continue;
+            }
+            let stale = leftover
+                || match space.and_then(|s| spaces.get(&s)) {
+                    None => true,
+                    Some(rec) if name.ends_with(".vecs") => {
+                        let idx = SpaceIndex::for_record(rec, config);
+                        !vectors::header_current(&e.path(), &m.vecs_header(store, &idx, rec))
+                    }
+                    Some(_) => false,
+                };
+            if stale {
+                let len = e.metadata().map(|md| md.len()).unwrap_or(0);
+                std::fs::remove_file(e.path()).map_err(io_err(&e.path()))?;
+                freed += len;
+            }
+        }
+        Ok(freed)
+    }
+
     /// What the space's `.vecs` file must say to be current.
     fn vecs_header(&self, store: &Store, idx: &SpaceIndex, rec: &SpaceRecord) -> VecsHeader {
         VecsHeader {
