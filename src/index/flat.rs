@@ -3,7 +3,9 @@
 //! Used for spaces below the HNSW switch-over ([`crate::index::DEFAULT_HNSW_MIN_VECTORS`]), for
 //! restrictive filters, and as the ground truth in tests.
 
+use super::vectors::RowSlice;
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 /// Normalise to unit length in place; returns the original norm (zero vectors stay zero).
 pub fn normalize(v: &mut [f32]) -> f32 {
@@ -65,15 +67,15 @@ impl Default for Rows {
 }
 
 impl Rows {
-    fn as_slice(&self) -> &[f32] {
+    fn slice(&self) -> RowSlice<'_> {
         match self {
-            Rows::Owned(v) => v,
+            Rows::Owned(v) => RowSlice::F32(v),
             Rows::Mapped(m) => m.rows(),
         }
     }
     fn to_mut(&mut self) -> &mut Vec<f32> {
         if let Rows::Mapped(m) = self {
-            *self = Rows::Owned(m.rows().to_vec());
+            *self = Rows::Owned(m.to_f32());
         }
         match self {
             Rows::Owned(v) => v,
@@ -111,9 +113,15 @@ impl FlatIndex {
     pub fn is_mapped(&self) -> bool {
         matches!(self.data, Rows::Mapped(_))
     }
-    /// All rows, row-major.
-    pub fn rows(&self) -> &[f32] {
-        self.data.as_slice()
+    /// All rows, row-major, as f32 (borrowed unless they are mapped f16 rows).
+    pub fn rows(&self) -> Cow<'_, [f32]> {
+        match self.data.slice() {
+            RowSlice::F32(r) => Cow::Borrowed(r),
+            RowSlice::F16(_) => match &self.data {
+                Rows::Mapped(m) => Cow::Owned(m.to_f32()),
+                Rows::Owned(_) => unreachable!("owned rows are f32"),
+            },
+        }
     }
     pub fn dim(&self) -> usize {
         self.dim
@@ -128,8 +136,16 @@ impl FlatIndex {
         &self.ids
     }
     /// The unit vector at a position.
-    pub fn vector_at(&self, pos: usize) -> &[f32] {
-        &self.data.as_slice()[pos * self.dim..(pos + 1) * self.dim]
+    pub fn vector_at(&self, pos: usize) -> Cow<'_, [f32]> {
+        let r = pos * self.dim..(pos + 1) * self.dim;
+        match self.data.slice() {
+            RowSlice::F32(rows) => Cow::Borrowed(&rows[r]),
+            RowSlice::F16(rows) => {
+                let mut out = vec![0f32; self.dim];
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&rows[r], &mut out);
+                Cow::Owned(out)
+            }
+        }
     }
     /// Add a vector that is already unit-normalised (caller's duty) and of length `dim`.
     pub fn push_unit(&mut self, id: u64, v: &[f32]) {
@@ -166,18 +182,30 @@ impl FlatIndex {
             return Vec::new();
         }
         let chunk = 4096;
+        let dim = self.dim;
+        let rows = self.data.slice();
         let scored: Vec<(u64, f32)> = self
             .ids
             .par_chunks(chunk)
             .enumerate()
             .flat_map_iter(|(c, ids)| {
                 let mut local = Vec::with_capacity(ids.len().min(4 * k));
+                let mut buf = vec![0f32; dim];
                 for (i, &id) in ids.iter().enumerate() {
                     if !filter(id) {
                         continue;
                     }
-                    let pos = c * chunk + i;
-                    local.push((id, dot(query, self.vector_at(pos))));
+                    let r = (c * chunk + i) * dim..(c * chunk + i + 1) * dim;
+                    let s = match &rows {
+                        RowSlice::F32(rows) => dot(query, &rows[r]),
+                        RowSlice::F16(rows) => {
+                            half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                                &rows[r], &mut buf,
+                            );
+                            dot(query, &buf)
+                        }
+                    };
+                    local.push((id, s));
                 }
                 top_k(local, k)
             })
@@ -204,7 +232,7 @@ mod tests {
         assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), vec![3, 2]);
         f.retain(|id| id != 3);
         assert_eq!(f.ids(), &[1, 2]);
-        assert_eq!(f.vector_at(1), &[0.0, 1.0]);
+        assert_eq!(&*f.vector_at(1), &[0.0, 1.0]);
     }
 
     #[test]

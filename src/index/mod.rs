@@ -67,6 +67,7 @@ use flat::normalize;
 
 use projection::{Projection, ProjectionPlan};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 /// Default switch-over from flat scan to HNSW (vectors in the space), measured: see module docs.
@@ -172,7 +173,9 @@ pub struct SpaceIndex {
     plan: Option<ProjectionPlan>,
     config: IndexConfig,
     flat: FlatIndex,
-    pos: HashMap<u64, usize>,
+    /// Row of each id, built on first use: a cold query that only scans never needs it (100k inserts
+    /// were 5% of one).
+    pos: std::sync::OnceLock<HashMap<u64, usize>>,
     hnsw: Option<HnswGraph>,
     /// Ids in the graph/flat rows that are no longer live.
     dead: HashSet<u64>,
@@ -191,7 +194,7 @@ impl SpaceIndex {
             plan: projection.map(ProjectionPlan::new),
             config,
             flat: FlatIndex::new(dim),
-            pos: HashMap::new(),
+            pos: std::sync::OnceLock::new(),
             hnsw: None,
             dead: HashSet::new(),
         }
@@ -212,19 +215,27 @@ impl SpaceIndex {
     /// Use rows mapped from the space's `.vecs` file (no graph; see [`SpaceIndex::rebuild`]).
     pub(crate) fn attach_mapped(&mut self, rows: vectors::MappedRows) {
         self.flat = FlatIndex::mapped(self.flat.dim(), rows);
-        self.pos = self.positions();
+        self.pos = std::sync::OnceLock::new();
         self.dead.clear();
         self.hnsw = None;
     }
 
     /// Row position of every id in the flat rows.
-    fn positions(&self) -> HashMap<u64, usize> {
-        self.flat
-            .ids()
-            .iter()
-            .enumerate()
-            .map(|(i, id)| (*id, i))
-            .collect()
+    /// The row of each id (built from the rows on first use).
+    fn pos(&self) -> &HashMap<u64, usize> {
+        self.pos.get_or_init(|| {
+            self.flat
+                .ids()
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (*id, i))
+                .collect()
+        })
+    }
+
+    fn pos_mut(&mut self) -> &mut HashMap<u64, usize> {
+        self.pos();
+        self.pos.get_mut().expect("initialised above")
     }
 
     /// Whether the rows are searched in place in a mapped `.vecs` file.
@@ -240,7 +251,7 @@ impl SpaceIndex {
         for (p, id) in self.flat.ids().iter().enumerate() {
             if !self.dead.contains(id) {
                 ids.push(*id);
-                rows.extend_from_slice(self.flat.vector_at(p));
+                rows.extend_from_slice(&self.flat.vector_at(p));
             }
         }
         (ids, rows)
@@ -278,18 +289,18 @@ impl SpaceIndex {
         self.hnsw.as_ref()
     }
     pub fn contains(&self, id: u64) -> bool {
-        self.pos.contains_key(&id) && !self.dead.contains(&id)
+        self.pos().contains_key(&id) && !self.dead.contains(&id)
     }
     /// All ids in the index rows (live and hidden).
     pub fn row_ids(&self) -> &[u64] {
         self.flat.ids()
     }
     /// The indexed unit vector of a live id.
-    pub fn indexed_vector(&self, id: u64) -> Option<&[f32]> {
+    pub fn indexed_vector(&self, id: u64) -> Option<Cow<'_, [f32]>> {
         if self.dead.contains(&id) {
             return None;
         }
-        self.pos.get(&id).map(|&p| self.flat.vector_at(p))
+        self.pos().get(&id).map(|&p| self.flat.vector_at(p))
     }
 
     /// The unit vector that is indexed for a full embedding (projected if the space is).
@@ -312,12 +323,19 @@ impl SpaceIndex {
     /// Add a full embedding to the flat rows (not to the graph; see [`SpaceIndex::add`]). An id already
     /// present is revived if hidden and otherwise left alone.
     fn push_row(&mut self, id: u64, full: &[f32]) -> Result<bool, IndexError> {
-        if self.pos.contains_key(&id) {
+        if self.pos().contains_key(&id) {
             self.dead.remove(&id);
             return Ok(false);
         }
-        let v = self.prepare(full)?;
-        self.pos.insert(id, self.flat.len());
+        let mut v = self.prepare(full)?;
+        if self.projection.is_some() {
+            // Projected rows are kept at f16 in the `.vecs` file: round them here too, so that a
+            // rebuilt index and a mapped file hold the same values.
+            v.iter_mut()
+                .for_each(|x| *x = half::f16::from_f32(*x).to_f32());
+        }
+        let row = self.flat.len();
+        self.pos_mut().insert(id, row);
         self.flat.push_unit(id, &v);
         Ok(true)
     }
@@ -331,11 +349,11 @@ impl SpaceIndex {
             }
         }
         if let Some(g) = &self.hnsw {
-            let rows: Vec<(u64, &[f32])> = new
+            let owned: Vec<(u64, Cow<'_, [f32]>)> = new
                 .iter()
-                .map(|id| (*id, self.flat.vector_at(self.pos[id])))
+                .map(|id| (*id, self.flat.vector_at(self.pos()[id])))
                 .collect();
-            g.insert_many(&rows)?;
+            g.insert_many(&borrowed(&owned))?;
         }
         Ok(new.len())
     }
@@ -343,7 +361,7 @@ impl SpaceIndex {
     /// Hide ids (tombstones). Returns how many were live.
     pub fn remove(&mut self, ids: &[u64]) -> usize {
         ids.iter()
-            .filter(|id| self.pos.contains_key(id) && self.dead.insert(**id))
+            .filter(|id| self.pos().contains_key(id) && self.dead.insert(**id))
             .count()
     }
 
@@ -367,14 +385,18 @@ impl SpaceIndex {
         if !self.dead.is_empty() {
             let dead = std::mem::take(&mut self.dead);
             self.flat.retain(|id| !dead.contains(&id));
-            self.pos = self.positions();
+            self.pos = std::sync::OnceLock::new();
         }
         self.hnsw = None;
         if self.wants_graph() {
-            let rows: Vec<(u64, &[f32])> = (0..self.flat.len())
+            let owned: Vec<(u64, Cow<'_, [f32]>)> = (0..self.flat.len())
                 .map(|p| (self.flat.ids()[p], self.flat.vector_at(p)))
                 .collect();
-            self.hnsw = Some(HnswGraph::build(self.flat.dim(), &rows, self.config.hnsw)?);
+            self.hnsw = Some(HnswGraph::build(
+                self.flat.dim(),
+                &borrowed(&owned),
+                self.config.hnsw,
+            )?);
         }
         Ok(())
     }
@@ -395,18 +417,19 @@ impl SpaceIndex {
             .filter(|id| !in_graph.contains(id))
             .collect();
         for id in graph_ids {
-            if !self.pos.contains_key(id) {
+            if !self.pos().contains_key(id) {
                 // Present in the graph only: keep a zero row so positions stay aligned, hidden.
-                self.pos.insert(*id, self.flat.len());
+                let row = self.flat.len();
+                self.pos_mut().insert(*id, row);
                 self.flat.push_unit(*id, &vec![0.0; self.flat.dim()]);
                 self.dead.insert(*id);
             }
         }
-        let rows: Vec<(u64, &[f32])> = missing
+        let owned: Vec<(u64, Cow<'_, [f32]>)> = missing
             .iter()
-            .map(|id| (*id, self.flat.vector_at(self.pos[id])))
+            .map(|id| (*id, self.flat.vector_at(self.pos()[id])))
             .collect();
-        g.insert_many(&rows)?;
+        g.insert_many(&borrowed(&owned))?;
         self.hnsw = Some(g);
         Ok(missing.len())
     }
@@ -470,6 +493,11 @@ impl SpaceIndex {
             engine,
         ))
     }
+}
+
+/// `(id, row)` pairs borrowed from rows that may be copies (mapped f16 rows are converted).
+fn borrowed<'a>(owned: &'a [(u64, Cow<'_, [f32]>)]) -> Vec<(u64, &'a [f32])> {
+    owned.iter().map(|(id, v)| (*id, &**v)).collect()
 }
 
 /// Exact cosine top-k over full vectors: the ground truth for tests and benchmarks.
