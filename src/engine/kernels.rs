@@ -872,7 +872,7 @@ impl CustomOp2 for Linear {
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
@@ -882,7 +882,11 @@ impl CustomOp2 for Linear {
         let inp = self.w.dim(1)?;
         let (dx, db) = with_f32(&grad, |gs, lg| {
             let g = contiguous_slice(gs, lg, "grad")?;
-            let dx = self.input_grad(g, n, out)?;
+            // No trained parameter below this layer's input: its gradient is never used.
+            let dx = x
+                .track_op()
+                .then(|| self.input_grad(g, n, out))
+                .transpose()?;
             let db = if b.track_op() {
                 let s = block_col_sums(n, out, 1, |rows, acc| {
                     add_into_rows(&mut acc[0], &g[rows.start * out..rows.end * out]);
@@ -893,7 +897,7 @@ impl CustomOp2 for Linear {
             };
             Ok((dx, db))
         })?;
-        Ok((Some(out_tensor(dx, (n, inp))?), db))
+        Ok((dx.map(|dx| out_tensor(dx, (n, inp))).transpose()?, db))
     }
 }
 
@@ -1060,7 +1064,14 @@ impl CustomOp3 for LoraLinear {
                     let b = contiguous_slice(bs, lb, "b")?;
                     with_f32(&grad, |gs, lg| {
                         let g = contiguous_slice(gs, lg, "grad")?;
-                        let mut dx = Linear { w: self.w.clone() }.input_grad(g, n, out)?;
+                        // No trained parameter below this layer's input (the first layer's, for a
+                        // LoRA): its gradient is never used, and it is this backward's largest GEMM.
+                        let want_dx = xt.track_op();
+                        let mut dx = if want_dx {
+                            Linear { w: self.w.clone() }.input_grad(g, n, out)?
+                        } else {
+                            Vec::new()
+                        };
                         // u = scale_j * dY_j B_j (N, R), per block.
                         let mut u = vec![0f32; n * rr];
                         let mut db = vec![0f32; bo * rr];
@@ -1117,21 +1128,23 @@ impl CustomOp3 for LoraLinear {
                         // SAFETY: shapes checked.
                         unsafe {
                             // dX += u A.
-                            mm(
-                                n,
-                                inp,
-                                rr,
-                                dx.as_mut_ptr(),
-                                inp,
-                                true,
-                                u.as_ptr(),
-                                rr,
-                                1,
-                                a.as_ptr(),
-                                inp,
-                                1,
-                                gemm_par(n * inp * rr),
-                            );
+                            if want_dx {
+                                mm(
+                                    n,
+                                    inp,
+                                    rr,
+                                    dx.as_mut_ptr(),
+                                    inp,
+                                    true,
+                                    u.as_ptr(),
+                                    rr,
+                                    1,
+                                    a.as_ptr(),
+                                    inp,
+                                    1,
+                                    gemm_par(n * inp * rr),
+                                );
+                            }
                             // dA = u^T X (R, in).
                             mm(
                                 rr,
@@ -1155,7 +1168,9 @@ impl CustomOp3 for LoraLinear {
             })
         })?;
         Ok((
-            Some(out_tensor(dx, (n, inp))?),
+            xt.track_op()
+                .then(|| out_tensor(dx, (n, inp)))
+                .transpose()?,
             at.track_op()
                 .then(|| out_tensor(da, (rr, inp)))
                 .transpose()?,
