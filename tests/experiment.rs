@@ -358,3 +358,49 @@ fn bad_configs_name_the_file_and_the_problem() {
     let e = ExperimentConfig::load(&p).unwrap_err().to_string();
     assert!(e.contains("tau"), "{e}");
 }
+
+/// Every record of the committed replication results reads back as its phase's typed data (a missing or
+/// mistyped field would be an error naming the record), and writing it again gives the same JSON.
+#[test]
+fn committed_records_read_back_typed() {
+    use peftdb::experiment::records::{IndicatorsData, LimitedData, TextembData, ZooData};
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("results.jsonl");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/replication/results.jsonl"),
+        &copy,
+    )
+    .unwrap();
+    let r = ResultsFile::open(&copy).unwrap();
+    fn again<T: serde::Serialize + serde::de::DeserializeOwned>(
+        rec: &peftdb::experiment::Record,
+    ) -> serde_json::Value {
+        serde_json::to_value(rec.data_as::<T>().unwrap()).unwrap()
+    }
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for rec in r.records() {
+        let back = match rec.phase.as_str() {
+            "zoo" => again::<ZooData>(rec),
+            "textemb" => again::<TextembData>(rec),
+            "limited" => again::<LimitedData>(rec),
+            "indicators" => again::<IndicatorsData>(rec),
+            other => panic!("record {}: unknown phase {other}", rec.key),
+        };
+        assert_eq!(
+            back, rec.data,
+            "record {} changes when written again",
+            rec.key
+        );
+        *seen.entry(rec.phase.clone()).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    // A record missing its example count is refused, naming it.
+    let mut bad = r
+        .records()
+        .find(|x| x.phase == "indicators")
+        .unwrap()
+        .clone();
+    bad.data.as_object_mut().unwrap().remove("examples");
+    let e = bad.data_as::<IndicatorsData>().unwrap_err().to_string();
+    assert!(e.contains(&bad.key) && e.contains("examples"), "{e}");
+}

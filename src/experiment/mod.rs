@@ -26,6 +26,7 @@ pub(crate) mod compare;
 pub(crate) mod metrics;
 pub(crate) mod plot;
 pub(crate) mod predict;
+pub mod records;
 pub(crate) mod report;
 pub(crate) mod results;
 pub mod transfer;
@@ -590,7 +591,11 @@ impl Runner<'_> {
                     *task,
                     "base".to_string(),
                     0,
-                    json!({"vector": mean, "train_size": t.train.len(), "examples": rows.len()}),
+                    to_data(&records::TextembData {
+                        vector: mean,
+                        train_size: t.train.len(),
+                        examples: rows.len(),
+                    }),
                 )
             }
             Job::Limited { task, init, seed } => {
@@ -643,14 +648,27 @@ impl Runner<'_> {
         for (ck, name) in [(&out.early, "early"), (&out.best, "best")] {
             write_fresh(&ck.object, &zoo_dir(self.out, &t.name, method, name))?;
         }
-        let ck = |c: &crate::engine::train::Checkpoint| json!({"step": c.step, "dev_accuracy": c.dev_accuracy, "test_accuracy": c.test_accuracy});
-        Ok(json!({
-            "method": method.as_str(),
-            "train_size": t.train.len(),
-            "train_used": train_ex.len(),
-            "early": ck(&out.early),
-            "best": ck(&out.best),
-            "history": out.history.iter().map(|h| json!({"step": h.step, "dev_accuracy": h.dev_accuracy, "dev_loss": h.dev_loss, "train_loss": h.train_loss})).collect::<Vec<_>>(),
+        let ck = |c: &crate::engine::train::Checkpoint| records::CheckpointData {
+            step: c.step,
+            dev_accuracy: c.dev_accuracy,
+            test_accuracy: c.test_accuracy,
+        };
+        Ok(to_data(&records::ZooData {
+            method: method.as_str().to_string(),
+            train_size: t.train.len(),
+            train_used: train_ex.len(),
+            early: ck(&out.early),
+            best: ck(&out.best),
+            history: out
+                .history
+                .iter()
+                .map(|h| records::HistoryPoint {
+                    step: h.step,
+                    dev_accuracy: h.dev_accuracy,
+                    dev_loss: h.dev_loss,
+                    train_loss: h.train_loss,
+                })
+                .collect(),
         }))
     }
 
@@ -709,7 +727,7 @@ impl Runner<'_> {
         task: usize,
         init: &Init,
         seed: u64,
-    ) -> Result<(Option<LightweightObject>, serde_json::Value)> {
+    ) -> Result<(Option<LightweightObject>, records::InitData)> {
         let l = &self.cfg.limited;
         let name = self.tasks[task].name.clone();
         let ens = |source| ExperimentError::Ensemble {
@@ -717,15 +735,18 @@ impl Runner<'_> {
             source,
         };
         Ok(match init {
-            Init::Scratch => (None, json!({})),
+            Init::Scratch => (None, records::InitData::default()),
             Init::Source(s) => (
                 Some(self.zoo_object(*s, l.method, &l.checkpoint)?),
-                json!({}),
+                records::InitData::default(),
             ),
             Init::Average => {
                 let (_, objs) = self.sources(task)?;
                 let refs: Vec<&LightweightObject> = objs.iter().collect();
-                (Some(average(&refs).map_err(ens)?), json!({}))
+                (
+                    Some(average(&refs).map_err(ens)?),
+                    records::InitData::default(),
+                )
             }
             Init::Manual => {
                 let (idx, objs) = self.sources(task)?;
@@ -746,36 +767,41 @@ impl Runner<'_> {
                     let refs: Vec<&LightweightObject> = objs.iter().collect();
                     (
                         Some(average(&refs).map_err(ens)?),
-                        json!({"group_members": [], "fallback": "average"}),
+                        records::InitData {
+                            group_members: Some(Vec::new()),
+                            fallback: Some("average".into()),
+                            ..Default::default()
+                        },
                     )
                 } else {
                     (
                         Some(average(&same).map_err(ens)?),
-                        json!({ "group_members": members }),
+                        records::InitData {
+                            group_members: Some(members.iter().map(|m| m.to_string()).collect()),
+                            ..Default::default()
+                        },
                     )
                 }
             }
             Init::Ensemble(ind) => {
                 let rec = self.indicator_record(task, seed)?;
-                // Both fields are required: a missing count would silently rescale the weights.
+                // Every field is required (typed): a missing count would silently rescale the weights.
+                let data: records::IndicatorsData = rec.data_as()?;
                 let bad = |what: String| {
                     ExperimentError::Report(format!(
                         "record {} has {what}; remove that line from results.jsonl and re-run to compute it again",
                         rec.key
                     ))
                 };
-                let scores: Vec<f64> = rec.data["scores"][ind.as_str()]
-                    .as_array()
-                    .ok_or_else(|| bad(format!("no {} scores", ind.as_str())))?
-                    .iter()
-                    .map(|v| v.as_f64())
-                    .collect::<Option<_>>()
-                    .ok_or_else(|| bad(format!("a non-numeric {} score", ind.as_str())))?;
-                let n = rec.data["examples"]
-                    .as_u64()
-                    .filter(|&n| n > 0)
-                    .ok_or_else(|| bad("no \"examples\" count".to_string()))?
-                    as usize;
+                let scores: Vec<f64> = data
+                    .scores
+                    .get(ind.as_str())
+                    .cloned()
+                    .ok_or_else(|| bad(format!("no {} scores", ind.as_str())))?;
+                let n = data.examples;
+                if n == 0 {
+                    return Err(bad("an \"examples\" count of 0".to_string()));
+                }
                 let (idx, objs) = self.sources(task)?;
                 if scores.len() != objs.len() {
                     return Err(ExperimentError::Report(format!(
@@ -789,7 +815,14 @@ impl Runner<'_> {
                 let refs: Vec<&LightweightObject> = objs.iter().collect();
                 let obj = merge(&refs, &w, MergeMode::Param).map_err(ens)?;
                 let names: Vec<&str> = idx.iter().map(|s| self.tasks[*s].name.as_str()).collect();
-                (Some(obj), json!({"sources": names, "weights": w}))
+                (
+                    Some(obj),
+                    records::InitData {
+                        sources: Some(names.iter().map(|n| n.to_string()).collect()),
+                        weights: Some(w),
+                        ..Default::default()
+                    },
+                )
             }
         })
     }
@@ -817,12 +850,12 @@ impl Runner<'_> {
                 &scratch_dir(self.out, self.cfg, &t.name, seed),
             )?;
         }
-        Ok(json!({
-            "test_accuracy": out.best.test_accuracy,
-            "dev_accuracy": out.best.dev_accuracy,
-            "train_examples": train_ex.len(),
-            "test_examples": test.len(),
-            "init": extra,
+        Ok(to_data(&records::LimitedData {
+            test_accuracy: out.best.test_accuracy,
+            dev_accuracy: out.best.dev_accuracy,
+            train_examples: train_ex.len(),
+            test_examples: test.len(),
+            init: extra,
         }))
     }
 
@@ -867,14 +900,18 @@ impl Runner<'_> {
                 scores.iter().map(|c| c.scores[ind.as_str()]).collect(),
             );
         }
-        let names: Vec<&str> = idx.iter().map(|s| self.tasks[*s].name.as_str()).collect();
-        Ok(json!({
-            "sources": names,
-            "examples": n,
-            "scores": by_ind,
-            "accuracy": scores.iter().map(|c| c.accuracy).collect::<Vec<_>>(),
+        Ok(to_data(&records::IndicatorsData {
+            sources: idx.iter().map(|s| self.tasks[*s].name.clone()).collect(),
+            examples: n,
+            scores: by_ind,
+            accuracy: scores.iter().map(|c| c.accuracy).collect(),
         }))
     }
+}
+
+/// A record's data from its phase's type (the JSON the harness always wrote: keys sorted).
+fn to_data<T: serde::Serialize>(data: &T) -> serde_json::Value {
+    serde_json::to_value(data).expect("records serialize: plain numbers, strings and lists")
 }
 
 /// Load the tasks of a config.

@@ -195,15 +195,11 @@ pub fn predictions(
                         && r.task == t.name
                         && r.protocol == cfg.protocol_hash("textemb")
                 })
-                .and_then(|r| r.data["vector"].as_array().cloned())
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_f64())
-                        .map(|x| x as f32)
-                        .collect()
-                })
+                .map(|r| r.data_as::<super::records::TextembData>())
+                .transpose()
+                .map(|d| d.map(|d| d.vector.iter().map(|x| *x as f32).collect()))
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     if textemb.iter().all(|v| v.is_some()) {
         p.insert("textemb".into(), cos_matrix(&textemb));
     }

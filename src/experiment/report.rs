@@ -7,7 +7,8 @@ use super::compare;
 use super::metrics::{mean_sd, median, ndcg, rho};
 use super::plot;
 use super::predict::{predictions, Predictions};
-use super::results::{Record, ResultsFile};
+use super::records::{IndicatorsData, LimitedData, ZooData};
+use super::results::ResultsFile;
 use super::{load_tasks, ExperimentConfig, ExperimentError};
 use crate::task::Task;
 use rand::seq::SliceRandom;
@@ -144,12 +145,12 @@ pub fn gather(
     tasks: &[Task],
     results: &ResultsFile,
     preds: &Predictions,
-) -> ReportData {
+) -> Result<ReportData, ExperimentError> {
     let names: Vec<String> = tasks.iter().map(|t| t.name.clone()).collect();
     let n = names.len();
     let (lim_p, pewe_p) = (cfg.protocol_hash("limited"), cfg.protocol_hash("pewe"));
     let mut limited = BTreeMap::new();
-    let mut indicators: BTreeMap<(String, u64), &Record> = BTreeMap::new();
+    let mut indicators: BTreeMap<(String, u64), IndicatorsData> = BTreeMap::new();
     let mut runs_done = 0;
     for r in results.records() {
         let current = match r.phase.as_str() {
@@ -171,11 +172,11 @@ pub fn gather(
         }
         runs_done += 1;
         if r.phase == "limited" {
-            if let Some(a) = r.data["test_accuracy"].as_f64() {
+            if let Some(a) = r.data_as::<LimitedData>()?.test_accuracy {
                 limited.insert((r.task.clone(), r.init.clone(), r.seed), a);
             }
         } else if r.phase == "indicators" {
-            indicators.insert((r.task.clone(), r.seed), r);
+            indicators.insert((r.task.clone(), r.seed), r.data_as()?);
         }
     }
     let seeds = cfg.limited.seeds.clone();
@@ -303,17 +304,9 @@ pub fn gather(
     let value = |t: usize, init: &str, seed: u64| -> Option<f64> {
         if let Some(ind) = init.strip_prefix("best-single:") {
             let rec = indicators.get(&(names[t].clone(), seed))?;
-            let scores: Vec<f64> = rec.data["scores"][ind]
-                .as_array()?
-                .iter()
-                .filter_map(|v| v.as_f64())
-                .collect();
-            let sources: Vec<&str> = rec.data["sources"]
-                .as_array()?
-                .iter()
-                .filter_map(|v| v.as_str())
-                .collect();
-            let best = super::metrics::predicted_order(&scores).first().copied()?;
+            let scores = rec.scores.get(ind)?;
+            let sources = &rec.sources;
+            let best = super::metrics::predicted_order(scores).first().copied()?;
             acc(&names[t], &format!("source:{}", sources.get(best)?), seed).copied()
         } else {
             acc(&names[t], init, seed).copied()
@@ -358,7 +351,7 @@ pub fn gather(
             }
         }
     }
-    ReportData {
+    Ok(ReportData {
         tasks: names,
         seeds,
         limited,
@@ -370,7 +363,7 @@ pub fn gather(
         pewe,
         pewe_targets,
         runs_done,
-    }
+    })
 }
 
 /// The smallest number of seeds n with mean - 2 sd / sqrt(n) > 0, were the mean and sd to stay as
@@ -510,7 +503,7 @@ pub fn write_report(
     let tasks = load_tasks(cfg)?;
     let results = ResultsFile::open(&out.join("results.jsonl"))?;
     let preds = predictions(cfg, out, &tasks, &results)?;
-    let data = gather(cfg, &tasks, &results, &preds);
+    let data = gather(cfg, &tasks, &results, &preds)?;
     let names = &data.tasks;
     let n = names.len();
     let mut files = Vec::new();
@@ -623,15 +616,15 @@ pub fn write_report(
             let rec = results.records().find(|r| {
                 r.phase == "zoo" && r.task == t.name && r.init == m.as_str() && r.protocol == zoo_p
             });
+            let zoo: Option<ZooData> = rec.map(|r| r.data_as()).transpose()?;
             for ck in ["early", "best"] {
-                match rec {
-                    Some(r) => {
-                        let c = &r.data[ck];
-                        let _ = write!(
-                            row,
-                            "{} | ",
-                            c["test_accuracy"].as_f64().map(pct).unwrap_or("-".into())
-                        );
+                match &zoo {
+                    Some(z) => {
+                        let c = if ck == "early" { &z.early } else { &z.best };
+                        // Numbers as the JSON spells them (the CSV's format since the first report).
+                        let num = |x: Option<f64>| serde_json::Value::from(x);
+                        let _ =
+                            write!(row, "{} | ", c.test_accuracy.map(pct).unwrap_or("-".into()));
                         let _ = writeln!(
                             zoo_csv,
                             "{},{},{},{},{},{},{},{}",
@@ -640,9 +633,9 @@ pub fn write_report(
                             t.train.len(),
                             m,
                             ck,
-                            c["step"],
-                            c["dev_accuracy"],
-                            c["test_accuracy"]
+                            c.step,
+                            num(Some(c.dev_accuracy)),
+                            num(c.test_accuracy)
                         );
                     }
                     None => row.push_str("- | "),
@@ -1020,7 +1013,7 @@ pub fn write_report(
     if let Some((bcfg, label)) = baseline {
         let btasks = load_tasks(bcfg)?;
         let bpreds = predictions(bcfg, out, &btasks, &results)?;
-        let bdata = gather(bcfg, &btasks, &results, &bpreds);
+        let bdata = gather(bcfg, &btasks, &results, &bpreds)?;
         let c = compare::compare(&data, &bdata);
         md.push_str(&compare::markdown(&c, label));
         let mut csv = String::from(

@@ -31,6 +31,13 @@ pub enum ResultsError {
         line: usize,
         detail: String,
     },
+    #[error("record {key}: its data is not a {phase} record ({source}); remove that line from the results file and re-run to compute it again")]
+    BadData {
+        key: String,
+        phase: String,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// One finished run.
@@ -60,6 +67,16 @@ pub struct Record {
 impl Record {
     pub fn make_key(phase: &str, task: &str, init: &str, seed: u64, protocol: &str) -> String {
         format!("{phase}/{task}/{init}/{seed}@{protocol}")
+    }
+
+    /// The record's data as its phase's type (`super::records`): a missing or mistyped field is an
+    /// error naming the record.
+    pub fn data_as<T: serde::de::DeserializeOwned>(&self) -> Result<T, ResultsError> {
+        T::deserialize(&self.data).map_err(|source| ResultsError::BadData {
+            key: self.key.clone(),
+            phase: self.phase.clone(),
+            source,
+        })
     }
 }
 
