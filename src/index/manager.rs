@@ -102,6 +102,22 @@ fn basename(space: SpaceId, generation: u64) -> String {
     format!("space-{space}-g{generation}")
 }
 
+/// Rebuild a space's index (graph included when it wants one), reporting it to `progress`.
+fn rebuild_reporting(
+    idx: &mut SpaceIndex,
+    rec: &SpaceRecord,
+    progress: &dyn Fn(Progress<'_>),
+) -> Result<(), IndexError> {
+    let label = rec.key.label();
+    progress(Progress::Building {
+        space: &label,
+        total: idx.len() as u64,
+    });
+    idx.rebuild()?;
+    progress(Progress::Built { space: &label });
+    Ok(())
+}
+
 /// BLAKE3 over files, each prefixed by its length.
 fn checksum(files: &[PathBuf]) -> Result<String, IndexError> {
     let mut h = blake3::Hasher::new();
@@ -411,13 +427,7 @@ impl IndexManager {
                     }
                 }
                 Err(reason) => {
-                    let label = rec.key.label();
-                    progress(Progress::Building {
-                        space: &label,
-                        total: idx.len() as u64,
-                    });
-                    idx.rebuild()?;
-                    progress(Progress::Built { space: &label });
+                    rebuild_reporting(&mut idx, rec, progress)?;
                     self.persist(store, &idx, warnings);
                     SpaceState::Rebuilt { reason }
                 }
@@ -617,13 +627,7 @@ impl IndexManager {
             idx.add(&new)?;
             let mut changed = !new.is_empty() || !gone.is_empty();
             let state = if idx.needs_compaction() || (idx.wants_graph() && !had_graph) {
-                let label = rec.key.label();
-                progress(Progress::Building {
-                    space: &label,
-                    total: idx.len() as u64,
-                });
-                idx.rebuild()?;
-                progress(Progress::Built { space: &label });
+                rebuild_reporting(idx, &rec, progress)?;
                 changed = true;
                 SpaceState::Rebuilt {
                     reason: "tombstones over the rebuild fraction, or the space passed the HNSW switch-over".into(),

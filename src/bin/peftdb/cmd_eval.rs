@@ -3,8 +3,6 @@
 
 use anyhow::Context;
 use indicatif::ProgressBar;
-use peftdb::engine::ScoreOptions;
-use peftdb::engine::{parse_device, Engine, EngineOptions};
 use peftdb::object::{read_adapter, ReadOptions};
 use peftdb::task::{Split, Task};
 use std::io::IsTerminal;
@@ -13,9 +11,8 @@ use std::path::PathBuf;
 /// Evaluate an adapter on a task split.
 #[derive(clap::Args, Debug, Clone)]
 pub struct EvalArgs {
-    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
-    #[arg(long)]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub engine: crate::args::ModelArgs,
     /// Task folder (task.json + train/dev/test.jsonl).
     #[arg(long)]
     pub task: PathBuf,
@@ -30,28 +27,12 @@ pub struct EvalArgs {
     pub db: Option<PathBuf>,
     #[arg(long, default_value = "test")]
     pub split: Split,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Label-scoring temperature (logits = cosine / T).
-    #[arg(long, default_value_t = peftdb::engine::DEFAULT_TEMPERATURE)]
-    pub temperature: f64,
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-    /// Maximum tokens per text.
-    #[arg(long, default_value_t = 128)]
-    pub max_len: usize,
 }
 
 pub fn run(args: EvalArgs, json: bool) -> anyhow::Result<()> {
-    let device = parse_device(&args.device)?;
-    let engine = Engine::load_with(
-        &args.model,
-        &device,
-        &EngineOptions {
-            max_len: args.max_len,
-        },
-    )?;
+    let engine = args.engine.load()?;
     let task = Task::load(&args.task)?;
     let (obj, source) = if let Some(dir) = &args.adapter {
         (
@@ -66,10 +47,7 @@ pub fn run(args: EvalArgs, json: bool) -> anyhow::Result<()> {
         (None, "base model".to_string())
     };
     let examples = task.split(args.split);
-    let opts = ScoreOptions {
-        temperature: args.temperature,
-        batch_size: args.batch_size.max(1),
-    };
+    let opts = args.engine.score(args.batch_size);
     let bar = std::io::stderr()
         .is_terminal()
         .then(|| ProgressBar::new(examples.len() as u64));
@@ -98,7 +76,7 @@ pub fn run(args: EvalArgs, json: bool) -> anyhow::Result<()> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "task": task.name, "split": split, "adapter": source,
                 "examples": examples.len(), "accuracy": acc, "loss": loss,
-                "majority_rate": majority, "temperature": args.temperature,
+                "majority_rate": majority, "temperature": args.engine.temperature,
             }))?
         );
     } else {

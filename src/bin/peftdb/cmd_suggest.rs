@@ -5,7 +5,6 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use peftdb::engine::ScoreOptions;
-use peftdb::engine::{parse_device, Engine, EngineOptions};
 use peftdb::ensemble::MergeKind;
 use peftdb::index::{IndexConfig, IndexManager};
 use peftdb::object::{read_adapter, LightweightObject, MethodKind, ReadOptions};
@@ -33,20 +32,10 @@ fn bar() -> ProgressBar {
     pb
 }
 
-fn load_engine(model: &Path, device: &str, max_len: usize) -> Result<Engine> {
-    let device = parse_device(device)?;
-    Ok(Engine::load_with(
-        model,
-        &device,
-        &EngineOptions { max_len },
-    )?)
-}
-
 #[derive(Args, Debug)]
 pub struct SuggestArgs {
-    /// Base model folder (config.json, model.safetensors, tokenizer.json).
-    #[arg(long)]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub engine: crate::args::ModelArgs,
     /// The new task's folder (task.json + train/dev/test JSONL; only `--shots` per class are used).
     #[arg(long)]
     pub task: PathBuf,
@@ -94,18 +83,9 @@ pub struct SuggestArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Label-scoring temperature.
-    #[arg(long, default_value_t = peftdb::engine::DEFAULT_TEMPERATURE)]
-    pub temperature: f64,
     /// Base model name of the target (default: the store's, for --method).
     #[arg(long)]
     pub base_model: Option<String>,
-    /// Maximum tokens per text.
-    #[arg(long, default_value_t = 128)]
-    pub max_len: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
     /// Output folder: the initialization (PEFT format) and peftdb_report.json.
     #[arg(long)]
     pub out: PathBuf,
@@ -131,7 +111,7 @@ pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
         ..IndexConfig::one_shot()
     };
     let (index, _) = IndexManager::open(&store, config, &|_| {})?;
-    let engine = load_engine(&a.model, &a.device, a.max_len)?;
+    let engine = a.engine.load()?;
     let task = Task::load(&a.task)?;
     let adapter = match &a.adapter {
         Some(p) => Some(
@@ -151,7 +131,7 @@ pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
         short_tune_steps: a.steps,
         seed: a.seed,
         score: ScoreOptions {
-            temperature: a.temperature,
+            temperature: a.engine.temperature,
             ..Default::default()
         },
         noise_z: a.noise_z,
@@ -260,9 +240,8 @@ pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
 
 #[derive(Args, Debug)]
 pub struct RerankArgs {
-    /// Base model folder.
-    #[arg(long)]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub engine: crate::args::ModelArgs,
     /// The new task's folder.
     #[arg(long)]
     pub task: PathBuf,
@@ -293,12 +272,6 @@ pub struct RerankArgs {
     /// Training steps for euclidean / performance.
     #[arg(long, default_value_t = 10)]
     pub m_steps: usize,
-    #[arg(long, default_value_t = peftdb::engine::DEFAULT_TEMPERATURE)]
-    pub temperature: f64,
-    #[arg(long, default_value_t = 128)]
-    pub max_len: usize,
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
 }
 
 pub fn rerank_cmd(db: &Path, a: &RerankArgs, json: bool) -> Result<u8> {
@@ -327,7 +300,7 @@ pub fn rerank_cmd(db: &Path, a: &RerankArgs, json: bool) -> Result<u8> {
         ),
         None => None,
     };
-    let engine = load_engine(&a.model, &a.device, a.max_len)?;
+    let engine = a.engine.load()?;
     let task = Task::load(&a.task)?;
     // The pipeline's episode: the same examples `suggest --shots N --seed S` scores candidates on.
     let episode = Episode::sample(&task, a.shots, a.seed)?;
@@ -344,7 +317,7 @@ pub fn rerank_cmd(db: &Path, a: &RerankArgs, json: bool) -> Result<u8> {
     let opts = RerankOptions {
         indicators: a.indicator.clone(),
         score: ScoreOptions {
-            temperature: a.temperature,
+            temperature: a.engine.temperature,
             ..Default::default()
         },
         m_steps: a.m_steps,

@@ -2,7 +2,6 @@
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use peftdb::engine::{parse_device, Engine, EngineOptions};
 use peftdb::engine::{train, TrainConfig, TrainData, TrainProgress as Progress};
 use peftdb::object::{read_adapter, write_adapter, MethodKind, ReadOptions};
 use peftdb::task::{few_shot, Task};
@@ -12,9 +11,8 @@ use std::path::PathBuf;
 /// Train an adapter (writes OUT/best and OUT/early, plus OUT/train_report.json).
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainArgs {
-    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
-    #[arg(long)]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub engine: crate::args::ModelArgs,
     /// Task folder (task.json + train/dev/test.jsonl).
     #[arg(long)]
     pub task: PathBuf,
@@ -24,9 +22,6 @@ pub struct TrainArgs {
     /// Output folder (must not exist or be empty).
     #[arg(long)]
     pub out: PathBuf,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
     /// Few-shot: k training examples per class (seeded); all of train.jsonl if omitted.
     #[arg(long)]
     pub k: Option<usize>,
@@ -68,12 +63,6 @@ pub struct TrainArgs {
     pub patience: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Label-scoring temperature (logits = cosine / T).
-    #[arg(long, default_value_t = peftdb::engine::DEFAULT_TEMPERATURE)]
-    pub temperature: f64,
-    /// Maximum tokens per text.
-    #[arg(long, default_value_t = 128)]
-    pub max_len: usize,
     /// Start from this PEFT / AdapterHub / BitFit folder.
     #[arg(long, conflicts_with = "init_object")]
     pub init: Option<PathBuf>,
@@ -89,14 +78,7 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: TrainArgs, json: bool) -> anyhow::Result<()> {
-    let device = parse_device(&args.device)?;
-    let engine = Engine::load_with(
-        &args.model,
-        &device,
-        &EngineOptions {
-            max_len: args.max_len,
-        },
-    )?;
+    let engine = args.engine.load()?;
     let task = Task::load(&args.task)?;
     if args.out.exists()
         && std::fs::read_dir(&args.out)
@@ -128,7 +110,7 @@ pub fn run(args: TrainArgs, json: bool) -> anyhow::Result<()> {
     cfg.eval_every = args.eval_every;
     cfg.patience = (args.patience > 0).then_some(args.patience);
     cfg.seed = args.seed;
-    cfg.temperature = args.temperature;
+    cfg.temperature = args.engine.temperature;
     cfg.base_model_name = args.base_model_name.clone();
     cfg.init = if let Some(dir) = &args.init {
         Some(read_adapter(dir, &ReadOptions::default())?)
@@ -184,7 +166,7 @@ pub fn run(args: TrainArgs, json: bool) -> anyhow::Result<()> {
         &outcome,
         train_ex.len(),
         started.elapsed().as_secs_f64(),
-        args.max_len,
+        args.engine.max_len,
         &args.out,
     );
     std::fs::write(

@@ -3,6 +3,7 @@
 //! Exit codes: 0 success; 1 error; 2 usage error; 3 finished, but some adapters were rejected (ingest);
 //! 4 the store is held by another writer; 5 not found.
 
+mod args;
 mod cmd_eval;
 mod cmd_experiment;
 mod cmd_merge;
