@@ -257,3 +257,70 @@ fn stacked_lora_candidates_score_like_one_pass_each() {
         }
     }
 }
+
+/// `peftdb rerank` is a shell over `transfer::score_episode`: on the same episode (task, shots, seed,
+/// label prior) the CLI's JSON gives the library's scores, accuracies and bare model.
+#[test]
+fn cli_rerank_is_the_library_stage() {
+    use peftdb::transfer::{score_episode, Episode, LabelPrior};
+    let task_dir = common::shared_dir().join("tasks/movie_sentiment");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_peftdb"))
+        .args(["--db", "/nonexistent/none.peftdb", "rerank", "--json"])
+        .arg("--model")
+        .arg(common::model_dir())
+        .arg("--task")
+        .arg(&task_dir)
+        .arg("--adapter")
+        .arg(common::fixture("lora_r8_qv"))
+        .arg("--adapter")
+        .arg(common::fixture("lora_rslora"))
+        .args([
+            "--shots",
+            "4",
+            "--seed",
+            "3",
+            "--indicator",
+            "loss,cos-logits",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    let engine = Engine::load(&common::model_dir(), &candle_core::Device::Cpu).unwrap();
+    let task = Task::load(&task_dir).unwrap();
+    let episode = Episode::sample(&task, 4, 3).unwrap();
+    let cands = [fixture("lora_r8_qv"), fixture("lora_rslora")];
+    let refs: Vec<&LightweightObject> = cands.iter().collect();
+    let opts = RerankOptions {
+        indicators: vec![Indicator::Loss, Indicator::CosLogits],
+        seed: 3,
+        ..Default::default()
+    };
+    let s = score_episode(
+        &engine,
+        &task,
+        &episode,
+        None,
+        &refs,
+        &opts,
+        LabelPrior::Train,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(v["examples"], s.examples);
+    assert!((v["bare"]["accuracy"].as_f64().unwrap() - s.bare.accuracy).abs() < 1e-9);
+    let c = v["candidates"].as_array().unwrap();
+    assert_eq!(c.len(), 2);
+    for (j, lib) in c.iter().zip(&s.candidates) {
+        assert!((j["accuracy"].as_f64().unwrap() - lib.accuracy).abs() < 1e-9);
+        for k in ["loss", "cos-logits"] {
+            let (a, b) = (j["scores"][k].as_f64().unwrap(), lib.scores[k]);
+            assert!((a - b).abs() <= 1e-9 * (1.0 + b.abs()), "{k}: {a} vs {b}");
+        }
+    }
+}

@@ -482,9 +482,6 @@ pub fn score(
     cfg: &SuggestConfig,
     progress: &mut dyn FnMut(SuggestEvent),
 ) -> Result<Scores, TransferError> {
-    let labels = task.label_texts();
-    let examples = episode.scoring_examples();
-    let weights = episode.weights(task, cfg.prior);
     let ropts = RerankOptions {
         indicators: default_indicators(cfg.indicator),
         score: cfg.score.clone(),
@@ -492,17 +489,44 @@ pub fn score(
         seed: cfg.seed,
         ..Default::default()
     };
+    score_episode(
+        engine,
+        task,
+        episode,
+        Some(target),
+        candidates,
+        &ropts,
+        cfg.prior,
+        &mut |done, total| progress(SuggestEvent::Candidate { done, total }),
+    )
+}
+
+/// The rerank stage on an episode, what [`score`] and `peftdb rerank` share: the bare model and each
+/// candidate scored on the episode's scoring examples, each weighted by `prior`, with `reference` as the
+/// KL indicator's reference adapter. `progress(done, total)` after each candidate.
+#[allow(clippy::too_many_arguments)]
+pub fn score_episode(
+    engine: &Engine,
+    task: &Task,
+    episode: &Episode,
+    reference: Option<&LightweightObject>,
+    candidates: &[&LightweightObject],
+    opts: &RerankOptions,
+    prior: LabelPrior,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Scores, TransferError> {
+    let labels = task.label_texts();
+    let examples = episode.scoring_examples();
+    let weights = episode.weights(task, prior);
     let rin = RerankInput {
         engine,
         label_texts: &labels,
         examples: &examples,
-        reference: Some(target),
+        reference,
         weights: weights.as_deref(),
     };
-    let bare = bare(&rin, &ropts)?;
-    let candidates = rerank(&rin, candidates, &ropts, &mut |done, total| {
-        progress(SuggestEvent::Candidate { done, total })
-    })?;
+    let bare = bare(&rin, opts)?;
+    let candidates = rerank(&rin, candidates, opts, progress)?;
     Ok(Scores {
         examples: examples.len(),
         bare,

@@ -10,12 +10,12 @@ use peftdb::index::{IndexConfig, IndexManager};
 use peftdb::object::{read_adapter, LightweightObject, MethodKind, ReadOptions};
 use peftdb::query::Similarity;
 use peftdb::rerank::Indicator;
-use peftdb::rerank::{bare, rerank, RerankInput, RerankOptions};
+use peftdb::rerank::RerankOptions;
 use peftdb::store::Store;
 use peftdb::suggest::LabelPrior;
 use peftdb::suggest::{suggest, write_suggestion, SuggestConfig, SuggestEvent, SuggestInput};
 use peftdb::task::Task;
-use peftdb::transfer::{Episode, Gain};
+use peftdb::transfer::{score_episode, Episode, Gain, Scores};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
@@ -304,16 +304,6 @@ pub fn rerank_cmd(db: &Path, a: &RerankArgs, json: bool) -> Result<u8> {
     let task = Task::load(&a.task)?;
     // The pipeline's episode: the same examples `suggest --shots N --seed S` scores candidates on.
     let episode = Episode::sample(&task, a.shots, a.seed)?;
-    let examples = episode.scoring_examples();
-    let weights = episode.weights(&task, a.label_prior);
-    let labels = task.label_texts();
-    let input = RerankInput {
-        engine: &engine,
-        label_texts: &labels,
-        examples: &examples,
-        reference: reference.as_ref(),
-        weights: weights.as_deref(),
-    };
     let opts = RerankOptions {
         indicators: a.indicator.clone(),
         score: ScoreOptions {
@@ -327,13 +317,25 @@ pub fn rerank_cmd(db: &Path, a: &RerankArgs, json: bool) -> Result<u8> {
     let pb = bar();
     pb.set_prefix("rerank");
     let refs: Vec<&LightweightObject> = cands.iter().map(|(_, o)| o).collect();
-    let scores = rerank(&input, &refs, &opts, &mut |done, total| {
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
-    });
+    let scored = score_episode(
+        &engine,
+        &task,
+        &episode,
+        reference.as_ref(),
+        &refs,
+        &opts,
+        a.label_prior,
+        &mut |done, total| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+        },
+    );
     pb.finish_and_clear();
-    let scores = scores?;
-    let bare = bare(&input, &opts)?;
+    let Scores {
+        examples,
+        bare,
+        candidates: scores,
+    } = scored?;
     // Gains in the units of the first requested indicator that has per-example terms (else Loss).
     let basis = a
         .indicator
@@ -347,7 +349,7 @@ pub fn rerank_cmd(db: &Path, a: &RerankArgs, json: bool) -> Result<u8> {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "examples": examples.len(),
+                "examples": examples,
                 "bare": {"accuracy": bare.accuracy, "cross_entropy": bare.cross_entropy},
                 "candidates": v,
             }))?
@@ -376,7 +378,7 @@ pub fn rerank_cmd(db: &Path, a: &RerankArgs, json: bool) -> Result<u8> {
         "bare model: accuracy {:.3}, loss {:.4}; {} examples of {} ({} train + {} dev shots per class, seed {}); gain = mean per-example {} term minus the bare model's, +- paired SE",
         bare.accuracy,
         bare.cross_entropy,
-        examples.len(),
+        examples,
         task.name,
         a.shots,
         a.shots,
