@@ -284,12 +284,7 @@ fn cli_rerank_is_the_library_stage() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&common::stdout_of(out)).unwrap();
 
     let engine = Engine::load(&common::model_dir(), &candle_core::Device::Cpu).unwrap();
     let task = Task::load(&task_dir).unwrap();

@@ -36,6 +36,16 @@ pub fn shared_dir() -> PathBuf {
     dir
 }
 
+/// The stdout of a finished `peftdb` command, which must have succeeded (else its stderr is the message).
+pub fn stdout_of(out: std::process::Output) -> Vec<u8> {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// The real PEFT fixtures (`../shared/peft-fixtures` next to the checkout, or `$PEFTDB_FIXTURES`).
 pub fn fixtures() -> PathBuf {
     if let Ok(p) = std::env::var("PEFTDB_FIXTURES") {
