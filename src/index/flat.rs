@@ -75,7 +75,7 @@ impl Rows {
     }
     fn to_mut(&mut self) -> &mut Vec<f32> {
         if let Rows::Mapped(m) = self {
-            *self = Rows::Owned(m.to_f32());
+            *self = Rows::Owned(m.as_f32().into_owned());
         }
         match self {
             Rows::Owned(v) => v,
@@ -115,12 +115,9 @@ impl FlatIndex {
     }
     /// All rows, row-major, as f32 (borrowed unless they are mapped f16 rows).
     pub fn rows(&self) -> Cow<'_, [f32]> {
-        match self.data.slice() {
-            RowSlice::F32(r) => Cow::Borrowed(r),
-            RowSlice::F16(_) => match &self.data {
-                Rows::Mapped(m) => Cow::Owned(m.to_f32()),
-                Rows::Owned(_) => unreachable!("owned rows are f32"),
-            },
+        match &self.data {
+            Rows::Owned(v) => Cow::Borrowed(v),
+            Rows::Mapped(m) => m.as_f32(),
         }
     }
     pub fn dim(&self) -> usize {

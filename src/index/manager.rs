@@ -102,6 +102,23 @@ fn basename(space: SpaceId, generation: u64) -> String {
     format!("space-{space}-g{generation}")
 }
 
+/// Whether an index with `config` keeps an index of the space ([`IndexConfig::kind`]).
+fn wants(config: &IndexConfig, rec: &SpaceRecord) -> bool {
+    config.kind.is_none_or(|k| k == rec.key.kind)
+}
+
+/// What the space's `.vecs` file must say to be current.
+fn vecs_header(store: &Store, idx: &SpaceIndex, rec: &SpaceRecord) -> VecsHeader {
+    VecsHeader {
+        dim: idx.indexed_dim(),
+        full_dim: rec.dim,
+        n: rec.count as usize,
+        uuid: store.uuid().unwrap_or(0),
+        generation: rec.generation,
+        projection_seed: idx.projection().map(|p| p.seed),
+    }
+}
+
 /// Rebuild a space's index (graph included when it wants one), reporting it to `progress`.
 fn rebuild_reporting(
     idx: &mut SpaceIndex,
@@ -172,7 +189,7 @@ impl IndexManager {
                 continue;
             }
             let pre = mapped.remove(&rec.id);
-            let state = m.load_space_with(store, &rec, pre, progress, &mut report.warnings)?;
+            let state = m.load_space(store, &rec, pre, progress, &mut report.warnings)?;
             report.spaces.push((rec.id, state));
             m.records.insert(rec.id, rec);
         }
@@ -181,7 +198,7 @@ impl IndexManager {
 
     /// Whether this manager keeps an index of the space ([`IndexConfig::kind`]).
     fn wants(&self, rec: &SpaceRecord) -> bool {
-        self.config.kind.is_none_or(|k| k == rec.key.kind)
+        wants(&self.config, rec)
     }
 
     /// The index directory.
@@ -229,19 +246,15 @@ impl IndexManager {
     /// writes nothing (a writable open writes and syncs redb's header on open and close) and needs no
     /// write access; when some file is missing or stale, a writable handle rebuilds and saves it.
     pub fn vectors_current(store: &Store, config: IndexConfig) -> Result<bool, IndexError> {
-        let m = IndexManager {
-            dir: index_dir(store.path()),
-            config,
-            writable: false,
-            spaces: HashMap::new(),
-            records: HashMap::new(),
-            objects: Vec::new(),
-        };
-        Ok(store.spaces()?.iter().filter(|r| m.wants(r)).all(|rec| {
-            let idx = SpaceIndex::for_record(rec, m.config);
-            let header = m.vecs_header(store, &idx, rec);
-            vectors::header_current(&vectors::path_for(&m.dir, rec.id), &header)
-        }))
+        let dir = index_dir(store.path());
+        Ok(store
+            .spaces()?
+            .iter()
+            .filter(|r| wants(&config, r))
+            .all(|rec| {
+                let header = vecs_header(store, &SpaceIndex::for_record(rec, config), rec);
+                vectors::header_current(&vectors::path_for(&dir, rec.id), &header)
+            }))
     }
 
     /// Delete the derived files in the store's index folder that no query can use any more: the `.vecs`
@@ -256,38 +269,30 @@ impl IndexManager {
         };
         let spaces: HashMap<SpaceId, SpaceRecord> =
             store.spaces()?.into_iter().map(|r| (r.id, r)).collect();
-        let m = IndexManager {
-            dir: dir.clone(),
-            config,
-            writable: false,
-            spaces: HashMap::new(),
-            records: HashMap::new(),
-            objects: Vec::new(),
-        };
         let mut freed = 0;
         for e in entries {
             let e = e.map_err(io_err(&dir))?;
             let name = e.file_name().to_string_lossy().to_string();
-            // A temporary file left by a write that never finished (only writers write, and the caller
-            // holds the store's one write handle).
-            let leftover = name.starts_with(".tmp-space-");
-            let Some(rest) = name.strip_prefix("space-").or(leftover.then_some("")) else {
-                continue;
-            };
-            let id: String = rest.chars().take_while(|c| c.is_ascii_hexdigit()).collect();
-            let space = id.parse::<SpaceId>().ok();
-            if space.is_none() && !leftover {
-                continue;
-            }
-            let stale = leftover
-                || match space.and_then(|s| spaces.get(&s)) {
+            let stale = if name.starts_with(".tmp-space-") {
+                // A temporary file left by a write that never finished (only writers write, and the
+                // caller holds the store's one write handle).
+                true
+            } else if let Some(rest) = name.strip_prefix("space-") {
+                let id: String = rest.chars().take_while(|c| c.is_ascii_hexdigit()).collect();
+                let Ok(space) = id.parse::<SpaceId>() else {
+                    continue;
+                };
+                match spaces.get(&space) {
                     None => true,
                     Some(rec) if name.ends_with(".vecs") => {
-                        let idx = SpaceIndex::for_record(rec, config);
-                        !vectors::header_current(&e.path(), &m.vecs_header(store, &idx, rec))
+                        let header = vecs_header(store, &SpaceIndex::for_record(rec, config), rec);
+                        !vectors::header_current(&e.path(), &header)
                     }
                     Some(_) => false,
-                };
+                }
+            } else {
+                continue;
+            };
             if stale {
                 let len = e.metadata().map(|md| md.len()).unwrap_or(0);
                 std::fs::remove_file(e.path()).map_err(io_err(&e.path()))?;
@@ -295,18 +300,6 @@ impl IndexManager {
             }
         }
         Ok(freed)
-    }
-
-    /// What the space's `.vecs` file must say to be current.
-    fn vecs_header(&self, store: &Store, idx: &SpaceIndex, rec: &SpaceRecord) -> VecsHeader {
-        VecsHeader {
-            dim: idx.indexed_dim(),
-            full_dim: rec.dim,
-            n: rec.count as usize,
-            uuid: store.uuid().unwrap_or(0),
-            generation: rec.generation,
-            projection_seed: idx.projection().map(|p| p.seed),
-        }
     }
 
     /// Write a space's live rows as its `.vecs` file (writable handles only; failures become warnings:
@@ -325,20 +318,10 @@ impl IndexManager {
         if ids.len() as u64 != rec.count {
             return; // not the store's state (a concurrent change): the next open rebuilds
         }
-        let header = self.vecs_header(store, idx, rec);
+        let header = vecs_header(store, idx, rec);
         if let Err(e) = vectors::write(&self.dir, idx.space(), &header, &ids, &rows) {
             warnings.push(format!("space {}: vectors not saved: {e}", idx.space()));
         }
-    }
-
-    fn load_space(
-        &mut self,
-        store: &Store,
-        rec: &SpaceRecord,
-        progress: &dyn Fn(Progress<'_>),
-        warnings: &mut Vec<String>,
-    ) -> Result<SpaceState, IndexError> {
-        self.load_space_with(store, rec, None, progress, warnings)
     }
 
     /// The space's `.vecs` file, if it is current and whole (`Err(reason)`: rebuild from the store).
@@ -348,12 +331,13 @@ impl IndexManager {
         rec: &SpaceRecord,
     ) -> Result<vectors::MappedRows, String> {
         let idx = SpaceIndex::for_record(rec, self.config);
-        let header = self.vecs_header(store, &idx, rec);
+        let header = vecs_header(store, &idx, rec);
         vectors::open(&vectors::path_for(&self.dir, rec.id), &header)
     }
 
-    /// [`Self::load_space`] with the space's `.vecs` file already opened (`pre`), or opened here.
-    fn load_space_with(
+    /// Load a space's index: from its `.vecs` file (already opened as `pre`, or opened here) when it is
+    /// current, else from the store (and the file rewritten).
+    fn load_space(
         &mut self,
         store: &Store,
         rec: &SpaceRecord,
@@ -600,7 +584,7 @@ impl IndexManager {
                 continue;
             }
             if !self.spaces.contains_key(&rec.id) {
-                let st = self.load_space(store, &rec, progress, &mut report.warnings)?;
+                let st = self.load_space(store, &rec, None, progress, &mut report.warnings)?;
                 report.spaces.push((rec.id, st));
                 self.records.insert(rec.id, rec);
                 continue;

@@ -51,6 +51,13 @@ pub struct VecsHeader {
 }
 
 impl VecsHeader {
+    /// The length of the file this header describes (`None` if it overflows).
+    fn file_len(&self) -> Option<usize> {
+        self.n
+            .checked_mul(8 + self.elem_bytes() * self.dim)
+            .and_then(|b| b.checked_add(HEADER))
+    }
+
     /// Bytes per row element: 2 (f16) for a projected space, 4 (f32) otherwise.
     pub fn elem_bytes(&self) -> usize {
         if self.projection_seed.is_some() {
@@ -204,14 +211,14 @@ impl MappedRows {
         }
     }
 
-    /// The rows as f32 (a copy).
-    pub fn to_f32(&self) -> Vec<f32> {
+    /// The rows as f32: borrowed from an f32 file, converted from an f16 one.
+    pub fn as_f32(&self) -> std::borrow::Cow<'_, [f32]> {
         match self.rows() {
-            RowSlice::F32(r) => r.to_vec(),
+            RowSlice::F32(r) => std::borrow::Cow::Borrowed(r),
             RowSlice::F16(r) => {
                 let mut out = vec![0f32; r.len()];
                 half::slice::HalfFloatSliceExt::convert_to_f32_slice(r, &mut out);
-                out
+                std::borrow::Cow::Owned(out)
             }
         }
     }
@@ -229,10 +236,7 @@ pub fn header_current(path: &Path, expected: &VecsHeader) -> bool {
         return false;
     }
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let want = expected
-        .n
-        .checked_mul(8 + expected.elem_bytes() * expected.dim)
-        .and_then(|b| b.checked_add(HEADER));
+    let want = expected.file_len();
     matches!(VecsHeader::decode(&h), Ok((found, _)) if found == *expected)
         && want == usize::try_from(len).ok()
 }
@@ -262,9 +266,7 @@ pub fn open(path: &Path, expected: &VecsHeader) -> Result<MappedRows, String> {
         ));
     }
     let n = found.n;
-    let want = n
-        .checked_mul(8 + found.elem_bytes() * found.dim)
-        .and_then(|b| b.checked_add(HEADER));
+    let want = found.file_len();
     if want != Some(map.len()) {
         return Err(format!(
             "{}: {} bytes, the header implies {} (truncated?)",
@@ -338,7 +340,7 @@ mod tests {
             .iter()
             .map(|x| half::f16::from_f32(*x).to_f32())
             .collect();
-        assert_eq!(m.to_f32(), want);
+        assert_eq!(&*m.as_f32(), &want[..]);
         // The unprojected header of the same space is another file's.
         assert!(!header_current(&p, &header(3)));
     }
@@ -351,7 +353,7 @@ mod tests {
         let p = write(dir.path(), SpaceId(1), &header(3), &ids, &rows).unwrap();
         let m = open(&p, &header(3)).unwrap();
         assert_eq!(m.ids, ids);
-        assert_eq!(m.to_f32(), rows);
+        assert_eq!(&*m.as_f32(), &rows[..]);
         // Another generation, uuid, count or seed: not current.
         for h in [
             VecsHeader {
