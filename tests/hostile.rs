@@ -655,6 +655,18 @@ fn seeded_store(dir: &Path) -> Store {
     store
 }
 
+/// Ingest a whole zoo folder with the default options (bad adapters become report lines).
+fn ingest_all(store: &Store, zoo: &Path) -> peftdb::ingest::IngestReport {
+    ingest_zoo(
+        store,
+        &[zoo.to_path_buf()],
+        None,
+        &IngestOptions::default(),
+        &|_| {},
+    )
+    .unwrap()
+}
+
 #[test]
 fn every_malformed_adapter_gets_its_specific_error_and_stores_nothing() {
     let tmp = tempfile::tempdir().unwrap();
@@ -855,14 +867,7 @@ fn symlink_loops_and_links_out_of_the_zoo_are_refused() {
     std::os::unix::fs::symlink(tmp.path().join("nowhere"), zoo.join("dangling")).unwrap();
 
     let store = Store::create(tmp.path().join("s.peftdb")).unwrap();
-    let r = ingest_zoo(
-        &store,
-        std::slice::from_ref(&zoo),
-        None,
-        &IngestOptions::default(),
-        &|_| {},
-    )
-    .unwrap();
+    let r = ingest_all(&store, &zoo);
     let rs = reasons(&r);
     assert_eq!(r.ingested(), 1, "{:?}", r.items);
     assert!(rs.iter().any(|s| s.contains("symlink loop")), "{rs:?}");
@@ -1179,14 +1184,7 @@ fn a_zoo_with_configs_peft_cannot_load_stores_only_the_good_adapters() {
     copy_dir(&fixture("prefix_20"), &zoo.join("e_good/prefix"));
 
     let store = Store::create(tmp.path().join("z.peftdb")).unwrap();
-    let r = ingest_zoo(
-        &store,
-        std::slice::from_ref(&zoo),
-        None,
-        &IngestOptions::default(),
-        &|_| {},
-    )
-    .unwrap();
+    let r = ingest_all(&store, &zoo);
     assert_eq!((r.ingested(), r.rejected()), (3, 2), "{:?}", r.items);
     for (dir, field) in [(&bad_lora, "bias"), (&bad_prompt, "num_virtual_tokens")] {
         let rel = dir.strip_prefix(&zoo).unwrap();

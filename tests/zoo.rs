@@ -405,31 +405,37 @@ fn hash_prefix_lookup_matches_a_scan_of_every_record() {
     }
 }
 
+/// `peftdb ARGS` on a store, which must succeed; its stdout.
+fn run_ok(db: &Path, args: &[&str]) -> Vec<u8> {
+    let out = peftdb(db).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// A store of the real PEFT fixtures made by the CLI (`init`, then `ingest`) in `dir`.
+fn cli_fixture_store(dir: &Path) -> PathBuf {
+    let db = dir.join("fixtures.peftdb");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peft-fixtures");
+    run_ok(&db, &["init"]);
+    run_ok(&db, &["ingest", fixtures.to_str().expect("UTF-8 path")]);
+    db
+}
+
 /// A cold `nearest` whose derived files are current opens the store read-only and writes nothing to it
 /// (a writable open writes and syncs redb's header on open and close); the first query after a change
 /// rebuilds the `.vecs` rows with a writable handle and saves them.
 #[test]
 fn cli_nearest_writes_nothing_once_its_index_files_are_current() {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("q.peftdb");
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peft-fixtures");
-    assert!(peftdb(&db).arg("init").status().unwrap().success());
-    assert!(peftdb(&db)
-        .arg("ingest")
-        .arg(&fixtures)
-        .output()
-        .unwrap()
-        .status
-        .success());
+    let db = cli_fixture_store(dir.path());
     let query = || {
-        let out = peftdb(&db)
-            .args(["--json", "nearest", "--task", "lora_r8_qv", "-k", "3"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            &db,
+            &["--json", "nearest", "--task", "lora_r8_qv", "-k", "3"],
         );
     };
     let index = peftdb::index::index_dir(&db);
@@ -458,25 +464,8 @@ fn cli_nearest_writes_nothing_once_its_index_files_are_current() {
 #[test]
 fn cli_compact_removes_stale_index_files() {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("c.peftdb");
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peft-fixtures");
-    assert!(peftdb(&db).arg("init").status().unwrap().success());
-    assert!(peftdb(&db)
-        .arg("ingest")
-        .arg(&fixtures)
-        .output()
-        .unwrap()
-        .status
-        .success());
-    let run = |args: &[&str]| {
-        let out = peftdb(&db).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    };
+    let db = cli_fixture_store(dir.path());
+    let run = |args: &[&str]| run_ok(&db, args);
     run(&["nearest", "--task", "lora_r8_qv", "-k", "3"]);
     let index = peftdb::index::index_dir(&db);
     let vecs = |d: &Path| -> BTreeSet<String> {
