@@ -46,7 +46,7 @@ use crate::embed::{cosine, delta_sketch_of, tupate, EmbeddingKind, SpaceId};
 use crate::index::{Engine, IndexError, IndexManager, QueryError, SearchMode};
 use crate::object::formats::ReadOptions;
 use crate::object::{read_adapter, LightweightObject, MethodKind};
-use crate::store::{ObjectId, Store};
+use crate::store::{ObjectId, Snapshot, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -338,8 +338,18 @@ impl Nearest {
         Ok(read_adapter(dir, &ReadOptions::default())?)
     }
 
-    /// Run the query.
+    /// Run the query, in one read transaction of the store ([`Store::snapshot`]).
     pub fn run(&self, store: &Store, index: &IndexManager) -> Result<NearestResult, QueryError> {
+        self.run_in(&store.snapshot()?, index)
+    }
+
+    /// Run the query in a snapshot the caller holds (every read of the query sees that snapshot: records,
+    /// embeddings and tensors agree even while another process writes).
+    pub fn run_in(
+        &self,
+        store: &Snapshot<'_>,
+        index: &IndexManager,
+    ) -> Result<NearestResult, QueryError> {
         if self.k == 0 {
             return Err(QueryError::Invalid("k must be at least 1".into()));
         }
@@ -608,7 +618,25 @@ impl Nearest {
             })
             .collect();
         tasks.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.task.cmp(&b.task)));
-        tasks.truncate(self.k);
+        // Only objects of the snapshot are answers: the index's catalog may be newer than the snapshot
+        // (objects ingested or removed since), so the first k tasks are checked, a key lookup per object.
+        let mut kept = Vec::with_capacity(self.k.min(tasks.len()));
+        for mut t in tasks {
+            if kept.len() == self.k {
+                break;
+            }
+            let mut objects = Vec::with_capacity(t.objects.len());
+            for o in t.objects {
+                if store.contains(o.id)? {
+                    objects.push(o);
+                }
+            }
+            if !objects.is_empty() {
+                t.objects = objects;
+                kept.push(t);
+            }
+        }
+        let mut tasks = kept;
         for (i, t) in tasks.iter_mut().enumerate() {
             t.rank = i + 1;
         }
@@ -625,7 +653,7 @@ impl Nearest {
 
     fn query_vectors(
         &self,
-        store: &Store,
+        store: &Snapshot<'_>,
         index: &IndexManager,
     ) -> Result<Vec<QueryVec>, QueryError> {
         let method_ok = |s: SpaceId| {
@@ -653,14 +681,18 @@ impl Nearest {
                 }
             }
             let mut out = Vec::new();
-            for (space, objs) in by_space {
-                let id = pick_representative(objs.into_iter()).expect("non-empty");
-                if let Some(vector) = store.embedding(space, id)? {
-                    out.push(QueryVec {
-                        space,
-                        object: Some(id),
-                        vector,
-                    });
+            for (space, mut objs) in by_space {
+                // The representative among the objects the snapshot has (the index may know newer ones).
+                while let Some(id) = pick_representative(objs.iter().copied()) {
+                    if let Some(vector) = store.embedding(space, id)? {
+                        out.push(QueryVec {
+                            space,
+                            object: Some(id),
+                            vector,
+                        });
+                        break;
+                    }
+                    objs.retain(|(o, _)| *o != id);
                 }
             }
             Ok(out)
@@ -749,7 +781,7 @@ impl Nearest {
     /// the sketch's estimate decides which tasks are left out. Returns the ids and the engine's name (`scan`, `hnsw` or `flat`).
     fn delta_shortlist(
         &self,
-        store: &Store,
+        store: &Snapshot<'_>,
         index: &IndexManager,
         q: &QueryDelta,
         ids: Vec<ObjectId>,
@@ -799,7 +831,11 @@ impl Nearest {
         ))
     }
 
-    fn query_delta(&self, store: &Store, index: &IndexManager) -> Result<QueryDelta, QueryError> {
+    fn query_delta(
+        &self,
+        store: &Snapshot<'_>,
+        index: &IndexManager,
+    ) -> Result<QueryDelta, QueryError> {
         let (obj, object) = match &self.target {
             Target::Task(name) => {
                 let lora: Vec<(ObjectId, Option<&str>)> = index
@@ -874,7 +910,7 @@ fn add_score(
 
 /// Centered cosine of every filtered embedding of a space against `query` (two streaming passes).
 pub fn centered_scan(
-    store: &Store,
+    store: &Snapshot<'_>,
     space: SpaceId,
     query: &[f32],
     filter: &dyn Fn(ObjectId) -> bool,

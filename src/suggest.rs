@@ -9,8 +9,8 @@ use std::path::Path;
 
 pub use crate::transfer::{
     suggest, CandidateReport, Decision, LabelPrior, SuggestConfig, SuggestEvent, SuggestInput,
-    SuggestReport, TransferError as SuggestError, DEFAULT_INDICATOR, DEFAULT_K, DEFAULT_NOISE_Z,
-    DEFAULT_PRIOR, DEFAULT_TAU,
+    SuggestReport, TransferError as SuggestError, DEFAULT_ACCURACY_GUARD, DEFAULT_INDICATOR,
+    DEFAULT_K, DEFAULT_NOISE_Z, DEFAULT_PRIOR, DEFAULT_TAU,
 };
 
 /// Write the initialization and its report (`peftdb_report.json`) into `dir`, atomically: everything is

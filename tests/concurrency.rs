@@ -15,8 +15,10 @@ mod common;
 
 use common::{check_integrity, fixture};
 use peftdb::error::StoreError;
+use peftdb::index::{IndexConfig, IndexManager};
 use peftdb::ingest::{ingest_zoo, IngestOptions};
 use peftdb::object::MethodKind;
+use peftdb::query::Nearest;
 use peftdb::store::Store;
 use peftdb::synth::{write_zoo, ModelShape};
 use std::io::{BufRead, BufReader, Write};
@@ -107,6 +109,58 @@ fn readers_see_consistent_snapshots_while_one_thread_ingests() {
         );
     }
     assert_eq!(check_integrity(&store), tasks);
+}
+
+/// A [`Snapshot`](peftdb::store::Snapshot) is one state of the store: taken before a batch is ingested,
+/// it still lists the objects, spaces and embeddings of that state afterwards (and they agree exactly,
+/// which reads in separate transactions cannot promise), its objects load whole, and a query run in it
+/// ranks only what it saw; the store itself sees the new batch.
+#[test]
+fn a_snapshot_is_one_state_of_the_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (zoo_a, zoo_b) = (tmp.path().join("a"), tmp.path().join("b"));
+    write_zoo(&zoo_a, &ModelShape::minilm(), 4, 5, &[MethodKind::Lora], 3).unwrap();
+    write_zoo(&zoo_b, &ModelShape::minilm(), 7, 5, &[MethodKind::Lora], 4).unwrap();
+    // The second batch: tasks 4-6 (write_zoo names tasks task-000, task-001, ...), new to the store.
+    for i in 0..4 {
+        std::fs::remove_dir_all(zoo_b.join(format!("task-{i:03}"))).unwrap();
+    }
+    let store = Store::create(tmp.path().join("s.peftdb")).unwrap();
+    let opts = IngestOptions::default();
+    ingest_zoo(&store, std::slice::from_ref(&zoo_a), None, &opts, &|_| {}).unwrap();
+    let snap = store.snapshot().unwrap();
+    let before = snap.objects().unwrap();
+    assert_eq!(before.len(), 4);
+    let r = ingest_zoo(&store, std::slice::from_ref(&zoo_b), None, &opts, &|_| {}).unwrap();
+    assert_eq!(r.ingested(), 3);
+    // The store sees both batches; the snapshot, taken before, only the first, in every table.
+    assert_eq!(store.objects().unwrap().len(), 7);
+    assert_eq!(snap.objects().unwrap(), before);
+    let space = snap.spaces().unwrap()[0].id;
+    assert_eq!(snap.embeddings(space).unwrap().len(), 4);
+    assert_eq!(snap.space_ids(space).unwrap().len(), 4);
+    assert_eq!(store.embeddings(space).unwrap().len(), 7);
+    assert_eq!(snap.object_facts().unwrap().len(), 4);
+    assert_eq!(snap.tasks().unwrap().len(), 4);
+    for o in &before {
+        let (rec, obj) = snap.get(o.id).unwrap();
+        assert_eq!(obj.tensors.len() as u32, rec.tensor_count);
+        assert_eq!(snap.find_by_hash(&rec.content_hash).unwrap(), Some(o.id));
+    }
+    let newest = store.objects().unwrap().last().unwrap().id;
+    assert!(matches!(
+        snap.object(newest),
+        Err(StoreError::NotFound { .. })
+    ));
+    // A query in the snapshot ranks only the tasks it saw, though the index was opened after the ingest.
+    let (index, _) = IndexManager::open(&store, IndexConfig::default(), &|_| {}).unwrap();
+    let task = before[0].task.clone();
+    let seen: std::collections::BTreeSet<String> = before.iter().map(|o| o.task.clone()).collect();
+    let res = Nearest::task(&task).k(10).run_in(&snap, &index).unwrap();
+    assert!(!res.tasks.is_empty());
+    assert!(res.tasks.iter().all(|t| seen.contains(&t.task)), "{res:?}");
+    let all = Nearest::task(&task).k(10).run(&store, &index).unwrap();
+    assert!(all.tasks.len() > res.tasks.len(), "{all:?}");
 }
 
 #[test]

@@ -121,7 +121,12 @@ fn suggest_end_to_end_on_a_trained_zoo() {
         );
         assert!(c.scores.values().all(|v| v.is_finite()));
         assert!(c.scores["kl"] <= 0.0);
-        assert_eq!(c.helps, c.gain > 0.0 && c.gain > cfg.noise_z * c.gain_se);
+        assert_eq!(
+            c.helps,
+            c.gain > 0.0
+                && c.gain > cfg.noise_z * c.gain_se
+                && (!report.accuracy_guard || c.accuracy >= report.bare.accuracy)
+        );
         if !c.helps {
             assert_eq!(c.weight, 0.0);
         }
@@ -206,7 +211,7 @@ fn suggest_end_to_end_on_a_trained_zoo() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
-        stdout.contains("cos-logits") && stdout.contains("weight"),
+        stdout.contains(peftdb::suggest::DEFAULT_INDICATOR.as_str()) && stdout.contains("weight"),
         "{stdout}"
     );
     let rep: serde_json::Value =

@@ -104,7 +104,9 @@ fn suggest_weights_only_candidates_that_help_and_falls_back_to_scratch() {
     for c in &rep.candidates {
         assert_eq!(
             c.helps,
-            c.gain > 0.0 && c.gain > cfg.noise_z * c.gain_se,
+            c.gain > 0.0
+                && c.gain > cfg.noise_z * c.gain_se
+                && (!rep.accuracy_guard || c.accuracy >= rep.bare.accuracy),
             "{c:?}"
         );
         if !c.helps {
@@ -155,7 +157,12 @@ fn suggest_weights_only_candidates_that_help_and_falls_back_to_scratch() {
     assert_eq!(a.accuracy, b.accuracy);
     assert!((a.loss - b.loss).abs() < 1e-5, "{} vs {}", a.loss, b.loss);
     // ... and it is what training from scratch starts from.
-    let fresh = scratch_init(&engine, &strict, store_base_model(&store, &strict).unwrap()).unwrap();
+    let fresh = scratch_init(
+        &engine,
+        &strict,
+        store_base_model(&store.snapshot().unwrap(), &strict).unwrap(),
+    )
+    .unwrap();
     assert_eq!(obj.tensors, fresh.tensors);
     // A bad threshold is refused.
     let bad = SuggestConfig {
@@ -192,7 +199,8 @@ fn the_stages_compose_to_exactly_the_answer_of_suggest() {
     // The same stages by hand, as the transfer study composes them: every source scored once, then the
     // top K of the similarity's ranking decided on.
     let episode = Episode::sample(&new_task, cfg.shots, cfg.seed).unwrap();
-    let base = store_base_model(&store, &cfg).unwrap();
+    let snap = store.snapshot().unwrap();
+    let base = store_base_model(&snap, &cfg).unwrap();
     let (target, _) = target_adapter(
         &engine,
         &new_task,
@@ -205,7 +213,7 @@ fn the_stages_compose_to_exactly_the_answer_of_suggest() {
     .unwrap();
     for sim in Similarity::ALL {
         let hits = retrieve(
-            &store,
+            &snap,
             &index,
             &target,
             sim,
@@ -219,7 +227,7 @@ fn the_stages_compose_to_exactly_the_answer_of_suggest() {
         assert!(hits.windows(2).all(|w| w[0].similarity >= w[1].similarity));
     }
     let all = retrieve(
-        &store,
+        &snap,
         &index,
         &target,
         cfg.similarity,
@@ -228,7 +236,7 @@ fn the_stages_compose_to_exactly_the_answer_of_suggest() {
         50,
     )
     .unwrap();
-    let objs: Vec<LightweightObject> = all.iter().map(|h| store.get(h.object).unwrap().1).collect();
+    let objs: Vec<LightweightObject> = all.iter().map(|h| snap.get(h.object).unwrap().1).collect();
     let refs: Vec<&LightweightObject> = objs.iter().collect();
     let scores = score(
         &engine,

@@ -206,28 +206,30 @@ fn protocol(cfg: &StudyConfig, zoo_hash: &str, phase: Phase, max_len: usize) -> 
 }
 
 /// A short label of a pipeline setting (similarity, K, indicator, tau, noise threshold, merge, label
-/// prior).
+/// prior, and `/acc` with the accuracy guard).
 pub fn config_label(c: &SuggestConfig) -> String {
     format!(
-        "{}/k{}/{}/tau{}/z{}/{}/prior-{}",
+        "{}/k{}/{}/tau{}/z{}/{}/prior-{}{}",
         c.similarity.as_str(),
         c.k,
         c.indicator.as_str(),
         c.tau,
         c.noise_z,
         crate::transfer::merge_name(c.effective_merge()),
-        c.prior.as_str()
+        c.prior.as_str(),
+        if c.accuracy_guard { "/acc" } else { "" }
     )
 }
 
 /// Bump when the tuning grid (or what a tune record holds) changes.
-const GRID_VERSION: u32 = 3;
+const GRID_VERSION: u32 = 4;
 
 /// The tuning grid. Every source is scored (K = 13 covers the zoo: on grid 1, scoring all sources beat
 /// the top 3 or 5 of every similarity), so the grid varies what decides the answer: the label prior the
 /// balanced episode is weighted to (the train split's label frequencies, or uniform) x the indicator
 /// that ranks, weights and tests the candidates (Loss, calibrated Loss, EL2N, cosine of logits and
-/// labels) x the noise threshold; then tau around (calibrated Loss, z 1, train prior); the retrieval's
+/// labels) x the noise threshold (1 or 2 SE), each without and with the accuracy guard (and z 0 with the
+/// guard alone); then tau around (calibrated Loss, z 1, train prior); the retrieval's
 /// top 5 by `delta`; and the papers' setting (TuPaTE, K 5, cosine of logits and labels, parameter
 /// averaging, every candidate with a positive gain weighted, no prior).
 pub fn grid(base: &SuggestConfig) -> Vec<SuggestConfig> {
@@ -241,6 +243,7 @@ pub fn grid(base: &SuggestConfig) -> Vec<SuggestConfig> {
         let mut c = base.clone();
         c.similarity = Similarity::Delta;
         c.k = 13;
+        c.accuracy_guard = false;
         f(&mut c);
         c
     };
@@ -251,11 +254,18 @@ pub fn grid(base: &SuggestConfig) -> Vec<SuggestConfig> {
             Indicator::El2n,
             Indicator::CosLogits,
         ] {
-            for z in [1.0, 2.0] {
+            for (z, guard) in [
+                (1.0, false),
+                (2.0, false),
+                (0.0, true),
+                (1.0, true),
+                (2.0, true),
+            ] {
                 push(all(&|c| {
                     c.prior = prior;
                     c.indicator = ind;
                     c.noise_z = z;
+                    c.accuracy_guard = guard;
                 }));
             }
         }
@@ -280,6 +290,7 @@ pub fn grid(base: &SuggestConfig) -> Vec<SuggestConfig> {
     c.merge = MergeMode::Param;
     c.k = 5;
     c.noise_z = 0.0;
+    c.accuracy_guard = false;
     c.prior = LabelPrior::Uniform;
     push(c);
     out
@@ -752,7 +763,8 @@ impl<'a> Study<'a> {
                 let mut cfg = base.clone();
                 cfg.seed = seed;
                 let episode = Episode::sample(&task, cfg.shots, seed)?;
-                let base_model = store_base_model(&self.store, &cfg).map_err(&te)?;
+                let snap = self.store.snapshot().map_err(|e| te(e.into()))?;
+                let base_model = store_base_model(&snap, &cfg).map_err(&te)?;
                 let (target, _) = target_adapter(
                     self.engine,
                     &task,
@@ -768,7 +780,7 @@ impl<'a> Study<'a> {
                 let all = self.sources(t).len();
                 for sim in Similarity::ALL {
                     let hits = retrieve(
-                        &self.store,
+                        &snap,
                         &self.index,
                         &target,
                         sim,

@@ -170,11 +170,13 @@ impl IndexManager {
             objects: Vec::new(),
         };
         let mut report = OpenReport::default();
-        let recs = store.spaces()?;
+        // The spaces and the catalog from one read transaction, so they agree even while a writer commits.
+        let snap = store.snapshot()?;
+        let recs = snap.spaces()?;
         // A cold process spends most of its time reading the catalog (a redb scan) and mapping and
         // checksumming each wanted space's `.vecs` file: the two are independent, so they overlap.
         let (catalog, mut mapped) = rayon::join(
-            || store.object_facts(),
+            || snap.object_facts(),
             || {
                 recs.iter()
                     .filter(|rec| m.wants(rec))
@@ -183,6 +185,7 @@ impl IndexManager {
             },
         );
         m.set_catalog(catalog?);
+        drop(snap);
         for rec in recs {
             if !m.wants(&rec) {
                 m.records.insert(rec.id, rec);

@@ -2,7 +2,7 @@
 //! index builder. See `schema/index.md`.
 
 use super::chunked::{self, SPACE_EMBEDDINGS};
-use super::{During, ObjectId, Store};
+use super::{During, ObjectId, Snapshot, Store};
 use crate::embed::SpaceId;
 use crate::error::StoreError;
 use redb::{TableDefinition, TableError};
@@ -85,16 +85,33 @@ impl Store {
         w.commit().during(&self.path, "writing index state")
     }
 
-    /// Visit every embedding of a space in id order, one at a time (one snapshot; nothing accumulates).
+    /// Visit every embedding of a space in id order, one at a time (one read transaction; nothing
+    /// accumulates). See [`Snapshot::for_each_embedding`].
+    pub fn for_each_embedding(
+        &self,
+        space: SpaceId,
+        f: impl FnMut(ObjectId, Vec<f32>),
+    ) -> Result<(), StoreError> {
+        self.snapshot()?.for_each_embedding(space, f)
+    }
+
+    /// The ids of a space's embeddings, in order (one read transaction).
+    pub fn space_ids(&self, space: SpaceId) -> Result<Vec<ObjectId>, StoreError> {
+        self.snapshot()?.space_ids(space)
+    }
+}
+
+impl Snapshot<'_> {
+    /// Visit every embedding of a space in id order, one at a time (nothing accumulates).
     pub fn for_each_embedding(
         &self,
         space: SpaceId,
         mut f: impl FnMut(ObjectId, Vec<f32>),
     ) -> Result<(), StoreError> {
-        let r = self.read()?;
+        let r = &self.r;
         let t = r
             .open_table(SPACE_EMBEDDINGS)
-            .during(&self.path, "reading embeddings")?;
+            .during(&self.store.path, "reading embeddings")?;
         let mut bad = None;
         chunked::for_each_embedding(&t, space.0, |id, v| match v {
             Ok(v) if bad.is_none() => f(id, v),
@@ -103,25 +120,29 @@ impl Store {
                 bad.get_or_insert((id, e));
             }
         })
-        .during(&self.path, "reading embeddings")?;
+        .during(&self.store.path, "reading embeddings")?;
         match bad {
-            Some((id, e)) => Err(self.corrupt("space_embeddings", format!("({space}, {id})"), e)),
+            Some((id, e)) => {
+                Err(self
+                    .store
+                    .corrupt("space_embeddings", format!("({space}, {id})"), e))
+            }
             None => Ok(()),
         }
     }
 
     /// The ids of a space's embeddings, in order.
     pub fn space_ids(&self, space: SpaceId) -> Result<Vec<ObjectId>, StoreError> {
-        let r = self.read()?;
+        let r = &self.r;
         let t = r
             .open_table(SPACE_EMBEDDINGS)
-            .during(&self.path, "reading embeddings")?;
+            .during(&self.store.path, "reading embeddings")?;
         let mut out = Vec::new();
         for item in t
             .range((space.0, 0u64, 0u32)..=(space.0, u64::MAX, u32::MAX))
-            .during(&self.path, "reading embeddings")?
+            .during(&self.store.path, "reading embeddings")?
         {
-            let (k, _) = item.during(&self.path, "reading embeddings")?;
+            let (k, _) = item.during(&self.store.path, "reading embeddings")?;
             let (_, id, chunk) = k.value();
             if chunk == 0 {
                 out.push(id);

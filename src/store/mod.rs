@@ -1007,187 +1007,91 @@ impl Store {
         w.commit().during(&self.path, "writing a task")
     }
 
+    /// A [`Snapshot`]: one read transaction, a consistent view of the store that a whole query or
+    /// `suggest` works in. Writers that commit meanwhile are not seen (and their freed pages are not reused
+    /// until the snapshot is dropped).
+    pub fn snapshot(&self) -> Result<Snapshot<'_>, StoreError> {
+        Ok(Snapshot {
+            store: self,
+            r: self.read()?,
+        })
+    }
+
     /// All tasks, by name.
+    ///
+    /// In a read transaction of its own; see [`Store::snapshot`] for several reads that must agree.
     pub fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
-        let r = self.read()?;
-        let t = r.open_table(TASKS).during(&self.path, "listing tasks")?;
-        let mut out = Vec::new();
-        for item in t.iter().during(&self.path, "listing tasks")? {
-            let (k, v) = item.during(&self.path, "listing tasks")?;
-            out.push(
-                serde_json::from_slice(v.value())
-                    .map_err(|e| self.corrupt("tasks", k.value(), e))?,
-            );
-        }
-        Ok(out)
+        self.snapshot()?.tasks()
     }
 
     /// One task.
+    ///
+    /// In a read transaction of its own; see [`Store::snapshot`] for several reads that must agree.
     pub fn task(&self, name: &str) -> Result<TaskRecord, StoreError> {
-        let r = self.read()?;
-        let t = r.open_table(TASKS).during(&self.path, "reading a task")?;
-        let v = t
-            .get(name)
-            .during(&self.path, "reading a task")?
-            .ok_or_else(|| StoreError::NotFound {
-                what: "task",
-                key: name.to_string(),
-            })?;
-        serde_json::from_slice(v.value()).map_err(|e| self.corrupt("tasks", name, e))
+        self.snapshot()?.task(name)
     }
 
     /// All object records, by id.
+    ///
+    /// In a read transaction of its own; see [`Store::snapshot`] for several reads that must agree.
     pub fn objects(&self) -> Result<Vec<ObjectRecord>, StoreError> {
-        let r = self.read()?;
-        let t = r
-            .open_table(OBJECTS)
-            .during(&self.path, "listing objects")?;
-        let mut out = Vec::new();
-        for item in t.iter().during(&self.path, "listing objects")? {
-            let (k, v) = item.during(&self.path, "listing objects")?;
-            out.push(self.decode_object(k.value(), v.value())?);
-        }
-        Ok(out)
+        self.snapshot()?.objects()
     }
 
     /// One object's record.
+    ///
+    /// In a read transaction of its own; see [`Store::snapshot`] for several reads that must agree.
     pub fn object(&self, id: ObjectId) -> Result<ObjectRecord, StoreError> {
-        let r = self.read()?;
-        self.object_in(&r, id)
-    }
-
-    fn object_in(&self, r: &ReadTransaction, id: ObjectId) -> Result<ObjectRecord, StoreError> {
-        let t = r
-            .open_table(OBJECTS)
-            .during(&self.path, "reading an object")?;
-        let v = t
-            .get(id)
-            .during(&self.path, "reading an object")?
-            .ok_or_else(|| StoreError::NotFound {
-                what: "object",
-                key: id.to_string(),
-            })?;
-        self.decode_object(id, v.value())
+        self.snapshot()?.object(id)
     }
 
     /// Find an object by its content hash (full hex, or a unique prefix of at least 8 hex digits).
+    ///
+    /// In a read transaction of its own; see [`Store::snapshot`] for several reads that must agree.
     pub fn find_by_hash(&self, hex_prefix: &str) -> Result<Option<ObjectId>, StoreError> {
-        // At least 8 hex digits (32 bits), at most the whole BLAKE3 hash.
-        let hex = hex_prefix.to_ascii_lowercase();
-        if hex.len() < 8 || hex.len() > 64 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
-            return Ok(None);
-        }
-        // The range of 32-byte hashes that start with the prefix: a lookup in the hash table, not a
-        // scan of every record (an odd last digit fixes the high nibble of its byte only).
-        let nib = |c: u8| (c as char).to_digit(16).expect("checked hex") as u8;
-        let digits = hex.as_bytes();
-        let (mut lo, mut hi) = (vec![0u8; 32], vec![0xffu8; 32]);
-        for (i, pair) in digits.chunks(2).enumerate() {
-            if pair.len() == 2 {
-                lo[i] = nib(pair[0]) << 4 | nib(pair[1]);
-                hi[i] = lo[i];
-            } else {
-                lo[i] = nib(pair[0]) << 4;
-                hi[i] = lo[i] | 0x0f;
-            }
-        }
-        let r = self.read()?;
-        let t = r
-            .open_table(OBJECT_BY_HASH)
-            .during(&self.path, "looking up a hash")?;
-        let mut hits = Vec::new();
-        for item in t
-            .range(lo.as_slice()..=hi.as_slice())
-            .during(&self.path, "looking up a hash")?
-            .take(2)
-        {
-            let (_, v) = item.during(&self.path, "looking up a hash")?;
-            hits.push(v.value());
-        }
-        Ok((hits.len() == 1).then(|| hits[0]))
+        self.snapshot()?.find_by_hash(hex_prefix)
     }
 
-    /// Load an object with its tensors (from one consistent snapshot).
+    /// Load an object with its tensors.
+    ///
+    /// In a read transaction of its own; see [`Store::snapshot`] for several reads that must agree.
     pub fn get(&self, id: ObjectId) -> Result<(ObjectRecord, LightweightObject), StoreError> {
-        let r = self.read()?;
-        let rec = self.object_in(&r, id)?;
-        let t = r
-            .open_table(OBJECT_TENSORS)
-            .during(&self.path, "reading tensors")?;
-        let tensors = chunked::get_tensors(&t, id)
-            .during(&self.path, "reading tensors")?
-            .map_err(|e| self.corrupt("object_tensors", id, e))?;
-        if tensors.len() != rec.tensor_count as usize {
-            return Err(self.corrupt(
-                "object_tensors",
-                id,
-                format!(
-                    "{} tensors stored, record says {}",
-                    tensors.len(),
-                    rec.tensor_count
-                ),
-            ));
-        }
-        let obj = LightweightObject {
-            method: rec.method.clone(),
-            base_model: rec.base_model.clone(),
-            format: rec.format,
-            tensors,
-            metadata: rec.safetensors_metadata.clone(),
-            config_json: rec.config_json.clone().into_bytes(),
-        };
-        Ok((rec, obj))
+        self.snapshot()?.get(id)
     }
 
     /// The facts of every object, in id order (what an index manager's catalog holds).
+    ///
+    /// In a read transaction of its own; see [`Store::snapshot`] for several reads that must agree.
     pub fn object_facts(&self) -> Result<Vec<ObjectFacts>, StoreError> {
-        let r = self.read()?;
-        let t = match r.open_table(OBJECT_FACTS) {
-            Ok(t) => t,
-            // A store written before the table existed: derive the facts from the records.
-            Err(redb::TableError::TableDoesNotExist(_)) => {
-                drop(r);
-                return Ok(self.objects()?.iter().map(ObjectFacts::of).collect());
-            }
-            Err(e) => return Err(e).during(&self.path, "listing objects"),
-        };
-        let se = |e: redb::StorageError| StoreError::Storage {
-            path: self.path.clone(),
-            during: "listing objects",
-            source: Box::new(e.into()),
-        };
-        let n = usize::try_from(t.len().map_err(se)?).unwrap_or(0);
-        // Facts of the ids in `range`, in id order.
-        let read = |range: (std::ops::Bound<u64>, std::ops::Bound<u64>),
-                    cap: usize|
-         -> Result<Vec<ObjectFacts>, StoreError> {
-            let mut out = Vec::with_capacity(cap);
-            for item in t.range(range).map_err(se)? {
-                let (k, v) = item.map_err(se)?;
-                out.push(
-                    codec::decode_facts(k.value(), v.value())
-                        .map_err(|e| self.corrupt("object_facts", k.value(), e))?,
-                );
-            }
-            Ok(out)
-        };
-        use std::ops::Bound::{Excluded, Included, Unbounded};
-        // A large catalog is read in two halves of the key range on two threads (one snapshot).
-        let bounds = (t.first().map_err(se)?, t.last().map_err(se)?);
-        match bounds {
-            (Some((lo, _)), Some((hi, _))) if n >= FACTS_SPLIT => {
-                let (lo, hi) = (lo.value(), hi.value());
-                let mid = lo + (hi - lo) / 2;
-                let (a, b) = rayon::join(
-                    || read((Unbounded, Included(mid)), n / 2 + 1),
-                    || read((Excluded(mid), Unbounded), n / 2 + 1),
-                );
-                let mut a = a?;
-                a.extend(b?);
-                Ok(a)
-            }
-            _ => read((Unbounded, Unbounded), n),
-        }
+        self.snapshot()?.object_facts()
+    }
+
+    /// Every space.
+    ///
+    /// In a read transaction of its own; see [`Store::snapshot`] for several reads that must agree.
+    pub fn spaces(&self) -> Result<Vec<SpaceRecord>, StoreError> {
+        self.snapshot()?.spaces()
+    }
+
+    /// One space.
+    ///
+    /// In a read transaction of its own; see [`Store::snapshot`] for several reads that must agree.
+    pub fn space(&self, id: SpaceId) -> Result<SpaceRecord, StoreError> {
+        self.snapshot()?.space(id)
+    }
+
+    /// All embeddings of a space, by object id.
+    ///
+    /// In a read transaction of its own; see [`Store::snapshot`] for several reads that must agree.
+    pub fn embeddings(&self, space: SpaceId) -> Result<Vec<(ObjectId, Vec<f32>)>, StoreError> {
+        self.snapshot()?.embeddings(space)
+    }
+
+    /// An object's embedding in a space.
+    ///
+    /// In a read transaction of its own; see [`Store::snapshot`] for several reads that must agree.
+    pub fn embedding(&self, space: SpaceId, id: ObjectId) -> Result<Option<Vec<f32>>, StoreError> {
+        self.snapshot()?.embedding(space, id)
     }
 
     /// Export an object as a folder in its format (byte-identical to what was ingested).
@@ -1195,71 +1099,6 @@ impl Store {
         let (_, obj) = self.get(id)?;
         crate::object::write_adapter(&obj, dir)?;
         Ok(())
-    }
-
-    /// Every space.
-    pub fn spaces(&self) -> Result<Vec<SpaceRecord>, StoreError> {
-        let r = self.read()?;
-        let t = r.open_table(SPACES).during(&self.path, "listing spaces")?;
-        let mut out = Vec::new();
-        for item in t.iter().during(&self.path, "listing spaces")? {
-            let (k, v) = item.during(&self.path, "listing spaces")?;
-            out.push(
-                serde_json::from_slice(v.value())
-                    .map_err(|e| self.corrupt("spaces", SpaceId(k.value()), e))?,
-            );
-        }
-        Ok(out)
-    }
-
-    /// One space.
-    pub fn space(&self, id: SpaceId) -> Result<SpaceRecord, StoreError> {
-        // One lookup by key (not a decode of every space).
-        let r = self.read()?;
-        let t = r.open_table(SPACES).during(&self.path, "reading a space")?;
-        let v = t
-            .get(id.0)
-            .during(&self.path, "reading a space")?
-            .ok_or_else(|| StoreError::NotFound {
-                what: "space",
-                key: id.to_string(),
-            })?;
-        serde_json::from_slice(v.value()).map_err(|e| self.corrupt("spaces", id, e))
-    }
-
-    /// All embeddings of a space, by object id (one snapshot).
-    pub fn embeddings(&self, space: SpaceId) -> Result<Vec<(ObjectId, Vec<f32>)>, StoreError> {
-        let r = self.read()?;
-        let t = r
-            .open_table(SPACE_EMBEDDINGS)
-            .during(&self.path, "reading embeddings")?;
-        let mut out = Vec::new();
-        let mut bad = None;
-        chunked::for_each_embedding(&t, space.0, |id, v| match v {
-            Ok(v) => out.push((id, v)),
-            Err(e) => {
-                bad.get_or_insert((id, e));
-            }
-        })
-        .during(&self.path, "reading embeddings")?;
-        if let Some((id, e)) = bad {
-            return Err(self.corrupt("space_embeddings", format!("({space}, {id})"), e));
-        }
-        Ok(out)
-    }
-
-    /// An object's embedding in a space.
-    pub fn embedding(&self, space: SpaceId, id: ObjectId) -> Result<Option<Vec<f32>>, StoreError> {
-        let r = self.read()?;
-        let t = r
-            .open_table(SPACE_EMBEDDINGS)
-            .during(&self.path, "reading embeddings")?;
-        match chunked::get_embedding(&t, space.0, id).during(&self.path, "reading embeddings")? {
-            Some(v) => Ok(Some(v.map_err(|e| {
-                self.corrupt("space_embeddings", format!("({space}, {id})"), e)
-            })?)),
-            None => Ok(None),
-        }
     }
 
     /// Remove objects (with their tensors and embeddings) in one transaction. Unknown ids are an error and
@@ -1397,6 +1236,281 @@ impl Store {
             *m.entry(o.task).or_default() += 1;
         }
         Ok(m)
+    }
+}
+
+/// One read transaction over a [`Store`] ([`Store::snapshot`]): every read through it sees the store as it
+/// was when the snapshot was taken, so a query or `suggest` that reads records, embeddings and tensors
+/// in several steps never mixes two states of the store. The read methods are those of [`Store`] (which
+/// open a transaction per call).
+pub struct Snapshot<'s> {
+    store: &'s Store,
+    r: ReadTransaction,
+}
+
+impl std::fmt::Debug for Snapshot<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("path", &self.store.path)
+            .finish()
+    }
+}
+
+impl<'s> Snapshot<'s> {
+    /// The store this is a snapshot of.
+    pub fn store(&self) -> &'s Store {
+        self.store
+    }
+
+    /// All tasks, by name.
+    pub fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        let r = &self.r;
+        let t = r
+            .open_table(TASKS)
+            .during(&self.store.path, "listing tasks")?;
+        let mut out = Vec::new();
+        for item in t.iter().during(&self.store.path, "listing tasks")? {
+            let (k, v) = item.during(&self.store.path, "listing tasks")?;
+            out.push(
+                serde_json::from_slice(v.value())
+                    .map_err(|e| self.store.corrupt("tasks", k.value(), e))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// One task.
+    pub fn task(&self, name: &str) -> Result<TaskRecord, StoreError> {
+        let r = &self.r;
+        let t = r
+            .open_table(TASKS)
+            .during(&self.store.path, "reading a task")?;
+        let v = t
+            .get(name)
+            .during(&self.store.path, "reading a task")?
+            .ok_or_else(|| StoreError::NotFound {
+                what: "task",
+                key: name.to_string(),
+            })?;
+        serde_json::from_slice(v.value()).map_err(|e| self.store.corrupt("tasks", name, e))
+    }
+
+    /// All object records, by id.
+    pub fn objects(&self) -> Result<Vec<ObjectRecord>, StoreError> {
+        let r = &self.r;
+        let t = r
+            .open_table(OBJECTS)
+            .during(&self.store.path, "listing objects")?;
+        let mut out = Vec::new();
+        for item in t.iter().during(&self.store.path, "listing objects")? {
+            let (k, v) = item.during(&self.store.path, "listing objects")?;
+            out.push(self.store.decode_object(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Whether the object is in this snapshot (one key lookup, nothing decoded).
+    pub fn contains(&self, id: ObjectId) -> Result<bool, StoreError> {
+        let t = self
+            .r
+            .open_table(OBJECTS)
+            .during(&self.store.path, "reading an object")?;
+        Ok(t.get(id)
+            .during(&self.store.path, "reading an object")?
+            .is_some())
+    }
+
+    /// One object's record.
+    pub fn object(&self, id: ObjectId) -> Result<ObjectRecord, StoreError> {
+        let r = &self.r;
+        let t = r
+            .open_table(OBJECTS)
+            .during(&self.store.path, "reading an object")?;
+        let v = t
+            .get(id)
+            .during(&self.store.path, "reading an object")?
+            .ok_or_else(|| StoreError::NotFound {
+                what: "object",
+                key: id.to_string(),
+            })?;
+        self.store.decode_object(id, v.value())
+    }
+
+    /// Find an object by its content hash (full hex, or a unique prefix of at least 8 hex digits).
+    pub fn find_by_hash(&self, hex_prefix: &str) -> Result<Option<ObjectId>, StoreError> {
+        // At least 8 hex digits (32 bits), at most the whole BLAKE3 hash.
+        let hex = hex_prefix.to_ascii_lowercase();
+        if hex.len() < 8 || hex.len() > 64 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Ok(None);
+        }
+        // The range of 32-byte hashes that start with the prefix: a lookup in the hash table, not a
+        // scan of every record (an odd last digit fixes the high nibble of its byte only).
+        let nib = |c: u8| (c as char).to_digit(16).expect("checked hex") as u8;
+        let digits = hex.as_bytes();
+        let (mut lo, mut hi) = (vec![0u8; 32], vec![0xffu8; 32]);
+        for (i, pair) in digits.chunks(2).enumerate() {
+            if pair.len() == 2 {
+                lo[i] = nib(pair[0]) << 4 | nib(pair[1]);
+                hi[i] = lo[i];
+            } else {
+                lo[i] = nib(pair[0]) << 4;
+                hi[i] = lo[i] | 0x0f;
+            }
+        }
+        let r = &self.r;
+        let t = r
+            .open_table(OBJECT_BY_HASH)
+            .during(&self.store.path, "looking up a hash")?;
+        let mut hits = Vec::new();
+        for item in t
+            .range(lo.as_slice()..=hi.as_slice())
+            .during(&self.store.path, "looking up a hash")?
+            .take(2)
+        {
+            let (_, v) = item.during(&self.store.path, "looking up a hash")?;
+            hits.push(v.value());
+        }
+        Ok((hits.len() == 1).then(|| hits[0]))
+    }
+
+    /// Load an object with its tensors.
+    pub fn get(&self, id: ObjectId) -> Result<(ObjectRecord, LightweightObject), StoreError> {
+        let r = &self.r;
+        let rec = self.object(id)?;
+        let t = r
+            .open_table(OBJECT_TENSORS)
+            .during(&self.store.path, "reading tensors")?;
+        let tensors = chunked::get_tensors(&t, id)
+            .during(&self.store.path, "reading tensors")?
+            .map_err(|e| self.store.corrupt("object_tensors", id, e))?;
+        if tensors.len() != rec.tensor_count as usize {
+            return Err(self.store.corrupt(
+                "object_tensors",
+                id,
+                format!(
+                    "{} tensors stored, record says {}",
+                    tensors.len(),
+                    rec.tensor_count
+                ),
+            ));
+        }
+        let obj = LightweightObject {
+            method: rec.method.clone(),
+            base_model: rec.base_model.clone(),
+            format: rec.format,
+            tensors,
+            metadata: rec.safetensors_metadata.clone(),
+            config_json: rec.config_json.clone().into_bytes(),
+        };
+        Ok((rec, obj))
+    }
+
+    /// The facts of every object, in id order (what an index manager's catalog holds).
+    pub fn object_facts(&self) -> Result<Vec<ObjectFacts>, StoreError> {
+        let r = &self.r;
+        let t = match r.open_table(OBJECT_FACTS) {
+            Ok(t) => t,
+            // A store written before the table existed: derive the facts from the records.
+            Err(redb::TableError::TableDoesNotExist(_)) => {
+                return Ok(self.objects()?.iter().map(ObjectFacts::of).collect());
+            }
+            Err(e) => return Err(e).during(&self.store.path, "listing objects"),
+        };
+        let se = |e: redb::StorageError| StoreError::Storage {
+            path: self.store.path.clone(),
+            during: "listing objects",
+            source: Box::new(e.into()),
+        };
+        let n = usize::try_from(t.len().map_err(se)?).unwrap_or(0);
+        // Facts of the ids in `range`, in id order.
+        let read = |range: (std::ops::Bound<u64>, std::ops::Bound<u64>),
+                    cap: usize|
+         -> Result<Vec<ObjectFacts>, StoreError> {
+            let mut out = Vec::with_capacity(cap);
+            for item in t.range(range).map_err(se)? {
+                let (k, v) = item.map_err(se)?;
+                out.push(
+                    codec::decode_facts(k.value(), v.value())
+                        .map_err(|e| self.store.corrupt("object_facts", k.value(), e))?,
+                );
+            }
+            Ok(out)
+        };
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        // A large catalog is read in two halves of the key range on two threads (one snapshot).
+        let bounds = (t.first().map_err(se)?, t.last().map_err(se)?);
+        match bounds {
+            (Some((lo, _)), Some((hi, _))) if n >= FACTS_SPLIT => {
+                let (lo, hi) = (lo.value(), hi.value());
+                let mid = lo + (hi - lo) / 2;
+                let (a, b) = rayon::join(
+                    || read((Unbounded, Included(mid)), n / 2 + 1),
+                    || read((Excluded(mid), Unbounded), n / 2 + 1),
+                );
+                let mut a = a?;
+                a.extend(b?);
+                Ok(a)
+            }
+            _ => read((Unbounded, Unbounded), n),
+        }
+    }
+
+    /// Every space.
+    pub fn spaces(&self) -> Result<Vec<SpaceRecord>, StoreError> {
+        let r = &self.r;
+        let t = r
+            .open_table(SPACES)
+            .during(&self.store.path, "listing spaces")?;
+        let mut out = Vec::new();
+        for item in t.iter().during(&self.store.path, "listing spaces")? {
+            let (k, v) = item.during(&self.store.path, "listing spaces")?;
+            out.push(
+                serde_json::from_slice(v.value())
+                    .map_err(|e| self.store.corrupt("spaces", SpaceId(k.value()), e))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// One space.
+    pub fn space(&self, id: SpaceId) -> Result<SpaceRecord, StoreError> {
+        // One lookup by key (not a decode of every space).
+        let r = &self.r;
+        let t = r
+            .open_table(SPACES)
+            .during(&self.store.path, "reading a space")?;
+        let v = t
+            .get(id.0)
+            .during(&self.store.path, "reading a space")?
+            .ok_or_else(|| StoreError::NotFound {
+                what: "space",
+                key: id.to_string(),
+            })?;
+        serde_json::from_slice(v.value()).map_err(|e| self.store.corrupt("spaces", id, e))
+    }
+
+    /// All embeddings of a space, by object id.
+    pub fn embeddings(&self, space: SpaceId) -> Result<Vec<(ObjectId, Vec<f32>)>, StoreError> {
+        let mut out = Vec::new();
+        self.for_each_embedding(space, |id, v| out.push((id, v)))?;
+        Ok(out)
+    }
+
+    /// An object's embedding in a space.
+    pub fn embedding(&self, space: SpaceId, id: ObjectId) -> Result<Option<Vec<f32>>, StoreError> {
+        let r = &self.r;
+        let t = r
+            .open_table(SPACE_EMBEDDINGS)
+            .during(&self.store.path, "reading embeddings")?;
+        match chunked::get_embedding(&t, space.0, id)
+            .during(&self.store.path, "reading embeddings")?
+        {
+            Some(v) => Ok(Some(v.map_err(|e| {
+                self.store
+                    .corrupt("space_embeddings", format!("({space}, {id})"), e)
+            })?)),
+            None => Ok(None),
+        }
     }
 }
 

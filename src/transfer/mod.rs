@@ -45,7 +45,7 @@ use crate::rerank::stage::{
     bare, paired_gain, rerank, CandidateScores, RerankError, RerankInput, RerankOptions,
 };
 use crate::rerank::Indicator;
-use crate::store::Store;
+use crate::store::{Snapshot, Store};
 use crate::task::TaskError;
 use crate::task::{few_shot, Example, Task};
 use serde::{Deserialize, Serialize};
@@ -95,17 +95,22 @@ pub const DEFAULT_TAU: f64 = 0.1;
 /// most similar.
 pub const DEFAULT_K: usize = 16;
 /// Default noise threshold: a candidate helps when the mean gain of its per-example indicator terms over
-/// the bare model's is more than this many paired standard errors. Chosen with [`DEFAULT_INDICATOR`] and
-/// [`DEFAULT_PRIOR`] on the study's dev grid (grid 3, two tuning seeds): the highest mean dev gain over
-/// all targets (+6.8 points; +12.7 on the dev transfer targets) among the settings whose worst target
-/// stays within 1 point of the bare model (worst +0.0).
-pub const DEFAULT_NOISE_Z: f64 = 1.0;
-/// Default indicator: the cosine of logits and labels ([`Indicator::CosLogits`]), weighted to the train
-/// split's label prior. On the study's dev splits (grid 3, two tuning seeds) it ranks a dev-oracle source
-/// into the top 5 for every dev transfer target, and with z = 1 its answers gain the most among the
-/// settings that do no harm on dev (EL2N ranks as well and gains more, +8.0, but costs 4 points on one
-/// target).
-pub const DEFAULT_INDICATOR: Indicator = Indicator::CosLogits;
+/// the bare model's is more than this many paired standard errors (and, with the default accuracy guard,
+/// it keeps the bare model's accuracy on the examples). Chosen with [`DEFAULT_INDICATOR`],
+/// [`DEFAULT_PRIOR`] and [`DEFAULT_ACCURACY_GUARD`] on the study's dev grid (grid 4, two tuning seeds) by
+/// the rule fixed before the test run: the highest mean dev gain over all targets (+8.3 points; +15.2 on
+/// the dev transfer targets) among the settings whose worst target stays within 1 point of the bare model
+/// (worst +0.0). With the guard, z = 0 lets any positive gain count: the accuracy test does the filtering
+/// that z = 1 did, and lets fewer noisy winners through on the dev grid.
+pub const DEFAULT_NOISE_Z: f64 = 0.0;
+/// Default indicator: EL2N (the L2 norm of the error of the predicted label distribution), weighted to the
+/// train split's label prior. On the study's dev grid 4 it gains the most among the settings that do no
+/// harm on dev, with z = 0 and the accuracy guard: +8.3 dev points over all targets, worst +0.0 (the
+/// cosine of logits and labels, the previous default, +7.3 with the guard at z = 1 and +6.8 without).
+pub const DEFAULT_INDICATOR: Indicator = Indicator::El2n;
+/// Default of the accuracy guard ([`SuggestConfig::accuracy_guard`]): on, chosen on the study's dev grid 4
+/// (see [`DEFAULT_NOISE_Z`]).
+pub const DEFAULT_ACCURACY_GUARD: bool = true;
 
 /// Which label distribution the episode's (class-balanced) scoring examples are weighted to stand for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +176,10 @@ pub struct SuggestConfig {
     pub base_model: Option<String>,
     /// The label distribution the scoring examples are weighted to ([`Episode::weights`]).
     pub prior: LabelPrior,
+    /// The accuracy guard: a candidate (and a merge) helps only if, besides beating the noise, its
+    /// (prior-weighted) accuracy on the scoring examples is not below the bare model's
+    /// ([`SuggestConfig::helps`]).
+    pub accuracy_guard: bool,
 }
 
 impl Default for SuggestConfig {
@@ -189,11 +198,19 @@ impl Default for SuggestConfig {
             noise_z: DEFAULT_NOISE_Z,
             base_model: None,
             prior: DEFAULT_PRIOR,
+            accuracy_guard: DEFAULT_ACCURACY_GUARD,
         }
     }
 }
 
 impl SuggestConfig {
+    /// Whether a candidate (or a merge) with this gain over the bare model helps: its mean gain is beyond
+    /// `noise_z` standard errors and, with the accuracy guard, its accuracy on the scoring examples is not
+    /// below the bare model's.
+    pub fn helps(&self, g: &Gain) -> bool {
+        g.helps(self.noise_z) && (!self.accuracy_guard || g.accuracy >= 0.0)
+    }
+
     fn check(&self) -> Result<(), TransferError> {
         if self.k == 0 {
             return Err(TransferError::Invalid("k must be at least 1".into()));
@@ -317,7 +334,7 @@ pub struct Candidate {
 /// The base model the target adapter must be for: the configured one, else the only base model of the
 /// store's spaces of the method.
 pub fn store_base_model(
-    store: &Store,
+    store: &Snapshot<'_>,
     cfg: &SuggestConfig,
 ) -> Result<Option<String>, TransferError> {
     if let Some(b) = &cfg.base_model {
@@ -388,9 +405,9 @@ pub fn target_adapter(
 
 /// Stage 3: every other task of the store that has an adapter of `cfg.method`, ranked by `similarity` to
 /// the target adapter (best first; each task represented by its most similar object). `exclude` (the new
-/// task itself, by name) is never a candidate.
+/// task itself, by name) is never a candidate. Every read is in the caller's snapshot.
 pub fn retrieve(
-    store: &Store,
+    store: &Snapshot<'_>,
     index: &IndexManager,
     target: &LightweightObject,
     similarity: Similarity,
@@ -421,7 +438,7 @@ pub fn retrieve(
         .k(limit.saturating_add(1))
         .similarity(similarity)
         .method(method)
-        .run(store, index)?;
+        .run_in(store, index)?;
     let mut out = Vec::new();
     for t in res.tasks.into_iter().filter(|t| t.task != exclude) {
         let best = t
@@ -631,13 +648,18 @@ pub fn decide(
         .map(|c| Gain::of(c, &scores.bare, cfg.indicator))
         .collect();
     let helping: Vec<usize> = (0..candidates.len())
-        .filter(|&i| gains[i].helps(cfg.noise_z))
+        .filter(|&i| cfg.helps(&gains[i]))
         .collect();
     let mut notes = Vec::new();
     let mut weights = vec![0.0; candidates.len()];
     if helping.is_empty() {
+        let guard = if cfg.accuracy_guard {
+            " without losing accuracy"
+        } else {
+            ""
+        };
         notes.push(format!(
-            "no candidate beats the bare model on the {} examples by more than {} standard errors: a from-scratch initialization is handed back",
+            "no candidate beats the bare model on the {} examples by more than {} standard errors{guard}: a from-scratch initialization is handed back",
             scores.examples, cfg.noise_z
         ));
         return Ok(Decided {
@@ -707,7 +729,7 @@ pub fn decide(
     };
     let merged_scores = rerank(&rin, &[&merged], &ropts, &mut |_, _| {})?;
     let eg = Gain::of(&merged_scores[0], &scores.bare, cfg.indicator);
-    if eg.helps(cfg.noise_z) && eg.mean >= gains[best].mean - gains[best].se {
+    if cfg.helps(&eg) && eg.mean >= gains[best].mean - gains[best].se {
         Ok(Decided {
             decision: Decision::Ensemble,
             init: merged,
@@ -849,6 +871,8 @@ pub struct SuggestReport {
     /// What was handed back: `ensemble`, `best-single` or `scratch`.
     pub decision: Decision,
     pub noise_z: f64,
+    /// Whether a candidate also had to keep the bare model's accuracy on the examples to get weight.
+    pub accuracy_guard: bool,
     /// The label distribution the scoring examples were weighted to (`train` or `uniform`).
     pub label_prior: LabelPrior,
     pub bare: BareReport,
@@ -908,7 +932,7 @@ pub fn report(
             accuracy: sc.accuracy,
             gain: g.mean,
             gain_se: g.se,
-            helps: g.helps(cfg.noise_z),
+            helps: cfg.helps(g),
             weight: *w,
         })
         .collect();
@@ -942,6 +966,7 @@ pub fn report(
         space,
         decision: decided.decision,
         noise_z: cfg.noise_z,
+        accuracy_guard: cfg.accuracy_guard,
         label_prior: cfg.prior,
         bare: BareReport {
             accuracy: scores.bare.accuracy,
@@ -967,7 +992,10 @@ pub fn suggest(
     let mut timings = BTreeMap::new();
     let mut notes = Vec::new();
     let episode = Episode::sample(task, cfg.shots, cfg.seed)?;
-    let base_model = store_base_model(input.store, cfg)?;
+    // One read transaction for the whole suggestion: the spaces, the retrieval and the candidates'
+    // tensors all come from the same state of the store, even while another process ingests.
+    let snap = input.store.snapshot()?;
+    let base_model = store_base_model(&snap, cfg)?;
 
     progress(SuggestEvent::Stage("target adapter"));
     let t0 = Instant::now();
@@ -985,7 +1013,7 @@ pub fn suggest(
     progress(SuggestEvent::Stage("retrieval"));
     let t0 = Instant::now();
     let hits = retrieve(
-        input.store,
+        &snap,
         input.index,
         &target,
         cfg.similarity,
@@ -1008,7 +1036,7 @@ pub fn suggest(
     let t0 = Instant::now();
     let cands: Vec<LightweightObject> = hits
         .iter()
-        .map(|h| input.store.get(h.object).map(|(_, o)| o))
+        .map(|h| snap.get(h.object).map(|(_, o)| o))
         .collect::<Result<_, _>>()?;
     let refs: Vec<&LightweightObject> = cands.iter().collect();
     let scores = score(engine, task, &episode, &target, &refs, cfg, progress)?;
@@ -1095,6 +1123,26 @@ mod tests {
         assert!(g(0.01, 0.0).helps(2.0)); // noiseless but positive
         assert!(!g(0.0, 0.0).helps(0.0)); // no gain never helps
         assert!(!g(-0.1, 0.01).helps(0.0));
+    }
+
+    #[test]
+    fn the_accuracy_guard_also_asks_for_no_loss_of_accuracy() {
+        let g = |mean, accuracy| Gain {
+            mean,
+            se: 0.1,
+            accuracy,
+        };
+        let mut cfg = SuggestConfig {
+            noise_z: 1.0,
+            accuracy_guard: false,
+            ..Default::default()
+        };
+        assert!(cfg.helps(&g(0.3, -0.05)));
+        cfg.accuracy_guard = true;
+        assert!(!cfg.helps(&g(0.3, -0.05))); // beyond the noise, but fewer right
+        assert!(cfg.helps(&g(0.3, 0.0))); // as many right
+        assert!(cfg.helps(&g(0.3, 0.1)));
+        assert!(!cfg.helps(&g(0.05, 0.1))); // more right, but within the noise
     }
 
     fn skewed_task(train: &[(usize, usize)]) -> Task {

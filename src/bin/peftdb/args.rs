@@ -3,6 +3,7 @@
 
 use anyhow::Result;
 use peftdb::engine::{parse_device, Engine, EngineOptions, ScoreOptions, DEFAULT_TEMPERATURE};
+use peftdb::suggest::LabelPrior;
 use std::path::PathBuf;
 
 /// The base model and how texts are scored (`eval`, `train`, `suggest`, `rerank`).
@@ -42,4 +43,25 @@ impl ModelArgs {
             batch_size: batch_size.max(1),
         }
     }
+}
+
+/// The new task and the few-shot episode drawn from it (`suggest`, `rerank`): the pipeline's one
+/// seeding rule (`transfer::Episode::sample`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct EpisodeArgs {
+    /// The new task's folder (task.json + train/dev/test JSONL; only `--shots` per class are used).
+    #[arg(long)]
+    pub task: PathBuf,
+    /// Examples per class: this many train and this many dev shots (the train shots also short-tune the
+    /// target adapter of `suggest`); both score the candidates.
+    #[arg(long, default_value_t = 16)]
+    pub shots: usize,
+    /// Seed of the episode (and of the short tune).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The examples are drawn class-balanced (--shots per class); `train` weights each by its class's
+    /// share of the task's train split, so scores and the no-harm test reflect your data's label
+    /// distribution; `uniform` counts every class alike.
+    #[arg(long, default_value = peftdb::suggest::DEFAULT_PRIOR.as_str())]
+    pub label_prior: LabelPrior,
 }

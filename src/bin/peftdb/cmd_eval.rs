@@ -1,12 +1,11 @@
 //! `peftdb eval`: accuracy and loss of an adapter (or the bare model) on a task split, by head-free label
 //! scoring.
 
-use anyhow::Context;
 use indicatif::ProgressBar;
 use peftdb::object::{read_adapter, ReadOptions};
 use peftdb::task::{Split, Task};
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Evaluate an adapter on a task split.
 #[derive(clap::Args, Debug, Clone)]
@@ -19,19 +18,16 @@ pub struct EvalArgs {
     /// Adapter folder (PEFT, AdapterHub or BitFit); neither this nor --object: the bare model.
     #[arg(long, conflicts_with = "object")]
     pub adapter: Option<PathBuf>,
-    /// Stored object id (needs --db).
+    /// Stored object id (in the store of --db).
     #[arg(long)]
     pub object: Option<u64>,
-    /// The peftdb store: the global --db (filled in by main).
-    #[arg(skip)]
-    pub db: Option<PathBuf>,
     #[arg(long, default_value = "test")]
     pub split: Split,
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
 }
 
-pub fn run(args: EvalArgs, json: bool) -> anyhow::Result<()> {
+pub fn run(db: &Path, args: &EvalArgs, json: bool) -> anyhow::Result<()> {
     let engine = args.engine.load()?;
     let task = Task::load(&args.task)?;
     let (obj, source) = if let Some(dir) = &args.adapter {
@@ -40,7 +36,6 @@ pub fn run(args: EvalArgs, json: bool) -> anyhow::Result<()> {
             dir.display().to_string(),
         )
     } else if let Some(id) = args.object {
-        let db = args.db.as_ref().context("--object needs --db")?;
         let store = peftdb::store::Store::open_for_reading(db)?;
         (Some(store.get(id)?.1), format!("object {id}"))
     } else {

@@ -12,7 +12,6 @@ use peftdb::query::Similarity;
 use peftdb::rerank::Indicator;
 use peftdb::rerank::RerankOptions;
 use peftdb::store::Store;
-use peftdb::suggest::LabelPrior;
 use peftdb::suggest::{suggest, write_suggestion, SuggestConfig, SuggestEvent, SuggestInput};
 use peftdb::task::Task;
 use peftdb::transfer::{score_episode, Episode, Gain, Scores};
@@ -36,9 +35,8 @@ fn bar() -> ProgressBar {
 pub struct SuggestArgs {
     #[command(flatten)]
     pub engine: crate::args::ModelArgs,
-    /// The new task's folder (task.json + train/dev/test JSONL; only `--shots` per class are used).
-    #[arg(long)]
-    pub task: PathBuf,
+    #[command(flatten)]
+    pub episode: crate::args::EpisodeArgs,
     /// A short-tuned adapter of the new task you already have (else one is trained for --steps).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
@@ -70,19 +68,13 @@ pub struct SuggestArgs {
     /// initialization is written and the report says so.
     #[arg(long, default_value_t = peftdb::suggest::DEFAULT_NOISE_Z)]
     pub noise_z: f64,
-    /// The examples are drawn class-balanced (--shots per class); `train` weights each by its class's
-    /// share of the task's train split, so scores and the no-harm test reflect your data's label
-    /// distribution; `uniform` counts every class alike.
-    #[arg(long, default_value = peftdb::suggest::DEFAULT_PRIOR.as_str())]
-    pub label_prior: LabelPrior,
-    /// Examples per class (train shots for the short tune; train and dev shots score the candidates).
-    #[arg(long, default_value_t = 16)]
-    pub shots: usize,
+    /// The accuracy guard: a candidate (and the merge) also has to keep the bare model's accuracy on the
+    /// (label-prior weighted) examples to get weight (`true` or `false`).
+    #[arg(long, default_value_t = peftdb::suggest::DEFAULT_ACCURACY_GUARD, action = clap::ArgAction::Set)]
+    pub accuracy_guard: bool,
     /// Steps of the short tune.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
     /// Base model name of the target (default: the store's, for --method).
     #[arg(long)]
     pub base_model: Option<String>,
@@ -112,7 +104,7 @@ pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
     };
     let (index, _) = IndexManager::open(&store, config, &|_| {})?;
     let engine = a.engine.load()?;
-    let task = Task::load(&a.task)?;
+    let task = Task::load(&a.episode.task)?;
     let adapter = match &a.adapter {
         Some(p) => Some(
             read_adapter(p, &ReadOptions::default())
@@ -127,16 +119,17 @@ pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
         tau: a.tau,
         merge: a.merge.mode(a.rank),
         similarity,
-        shots: a.shots,
+        shots: a.episode.shots,
         short_tune_steps: a.steps,
-        seed: a.seed,
+        seed: a.episode.seed,
         score: ScoreOptions {
             temperature: a.engine.temperature,
             ..Default::default()
         },
         noise_z: a.noise_z,
+        accuracy_guard: a.accuracy_guard,
         base_model: a.base_model.clone(),
-        prior: a.label_prior,
+        prior: a.episode.label_prior,
     };
     let input = SuggestInput {
         store: &store,
@@ -204,6 +197,15 @@ pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
         "bare model on the {} scoring examples: accuracy {:.3}, loss {:.4} (candidates ranked by {}; gain: its mean per-example term minus the bare model's, +- its paired SE)",
         report.examples, report.bare.accuracy, report.bare.loss, report.indicator
     );
+    println!(
+        "helps: gain > 0 and beyond {} SE{}",
+        report.noise_z,
+        if report.accuracy_guard {
+            ", and accuracy not below the bare model's (the accuracy guard)"
+        } else {
+            ""
+        }
+    );
     for n in &report.notes {
         println!("note: {n}");
     }
@@ -231,7 +233,7 @@ pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
                 .unwrap_or("-")
         ),
         peftdb::suggest::Decision::Scratch => {
-            "a from-scratch initialization: no candidate helps beyond the noise".to_string()
+            "a from-scratch initialization: no candidate helps".to_string()
         }
     };
     println!("wrote the initialization ({what}) to {}", a.out.display());
@@ -242,9 +244,8 @@ pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
 pub struct RerankArgs {
     #[command(flatten)]
     pub engine: crate::args::ModelArgs,
-    /// The new task's folder.
-    #[arg(long)]
-    pub task: PathBuf,
+    #[command(flatten)]
+    pub episode: crate::args::EpisodeArgs,
     /// Candidate objects (ids in --db).
     #[arg(long = "object", value_delimiter = ',')]
     pub objects: Vec<u64>,
@@ -261,14 +262,6 @@ pub struct RerankArgs {
     /// Reference adapter (a fresh adapter briefly trained on the new task), for kl and weight-cosine.
     #[arg(long)]
     pub reference: Option<PathBuf>,
-    /// Examples per class: the pipeline's episode (this many train and this many dev shots) is scored.
-    #[arg(long, default_value_t = 16)]
-    pub shots: usize,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Label distribution the examples are weighted to (as `suggest --label-prior`).
-    #[arg(long, default_value = peftdb::suggest::DEFAULT_PRIOR.as_str())]
-    pub label_prior: LabelPrior,
     /// Training steps for euclidean / performance.
     #[arg(long, default_value_t = 10)]
     pub m_steps: usize,
@@ -301,9 +294,9 @@ pub fn rerank_cmd(db: &Path, a: &RerankArgs, json: bool) -> Result<u8> {
         None => None,
     };
     let engine = a.engine.load()?;
-    let task = Task::load(&a.task)?;
+    let task = Task::load(&a.episode.task)?;
     // The pipeline's episode: the same examples `suggest --shots N --seed S` scores candidates on.
-    let episode = Episode::sample(&task, a.shots, a.seed)?;
+    let episode = Episode::sample(&task, a.episode.shots, a.episode.seed)?;
     let opts = RerankOptions {
         indicators: a.indicator.clone(),
         score: ScoreOptions {
@@ -311,7 +304,7 @@ pub fn rerank_cmd(db: &Path, a: &RerankArgs, json: bool) -> Result<u8> {
             ..Default::default()
         },
         m_steps: a.m_steps,
-        seed: a.seed,
+        seed: a.episode.seed,
         ..Default::default()
     };
     let pb = bar();
@@ -324,7 +317,7 @@ pub fn rerank_cmd(db: &Path, a: &RerankArgs, json: bool) -> Result<u8> {
         reference.as_ref(),
         &refs,
         &opts,
-        a.label_prior,
+        a.episode.label_prior,
         &mut |done, total| {
             pb.set_length(total as u64);
             pb.set_position(done as u64);
@@ -380,9 +373,9 @@ pub fn rerank_cmd(db: &Path, a: &RerankArgs, json: bool) -> Result<u8> {
         bare.cross_entropy,
         examples,
         task.name,
-        a.shots,
-        a.shots,
-        a.seed,
+        a.episode.shots,
+        a.episode.shots,
+        a.episode.seed,
         basis.as_str()
     );
     Ok(0)

@@ -6,7 +6,7 @@ use peftdb::engine::{train, TrainConfig, TrainData, TrainProgress as Progress};
 use peftdb::object::{read_adapter, write_adapter, MethodKind, ReadOptions};
 use peftdb::task::{few_shot, Task};
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Train an adapter (writes OUT/best and OUT/early, plus OUT/train_report.json).
 #[derive(clap::Args, Debug, Clone)]
@@ -66,18 +66,15 @@ pub struct TrainArgs {
     /// Start from this PEFT / AdapterHub / BitFit folder.
     #[arg(long, conflicts_with = "init_object")]
     pub init: Option<PathBuf>,
-    /// Start from this stored object (needs --db).
+    /// Start from this stored object (in the store of --db).
     #[arg(long)]
     pub init_object: Option<u64>,
-    /// The peftdb store: the global --db (filled in by main).
-    #[arg(skip)]
-    pub db: Option<PathBuf>,
     /// Base model name written into the adapter config (default: the model folder's name).
     #[arg(long)]
     pub base_model_name: Option<String>,
 }
 
-pub fn run(args: TrainArgs, json: bool) -> anyhow::Result<()> {
+pub fn run(db: &Path, args: &TrainArgs, json: bool) -> anyhow::Result<()> {
     let engine = args.engine.load()?;
     let task = Task::load(&args.task)?;
     if args.out.exists()
@@ -115,7 +112,6 @@ pub fn run(args: TrainArgs, json: bool) -> anyhow::Result<()> {
     cfg.init = if let Some(dir) = &args.init {
         Some(read_adapter(dir, &ReadOptions::default())?)
     } else if let Some(id) = args.init_object {
-        let db = args.db.as_ref().context("--init-object needs --db")?;
         let store = peftdb::store::Store::open_for_reading(db)?;
         Some(store.get(id)?.1)
     } else {

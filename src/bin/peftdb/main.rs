@@ -103,17 +103,9 @@ fn main() -> ExitCode {
         Cmd::Nearest(a) => cmd_nearest::run(&cli.db, a, cli.json).map(|()| 0),
         Cmd::Suggest(a) => cmd_suggest::suggest_cmd(&cli.db, a, cli.json),
         Cmd::Rerank(a) => cmd_suggest::rerank_cmd(&cli.db, a, cli.json),
-        Cmd::Train(a) => {
-            let mut a = a.clone();
-            a.db = Some(cli.db.clone());
-            cmd_train::run(a, cli.json).map(|()| 0)
-        }
+        Cmd::Train(a) => cmd_train::run(&cli.db, a, cli.json).map(|()| 0),
         Cmd::Experiment(c) => cmd_experiment::run_cmd(c, cli.json),
-        Cmd::Eval(a) => {
-            let mut a = a.clone();
-            a.db = Some(cli.db.clone());
-            cmd_eval::run(a, cli.json).map(|()| 0)
-        }
+        Cmd::Eval(a) => cmd_eval::run(&cli.db, a, cli.json).map(|()| 0),
     };
     match r {
         Ok(code) => ExitCode::from(code),
