@@ -694,9 +694,14 @@ pub fn decide(
         .expect("non-empty");
     if helping.len() < candidates.len() {
         notes.push(format!(
-            "{} of {} candidates do not beat the bare model beyond the noise and get no weight",
+            "{} of {} candidates do not beat the bare model beyond the noise{} and get no weight",
             candidates.len() - helping.len(),
-            candidates.len()
+            candidates.len(),
+            if cfg.accuracy_guard {
+                " without losing accuracy"
+            } else {
+                ""
+            }
         ));
     }
     if helping.len() == 1 {
