@@ -503,18 +503,13 @@ impl Nearest {
                             }
                         };
                         for h in hits {
-                            // A row committed after the catalog was read has no facts yet: skip it.
-                            let Some(o) = index.object(h.id) else {
-                                continue;
-                            };
-                            add_score(
+                            add_hit(
                                 &mut per_task,
-                                &o.task,
+                                index,
                                 &label,
-                                Some(qv.space),
+                                qv.space,
                                 method,
                                 h.id,
-                                o.stage.clone(),
                                 h.score,
                             );
                         }
@@ -524,19 +519,7 @@ impl Nearest {
                         }
                     } else {
                         for (id, score) in centered_scan(store, qv.space, &qv.vector, &filter)? {
-                            let Some(o) = index.object(id) else {
-                                continue;
-                            };
-                            add_score(
-                                &mut per_task,
-                                &o.task,
-                                &label,
-                                Some(qv.space),
-                                method,
-                                id,
-                                o.stage.clone(),
-                                score,
-                            );
+                            add_hit(&mut per_task, index, &label, qv.space, method, id, score);
                         }
                         "scan"
                     };
@@ -906,6 +889,31 @@ fn add_score(
         space,
         score,
     });
+}
+
+/// [`add_score`] for a hit of a space's search, its task and stage from the index's catalog. A row committed
+/// after the catalog was read has no facts yet: it is skipped.
+fn add_hit(
+    per_task: &mut BTreeMap<String, (BTreeMap<String, SpaceScore>, Vec<ObjectHit>)>,
+    index: &IndexManager,
+    label: &str,
+    space: SpaceId,
+    method: MethodKind,
+    id: ObjectId,
+    score: f32,
+) {
+    if let Some(o) = index.object(id) {
+        add_score(
+            per_task,
+            &o.task,
+            label,
+            Some(space),
+            method,
+            id,
+            o.stage.clone(),
+            score,
+        );
+    }
 }
 
 /// Centered cosine of every filtered embedding of a space against `query` (two streaming passes).

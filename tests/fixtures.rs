@@ -6,27 +6,12 @@ use peftdb::embed::EmbeddingKind;
 use peftdb::object::ReadOptions;
 use peftdb::object::{read_adapter, DType, Method, MethodKind, Tensor};
 use peftdb::store::{NewObject, Outcome, Store, TaskRecord};
-use std::path::{Path, PathBuf};
 
-fn fixtures() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peft-fixtures");
-    assert!(
-        p.is_dir(),
-        "{} missing: ../shared must sit beside the repository",
-        p.display()
-    );
-    p
-}
+mod common;
 
-const ALL: &[&str] = &[
-    "lora_r8_qv",
-    "lora_rank_pattern",
-    "lora_bias_all",
-    "lora_rslora",
-    "ia3",
-    "prefix_20",
-    "prompt_10",
-];
+use common::fixtures;
+
+const ALL: &[&str] = &common::FIXTURES;
 
 /// Read a tensor as f32 with the reference safetensors crate (not peftdb's reader).
 fn reference_tensors(dir: &str) -> Vec<(String, Vec<usize>, Vec<f32>)> {

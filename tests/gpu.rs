@@ -81,16 +81,7 @@ fn fixtures_on_cuda_match_cpu() {
         "a considerably longer second sentence, so that the first row of the batch is padded",
     ];
     let mut failures = Vec::new();
-    for name in [
-        "base",
-        "lora_r8_qv",
-        "lora_rank_pattern",
-        "lora_bias_all",
-        "lora_rslora",
-        "ia3",
-        "prefix_20",
-        "prompt_10",
-    ] {
+    for name in std::iter::once("base").chain(common::FIXTURES) {
         let obj = (name != "base").then(|| fixture(name));
         let set_c = obj.as_ref().map(|o| cpu.prepare(o).expect("fits"));
         let set_g = obj.as_ref().map(|o| gpu.prepare(o).expect("fits"));

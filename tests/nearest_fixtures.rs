@@ -12,21 +12,9 @@ use rand_chacha::ChaCha8Rng;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const FIXTURES: [&str; 7] = [
-    "lora_r8_qv",
-    "lora_rank_pattern",
-    "lora_bias_all",
-    "lora_rslora",
-    "ia3",
-    "prefix_20",
-    "prompt_10",
-];
+mod common;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/peft-fixtures")
-        .join(name)
-}
+use common::{fixture, FIXTURES};
 
 fn add(store: &Store, object: LightweightObject, task: TaskRecord, stage: Option<&str>) -> u64 {
     match store

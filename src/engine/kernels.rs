@@ -61,9 +61,21 @@ pub fn tune_threads() {
     });
 }
 
-/// Whether the kernels apply: CPU, f32.
+/// Whether the CPU kernels are on for this process ([`set_enabled`]).
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turn the CPU kernels off (or back on) for the whole process. Off, the model runs candle's generic ops
+/// on the CPU too: the path every other device (CUDA) takes, so tests can check that path's forward pass
+/// and gradients on a machine without a GPU (`tests/generic_path.rs`). On by default.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether the kernels apply: on ([`set_enabled`]), CPU, f32.
 pub fn usable(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+        && t.device().is_cpu()
+        && t.dtype() == candle_core::DType::F32
 }
 
 /// Run `f` on the f32 data of a CPU tensor (its whole storage) and its layout.

@@ -49,6 +49,8 @@ pub(crate) mod train;
 pub use adapters::AdapterSet;
 pub use device::parse_device;
 pub use error::{EngineError, EngineResult};
+#[doc(hidden)]
+pub use kernels::set_enabled as set_cpu_kernels;
 pub use kernels::tune_threads;
 pub use model::{BertConfig, BertModel, Grad};
 pub use scoring::{

@@ -630,12 +630,13 @@ impl<'a> Study<'a> {
                 "manual".into(),
             ]);
             for init in inits {
-                if self.has(Unit {
+                let unit = Unit {
                     phase: Phase::Zero,
                     task: &task.name,
                     init: &init,
                     seed: 0,
-                }) {
+                };
+                if self.has(unit) {
                     continue;
                 }
                 let started = Instant::now();
@@ -709,17 +710,7 @@ impl<'a> Study<'a> {
                     test,
                     dev,
                 };
-                self.append(
-                    Unit {
-                        phase: Phase::Zero,
-                        task: &task.name,
-                        init: &init,
-                        seed: 0,
-                    },
-                    started,
-                    &rec,
-                    progress,
-                )?;
+                self.append(unit, started, &rec, progress)?;
             }
         }
         Ok(())
@@ -750,12 +741,13 @@ impl<'a> Study<'a> {
         for t in self.targets() {
             for seed in self.cfg.tune_seeds.clone() {
                 let task = self.tasks[t].clone();
-                if self.has(Unit {
+                let unit = Unit {
                     phase: Phase::Tune,
                     task: &task.name,
                     init: "grid",
                     seed,
-                }) {
+                };
+                if self.has(unit) {
                     continue;
                 }
                 let started = Instant::now();
@@ -988,17 +980,7 @@ impl<'a> Study<'a> {
                     bare_dev_accuracy: bare_dev,
                     answers,
                 };
-                self.append(
-                    Unit {
-                        phase: Phase::Tune,
-                        task: &task.name,
-                        init: "grid",
-                        seed,
-                    },
-                    started,
-                    &rec,
-                    progress,
-                )?;
+                self.append(unit, started, &rec, progress)?;
             }
         }
         Ok(())
@@ -1056,29 +1038,20 @@ impl<'a> Study<'a> {
         for t in targets {
             for seed in self.cfg.seeds.clone() {
                 let task = self.tasks[t].clone();
-                if self.has(Unit {
+                let unit = Unit {
                     phase: Phase::Scratch,
                     task: &task.name,
                     init: "scratch",
                     seed,
-                }) {
+                };
+                if self.has(unit) {
                     continue;
                 }
                 let started = Instant::now();
                 let episode = Episode::sample(&task, self.cfg.suggest.shots, seed)?;
                 let (test, best_step) = self.few_shot(&task, &episode, None, seed)?;
                 let rec = ScratchRecord { test, best_step };
-                self.append(
-                    Unit {
-                        phase: Phase::Scratch,
-                        task: &task.name,
-                        init: "scratch",
-                        seed,
-                    },
-                    started,
-                    &rec,
-                    progress,
-                )?;
+                self.append(unit, started, &rec, progress)?;
             }
         }
         Ok(())
@@ -1088,12 +1061,13 @@ impl<'a> Study<'a> {
         for t in self.targets() {
             for seed in self.cfg.seeds.clone() {
                 let task = self.tasks[t].clone();
-                if self.has(Unit {
+                let unit = Unit {
                     phase: Phase::Final,
                     task: &task.name,
                     init: "suggest",
                     seed,
-                }) {
+                };
+                if self.has(unit) {
                     continue;
                 }
                 let started = Instant::now();
@@ -1131,17 +1105,7 @@ impl<'a> Study<'a> {
                     few_shot_test,
                     few_shot_steps,
                 };
-                self.append(
-                    Unit {
-                        phase: Phase::Final,
-                        task: &task.name,
-                        init: "suggest",
-                        seed,
-                    },
-                    started,
-                    &rec,
-                    progress,
-                )?;
+                self.append(unit, started, &rec, progress)?;
             }
         }
         Ok(())

@@ -63,6 +63,17 @@ pub fn fixtures() -> PathBuf {
     panic!("peft fixtures not found: set PEFTDB_FIXTURES or check out ../shared/peft-fixtures");
 }
 
+/// Every adapter folder of the PEFT fixtures (`../shared/peft-fixtures/README.md`).
+pub const FIXTURES: [&str; 7] = [
+    "lora_r8_qv",
+    "lora_rank_pattern",
+    "lora_bias_all",
+    "lora_rslora",
+    "ia3",
+    "prefix_20",
+    "prompt_10",
+];
+
 pub fn fixture(name: &str) -> PathBuf {
     fixtures().join(name)
 }
