@@ -336,7 +336,41 @@ fn the_study_runs_resumes_and_reports_through_suggest() {
     for phase in ["zero", "tune", "final", "scratch"] {
         assert!(lines.iter().any(|l| l["phase"] == phase), "{phase}");
     }
-    // Resume: nothing left to run.
+    // Per target: zero-shot for the bare model, 13 sources and 3 averages; one tune, scratch and final
+    // unit each (one seed).
+    for target in &cfg.targets {
+        let count = |phase: &str| {
+            lines
+                .iter()
+                .filter(|l| l["phase"] == phase && l["task"] == target.as_str())
+                .count()
+        };
+        assert_eq!(
+            [
+                count("zero"),
+                count("tune"),
+                count("scratch"),
+                count("final")
+            ],
+            [17, 1, 1, 1],
+            "{target}"
+        );
+    }
+    let tune = lines.iter().find(|l| l["phase"] == "tune").unwrap();
+    assert_eq!(tune["data"]["candidates"].as_array().unwrap().len(), 13);
+    assert_eq!(
+        tune["data"]["answers"].as_array().unwrap().len(),
+        peftdb::experiment::transfer::grid(&cfg.suggest).len()
+    );
+    for fin in lines.iter().filter(|l| l["phase"] == "final") {
+        assert_eq!(
+            fin["data"]["config"],
+            peftdb::experiment::transfer::config_label(&cfg.suggest)
+        );
+        assert_eq!(fin["data"]["test"]["examples"], 12);
+    }
+    let md_first = std::fs::read_to_string(cfg.out.join("report.md")).unwrap();
+    // Resume: nothing left to run, nothing appended, the same report.
     let mut again = 0;
     run(&cfg, &engine, 48, &Phase::ALL, &mut |ev| {
         if let peftdb::experiment::transfer::StudyEvent::Unit { .. } = ev {
@@ -345,6 +379,14 @@ fn the_study_runs_resumes_and_reports_through_suggest() {
     })
     .unwrap();
     assert_eq!(again, 0);
+    assert_eq!(
+        std::fs::read_to_string(cfg.out.join("results.jsonl")).unwrap(),
+        results
+    );
+    assert_eq!(
+        std::fs::read_to_string(cfg.out.join("report.md")).unwrap(),
+        md_first
+    );
     // The final phase's answer is suggest's: same decision and candidates as a direct call.
     let (store, index) = {
         let store = Store::open_for_reading(cfg.out.join("zoo.peftdb")).unwrap();

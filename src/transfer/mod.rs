@@ -652,12 +652,13 @@ pub fn decide(
         .collect();
     let mut notes = Vec::new();
     let mut weights = vec![0.0; candidates.len()];
+    // What "helps" asks beyond the noise, for the notes.
+    let guard = if cfg.accuracy_guard {
+        " without losing accuracy"
+    } else {
+        ""
+    };
     if helping.is_empty() {
-        let guard = if cfg.accuracy_guard {
-            " without losing accuracy"
-        } else {
-            ""
-        };
         notes.push(format!(
             "no candidate beats the bare model on the {} examples by more than {} standard errors{guard}: a from-scratch initialization is handed back",
             scores.examples, cfg.noise_z
@@ -697,11 +698,7 @@ pub fn decide(
             "{} of {} candidates do not beat the bare model beyond the noise{} and get no weight",
             candidates.len() - helping.len(),
             candidates.len(),
-            if cfg.accuracy_guard {
-                " without losing accuracy"
-            } else {
-                ""
-            }
+            guard
         ));
     }
     if helping.len() == 1 {
