@@ -1,7 +1,7 @@
 //! Throughput of the indicator stage (candidate-examples per second) next to the engine's plain forward
 //! throughput (examples per second) on the same examples, measured in one run.
 //!
-//! Needs the test model (`scripts/fetch-model.sh`, or `PEFTDB_MODEL_DIR`) and ../shared; skips with a
+//! Needs the test model (`scripts/fetch-model.sh`, or `PEFTDB_MODEL_DIR`) and the task data (../shared/tasks or data/tasks); skips with a
 //! message otherwise. `cargo bench --bench rerank`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -18,26 +18,29 @@ fn setup() -> Option<(Engine, Task, Vec<LightweightObject>)> {
     let model = std::env::var_os("PEFTDB_MODEL_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("models/all-MiniLM-L6-v2"));
-    let shared = root.join("../shared");
-    if !model.join("model.safetensors").is_file() || !shared.is_dir() {
+    // The task data: ../shared/tasks beside the repository, else data/tasks (scripts/fetch-tasks.sh).
+    let tasks = [root.join("../shared/tasks"), root.join("data/tasks")]
+        .into_iter()
+        .find(|d| d.join("movie_sentiment/task.json").is_file());
+    let (true, Some(tasks)) = (model.join("model.safetensors").is_file(), tasks) else {
         eprintln!(
-            "rerank bench skipped: no model at {} (run scripts/fetch-model.sh) or no ../shared",
+            "rerank bench skipped: no model at {} (run scripts/fetch-model.sh) or no task data (scripts/fetch-tasks.sh)",
             model.display()
         );
         return None;
-    }
+    };
     let engine = Engine::load_with(
         &model,
         &candle_core::Device::Cpu,
         &EngineOptions { max_len: 64 },
     )
     .ok()?;
-    let task = Task::load(&shared.join("tasks/movie_sentiment")).ok()?;
+    let task = Task::load(&tasks.join("movie_sentiment")).ok()?;
     let cands = ["lora_r8_qv", "lora_rslora", "ia3", "prefix_20"]
         .iter()
         .map(|n| {
             read_adapter(
-                &shared.join("peft-fixtures").join(n),
+                &root.join("tests/fixtures/peft").join(n),
                 &ReadOptions::default(),
             )
             .unwrap()

@@ -1,7 +1,7 @@
 //! Embedding peftdb in a Rust program: create a store, ingest adapters (one, then a whole zoo), list, get,
 //! read embeddings, export byte-identical, remove.
 //!
-//! Run: cargo run --example library (needs ../shared/peft-fixtures beside the repository).
+//! Run: cargo run --example library (reads the PEFT fixtures in tests/fixtures/peft).
 
 use peftdb::embed::cosine;
 use peftdb::ingest::{ingest_zoo, IngestOptions};
@@ -13,7 +13,7 @@ fn main() -> Result<(), peftdb::Error> {
     let dir = std::env::temp_dir().join(format!("peftdb-example-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let store = Store::create(dir.join("zoo.redb"))?;
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peft-fixtures");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft");
 
     // One adapter, with its task's metadata.
     let object = read_adapter(&fixtures.join("lora_r8_qv"), &ReadOptions::default())?;

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The main job on the bundled default: the quickstart over the demo zoo committed in examples/demo-zoo
-# (one LoRA per task of ../shared/tasks, trained by scripts/train-zoo.sh until dev accuracy plateaus, f16).
+# (one LoRA per task of the 14 tasks, trained by scripts/train-zoo.sh until dev accuracy plateaus, f16).
 # Any task can play the new one: `suggest` never proposes the new task's own adapter.
 #   1. fetch the base model if missing   2. ingest the zoo   3. nearest tasks of one task
 #   4. suggest an initialization for social_support (3-way sentiment of short posts) from the other 13
 #      tasks' adapters (the transfer study's answer there: a merge led by tweet_sentiment on every seed;
 #      +8.7 points on test over the bare model, mean of 5 seeds)
 #   5. test accuracy of the bare model, the suggested initialization and each candidate source alone.
-# Takes a few minutes on 2 cores (most of it the first build). NEW=../shared/tasks/NAME picks another task.
+# Takes a few minutes on 2 cores (most of it the first build). NEW=path/to/task picks another task.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/fetch-model.sh
@@ -15,7 +15,10 @@ bash scripts/fetch-model.sh
 cargo build --quiet --bin peftdb
 P=target/debug/peftdb
 MODEL=models/all-MiniLM-L6-v2
-NEW="${NEW:-../shared/tasks/social_support}"
+# The task data: ../shared/tasks beside the repository, else data/tasks built from the public packages.
+TASKS="${PEFTDB_TASKS_DIR:-../shared/tasks}"
+[ -f "$TASKS/social_support/task.json" ] || TASKS="$(bash scripts/fetch-tasks.sh | tail -1)"
+NEW="${NEW:-$TASKS/social_support}"
 DEMO=target/demo
 LEN=64
 rm -rf "$DEMO" && mkdir -p "$DEMO"

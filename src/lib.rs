@@ -11,7 +11,7 @@
 //! use peftdb::object::{ReadOptions, read_adapter};
 //! use peftdb::store::{NewObject, Outcome, Store, TaskRecord};
 //! # let dir = tempfile::tempdir().unwrap();
-//! # let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peft-fixtures");
+//! # let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft");
 //! let store = Store::create(dir.path().join("zoo.redb"))?;
 //! let object = read_adapter(&fixtures.join("lora_r8_qv"), &ReadOptions::default())?;
 //! let outcome = store.ingest(NewObject {
@@ -98,5 +98,26 @@ boxed_from!(
     Experiment(crate::experiment::ExperimentError),
     Study(crate::experiment::transfer::StudyError)
 );
+
+impl Error {
+    /// What kind of failure this is, through every layer it crossed ([`error::ErrorKind`]).
+    pub fn kind(&self) -> error::ErrorKind {
+        use error::ErrorKind;
+        match self {
+            Error::Read(e) => e.kind(),
+            Error::Store(e) => e.kind(),
+            Error::Ingest(e) => e.kind(),
+            Error::Export(e) => e.kind(),
+            Error::Engine(e) => e.kind(),
+            Error::Task(e) => e.kind(),
+            Error::Index(e) => e.kind(),
+            Error::Query(e) => e.kind(),
+            Error::Rerank(e) => e.kind(),
+            Error::Ensemble(e) => e.kind(),
+            Error::Suggest(e) => e.kind(),
+            Error::Experiment(_) | Error::Study(_) => ErrorKind::Other,
+        }
+    }
+}
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

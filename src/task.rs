@@ -43,6 +43,16 @@ pub enum TaskError {
     Sampling(String),
 }
 
+impl TaskError {
+    /// [`crate::error::ErrorKind::Io`] for an unreadable file, else `InvalidTask`.
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            TaskError::Io { .. } => crate::error::ErrorKind::Io,
+            _ => crate::error::ErrorKind::InvalidTask,
+        }
+    }
+}
+
 /// A label: its id as it appears in the data, and the verbalizer text it is scored by.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Label {
@@ -130,6 +140,52 @@ impl Task {
         })
     }
 
+    /// A task given as data rather than a folder (the Python bindings' `TaskData`): the same checks as
+    /// [`Task::load`] (at least 2 labels with unique ids and non-empty verbalizers, every example's label
+    /// declared, train and dev non-empty); `test` may be empty. `labels` are `(id, verbalizer)` pairs and
+    /// examples `(text, label id)`; errors name `origin` and the split, with 1-based example numbers.
+    pub fn from_examples(
+        origin: &Path,
+        name: &str,
+        group: Option<String>,
+        labels: Vec<(String, String)>,
+        splits: [Vec<(String, String)>; 3],
+    ) -> Result<Task, TaskError> {
+        if name.trim().is_empty() {
+            return Err(TaskError::Config {
+                path: origin.to_path_buf(),
+                reason: "name must be a non-empty string".into(),
+            });
+        }
+        let labels = check_labels(origin, labels)?;
+        let [train, dev, test] = splits;
+        let convert = |split: Split, rows: Vec<(String, String)>| {
+            let path = origin.join(split.file_name());
+            if rows.is_empty() && split != Split::Test {
+                return Err(TaskError::EmptySplit { path });
+            }
+            rows.into_iter()
+                .enumerate()
+                .map(|(i, (text, key))| {
+                    Ok(Example {
+                        label: label_index(&path, i + 1, &key, &labels)?,
+                        text,
+                    })
+                })
+                .collect::<Result<Vec<_>, TaskError>>()
+        };
+        Ok(Task {
+            dir: origin.to_path_buf(),
+            name: name.to_string(),
+            group,
+            description: None,
+            train: convert(Split::Train, train)?,
+            dev: convert(Split::Dev, dev)?,
+            test: convert(Split::Test, test)?,
+            labels,
+        })
+    }
+
     /// The verbalizer texts, in label order.
     pub fn label_texts(&self) -> Vec<String> {
         self.labels.iter().map(|l| l.text.clone()).collect()
@@ -185,30 +241,41 @@ fn read_task_json(path: &Path) -> Result<TaskHeader, TaskError> {
         .get("labels")
         .and_then(|v| v.as_array())
         .ok_or_else(|| cfg_err("labels must be an array of {id, text}".into()))?;
-    if arr.len() < 2 {
-        return Err(cfg_err(format!(
-            "a classification task needs at least 2 labels, found {}",
-            arr.len()
-        )));
-    }
-    let mut labels = Vec::with_capacity(arr.len());
+    let mut pairs = Vec::with_capacity(arr.len());
     for (i, l) in arr.iter().enumerate() {
         let id = l
             .get("id")
             .and_then(label_key)
             .ok_or_else(|| cfg_err(format!("labels[{i}].id must be a string or number")))?;
-        let text = l
-            .get("text")
-            .and_then(|v| v.as_str())
-            .map(str::trim)
-            .unwrap_or_default();
+        let text = l.get("text").and_then(|v| v.as_str()).unwrap_or_default();
+        pairs.push((id, text.to_string()));
+    }
+    let labels = check_labels(path, pairs)?;
+    Ok((name, opt_str("group"), opt_str("description"), labels))
+}
+
+/// The label rules of task.json: at least 2 labels, unique ids, a non-empty verbalizer each.
+fn check_labels(path: &Path, pairs: Vec<(String, String)>) -> Result<Vec<Label>, TaskError> {
+    let cfg_err = |reason: String| TaskError::Config {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if pairs.len() < 2 {
+        return Err(cfg_err(format!(
+            "a classification task needs at least 2 labels, found {}",
+            pairs.len()
+        )));
+    }
+    let mut labels: Vec<Label> = Vec::with_capacity(pairs.len());
+    for (id, text) in pairs {
+        let text = text.trim();
         if text.is_empty() {
             return Err(TaskError::NoVerbalizer {
                 path: path.to_path_buf(),
                 label: id,
             });
         }
-        if labels.iter().any(|x: &Label| x.id == id) {
+        if labels.iter().any(|x| x.id == id) {
             return Err(cfg_err(format!("label id {id:?} appears twice")));
         }
         labels.push(Label {
@@ -216,7 +283,20 @@ fn read_task_json(path: &Path) -> Result<TaskHeader, TaskError> {
             text: text.to_string(),
         });
     }
-    Ok((name, opt_str("group"), opt_str("description"), labels))
+    Ok(labels)
+}
+
+/// The label index of `key`, or the error naming the line and the known labels.
+fn label_index(path: &Path, line: usize, key: &str, labels: &[Label]) -> Result<usize, TaskError> {
+    labels
+        .iter()
+        .position(|l| l.id == key)
+        .ok_or_else(|| TaskError::UnknownLabel {
+            path: path.to_path_buf(),
+            line,
+            label: key.to_string(),
+            known: labels.iter().map(|l| l.id.clone()).collect(),
+        })
 }
 
 fn read_split(path: &Path, labels: &[Label]) -> Result<Vec<Example>, TaskError> {
@@ -249,16 +329,7 @@ fn read_split(path: &Path, labels: &[Label]) -> Result<Vec<Example>, TaskError> 
             .get("label")
             .and_then(label_key)
             .ok_or_else(|| bad("no \"label\"".into()))?;
-        let label =
-            labels
-                .iter()
-                .position(|l| l.id == key)
-                .ok_or_else(|| TaskError::UnknownLabel {
-                    path: path.to_path_buf(),
-                    line: line_no,
-                    label: key.clone(),
-                    known: labels.iter().map(|l| l.id.clone()).collect(),
-                })?;
+        let label = label_index(path, line_no, &key, labels)?;
         out.push(Example {
             text: t.to_string(),
             label,
@@ -372,6 +443,70 @@ mod tests {
             matches!(e, TaskError::NoVerbalizer { ref label, .. } if label == "x"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_task_from_examples_equals_the_folder_and_is_checked_alike() {
+        let d = task_dir(
+            LABELS,
+            "{\"text\":\"a\",\"label\":\"x\"}\n{\"text\":\"b\",\"label\":\"y\"}\n",
+        );
+        let loaded = Task::load(d.path()).expect("loads");
+        let pair = |t: &str, l: &str| (t.to_string(), l.to_string());
+        let labels = vec![pair("x", "ex"), pair("y", "why")];
+        let splits = || {
+            [
+                vec![pair("a", "x"), pair("b", "y")],
+                vec![pair("a", "x")],
+                vec![pair("b", "y")],
+            ]
+        };
+        let built = Task::from_examples(d.path(), "t", Some("g".into()), labels.clone(), splits())
+            .expect("builds");
+        assert_eq!(built.labels, loaded.labels);
+        assert_eq!(
+            (&built.train, &built.dev, &built.test),
+            (&loaded.train, &loaded.dev, &loaded.test)
+        );
+        // No test split is allowed (a few examples to suggest from); no dev split is not.
+        let [train, dev, _] = splits();
+        let t = Task::from_examples(
+            d.path(),
+            "t",
+            None,
+            labels.clone(),
+            [train.clone(), dev, vec![]],
+        );
+        assert!(t.expect("no test split").test.is_empty());
+        let e = Task::from_examples(
+            d.path(),
+            "t",
+            None,
+            labels.clone(),
+            [train.clone(), vec![], vec![]],
+        );
+        assert!(matches!(e, Err(TaskError::EmptySplit { .. })));
+        let e = Task::from_examples(
+            d.path(),
+            "t",
+            None,
+            labels,
+            [vec![pair("c", "z")], vec![], vec![]],
+        )
+        .expect_err("unknown label");
+        assert!(
+            e.to_string().contains("train.jsonl:1") && e.to_string().contains("\"z\""),
+            "{e}"
+        );
+        let e = Task::from_examples(
+            d.path(),
+            "t",
+            None,
+            vec![pair("x", " "), pair("y", "why")],
+            [train, vec![], vec![]],
+        )
+        .expect_err("empty verbalizer");
+        assert!(matches!(e, TaskError::NoVerbalizer { .. }), "{e}");
     }
 
     #[test]

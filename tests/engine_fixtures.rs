@@ -1,5 +1,5 @@
 //! The forward pass against Hugging Face PEFT: for the base model and every adapter in
-//! ../shared/peft-fixtures, the mean-pooled output matches reference_outputs.json to 1e-4.
+//! tests/fixtures/peft, the mean-pooled output matches reference_outputs.json to 1e-4.
 
 mod common;
 
@@ -11,13 +11,13 @@ use serde_json::Value;
 const TOL: f32 = 1e-4;
 
 fn reference() -> Value {
-    let p = common::shared_dir().join("peft-fixtures/reference_outputs.json");
+    let p = common::fixtures().join("reference_outputs.json");
     serde_json::from_slice(&std::fs::read(&p).expect("reference_outputs.json")).expect("json")
 }
 
 fn pooled(engine: &Engine, adapter: Option<&str>, text: &str) -> Vec<f32> {
     let set = adapter.map(|name| {
-        let dir = common::shared_dir().join("peft-fixtures").join(name);
+        let dir = common::fixtures().join(name);
         let obj = read_adapter(&dir, &ReadOptions::default()).expect("fixture reads");
         engine.prepare(&obj).expect("fixture fits the model")
     });
@@ -73,7 +73,7 @@ fn base_and_every_fixture_match_peft() {
 #[test]
 fn prompt_tuning_runs_and_pools_over_input_tokens() {
     let engine = Engine::load(&common::model_dir(), &Device::Cpu).expect("model loads");
-    let dir = common::shared_dir().join("peft-fixtures/prompt_10");
+    let dir = common::fixtures().join("prompt_10");
     let obj = read_adapter(&dir, &ReadOptions::default()).expect("reads");
     let set = engine.prepare(&obj).expect("fits");
     let texts = [
@@ -107,7 +107,7 @@ fn prompt_tuning_runs_and_pools_over_input_tokens() {
 fn padding_does_not_change_adapted_embeddings() {
     let engine = Engine::load(&common::model_dir(), &Device::Cpu).expect("model loads");
     for name in ["lora_bias_all", "ia3", "prefix_20"] {
-        let dir = common::shared_dir().join("peft-fixtures").join(name);
+        let dir = common::fixtures().join(name);
         let obj = read_adapter(&dir, &ReadOptions::default()).expect("reads");
         let set = engine.prepare(&obj).expect("fits");
         let texts = [
@@ -130,7 +130,7 @@ fn padding_does_not_change_adapted_embeddings() {
 #[test]
 fn adapter_for_another_model_names_tensor_and_shapes() {
     let engine = Engine::load(&common::model_dir(), &Device::Cpu).expect("model loads");
-    let dir = common::shared_dir().join("peft-fixtures/lora_r8_qv");
+    let dir = common::fixtures().join("lora_r8_qv");
     let mut obj = read_adapter(&dir, &ReadOptions::default()).expect("reads");
     // Pretend it was trained for a 512-wide model: truncate lora_A of one module to (8, 256).
     let t = &mut obj.tensors[0];

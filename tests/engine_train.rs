@@ -30,7 +30,7 @@ fn engine(max_len: usize) -> Engine {
 }
 
 fn bbc() -> Task {
-    Task::load(&common::shared_dir().join("tasks/bbc_topic")).expect("task loads")
+    Task::load(&common::task_dir("bbc_topic")).expect("task loads")
 }
 
 /// Train `kind` for 24 steps of 8 on 8 examples per class of bbc_topic (5 classes, chance 0.2,
@@ -120,7 +120,7 @@ fn bitfit_learns_bbc_topic() {
 }
 
 fn tiny_run(engine: &Engine, kind: MethodKind, seed: u64) -> LightweightObject {
-    let task = Task::load(&common::shared_dir().join("tasks/movie_sentiment")).expect("task");
+    let task = Task::load(&common::task_dir("movie_sentiment")).expect("task");
     let train_ex = few_shot(&task.train, 2, 4, 3).expect("sample");
     let dev: Vec<_> = task.dev[..8].to_vec();
     let labels = task.label_texts();

@@ -14,7 +14,7 @@ type Deltas = BTreeMap<String, (usize, usize, Vec<f64>)>;
 fn fixture(name: &str) -> LightweightObject {
     read_adapter(
         &Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/peft-fixtures")
+            .join("tests/fixtures/peft")
             .join(name),
         &ReadOptions::default(),
     )
@@ -217,7 +217,7 @@ fn baselines() {
 #[test]
 fn cli_merge_writes_a_loadable_adapter_and_one_hot_is_identical() {
     let dir = tempfile::tempdir().unwrap();
-    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peft-fixtures");
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft");
     let run = |args: &[&str], out: &Path| {
         std::process::Command::new(env!("CARGO_BIN_EXE_peftdb"))
             .args(["merge", "--adapter"])

@@ -26,7 +26,7 @@ fn small_config(dir: &Path) -> ExperimentConfig {
   "pewe": {{"enabled": true, "indicators": ["loss", "cos_logits"], "tau": 0.1, "indicator_examples": 4}},
   "textemb_examples": 8
 }}"#,
-        tasks = common::shared_dir().join("tasks")
+        tasks = common::tasks_dir()
     );
     let p = dir.join("config.json");
     std::fs::write(&p, text).unwrap();

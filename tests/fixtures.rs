@@ -1,4 +1,4 @@
-//! Every adapter written by Hugging Face PEFT in ../shared/peft-fixtures: read, embedded (checked against an
+//! Every adapter written by Hugging Face PEFT in tests/fixtures/peft: read, embedded (checked against an
 //! independent computation straight from the safetensors bytes), stored, and exported byte-identical.
 
 use peftdb::embed::tupate;

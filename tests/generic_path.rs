@@ -120,7 +120,7 @@ fn the_generic_path_matches_peft_and_the_kernels() {
         text,
         "a second, longer sentence so that the first row of the batch is padded",
     ];
-    let task = Task::load(&common::shared_dir().join("tasks/movie_sentiment")).unwrap();
+    let task = Task::load(&common::task_dir("movie_sentiment")).unwrap();
 
     let kernels = run(&engine, &texts, &task);
     set_cpu_kernels(false);

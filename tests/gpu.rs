@@ -1,4 +1,4 @@
-//! The CUDA path on a real GPU: every PEFT fixture in ../shared/peft-fixtures gives the same mean-pooled
+//! The CUDA path on a real GPU: every PEFT fixture in tests/fixtures/peft gives the same mean-pooled
 //! embeddings on CUDA as on the CPU (to 1e-4, and the PEFT reference where there is one), stacked LoRA
 //! label scoring (`Engine::score_many`) gives the same probabilities, and the rerank throughput of stacked
 //! candidates is measured on both devices, the ratio printed.
@@ -118,7 +118,7 @@ fn stacked_rerank_on_cuda_matches_cpu_and_is_timed() {
         return;
     };
     let (cpu, gpu) = engines(&gpu);
-    let task = Task::load(&common::shared_dir().join("tasks/movie_sentiment")).expect("task");
+    let task = Task::load(&common::task_dir("movie_sentiment")).expect("task");
     let examples = few_shot(&task.dev, task.labels.len(), 16, 0).expect("episode");
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
     let labels = task.label_texts();

@@ -16,7 +16,7 @@ fn fixture(name: &str) -> LightweightObject {
 #[test]
 fn indicators_on_real_adapters_agree_with_direct_computation() {
     let engine = Engine::load(&common::model_dir(), &candle_core::Device::Cpu).unwrap();
-    let task = Task::load(&common::shared_dir().join("tasks/movie_sentiment")).unwrap();
+    let task = Task::load(&common::task_dir("movie_sentiment")).unwrap();
     let examples = few_shot(&task.dev, task.labels.len(), 8, 1).unwrap();
     let labels = task.label_texts();
     let (a, b, c) = (
@@ -212,7 +212,7 @@ fn scaled(obj: &LightweightObject, part: &str, f: f32) -> LightweightObject {
 #[test]
 fn stacked_lora_candidates_score_like_one_pass_each() {
     let engine = Engine::load(&common::model_dir(), &candle_core::Device::Cpu).unwrap();
-    let task = Task::load(&common::shared_dir().join("tasks/tweet_sentiment")).unwrap();
+    let task = Task::load(&common::task_dir("tweet_sentiment")).unwrap();
     let examples = few_shot(&task.dev, task.labels.len(), 4, 3).unwrap();
     let labels = engine.tokenize(&task.label_texts()).unwrap();
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
@@ -263,7 +263,7 @@ fn stacked_lora_candidates_score_like_one_pass_each() {
 #[test]
 fn cli_rerank_is_the_library_stage() {
     use peftdb::transfer::{score_episode, Episode, LabelPrior};
-    let task_dir = common::shared_dir().join("tasks/movie_sentiment");
+    let task_dir = common::task_dir("movie_sentiment");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_peftdb"))
         .args(["--db", "/nonexistent/none.peftdb", "rerank", "--json"])
         .arg("--model")

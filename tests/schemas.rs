@@ -72,9 +72,8 @@ fn every_schema_file_is_a_valid_schema() {
 
 #[test]
 fn shared_tasks_and_peft_configs_validate() {
-    let shared = root().join("../shared");
     let task = schema("task.schema.json");
-    for e in std::fs::read_dir(shared.join("tasks")).unwrap() {
+    for e in std::fs::read_dir(common::tasks_dir()).unwrap() {
         let p = e.unwrap().path().join("task.json");
         check(
             &task,
@@ -83,7 +82,7 @@ fn shared_tasks_and_peft_configs_validate() {
         );
     }
     let peft = schema("peft_adapter_config.schema.json");
-    for e in std::fs::read_dir(shared.join("peft-fixtures")).unwrap() {
+    for e in std::fs::read_dir(common::fixtures()).unwrap() {
         let p = e.unwrap().path().join("adapter_config.json");
         if p.is_file() {
             check(
@@ -207,7 +206,7 @@ fn written_files_and_records_validate() {
         "--manifest".into(),
         zoo.join("manifest.json").display().to_string(),
     ];
-    args.push(root().join("../shared/peft-fixtures").display().to_string());
+    args.push(common::fixtures().display().to_string());
     let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     let report = peftdb(&db, &a);
     check(
@@ -333,10 +332,7 @@ fn train_reports_validate_and_read_back_typed() {
     let model = std::env::var_os("PEFTDB_MODEL_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("models/all-MiniLM-L6-v2"));
-    let task = std::env::var_os("PEFTDB_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("../shared"))
-        .join("tasks/intent_recognition");
+    let task = common::task_dir("intent_recognition");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let printed = peftdb(

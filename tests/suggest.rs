@@ -1,4 +1,4 @@
-//! `suggest` end to end on a small zoo trained from ../shared/tasks, with the new task left out of the zoo.
+//! `suggest` end to end on a small zoo trained from the 14 tasks (`common::tasks_dir`), with the new task left out of the zoo.
 
 mod common;
 
@@ -16,7 +16,7 @@ use std::path::PathBuf;
 const BASE: &str = "sentence-transformers/all-MiniLM-L6-v2";
 
 fn task(name: &str) -> Task {
-    Task::load(&common::shared_dir().join("tasks").join(name)).unwrap()
+    Task::load(&common::tasks_dir().join(name)).unwrap()
 }
 
 fn short_train(
@@ -203,7 +203,7 @@ fn suggest_end_to_end_on_a_trained_zoo() {
         ])
         .arg(common::model_dir())
         .arg("--task")
-        .arg(common::shared_dir().join("tasks/tweet_sentiment"))
+        .arg(common::task_dir("tweet_sentiment"))
         .arg("--out")
         .arg(&cli_out)
         .output()

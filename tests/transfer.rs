@@ -1,4 +1,4 @@
-//! The transfer pipeline on the committed demo zoo (real adapters trained on ../shared/tasks): the rules of
+//! The transfer pipeline on the committed demo zoo (real adapters trained on the 14 tasks): the rules of
 //! `suggest`'s answer (only candidates that beat the bare model beyond the noise get weight, softmax over
 //! them, a from-scratch answer when none does), every similarity through an in-memory target, the stages
 //! composing to exactly `suggest`'s answer (what the study relies on), and the study itself on two targets
@@ -25,7 +25,7 @@ fn demo_zoo() -> PathBuf {
 }
 
 fn task(name: &str) -> Task {
-    Task::load(&common::shared_dir().join("tasks").join(name)).unwrap()
+    Task::load(&common::tasks_dir().join(name)).unwrap()
 }
 
 fn engine() -> Engine {
@@ -306,7 +306,7 @@ fn the_study_runs_resumes_and_reports_through_suggest() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = StudyConfig {
         zoo: demo_zoo(),
-        tasks: common::shared_dir().join("tasks"),
+        tasks: common::tasks_dir(),
         out: dir.path().join("study"),
         seeds: vec![0],
         tune_seeds: vec![0],

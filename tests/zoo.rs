@@ -131,6 +131,48 @@ fn an_interrupted_ingestion_rerun_finishes_without_duplicates() {
 }
 
 #[test]
+fn a_cancelled_ingestion_keeps_its_committed_batches_and_a_rerun_adds_the_rest() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let zoo = dir.path().join("zoo");
+    write_zoo(&zoo, &ModelShape::minilm(), 4, 3, &METHODS, 11).unwrap();
+    let store = Store::create(dir.path().join("z.redb")).unwrap();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let opts = IngestOptions {
+        batch_size: 3,
+        cancel: Some(cancel.clone()),
+        ..Default::default()
+    };
+    // The progress callback asks to stop after the first batch (as the Python bindings do on Ctrl-C).
+    let stop = |ev: peftdb::ingest::IngestEvent| {
+        if matches!(ev, peftdb::ingest::IngestEvent::Processed { .. }) {
+            cancel.store(true, Ordering::SeqCst);
+        }
+    };
+    let e = ingest_zoo(&store, std::slice::from_ref(&zoo), None, &opts, &stop).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            peftdb::error::IngestError::Interrupted {
+                done: 3,
+                remaining: 9
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("run the same ingestion again"),
+        "{e}"
+    );
+    assert_eq!(store.objects().unwrap().len(), 3);
+    cancel.store(false, Ordering::SeqCst);
+    let r = ingest_zoo(&store, &[zoo], None, &opts, &no_progress()).unwrap();
+    assert_eq!((r.ingested(), r.already_present()), (9, 3));
+    assert_eq!(store.objects().unwrap().len(), 12);
+}
+
+#[test]
 fn manifest_names_tasks_and_rejects_escaping_paths() {
     let dir = tempfile::tempdir().unwrap();
     let zoo = dir.path().join("zoo");
@@ -192,7 +234,7 @@ fn peftdb(db: &Path) -> Command {
 fn cli_ingest_ls_export_cmp() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("cli.redb");
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peft-fixtures");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft");
     let out = peftdb(&db).arg("init").output().unwrap();
     assert!(
         out.status.success(),
@@ -302,7 +344,7 @@ fn a_second_writer_is_refused_naming_the_holder_and_readers_still_work() {
     // Another process tries to write.
     let out = peftdb(&db)
         .arg("ingest")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peft-fixtures/ia3"))
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/ia3"))
         .output()
         .unwrap();
     assert_eq!(
@@ -326,7 +368,7 @@ fn a_second_writer_is_refused_naming_the_holder_and_readers_still_work() {
     drop(store);
     let out = peftdb(&db)
         .arg("ingest")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peft-fixtures/ia3"))
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/ia3"))
         .output()
         .unwrap();
     assert_eq!(
@@ -419,7 +461,7 @@ fn run_ok(db: &Path, args: &[&str]) -> Vec<u8> {
 /// A store of the real PEFT fixtures made by the CLI (`init`, then `ingest`) in `dir`.
 fn cli_fixture_store(dir: &Path) -> PathBuf {
     let db = dir.join("fixtures.peftdb");
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peft-fixtures");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft");
     run_ok(&db, &["init"]);
     run_ok(&db, &["ingest", fixtures.to_str().expect("UTF-8 path")]);
     db

@@ -2,6 +2,7 @@
 //!
 //! Every variant that concerns a file or a tensor names it, and the message says what to do.
 
+use crate::error::ErrorKind;
 use crate::task::TaskError;
 use std::path::PathBuf;
 use thiserror::Error;
@@ -64,6 +65,31 @@ pub enum EngineError {
     Export(#[from] crate::error::ExportError),
     #[error("tensor computation failed: {0}")]
     Compute(#[from] candle_core::Error),
+}
+
+impl EngineError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            EngineError::ModelFileMissing { .. }
+            | EngineError::ModelConfig { .. }
+            | EngineError::UnsupportedArchitecture { .. }
+            | EngineError::MissingWeight { .. }
+            | EngineError::WeightShape { .. }
+            | EngineError::Weights { .. }
+            | EngineError::Tokenizer { .. }
+            | EngineError::CudaNotCompiled { .. }
+            | EngineError::Device { .. } => ErrorKind::Model,
+            EngineError::AdapterShape { .. }
+            | EngineError::AdapterTensor { .. }
+            | EngineError::Adapter(_) => ErrorKind::InvalidAdapter,
+            EngineError::InvalidArgument(_) => ErrorKind::InvalidInput,
+            EngineError::Io { .. } => ErrorKind::Io,
+            EngineError::Task(_) => ErrorKind::InvalidTask,
+            EngineError::Read(e) => e.kind(),
+            EngineError::Export(e) => e.kind(),
+            EngineError::Tokenize(_) | EngineError::Compute(_) => ErrorKind::Other,
+        }
+    }
 }
 
 /// Result of the engine.

@@ -32,7 +32,7 @@
 //! use peftdb::engine::{Engine, ScoreOptions};
 //! use peftdb::task::Task;
 //! let engine = Engine::load("models/all-MiniLM-L6-v2".as_ref(), &candle_core::Device::Cpu)?;
-//! let task = Task::load("../shared/tasks/movie_sentiment".as_ref())?;
+//! let task = Task::load("data/tasks/movie_sentiment".as_ref())?;
 //! let probs = engine.label_probs(None, &task.label_texts(), &["a fine film"], &ScoreOptions::default())?;
 //! # Ok(()) }
 //! ```

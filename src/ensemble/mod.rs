@@ -52,6 +52,20 @@ pub enum EnsembleError {
     },
 }
 
+impl EnsembleError {
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            EnsembleError::NoCandidates => ErrorKind::NoCandidates,
+            EnsembleError::BaseModelMismatch { .. }
+            | EnsembleError::MixedShapes { .. }
+            | EnsembleError::NotLora { .. }
+            | EnsembleError::Malformed { .. } => ErrorKind::InvalidAdapter,
+            _ => ErrorKind::InvalidInput,
+        }
+    }
+}
+
 /// How candidates are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MergeMode {

@@ -1,6 +1,6 @@
 //! Errors of the index and of queries.
 
-use crate::error::{ReadError, StoreError};
+use crate::error::{ErrorKind, ReadError, StoreError};
 use std::path::PathBuf;
 use thiserror::Error;
 
@@ -53,4 +53,33 @@ pub enum QueryError {
     Adapter { path: PathBuf, reason: String },
     #[error("invalid query: {0}")]
     Invalid(String),
+}
+
+impl IndexError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            IndexError::Store(e) => e.kind(),
+            IndexError::Io { .. } => ErrorKind::Io,
+            IndexError::Corrupt { .. } | IndexError::Hnsw { .. } => ErrorKind::Corrupt,
+            IndexError::DimensionMismatch { .. } => ErrorKind::InvalidInput,
+            IndexError::UnknownSpace { .. } => ErrorKind::NotFound,
+        }
+    }
+}
+
+impl QueryError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            QueryError::Index(e) => e.kind(),
+            QueryError::Store(e) => e.kind(),
+            QueryError::Read(e) => e.kind(),
+            QueryError::UnknownTask { .. } | QueryError::UnknownObject { .. } => {
+                ErrorKind::NotFound
+            }
+            QueryError::NoEmbedding { .. }
+            | QueryError::DeltaNeedsLora { .. }
+            | QueryError::Invalid(_) => ErrorKind::InvalidInput,
+            QueryError::Adapter { .. } => ErrorKind::InvalidAdapter,
+        }
+    }
 }

@@ -8,7 +8,7 @@
 //! Only fields that PEFT itself checks, or whose wrong type or value makes loading fail (or makes PEFT read
 //! the adapter differently from peftdb), are refused; every other key, and null wherever PEFT copes with
 //! `None`, is accepted and kept verbatim. Source read: huggingface/peft main at commit 5d602fd (version
-//! string 0.20.1.dev0); the real fixtures in ../shared/peft-fixtures say `"peft_version": "0.21.2"`.
+//! string 0.20.1.dev0); the real fixtures in tests/fixtures/peft say `"peft_version": "0.21.2"`.
 //!
 //! | field | rule | where PEFT fails |
 //! |---|---|---|

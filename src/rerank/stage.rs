@@ -13,6 +13,7 @@ use super::Indicator;
 use crate::engine::scoring::ScoreOptions;
 use crate::engine::train::{train, TrainConfig, TrainData};
 use crate::engine::{Engine, EngineError, TokenIds};
+use crate::error::ErrorKind;
 use crate::object::LightweightObject;
 use crate::task::Example;
 use serde::Serialize;
@@ -45,6 +46,20 @@ pub enum RerankError {
     WeightMismatch { index: usize, detail: String },
     #[error(transparent)]
     Engine(#[from] EngineError),
+}
+
+impl RerankError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RerankError::NoCandidates => ErrorKind::NoCandidates,
+            RerankError::NoExamples
+            | RerankError::BadWeights { .. }
+            | RerankError::NeedsReference(_) => ErrorKind::InvalidInput,
+            RerankError::Candidate { source, .. } => source.kind(),
+            RerankError::WeightMismatch { .. } => ErrorKind::InvalidAdapter,
+            RerankError::Engine(e) => e.kind(),
+        }
+    }
 }
 
 /// Options of the rerank stage.

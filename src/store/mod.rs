@@ -406,6 +406,15 @@ impl Store {
                 path: path.to_path_buf(),
                 reason: format!("redb file format {v} needs an upgrade"),
             },
+            // redb reports a file that is not one of its databases as invalid data: not a disk failure.
+            redb::DatabaseError::Storage(redb::StorageError::Io(io))
+                if io.kind() == std::io::ErrorKind::InvalidData =>
+            {
+                StoreError::NotAStore {
+                    path: path.to_path_buf(),
+                    reason: io.to_string(),
+                }
+            }
             redb::DatabaseError::Storage(redb::StorageError::Io(io)) => StoreError::Storage {
                 path: path.to_path_buf(),
                 during: "opening",

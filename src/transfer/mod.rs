@@ -37,7 +37,7 @@ use crate::engine::train::{
 };
 use crate::engine::{Engine, EngineError};
 use crate::ensemble::{merge, softmax_weights, EnsembleError, MergeMode};
-use crate::error::StoreError;
+use crate::error::{ErrorKind, StoreError};
 use crate::index::{IndexManager, QueryError};
 use crate::object::{LightweightObject, MethodKind};
 use crate::query::{Nearest, Similarity};
@@ -78,6 +78,26 @@ pub enum TransferError {
     Ensemble(#[from] EnsembleError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl TransferError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            TransferError::NoSpace { .. } | TransferError::NoCandidates { .. } => {
+                ErrorKind::NoCandidates
+            }
+            TransferError::NoEmbedding(_) | TransferError::MethodMismatch { .. } => {
+                ErrorKind::InvalidAdapter
+            }
+            TransferError::Invalid(_) => ErrorKind::InvalidInput,
+            TransferError::Task(_) => ErrorKind::InvalidTask,
+            TransferError::Engine(e) => e.kind(),
+            TransferError::Query(e) => e.kind(),
+            TransferError::Rerank(e) => e.kind(),
+            TransferError::Ensemble(e) => e.kind(),
+            TransferError::Store(e) => e.kind(),
+        }
+    }
 }
 
 impl From<RerankError> for TransferError {
@@ -428,7 +448,7 @@ pub fn retrieve(
         return Err(TransferError::NoSpace {
             space: emb.space.label(),
             available: if of_method.is_empty() {
-                format!("no {method} space")
+                format!("no {method} adapters (ingest a zoo of {method} adapters first: `peftdb ingest`)")
             } else {
                 of_method.join(", ")
             },

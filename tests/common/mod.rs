@@ -1,4 +1,4 @@
-//! Helpers shared by the integration tests: the test model and ../shared (engine, suggest), fixtures and
+//! Helpers shared by the integration tests: the test model and the task data (engine, suggest), fixtures and
 //! store snapshots (crash, concurrency, hostile input, resources, fault injection).
 #![allow(dead_code)]
 
@@ -23,17 +23,29 @@ pub fn model_dir() -> PathBuf {
     dir
 }
 
-/// `../shared` next to the repository (fixtures and tasks), or `$PEFTDB_SHARED_DIR`.
-pub fn shared_dir() -> PathBuf {
-    let dir = std::env::var_os("PEFTDB_SHARED_DIR")
+/// The 14 task folders: `$PEFTDB_TASKS_DIR`, else `../shared/tasks` beside the repository when it is
+/// there, else `<repo>/data/tasks` (built from the public packages by scripts/fetch-tasks.sh, byte for byte
+/// the same). Panics (fails the test) with the fix when none exists: scripts/test.sh fetches them first.
+pub fn tasks_dir() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::var_os("PEFTDB_TASKS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"));
-    assert!(
-        dir.join("peft-fixtures").is_dir(),
-        "shared test data not found at {} (set PEFTDB_SHARED_DIR)",
-        dir.display()
-    );
-    dir
+        .or_else(|| {
+            [here.join("../shared/tasks"), here.join("data/tasks")]
+                .into_iter()
+                .find(|d| d.join("social_support/task.json").is_file())
+        });
+    match dir {
+        Some(d) => d,
+        None => panic!(
+            "task data not found: run scripts/fetch-tasks.sh (writes data/tasks), or set PEFTDB_TASKS_DIR"
+        ),
+    }
+}
+
+/// One task folder of [`tasks_dir`].
+pub fn task_dir(name: &str) -> PathBuf {
+    tasks_dir().join(name)
 }
 
 /// The stdout of a finished `peftdb` command, which must have succeeded (else its stderr is the message).
@@ -46,24 +58,15 @@ pub fn stdout_of(out: std::process::Output) -> Vec<u8> {
     out.stdout
 }
 
-/// The real PEFT fixtures (`../shared/peft-fixtures` next to the checkout, or `$PEFTDB_FIXTURES`).
+/// The adapters written by the real Hugging Face PEFT, with reference outputs (`tests/fixtures/peft`,
+/// see its README.md), or `$PEFTDB_FIXTURES`.
 pub fn fixtures() -> PathBuf {
-    if let Ok(p) = std::env::var("PEFTDB_FIXTURES") {
-        return PathBuf::from(p);
-    }
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for cand in [
-        here.join("../shared/peft-fixtures"),
-        here.join("shared/peft-fixtures"),
-    ] {
-        if cand.is_dir() {
-            return cand;
-        }
-    }
-    panic!("peft fixtures not found: set PEFTDB_FIXTURES or check out ../shared/peft-fixtures");
+    std::env::var_os("PEFTDB_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft"))
 }
 
-/// Every adapter folder of the PEFT fixtures (`../shared/peft-fixtures/README.md`).
+/// Every adapter folder of the PEFT fixtures (`tests/fixtures/peft/README.md`).
 pub const FIXTURES: [&str; 7] = [
     "lora_r8_qv",
     "lora_rank_pattern",

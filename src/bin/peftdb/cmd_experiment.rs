@@ -24,7 +24,8 @@ pub struct TransferArgs {
     /// The adapter zoo folder (one folder per task), ingested into OUT/zoo.peftdb.
     #[arg(long, default_value = "examples/demo-zoo")]
     pub zoo: PathBuf,
-    /// Task folders.
+    /// Task folders (../shared/tasks beside the repository, or data/tasks from scripts/fetch-tasks.sh: the
+    /// same bytes).
     #[arg(long, default_value = "../shared/tasks")]
     pub tasks: PathBuf,
     /// Output folder (results.jsonl, zoo.peftdb, report.md).

@@ -76,6 +76,7 @@ pub fn ingest(db: &Path, a: &IngestArgs, json: bool) -> Result<u8> {
         batch_size: a.batch_size,
         task: a.task.clone(),
         base_model: a.base_model.clone(),
+        ..Default::default()
     };
     let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
     if !std::io::stderr().is_terminal() {
