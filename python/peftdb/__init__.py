@@ -54,6 +54,10 @@ __all__ = [
 ] + errors.__all__
 
 
+def _fspath(p: Optional[PathLike]) -> Optional[str]:
+    return os.fspath(p) if p is not None else None
+
+
 def _progress(progress: Progress) -> Optional[Callable[[str, int, int], Any]]:
     """The callable handed to the native module: the user's, a tqdm bar, or none."""
     if progress is False:
@@ -294,7 +298,7 @@ class Store:
         items = json.loads(
             self._s.ingest(
                 [os.fspath(p) for p in paths],
-                manifest=os.fspath(manifest) if manifest is not None else None,
+                manifest=_fspath(manifest),
                 task=task,
                 base_model=base_model,
                 strict=strict,
@@ -368,7 +372,7 @@ class Store:
             self._s.nearest(
                 task=task,
                 object=object,
-                adapter=os.fspath(adapter) if adapter is not None else None,
+                adapter=_fspath(adapter),
                 vector=vec,
                 space=space,
                 k=k,
@@ -489,7 +493,7 @@ def suggest(
     ``None`` take the library's defaults (tuned on the transfer study's dev split).
     """
     kw: Dict[str, Any] = {
-        "adapter": os.fspath(adapter) if adapter is not None else None,
+        "adapter": _fspath(adapter),
         "shots": shots,
         "seed": seed,
         "indicator": indicator,
@@ -527,7 +531,7 @@ def evaluate(
     raw = _native.evaluate(
         _model(model, device, max_len),
         _task(task),
-        adapter=os.fspath(adapter) if adapter is not None else None,
+        adapter=_fspath(adapter),
         store=db._s if db is not None else None,
         object=object,
         split=split,

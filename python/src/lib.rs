@@ -232,10 +232,12 @@ impl TaskSpec {
     }
 }
 
-/// An open store. `close()` (or leaving a `with` block) releases it, and with it the write lock.
+/// An open store. `close()` (or leaving a `with` block) releases it, and with it the write lock, once the
+/// operations in flight end. The lock guards only the handle's swap: an operation holds its own `Arc`, so a
+/// progress callback may use the same store (no lock is held while it runs).
 #[pyclass(module = "peftdb._native", frozen)]
 struct Store {
-    inner: Mutex<Option<LibStore>>,
+    inner: Mutex<Option<Arc<LibStore>>>,
     #[pyo3(get)]
     path: PathBuf,
 }
@@ -247,16 +249,14 @@ impl Store {
         py: Python<'_>,
         f: impl FnOnce(&LibStore) -> PyResult<T> + Send,
     ) -> PyResult<T> {
-        py.detach(|| {
-            let guard = self.inner.lock().expect("store lock");
-            match guard.as_ref() {
-                Some(s) => f(s),
-                None => Err(PyValueError::new_err(format!(
-                    "{}: the store is closed; open it again with peftdb.Store(path)",
-                    self.path.display()
-                ))),
-            }
-        })
+        let store = self.inner.lock().expect("store lock").clone();
+        let Some(store) = store else {
+            return Err(PyValueError::new_err(format!(
+                "{}: the store is closed; open it again with peftdb.Store(path)",
+                self.path.display()
+            )));
+        };
+        py.detach(|| f(&store))
     }
 }
 
@@ -289,7 +289,7 @@ impl Store {
             .map_err(to_py)?;
         Ok(Store {
             path: store.path().to_path_buf(),
-            inner: Mutex::new(Some(store)),
+            inner: Mutex::new(Some(Arc::new(store))),
         })
     }
 

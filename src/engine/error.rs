@@ -14,7 +14,7 @@ pub enum EngineError {
     ModelFileMissing { dir: PathBuf, file: &'static str },
     #[error("{path}: invalid model config: {reason}")]
     ModelConfig { path: PathBuf, reason: String },
-    #[error("{path}: unsupported architecture {found}; the engine runs BERT-family encoders (model_type bert, roberta, xlm-roberta; absolute position embeddings)")]
+    #[error("{path}: unsupported architecture {found}; the engine runs BERT-family encoders (model_type bert, roberta, xlm-roberta; absolute position embeddings) and Llama-family decoders from GGUF (general.architecture llama)")]
     UnsupportedArchitecture { path: PathBuf, found: String },
     #[error("{path}: weight {tensor:?} is missing{hint}")]
     MissingWeight {
@@ -31,6 +31,8 @@ pub enum EngineError {
     },
     #[error("{path}: cannot read the weights: {reason}")]
     Weights { path: PathBuf, reason: String },
+    #[error("{path}: {reason} (peftdb reads GGUF files of the llama architecture whose tensors are F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 or k-quants, dequantized to f32 at load)")]
+    Gguf { path: PathBuf, reason: String },
     #[error("{path}: tokenizer does not load: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
     #[error("tokenizing failed: {0}")]
@@ -77,6 +79,7 @@ impl EngineError {
             | EngineError::WeightShape { .. }
             | EngineError::Weights { .. }
             | EngineError::Tokenizer { .. }
+            | EngineError::Gguf { .. }
             | EngineError::CudaNotCompiled { .. }
             | EngineError::Device { .. } => ErrorKind::Model,
             EngineError::AdapterShape { .. }

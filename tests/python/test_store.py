@@ -133,3 +133,12 @@ def test_nearest_matches_the_cli(tmp_path, cli):
         want = json.loads(run_cli(cli, path, "nearest", "--adapter", str(DEMO_ZOO / "movie_sentiment" / "lora"), "-k", "3",
                                   "--similarity", "delta"))
         assert by_adapter.to_dict() == want
+
+
+def test_a_progress_callback_may_read_the_store_it_reports_on(tmp_path, fixture_zoo):
+    seen = []
+    with peftdb.Store(tmp_path / "z.peftdb", create=True) as db:
+        rep = db.ingest(fixture_zoo, batch_size=2, progress=lambda ev, done, total: seen.append(len(db.objects())))
+    assert len(rep.ingested) == 6
+    # Each report comes after its batch is committed, so the store already holds it.
+    assert seen[0] == 0 and seen[-1] == 6 and seen == sorted(seen)

@@ -1,0 +1,744 @@
+//! The Llama-family decoder (Llama, SmolLM2, Mistral-style models without attention biases):
+//! configuration, weights and the forward pass to next-token logits.
+//!
+//! Weights come from a GGUF file (what llama.cpp and many PyPI packages ship), dequantized to f32 at load
+//! by candle's GGUF reader. Its tensor names are mapped to Hugging Face's (`blk.N.attn_q` to
+//! `model.layers.N.self_attn.q_proj`, see [`hf_name`]) and the row permutation llama.cpp's converter applies
+//! to the query and key projections (for its interleaved rotary layout) is undone, so the weights are
+//! exactly the Hugging Face model's and a PEFT LoRA written for it applies unchanged.
+//!
+//! The forward pass follows transformers' `LlamaForCausalLM`: RMSNorm, rotary position embeddings on
+//! halves (`rotate_half`), grouped-query attention with a causal mask (and a padding mask for
+//! left-padded batches, whose positions count real tokens only), a SwiGLU feed-forward block, the final
+//! norm and the language-model head (tied to the token embeddings when the file has no `output.weight`).
+//! It is composed from candle's ops, so it runs wherever candle does (CPU, CUDA).
+
+use super::error::{EngineError, EngineResult};
+use crate::embed::delta::LoraDelta;
+use crate::object::LightweightObject;
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor, D};
+use std::path::{Path, PathBuf};
+
+/// The architecture hyper-parameters of a Llama-family model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    pub rope_theta: f64,
+    pub rms_eps: f64,
+    /// The context length the model was trained for.
+    pub max_positions: usize,
+}
+
+impl LlamaConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+}
+
+/// The seven linear layers of a Llama layer, by their Hugging Face module path inside the layer (what
+/// PEFT's `target_modules` name), with the GGUF name of each.
+pub const LINEAR_SLOTS: [(&str, &str); 7] = [
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
+
+/// The Hugging Face name of a GGUF tensor of a Llama model (`blk.3.attn_q.weight` to
+/// `model.layers.3.self_attn.q_proj.weight`), or `None` for a name outside the architecture.
+pub fn hf_name(gguf: &str) -> Option<String> {
+    match gguf {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, suffix) = rest.split_once('.')?;
+    let hf = match module {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        m => LINEAR_SLOTS.iter().find(|(_, g)| *g == m)?.0,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+}
+
+/// One decoder layer's weights (linear weights are (out, in), f32).
+#[derive(Debug, Clone)]
+struct Layer {
+    attn_norm: Tensor,
+    /// q, k, v, o, gate, up, down: the order of [`LINEAR_SLOTS`].
+    linear: Vec<Tensor>,
+    ffn_norm: Tensor,
+}
+
+/// A loaded Llama-family model.
+#[derive(Debug, Clone)]
+pub struct LlamaModel {
+    pub config: LlamaConfig,
+    pub device: Device,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    /// `None`: tied to the token embeddings.
+    lm_head: Option<Tensor>,
+}
+
+/// The GGUF metadata a tokenizer is built from (`tokenizer.ggml.*`).
+#[derive(Debug, Clone, Default)]
+pub struct GgufVocab {
+    /// `tokenizer.ggml.model` (`gpt2` for byte-level BPE).
+    pub model: String,
+    /// `tokenizer.ggml.pre`: the pre-tokenizer's name.
+    pub pre: Option<String>,
+    pub tokens: Vec<String>,
+    pub merges: Vec<String>,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub add_bos: bool,
+    /// Control tokens (`tokenizer.ggml.token_type` 3): never split, added as special tokens.
+    pub control: Vec<u32>,
+}
+
+fn gguf_err(path: &Path, reason: impl Into<String>) -> EngineError {
+    EngineError::Gguf {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// The architectures this engine runs from GGUF.
+pub const GGUF_ARCHITECTURES: [&str; 1] = ["llama"];
+
+impl LlamaModel {
+    /// Load a GGUF file: its configuration, its weights dequantized to f32 on `device`, and its vocabulary.
+    pub fn from_gguf(path: &Path, device: &Device) -> EngineResult<(LlamaModel, GgufVocab)> {
+        let mut file = std::fs::File::open(path).map_err(|source| EngineError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| gguf_err(path, format!("not a readable GGUF file: {e}")))?;
+        let md = &content.metadata;
+        let arch = md
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        if !GGUF_ARCHITECTURES.contains(&arch.as_str()) {
+            return Err(EngineError::UnsupportedArchitecture {
+                path: path.to_path_buf(),
+                found: format!("GGUF general.architecture {arch:?}"),
+            });
+        }
+        let get = |key: &str| -> EngineResult<&gguf_file::Value> {
+            md.get(&format!("{arch}.{key}"))
+                .ok_or_else(|| gguf_err(path, format!("metadata key {arch}.{key} is missing")))
+        };
+        let int = |key: &str| -> EngineResult<usize> {
+            let v = get(key)?;
+            v.to_u32()
+                .map(|x| x as usize)
+                .or_else(|_| v.to_u64().map(|x| x as usize))
+                .map_err(|e| gguf_err(path, format!("{arch}.{key}: {e}")))
+        };
+        let float = |key: &str, default: f64| -> EngineResult<f64> {
+            match md.get(&format!("{arch}.{key}")) {
+                None => Ok(default),
+                Some(v) => v
+                    .to_f32()
+                    .map(f64::from)
+                    .map_err(|e| gguf_err(path, format!("{arch}.{key}: {e}"))),
+            }
+        };
+        let vocab = read_vocab(path, md)?;
+        let heads = int("attention.head_count")?;
+        let config = LlamaConfig {
+            hidden: int("embedding_length")?,
+            layers: int("block_count")?,
+            heads,
+            kv_heads: int("attention.head_count_kv").unwrap_or(heads),
+            intermediate: int("feed_forward_length")?,
+            vocab: vocab.tokens.len(),
+            rope_theta: float("rope.freq_base", 10_000.0)?,
+            rms_eps: float("attention.layer_norm_rms_epsilon", 1e-5)?,
+            max_positions: int("context_length").unwrap_or(2048),
+        };
+        if config.heads == 0
+            || config.kv_heads == 0
+            || config.hidden % config.heads != 0
+            || config.heads % config.kv_heads != 0
+            || config.head_dim() % 2 != 0
+        {
+            return Err(gguf_err(
+                path,
+                format!(
+                    "inconsistent attention shape: hidden {}, {} heads, {} key/value heads",
+                    config.hidden, config.heads, config.kv_heads
+                ),
+            ));
+        }
+        let mut tensor = |name: &str, shape: &[usize]| -> EngineResult<Tensor> {
+            let info =
+                content
+                    .tensor_infos
+                    .get(name)
+                    .ok_or_else(|| EngineError::MissingWeight {
+                        path: path.to_path_buf(),
+                        tensor: name.to_string(),
+                        hint: String::new(),
+                    })?;
+            let q = info
+                .read(&mut file, content.tensor_data_offset, device)
+                .map_err(|e| {
+                    gguf_err(
+                        path,
+                        format!(
+                            "tensor {name} ({:?}) cannot be dequantized: {e}",
+                            info.ggml_dtype
+                        ),
+                    )
+                })?;
+            let t = q
+                .dequantize(device)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .map_err(|e| gguf_err(path, format!("tensor {name}: {e}")))?;
+            if t.dims() != shape {
+                return Err(EngineError::WeightShape {
+                    path: path.to_path_buf(),
+                    tensor: name.to_string(),
+                    expected: shape.to_vec(),
+                    found: t.dims().to_vec(),
+                });
+            }
+            Ok(t)
+        };
+        let (h, f, d) = (config.hidden, config.intermediate, config.head_dim());
+        let kv = config.kv_heads * d;
+        let embed = tensor("token_embd.weight", &[config.vocab, h])?;
+        let mut layers = Vec::with_capacity(config.layers);
+        for i in 0..config.layers {
+            let name = |m: &str| format!("blk.{i}.{m}.weight");
+            let shapes: [[usize; 2]; 7] =
+                [[h, h], [kv, h], [kv, h], [h, h], [f, h], [f, h], [h, f]];
+            let mut linear = Vec::with_capacity(7);
+            for ((_, g), shape) in LINEAR_SLOTS.iter().zip(shapes) {
+                let w = tensor(&name(g), &shape)?;
+                // llama.cpp stores q and k rows permuted for its interleaved rotary layout; undo it.
+                let w = match *g {
+                    "attn_q" => unpermute(&w, config.heads),
+                    "attn_k" => unpermute(&w, config.kv_heads),
+                    _ => Ok(w),
+                }
+                .map_err(|e| gguf_err(path, format!("{}: {e}", name(g))))?;
+                linear.push(w);
+            }
+            layers.push(Layer {
+                attn_norm: tensor(&name("attn_norm"), &[h])?,
+                linear,
+                ffn_norm: tensor(&name("ffn_norm"), &[h])?,
+            });
+        }
+        let norm = tensor("output_norm.weight", &[h])?;
+        let lm_head = if content.tensor_infos.contains_key("output.weight") {
+            Some(tensor("output.weight", &[config.vocab, h])?)
+        } else {
+            None
+        };
+        Ok((
+            LlamaModel {
+                config,
+                device: device.clone(),
+                embed,
+                layers,
+                norm,
+                lm_head,
+            },
+            vocab,
+        ))
+    }
+
+    /// This model with a LoRA adapter's updates `scale * B A` merged into the weights it targets (the seven
+    /// linear layers of any decoder layer, `rank_pattern`/`alpha_pattern`/rsLoRA scalings as PEFT computes
+    /// them): for inference, the same outputs as PEFT applying the adapter unmerged, up to rounding.
+    pub fn with_lora(&self, obj: &LightweightObject) -> EngineResult<LlamaModel> {
+        let delta = LoraDelta::from_object(obj).map_err(|e| EngineError::Adapter(e.0))?;
+        let mut out = self.clone();
+        for (path, m) in &delta.modules {
+            let (layer, slot) = layer_slot(path).ok_or_else(|| EngineError::AdapterTensor {
+                tensor: path.clone(),
+                reason: format!(
+                    "not one of a Llama layer's seven linear layers ({})",
+                    LINEAR_SLOTS.map(|(s, _)| s).join(", ")
+                ),
+            })?;
+            let Some(l) = out.layers.get_mut(layer) else {
+                return Err(EngineError::AdapterTensor {
+                    tensor: path.clone(),
+                    reason: format!("layer {layer}, but the model has {}", self.config.layers),
+                });
+            };
+            let w = &l.linear[slot];
+            let (rows, cols) = w.dims2()?;
+            if (m.d, m.k) != (rows, cols) {
+                return Err(EngineError::AdapterShape {
+                    tensor: format!("{path} (B A)"),
+                    expected: vec![rows, cols],
+                    found: vec![m.d, m.k],
+                });
+            }
+            let a = Tensor::from_slice(&m.a, (m.r, m.k), &self.device)?;
+            let b = Tensor::from_slice(&m.b, (m.d, m.r), &self.device)?;
+            l.linear[slot] = (w + (b.matmul(&a)? * m.scale)?)?;
+        }
+        Ok(out)
+    }
+
+    /// The log-likelihood of each label's verbalizer tokens after each prompt, `(prompts, labels)`: the
+    /// language-model head's way to score a classification task. Every (prompt, verbalizer) pair is one
+    /// left-padded sequence, in batches of `batch` sequences; a label's score is the sum of its tokens'
+    /// log-probabilities, or their mean (`mean`), each read at the position before the token.
+    pub fn label_logliks(
+        &self,
+        prompts: &[Vec<u32>],
+        verbalizers: &[Vec<u32>],
+        mean: bool,
+        batch: usize,
+        pad: u32,
+    ) -> EngineResult<Vec<Vec<f64>>> {
+        if let Some(i) = verbalizers.iter().position(Vec::is_empty) {
+            return Err(EngineError::InvalidArgument(format!(
+                "the verbalizer of label {i} tokenizes to nothing; give it a non-empty text"
+            )));
+        }
+        if let Some(i) = prompts.iter().position(Vec::is_empty) {
+            return Err(EngineError::InvalidArgument(format!(
+                "prompt {i} tokenizes to nothing"
+            )));
+        }
+        let pairs: Vec<(usize, usize)> = (0..prompts.len())
+            .flat_map(|p| (0..verbalizers.len()).map(move |l| (p, l)))
+            .collect();
+        let mut out = vec![vec![0f64; verbalizers.len()]; prompts.len()];
+        for chunk in pairs.chunks(batch.max(1)) {
+            let rows: Vec<Vec<u32>> = chunk
+                .iter()
+                .map(|&(p, l)| [prompts[p].as_slice(), verbalizers[l].as_slice()].concat())
+                .collect();
+            let len = rows.iter().map(Vec::len).max().unwrap_or(0);
+            let (mut ids, mut mask) = (Vec::with_capacity(rows.len() * len), Vec::new());
+            for r in &rows {
+                ids.extend(std::iter::repeat_n(pad, len - r.len()).chain(r.iter().copied()));
+                mask.extend(
+                    std::iter::repeat_n(0u32, len - r.len()).chain(std::iter::repeat_n(1, r.len())),
+                );
+            }
+            let ids = Tensor::from_vec(ids, (rows.len(), len), &self.device)?;
+            let mask = Tensor::from_vec(mask, (rows.len(), len), &self.device)?;
+            let hidden = self.hidden_states(&ids, Some(&mask))?;
+            // Only the positions that predict a verbalizer token go through the (large) head.
+            let mut picks = Vec::new();
+            for (row, &(_, l)) in chunk.iter().enumerate() {
+                let n = verbalizers[l].len();
+                for j in 0..n {
+                    picks.push((row * len + len - n - 1 + j) as u32);
+                }
+            }
+            let flat = hidden.reshape((rows.len() * len, self.config.hidden))?;
+            let sel = flat.index_select(&Tensor::new(picks.as_slice(), &self.device)?, 0)?;
+            let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+            let logp = candle_nn::ops::log_softmax(&sel.matmul(&head.t()?)?, D::Minus1)?;
+            let logp: Vec<Vec<f32>> = logp.to_vec2()?;
+            let mut at = 0;
+            for &(p, l) in chunk {
+                let v = &verbalizers[l];
+                let total: f64 = v
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &tok)| logp[at + j][tok as usize] as f64)
+                    .sum();
+                at += v.len();
+                out[p][l] = if mean { total / v.len() as f64 } else { total };
+            }
+        }
+        Ok(out)
+    }
+
+    /// The Hugging Face weights by name (`model.layers.0.self_attn.q_proj.weight` ...), for checks and for
+    /// writing the model as a Hugging Face folder.
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), l.attn_norm.clone()));
+            for ((slot, _), w) in LINEAR_SLOTS.iter().zip(&l.linear) {
+                out.push((format!("{p}.{slot}.weight"), w.clone()));
+            }
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                l.ffn_norm.clone(),
+            ));
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if let Some(w) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), w.clone()));
+        }
+        out
+    }
+
+    /// Next-token logits (batch, tokens, vocab) for token ids (batch, tokens), u32. `mask` (batch, tokens,
+    /// 1 for a token, 0 for padding) allows left-padded batches: padding is never attended to and the
+    /// positions of the real tokens start at 0, as if each sequence were alone.
+    pub fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let hidden = self.hidden_states(ids, mask)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let (b, t, h) = hidden.dims3()?;
+        hidden
+            .reshape((b * t, h))?
+            .matmul(&head.t()?)?
+            .reshape((b, t, self.config.vocab))
+    }
+
+    /// The final hidden states (batch, tokens, hidden), after the last norm.
+    pub fn hidden_states(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let (b, t) = ids.dims2()?;
+        let d = c.head_dim();
+        let dev = &self.device;
+        // Positions: 0.. over the real tokens of each sequence (left padding gets position 0).
+        let mask_f = match mask {
+            Some(m) => m.to_dtype(DType::F32)?,
+            None => Tensor::ones((b, t), DType::F32, dev)?,
+        };
+        let positions = (mask_f.cumsum(1)? - 1.0)?.relu()?; // (b, t)
+        let inv_freq: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f64 / d as f64) as f32)
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, 1, d / 2), dev)?;
+        let freqs = positions.unsqueeze(2)?.broadcast_mul(&inv_freq)?; // (b, t, d/2)
+        let (cos, sin) = (freqs.cos()?, freqs.sin()?);
+        // Additive attention bias (b, 1, t, t): causal, and no padding key.
+        let causal: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let causal = Tensor::from_vec(causal, (1, 1, t, t), dev)?;
+        let pad = ((mask_f - 1.0)? * 1e30)?.reshape((b, 1, 1, t))?;
+        let bias = causal.broadcast_add(&pad)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let n_rep = c.heads / c.kv_heads;
+
+        let mut x = self
+            .embed
+            .embedding(&ids.flatten_all()?)?
+            .reshape((b, t, c.hidden))?;
+        for l in &self.layers {
+            let lin = |x: &Tensor, i: usize| -> candle_core::Result<Tensor> {
+                let (bb, tt, inp) = x.dims3()?;
+                let w = &l.linear[i];
+                x.reshape((bb * tt, inp))?
+                    .matmul(&w.t()?)?
+                    .reshape((bb, tt, w.dim(0)?))
+            };
+            let hsn = rms_norm(&x, &l.attn_norm, c.rms_eps)?;
+            let q = lin(&hsn, 0)?.reshape((b, t, c.heads, d))?.transpose(1, 2)?;
+            let k = lin(&hsn, 1)?
+                .reshape((b, t, c.kv_heads, d))?
+                .transpose(1, 2)?;
+            let v = lin(&hsn, 2)?
+                .reshape((b, t, c.kv_heads, d))?
+                .transpose(1, 2)?;
+            let q = rope(&q.contiguous()?, &cos, &sin)?;
+            let k = rope(&k.contiguous()?, &cos, &sin)?;
+            let k = repeat_kv(&k, n_rep)?;
+            let v = repeat_kv(&v.contiguous()?, n_rep)?;
+            let scores =
+                (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?.broadcast_add(&bias)?;
+            let p = candle_nn::ops::softmax_last_dim(&scores)?;
+            let attn = p
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b, t, c.hidden))?;
+            x = (x + lin(&attn, 3)?)?;
+            let hsn = rms_norm(&x, &l.ffn_norm, c.rms_eps)?;
+            let gate = lin(&hsn, 4)?.silu()?;
+            let up = lin(&hsn, 5)?;
+            x = (x + lin(&(gate * up)?, 6)?)?;
+        }
+        rms_norm(&x, &self.norm, c.rms_eps)
+    }
+}
+
+/// The layer index and linear slot ([`LINEAR_SLOTS`]) of a module path `...layers.{i}.{slot}`.
+fn layer_slot(path: &str) -> Option<(usize, usize)> {
+    let (_, rest) = path.rsplit_once("layers.")?;
+    let (i, module) = rest.split_once('.')?;
+    let slot = LINEAR_SLOTS.iter().position(|(s, _)| *s == module)?;
+    Some((i.parse().ok()?, slot))
+}
+
+/// transformers' `LlamaRMSNorm`: x / sqrt(mean(x^2) + eps) * w.
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+}
+
+/// Rotary embeddings on halves: x * cos + rotate_half(x) * sin, with cos/sin (b, t, d/2) repeated over
+/// both halves; x is (b, heads, t, d).
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+}
+
+/// Grouped-query attention: each key/value head serves `n_rep` query heads.
+fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, n_rep, t, d))?
+        .contiguous()?
+        .reshape((b, kv * n_rep, t, d))
+}
+
+/// Undo llama.cpp's converter permutation of a query/key weight (rows grouped per head as
+/// `(heads, 2, d/2)` were reordered to `(heads, d/2, 2)`): row `h*d + j*2 + s` of the file is row
+/// `h*d + s*(d/2) + j` of the Hugging Face weight.
+fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    let d = rows / heads;
+    w.reshape((heads, d / 2, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))
+}
+
+fn read_vocab(
+    path: &Path,
+    md: &std::collections::HashMap<String, gguf_file::Value>,
+) -> EngineResult<GgufVocab> {
+    let strings = |key: &str| -> EngineResult<Vec<String>> {
+        match md.get(key) {
+            None => Ok(Vec::new()),
+            Some(v) => v
+                .to_vec()
+                .map_err(|e| gguf_err(path, format!("{key}: {e}")))?
+                .iter()
+                .map(|s| {
+                    s.to_string()
+                        .cloned()
+                        .map_err(|e| gguf_err(path, format!("{key}: {e}")))
+                })
+                .collect(),
+        }
+    };
+    let id = |key: &str| md.get(key).and_then(|v| v.to_u32().ok());
+    let vocab = GgufVocab {
+        model: md
+            .get("tokenizer.ggml.model")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default(),
+        pre: md
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .cloned(),
+        tokens: strings("tokenizer.ggml.tokens")?,
+        merges: strings("tokenizer.ggml.merges")?,
+        bos: id("tokenizer.ggml.bos_token_id"),
+        eos: id("tokenizer.ggml.eos_token_id"),
+        add_bos: md
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false),
+        control: md
+            .get("tokenizer.ggml.token_type")
+            .and_then(|v| v.to_vec().ok())
+            .map(|types| {
+                types
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, t)| t.to_i32().is_ok_and(|t| t == 3))
+                    .map(|(i, _)| i as u32)
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    if vocab.tokens.is_empty() {
+        return Err(gguf_err(
+            path,
+            "no tokenizer.ggml.tokens: the GGUF carries no vocabulary; put a tokenizer.json beside it",
+        ));
+    }
+    Ok(vocab)
+}
+
+impl GgufVocab {
+    /// The byte-level BPE tokenizer this vocabulary describes (`tokenizer.ggml.model` `gpt2`), built the
+    /// way transformers builds it from a GGUF file: no normalizer, GPT-2's byte-level pre-tokenizer without
+    /// an added prefix space, the byte-level decoder, and the control tokens as special tokens. No BOS is
+    /// added unless `tokenizer.ggml.add_bos_token` says so.
+    pub fn tokenizer(&self, path: &Path) -> EngineResult<tokenizers::Tokenizer> {
+        if self.model != "gpt2" {
+            return Err(gguf_err(
+                path,
+                format!(
+                    "tokenizer.ggml.model {:?} is not supported (byte-level BPE, `gpt2`, is); put a tokenizer.json beside the GGUF file",
+                    self.model
+                ),
+            ));
+        }
+        let vocab: serde_json::Map<String, serde_json::Value> = self
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), serde_json::json!(i)))
+            .collect();
+        let merges: Vec<[&str; 2]> = self
+            .merges
+            .iter()
+            .map(|m| {
+                let (a, b) = m.split_once(' ').unwrap_or((m.as_str(), ""));
+                [a, b]
+            })
+            .collect();
+        let added: Vec<serde_json::Value> = self
+            .control
+            .iter()
+            .map(|&id| {
+                serde_json::json!({"id": id, "content": self.tokens[id as usize], "single_word": false,
+                    "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+            })
+            .collect();
+        let single = match (self.add_bos, self.bos) {
+            (true, Some(bos)) => serde_json::json!([
+                {"SpecialToken": {"id": self.tokens[bos as usize], "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}}
+            ]),
+            _ => serde_json::json!([{"Sequence": {"id": "A", "type_id": 0}}]),
+        };
+        let special: serde_json::Map<String, serde_json::Value> = match (self.add_bos, self.bos) {
+            (true, Some(bos)) => {
+                let t = &self.tokens[bos as usize];
+                [(
+                    t.clone(),
+                    serde_json::json!({"id": t, "ids": [bos], "tokens": [t]}),
+                )]
+                .into_iter()
+                .collect()
+            }
+            _ => Default::default(),
+        };
+        let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
+            "trim_offsets": true, "use_regex": true});
+        let json = serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": byte_level,
+            "post_processor": {"type": "TemplateProcessing", "single": single,
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": special},
+            "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
+                "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                "vocab": vocab, "merges": merges},
+        });
+        json.to_string()
+            .parse::<tokenizers::Tokenizer>()
+            .map_err(|e| EngineError::Tokenizer {
+                path: path.to_path_buf(),
+                reason: format!("the GGUF vocabulary does not make a tokenizer: {e}"),
+            })
+    }
+}
+
+/// Where a decoder's files are: a GGUF file, or a folder holding one (`*.gguf`).
+pub fn find_gguf(path: &Path) -> Option<PathBuf> {
+    if path.is_file() {
+        return path
+            .extension()
+            .is_some_and(|e| e == "gguf")
+            .then(|| path.to_path_buf());
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .collect();
+    found.sort();
+    found.into_iter().next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gguf_names_map_to_hugging_face_names() {
+        assert_eq!(
+            hf_name("blk.12.attn_q.weight").as_deref(),
+            Some("model.layers.12.self_attn.q_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_down.weight").as_deref(),
+            Some("model.layers.0.mlp.down_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.1.ffn_norm.weight").as_deref(),
+            Some("model.layers.1.post_attention_layernorm.weight")
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").as_deref(),
+            Some("model.embed_tokens.weight")
+        );
+        assert_eq!(hf_name("blk.x.attn_q.weight"), None);
+        assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+
+    #[test]
+    fn unpermute_inverts_the_converters_permutation() {
+        // llama.cpp: w.reshape(heads, 2, d/2, cols).swapaxes(1, 2).reshape(rows, cols).
+        let (heads, d, cols) = (3usize, 4usize, 2usize);
+        let hf: Vec<f32> = (0..heads * d * cols).map(|x| x as f32).collect();
+        let hf = Tensor::from_vec(hf, (heads * d, cols), &Device::Cpu).unwrap();
+        let permuted = hf
+            .reshape((heads, 2, d / 2, cols))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((heads * d, cols))
+            .unwrap();
+        assert_ne!(
+            permuted.to_vec2::<f32>().unwrap(),
+            hf.to_vec2::<f32>().unwrap()
+        );
+        let back = unpermute(&permuted, heads).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), hf.to_vec2::<f32>().unwrap());
+    }
+}

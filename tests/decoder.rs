@@ -1,0 +1,389 @@
+//! The Llama-family decoder on the real SmolLM2-135M-Instruct GGUF (scripts/fetch-decoder.sh) against
+//! Hugging Face transformers (tests/fixtures/decoder/reference.json, written by scripts/decoder_reference.py
+//! from the same file): next-token logits with and without a PEFT LoRA on all seven linear layers, the
+//! verbalizers' log-likelihoods, and the tokenizer built from the GGUF metadata.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use peftdb::engine::LlamaModel;
+use peftdb::object::{read_adapter, ReadOptions};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn gguf() -> PathBuf {
+    let p = std::env::var_os("PEFTDB_DECODER_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("models/smollm2-135m-instruct"))
+        .join("model.gguf");
+    assert!(
+        p.is_file(),
+        "decoder test model not found at {}: run scripts/fetch-decoder.sh",
+        p.display()
+    );
+    p
+}
+
+fn reference() -> Value {
+    let p = root().join("tests/fixtures/decoder/reference.json");
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
+
+fn model() -> &'static (LlamaModel, peftdb::engine::GgufVocab) {
+    static M: OnceLock<(LlamaModel, peftdb::engine::GgufVocab)> = OnceLock::new();
+    M.get_or_init(|| LlamaModel::from_gguf(&gguf(), &Device::Cpu).expect("the GGUF loads"))
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+/// Last-position logits of one sequence.
+fn last_logits(m: &LlamaModel, ids: &[u32]) -> Vec<f32> {
+    let t = Tensor::from_slice(ids, (1, ids.len()), &Device::Cpu).unwrap();
+    let logits = m.forward(&t, None).unwrap();
+    logits
+        .get(0)
+        .unwrap()
+        .get(ids.len() - 1)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn log_softmax_at(logits: &[f32], id: usize) -> f64 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let z: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
+    logits[id] as f64 - max - z.ln()
+}
+
+/// The first 8 logits, the top 5 (ids and values) and each verbalizer's log-likelihood match transformers.
+fn check(m: &LlamaModel, want: &Value, verbalizers: Option<&Value>, what: &str) {
+    let ids: Vec<u32> = want["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let got = last_logits(m, &ids);
+    for (i, (g, w)) in got
+        .iter()
+        .zip(floats(&want["last_logits_first8"]))
+        .enumerate()
+    {
+        assert!(
+            (*g as f64 - w).abs() < 1e-4,
+            "{what}: logit {i}: {g} vs {w}"
+        );
+    }
+    let mut order: Vec<usize> = (0..got.len()).collect();
+    order.sort_by(|a, b| got[*b].total_cmp(&got[*a]));
+    let top: Vec<u64> = order[..5].iter().map(|&i| i as u64).collect();
+    let want_top: Vec<u64> = want["top5_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(top, want_top, "{what}: top 5 tokens");
+    for (i, w) in order[..5].iter().zip(floats(&want["top5_logits"])) {
+        assert!((got[*i] as f64 - w).abs() < 1e-4, "{what}: top logit {i}");
+    }
+    for (verb, v) in verbalizers
+        .and_then(|v| v.as_object())
+        .into_iter()
+        .flatten()
+    {
+        let id = v["ids"][0].as_u64().unwrap() as usize;
+        let ll = log_softmax_at(&got, id);
+        let w = v["sum"].as_f64().unwrap();
+        assert!(
+            (ll - w).abs() < 1e-4,
+            "{what}: log-likelihood of {verb:?}: {ll} vs {w}"
+        );
+    }
+}
+
+#[test]
+fn the_gguf_loads_as_the_hugging_face_model() {
+    let (m, vocab) = model();
+    let r = reference();
+    let c = &r["config"];
+    assert_eq!(m.config.hidden as u64, c["hidden_size"].as_u64().unwrap());
+    assert_eq!(
+        m.config.layers as u64,
+        c["num_hidden_layers"].as_u64().unwrap()
+    );
+    assert_eq!(
+        m.config.heads as u64,
+        c["num_attention_heads"].as_u64().unwrap()
+    );
+    assert_eq!(
+        m.config.kv_heads as u64,
+        c["num_key_value_heads"].as_u64().unwrap()
+    );
+    assert_eq!(
+        m.config.intermediate as u64,
+        c["intermediate_size"].as_u64().unwrap()
+    );
+    assert_eq!(m.config.vocab as u64, c["vocab_size"].as_u64().unwrap());
+    assert_eq!(m.config.rope_theta, c["rope_theta"].as_f64().unwrap());
+    assert_eq!(
+        (vocab.bos, vocab.eos, vocab.add_bos),
+        (Some(1), Some(2), false)
+    );
+    // Hugging Face names for every weight: 30 layers of 9, the embeddings and the final norm (tied head).
+    let names: Vec<String> = m.named_weights().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names.len(), 30 * 9 + 2);
+    assert!(names.contains(&"model.layers.29.mlp.down_proj.weight".to_string()));
+}
+
+#[test]
+fn logits_match_transformers_on_every_prompt() {
+    let (m, _) = model();
+    let r = reference();
+    for p in r["prompts"].as_array().unwrap() {
+        check(
+            m,
+            &p["outputs"],
+            p.get("verbalizer_loglik"),
+            p["text"].as_str().unwrap(),
+        );
+    }
+}
+
+#[test]
+fn a_peft_lora_on_all_seven_modules_matches_transformers() {
+    let (m, _) = model();
+    let r = reference();
+    let lora = read_adapter(
+        &root().join("tests/fixtures/decoder/lora_r8_all"),
+        &ReadOptions::default(),
+    )
+    .expect("the PEFT LoRA reads");
+    assert_eq!(lora.tensors.len(), 30 * 7 * 2);
+    let with = m.with_lora(&lora).expect("the LoRA fits");
+    check(
+        &with,
+        &r["lora"]["outputs"],
+        r["lora"].get("verbalizer_loglik"),
+        "lora",
+    );
+    // The LoRA changes the answer (so the check above is not the bare model's).
+    let bare = last_logits(
+        m,
+        &[21465, 42, 253, 8264, 28, 4138, 4771, 30, 18279, 2572, 42],
+    );
+    let lora_top = r["lora"]["outputs"]["top5_ids"][0].as_u64().unwrap() as usize;
+    assert!(bare[lora_top] < bare[2606]);
+}
+
+#[test]
+fn a_lora_for_another_model_names_the_tensor_and_both_shapes() {
+    let (m, _) = model();
+    let bert = read_adapter(&common::fixture("lora_r8_qv"), &ReadOptions::default()).unwrap();
+    let e = m.with_lora(&bert).expect_err("a BERT LoRA does not fit");
+    assert!(e.to_string().contains("attention.self.query"), "{e}");
+}
+
+#[test]
+fn the_tokenizer_built_from_the_gguf_equals_transformers() {
+    let (_, vocab) = model();
+    let tok = vocab
+        .tokenizer(&gguf())
+        .expect("a byte-level BPE tokenizer");
+    let r = reference();
+    for p in r["prompts"].as_array().unwrap() {
+        let text = p["text"].as_str().unwrap();
+        let enc = tok.encode(text, true).unwrap();
+        let want: Vec<u32> = p["ids"]["default"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(enc.get_ids(), &want[..], "{text:?}");
+        assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), text);
+    }
+    // And on real, messy texts: the tokenizer transformers builds from the same GGUF (its tokenizer.json).
+    let reference =
+        tokenizers::Tokenizer::from_file(root().join("tests/fixtures/decoder/tokenizer.json"))
+            .unwrap();
+    let mut n = 0;
+    for task in ["tweet_sentiment", "bbc_topic", "social_support"] {
+        let t = peftdb::task::Task::load(&common::task_dir(task)).unwrap();
+        for ex in &t.dev {
+            let a = tok.encode(ex.text.as_str(), true).unwrap();
+            let b = reference.encode(ex.text.as_str(), true).unwrap();
+            assert_eq!(a.get_ids(), b.get_ids(), "{task}: {:?}", ex.text);
+            n += 1;
+        }
+    }
+    assert!(n > 500);
+}
+
+#[test]
+fn a_left_padded_batch_gives_each_sequence_its_own_logits() {
+    let (m, vocab) = model();
+    let tok = vocab.tokenizer(&gguf()).unwrap();
+    let texts = [
+        "Review: a wonderful, moving film. Sentiment:",
+        "The capital of France is",
+        "ok",
+    ];
+    let ids: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| tok.encode(*t, true).unwrap().get_ids().to_vec())
+        .collect();
+    let len = ids.iter().map(Vec::len).max().unwrap();
+    let pad = vocab.eos.unwrap();
+    let (mut flat, mut mask) = (Vec::new(), Vec::new());
+    for row in &ids {
+        flat.extend(std::iter::repeat_n(pad, len - row.len()).chain(row.iter().copied()));
+        mask.extend(
+            std::iter::repeat_n(0u32, len - row.len()).chain(std::iter::repeat_n(1, row.len())),
+        );
+    }
+    let batch = Tensor::from_vec(flat, (ids.len(), len), &Device::Cpu).unwrap();
+    let mask = Tensor::from_vec(mask, (ids.len(), len), &Device::Cpu).unwrap();
+    let logits = m.forward(&batch, Some(&mask)).unwrap();
+    for (i, row) in ids.iter().enumerate() {
+        let alone = last_logits(m, row);
+        let batched: Vec<f32> = logits
+            .get(i)
+            .unwrap()
+            .get(len - 1)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let worst = alone
+            .iter()
+            .zip(&batched)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        // Rounding only: the batch's matrix products sum in another order (seen: 2.4e-4 on logits of
+        // about 15 after 30 layers). Attending to padding or shifted positions moves them by whole units.
+        assert!(
+            worst < 1e-3,
+            "{:?}: padded batch differs by {worst}",
+            texts[i]
+        );
+        let argmax = |v: &[f32]| (0..v.len()).max_by(|a, b| v[*a].total_cmp(&v[*b])).unwrap();
+        assert_eq!(argmax(&alone), argmax(&batched), "{:?}", texts[i]);
+    }
+}
+
+#[test]
+fn label_log_likelihoods_match_transformers_and_chain_multi_token_verbalizers() {
+    let (m, vocab) = model();
+    let tok = vocab.tokenizer(&gguf()).unwrap();
+    let r = reference();
+    let p = &r["prompts"][0];
+    let ids = |t: &str| tok.encode(t, false).unwrap().get_ids().to_vec();
+    let prompt = ids(p["text"].as_str().unwrap());
+    // " positive" and " negative" are one token each; "very good" is several.
+    let verbs = [ids(" positive"), ids(" negative"), ids(" very good indeed")];
+    assert!(verbs[2].len() > 1);
+    let pad = vocab.eos.unwrap();
+    let ll = m
+        .label_logliks(&[prompt.clone(), ids("ok")], &verbs, false, 2, pad)
+        .unwrap();
+    for (i, verb) in [" positive", " negative"].iter().enumerate() {
+        let want = p["verbalizer_loglik"][verb]["sum"].as_f64().unwrap();
+        assert!(
+            (ll[0][i] - want).abs() < 1e-4,
+            "{verb}: {} vs {want}",
+            ll[0][i]
+        );
+    }
+    // A multi-token verbalizer: the chain rule over separate forward passes.
+    let mut chained = 0.0;
+    let mut ctx = prompt.clone();
+    for &t in &verbs[2] {
+        chained += log_softmax_at(&last_logits(m, &ctx), t as usize);
+        ctx.push(t);
+    }
+    assert!(
+        (ll[0][2] - chained).abs() < 1e-3,
+        "{} vs {chained}",
+        ll[0][2]
+    );
+    let mean = m.label_logliks(&[prompt], &verbs, true, 8, pad).unwrap();
+    assert!((mean[0][2] - chained / verbs[2].len() as f64).abs() < 1e-3);
+    let e = m
+        .label_logliks(&[ids("ok")], &[vec![]], false, 1, pad)
+        .unwrap_err();
+    assert!(e.to_string().contains("tokenizes to nothing"), "{e}");
+}
+
+/// A small GGUF file with these metadata and one f32 tensor.
+fn write_gguf(path: &Path, metadata: &[(&str, candle_core::quantized::gguf_file::Value)]) {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let t = Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+    let md: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &md, &[("token_embd.weight", &q)]).unwrap();
+}
+
+#[test]
+fn bad_gguf_files_are_refused_naming_the_file_and_what_is_supported() {
+    use candle_core::quantized::gguf_file::Value;
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"not a gguf file at all").unwrap();
+    let e = LlamaModel::from_gguf(&junk, &Device::Cpu).unwrap_err();
+    assert!(
+        e.to_string().contains("junk.gguf") && e.to_string().contains("llama architecture"),
+        "{e}"
+    );
+
+    let mamba = dir.path().join("mamba.gguf");
+    write_gguf(
+        &mamba,
+        &[("general.architecture", Value::String("mamba".into()))],
+    );
+    let e = LlamaModel::from_gguf(&mamba, &Device::Cpu).unwrap_err();
+    assert!(
+        e.to_string().contains("\"mamba\"") && e.to_string().contains("Llama-family"),
+        "{e}"
+    );
+
+    let no_vocab = dir.path().join("novocab.gguf");
+    write_gguf(
+        &no_vocab,
+        &[("general.architecture", Value::String("llama".into()))],
+    );
+    let e = LlamaModel::from_gguf(&no_vocab, &Device::Cpu).unwrap_err();
+    assert!(e.to_string().contains("tokenizer.json beside"), "{e}");
+
+    let no_layers = dir.path().join("nolayers.gguf");
+    write_gguf(
+        &no_layers,
+        &[
+            ("general.architecture", Value::String("llama".into())),
+            ("tokenizer.ggml.model", Value::String("gpt2".into())),
+            (
+                "tokenizer.ggml.tokens",
+                Value::Array(vec![Value::String("a".into()); 4]),
+            ),
+            ("llama.embedding_length", Value::U32(32)),
+            ("llama.attention.head_count", Value::U32(2)),
+            ("llama.feed_forward_length", Value::U32(64)),
+        ],
+    );
+    let e = LlamaModel::from_gguf(&no_layers, &Device::Cpu).unwrap_err();
+    assert!(
+        e.to_string().contains("llama.block_count is missing"),
+        "{e}"
+    );
+}
