@@ -149,6 +149,119 @@ pub fn lora(m: &ModelShape, r: usize, targets: &[&str], s: Seeds) -> Lightweight
     }
 }
 
+/// The shape of a Llama-family decoder, for LoRAs of the seven linear layers.
+#[derive(Debug, Clone)]
+pub struct LlamaShape {
+    pub name: String,
+    pub layers: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    /// Output width of k_proj and v_proj (key/value heads x head size).
+    pub kv_dim: usize,
+}
+
+impl LlamaShape {
+    /// Llama-2-7B: 32 layers, hidden 4096, feed-forward 11008, full multi-head key/value.
+    pub fn llama2_7b() -> LlamaShape {
+        LlamaShape {
+            name: "meta-llama/Llama-2-7b-hf".into(),
+            layers: 32,
+            hidden: 4096,
+            intermediate: 11008,
+            kv_dim: 4096,
+        }
+    }
+    /// SmolLM2-135M: 30 layers, hidden 576, feed-forward 1536, 3 key/value heads of 64.
+    pub fn smollm2_135m() -> LlamaShape {
+        LlamaShape {
+            name: "HuggingFaceTB/SmolLM2-135M-Instruct".into(),
+            layers: 30,
+            hidden: 576,
+            intermediate: 1536,
+            kv_dim: 192,
+        }
+    }
+}
+
+/// A PEFT LoRA (rank `r`, alpha 2r) of a Llama-family model on all seven linear layers
+/// (`q_proj k_proj v_proj o_proj gate_proj up_proj down_proj`), stored in bf16 as LLM LoRAs usually are.
+pub fn llama_lora(m: &LlamaShape, r: usize, s: Seeds) -> LightweightObject {
+    let mut g = Gen::new(MethodKind::Lora, s, 0.05);
+    let (h, f, kv) = (m.hidden, m.intermediate, m.kv_dim);
+    // (module, in, out), in the byte order of the names (PEFT writes tensors sorted).
+    let mut modules = [
+        ("mlp.down_proj", f, h),
+        ("mlp.gate_proj", h, f),
+        ("mlp.up_proj", h, f),
+        ("self_attn.k_proj", h, kv),
+        ("self_attn.o_proj", h, h),
+        ("self_attn.q_proj", h, h),
+        ("self_attn.v_proj", h, kv),
+    ];
+    modules.sort();
+    let bf16 = |name: String, shape: Vec<usize>, values: Vec<f32>| Tensor {
+        name,
+        dtype: crate::object::DType::BF16,
+        shape,
+        data: values
+            .into_iter()
+            .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
+            .collect(),
+    };
+    let mut tensors = Vec::with_capacity(m.layers * modules.len() * 2);
+    for i in 0..m.layers {
+        for (module, inp, out) in modules {
+            let base = format!("base_model.model.model.layers.{i}.{module}");
+            tensors.push(bf16(
+                format!("{base}.lora_A.weight"),
+                vec![r, inp],
+                g.values(r * inp),
+            ));
+            tensors.push(bf16(
+                format!("{base}.lora_B.weight"),
+                vec![out, r],
+                g.values(out * r),
+            ));
+        }
+    }
+    let targets: Vec<String> = modules
+        .iter()
+        .map(|(m, _, _)| m.rsplit('.').next().unwrap_or(m).to_string())
+        .collect();
+    let cfg = LoraConfig {
+        r,
+        alpha: 2.0 * r as f64,
+        use_rslora: false,
+        rank_pattern: BTreeMap::new(),
+        alpha_pattern: BTreeMap::new(),
+        target_modules: targets.clone(),
+        bias: LoraBias::None,
+    };
+    let config_json = config(json!({
+        "peft_type": "LORA",
+        "base_model_name_or_path": m.name,
+        "r": r,
+        "lora_alpha": 2 * r,
+        "lora_dropout": 0.0,
+        "target_modules": targets,
+        "bias": "none",
+        "use_rslora": false,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "task_type": "CAUSAL_LM"
+    }));
+    LightweightObject {
+        method: Method::Lora(cfg),
+        base_model: m.name.clone(),
+        format: AdapterFormat::Peft,
+        tensors,
+        metadata: Some(BTreeMap::from([("format".to_string(), "pt".to_string())])),
+        config_json,
+    }
+}
+
 /// A BitFit bias set: every bias of every layer (query, key, value, attention output, both LayerNorms,
 /// intermediate, output).
 pub fn bitfit(m: &ModelShape, s: Seeds) -> LightweightObject {

@@ -163,8 +163,12 @@ fn rss_child() {
     let db = std::env::var("PEFTDB_RSS_DB").unwrap();
     let store = Store::create(&db).unwrap();
     let before = vm_hwm_kb();
+    let batch_size = std::env::var("PEFTDB_RSS_BATCH")
+        .ok()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(4);
     let opts = IngestOptions {
-        batch_size: 4,
+        batch_size,
         ..Default::default()
     };
     let roots: Vec<PathBuf> = std::env::split_paths(&zoo).collect();
@@ -189,8 +193,13 @@ fn dir_bytes(p: &Path) -> u64 {
 
 /// Peak RSS growth (bytes) of a child process ingesting `roots`, and how many it ingested.
 fn ingest_rss(roots: &[PathBuf], db: &Path, out: &Path) -> (usize, u64) {
+    ingest_rss_batched(roots, db, out, 4)
+}
+
+fn ingest_rss_batched(roots: &[PathBuf], db: &Path, out: &Path, batch: usize) -> (usize, u64) {
     let status = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "rss_child", "--test-threads", "1"])
+        .env("PEFTDB_RSS_BATCH", batch.to_string())
         .env("PEFTDB_RSS_ZOO", std::env::join_paths(roots).unwrap())
         .env("PEFTDB_RSS_DB", db)
         .env("PEFTDB_RSS_OUT", out)
@@ -243,5 +252,60 @@ fn memory_stays_bounded_when_ingesting_a_zoo_much_larger_than_a_batch() {
         g2 < 2 * one,
         "peak RSS grew by {g2} bytes ingesting {} bytes",
         2 * one
+    );
+}
+
+/// `n` PEFT LoRAs of a 7B Llama (r=16 on all seven linear layers of 32 layers, hidden 4096, bf16:
+/// about 80 MB each), one task folder each, under `dir`.
+fn llm_zoo(dir: &Path, n: usize, seed: u64) {
+    use peftdb::synth::{llama_lora, LlamaShape, Seeds};
+    let shape = LlamaShape::llama2_7b();
+    for k in 0..n {
+        let s = Seeds {
+            group: seed,
+            task: seed * 100 + k as u64,
+            object: seed * 1000 + k as u64,
+        };
+        let obj = llama_lora(&shape, 16, s);
+        peftdb::object::write_adapter(&obj, &dir.join(format!("llm-{seed}-{k}"))).unwrap();
+    }
+}
+
+#[test]
+fn ingesting_7b_shaped_llm_loras_keeps_peak_memory_independent_of_the_zoo() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("zoo-a"), tmp.path().join("zoo-b"));
+    llm_zoo(&a, 3, 1);
+    llm_zoo(&b, 3, 2);
+    let one = dir_bytes(&a);
+    assert!(
+        one > 3 * 75_000_000,
+        "three 7B-shaped LoRAs of about 80 MB: {one} bytes"
+    );
+    // One adapter per transaction: at most two in flight (one committed while the next is prepared).
+    let (c1, g1) = ingest_rss_batched(
+        std::slice::from_ref(&a),
+        &tmp.path().join("1.peftdb"),
+        &tmp.path().join("1.txt"),
+        1,
+    );
+    let (c2, g2) = ingest_rss_batched(
+        &[a, b],
+        &tmp.path().join("2.peftdb"),
+        &tmp.path().join("2.txt"),
+        1,
+    );
+    assert_eq!((c1, c2), (3, 6));
+    eprintln!(
+        "peak RSS growth: {:.0} MB ingesting 3 LoRAs ({:.0} MB), {:.0} MB ingesting 6",
+        g1 as f64 / 1e6,
+        one as f64 / 1e6,
+        g2 as f64 / 1e6
+    );
+    // Twice the adapters must not raise the peak by more than one adapter's worth (~80 MB): memory is
+    // bounded by what is in flight, not by the zoo.
+    assert!(
+        g2 < g1 + one / 3,
+        "peak RSS grew by {g1} bytes for 3 LoRAs but {g2} for 6: memory follows the zoo"
     );
 }
