@@ -115,18 +115,31 @@ pub fn lora(m: &ModelShape, r: usize, targets: &[&str], s: Seeds) -> Lightweight
             ));
         }
     }
+    let targets = sorted.iter().map(|s| s.to_string()).collect();
+    lora_object(&m.name, r, targets, None, tensors)
+}
+
+/// A PEFT LoRA object (alpha 2r, no bias, no patterns) around its tensors, with the
+/// adapter_config.json PEFT writes for it.
+fn lora_object(
+    base_model: &str,
+    r: usize,
+    targets: Vec<String>,
+    task_type: Option<&str>,
+    tensors: Vec<Tensor>,
+) -> LightweightObject {
     let cfg = LoraConfig {
         r,
         alpha: 2.0 * r as f64,
         use_rslora: false,
         rank_pattern: BTreeMap::new(),
         alpha_pattern: BTreeMap::new(),
-        target_modules: sorted.iter().map(|s| s.to_string()).collect(),
+        target_modules: targets,
         bias: LoraBias::None,
     };
     let config_json = config(json!({
         "peft_type": "LORA",
-        "base_model_name_or_path": m.name,
+        "base_model_name_or_path": base_model,
         "r": r,
         "lora_alpha": 2 * r,
         "lora_dropout": 0.0,
@@ -137,11 +150,11 @@ pub fn lora(m: &ModelShape, r: usize, targets: &[&str], s: Seeds) -> Lightweight
         "alpha_pattern": {},
         "fan_in_fan_out": false,
         "inference_mode": true,
-        "task_type": null
+        "task_type": task_type
     }));
     LightweightObject {
         method: Method::Lora(cfg),
-        base_model: m.name.clone(),
+        base_model: base_model.to_string(),
         format: AdapterFormat::Peft,
         tensors,
         metadata: Some(BTreeMap::from([("format".to_string(), "pt".to_string())])),
@@ -228,38 +241,7 @@ pub fn llama_lora(m: &LlamaShape, r: usize, s: Seeds) -> LightweightObject {
         .iter()
         .map(|(m, _, _)| m.rsplit('.').next().unwrap_or(m).to_string())
         .collect();
-    let cfg = LoraConfig {
-        r,
-        alpha: 2.0 * r as f64,
-        use_rslora: false,
-        rank_pattern: BTreeMap::new(),
-        alpha_pattern: BTreeMap::new(),
-        target_modules: targets.clone(),
-        bias: LoraBias::None,
-    };
-    let config_json = config(json!({
-        "peft_type": "LORA",
-        "base_model_name_or_path": m.name,
-        "r": r,
-        "lora_alpha": 2 * r,
-        "lora_dropout": 0.0,
-        "target_modules": targets,
-        "bias": "none",
-        "use_rslora": false,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "fan_in_fan_out": false,
-        "inference_mode": true,
-        "task_type": "CAUSAL_LM"
-    }));
-    LightweightObject {
-        method: Method::Lora(cfg),
-        base_model: m.name.clone(),
-        format: AdapterFormat::Peft,
-        tensors,
-        metadata: Some(BTreeMap::from([("format".to_string(), "pt".to_string())])),
-        config_json,
-    }
+    lora_object(&m.name, r, targets, Some("CAUSAL_LM"), tensors)
 }
 
 /// A BitFit bias set: every bias of every layer (query, key, value, attention output, both LayerNorms,
