@@ -193,13 +193,21 @@ fn dir_bytes(p: &Path) -> u64 {
 
 /// Peak RSS growth (bytes) of a child process ingesting `roots`, and how many it ingested.
 fn ingest_rss(roots: &[PathBuf], db: &Path, out: &Path) -> (usize, u64) {
-    ingest_rss_batched(roots, db, out, 4)
+    ingest_rss_with(roots, db, out, 4, &[])
 }
 
-fn ingest_rss_batched(roots: &[PathBuf], db: &Path, out: &Path, batch: usize) -> (usize, u64) {
+/// [`ingest_rss`] with `batch` adapters per transaction and extra environment for the child.
+fn ingest_rss_with(
+    roots: &[PathBuf],
+    db: &Path,
+    out: &Path,
+    batch: usize,
+    env: &[(&str, &str)],
+) -> (usize, u64) {
     let status = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "rss_child", "--test-threads", "1"])
         .env("PEFTDB_RSS_BATCH", batch.to_string())
+        .envs(env.iter().copied())
         .env("PEFTDB_RSS_ZOO", std::env::join_paths(roots).unwrap())
         .env("PEFTDB_RSS_DB", db)
         .env("PEFTDB_RSS_OUT", out)
@@ -282,20 +290,25 @@ fn ingesting_7b_shaped_llm_loras_keeps_peak_memory_independent_of_the_zoo() {
         six > 6 * 75_000_000,
         "six 7B-shaped LoRAs of about 80 MB: {six} bytes"
     );
-    // One adapter per transaction: one committed while the next is prepared. The peak settles after a
-    // few adapters (seen: +626 MB for 3, +904 for 6, +991 for 9, +979 for 12: allocator arenas and
-    // redb's 64 MB cache warm up), so 6 is compared with 12.
-    let (c1, g1) = ingest_rss_batched(
+    // One adapter per transaction: one committed while the next is prepared. The child runs with one
+    // malloc arena (MALLOC_ARENA_MAX=1), so the peak measures peftdb's own memory: with glibc's default,
+    // each rayon thread's arena keeps the freed buffers of the adapters it prepared, and the peak grows
+    // until every thread's arena is warm (seen: +626 MB for 3 adapters, +904 for 6, +991 for 9, +979 for
+    // 12; with one arena +434, +440, +435, +522), which takes longer than a test should.
+    let one_arena = [("MALLOC_ARENA_MAX", "1")];
+    let (c1, g1) = ingest_rss_with(
         std::slice::from_ref(&a),
         &tmp.path().join("1.peftdb"),
         &tmp.path().join("1.txt"),
         1,
+        &one_arena,
     );
-    let (c2, g2) = ingest_rss_batched(
+    let (c2, g2) = ingest_rss_with(
         &[a, b],
         &tmp.path().join("2.peftdb"),
         &tmp.path().join("2.txt"),
         1,
+        &one_arena,
     );
     assert_eq!((c1, c2), (6, 12));
     eprintln!(
