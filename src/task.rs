@@ -83,6 +83,14 @@ impl Split {
             Split::Test => "test.jsonl",
         }
     }
+    /// `train`, `dev` or `test`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Dev => "dev",
+            Split::Test => "test",
+        }
+    }
     pub fn parse(s: &str) -> Option<Split> {
         match s {
             "train" => Some(Split::Train),

@@ -52,12 +52,15 @@ fn class_name(kind: ErrorKind) -> &'static str {
 /// A library error as the `peftdb.errors` exception of its kind, keeping the library's message.
 fn to_py(e: impl Into<peftdb::Error>) -> PyErr {
     let e: peftdb::Error = e.into();
-    let msg = e.to_string();
-    let name = class_name(e.kind());
+    py_error(e.kind(), e.to_string())
+}
+
+/// The `peftdb.errors` exception of `kind` with `msg`.
+fn py_error(kind: ErrorKind, msg: String) -> PyErr {
     Python::attach(|py| {
         let made = py
             .import("peftdb.errors")
-            .and_then(|m| m.getattr(name))
+            .and_then(|m| m.getattr(class_name(kind)))
             .and_then(|cls| cls.call1((msg.clone(),)));
         match made {
             Ok(exc) => PyErr::from_value(exc),
@@ -67,10 +70,12 @@ fn to_py(e: impl Into<peftdb::Error>) -> PyErr {
     })
 }
 
+/// A bad argument: `InvalidInputError`, worded as the library words its own (`invalid option: ...`).
 fn invalid(msg: impl Into<String>) -> PyErr {
-    to_py(peftdb::Error::Suggest(Box::new(
-        peftdb::suggest::SuggestError::Invalid(msg.into()),
-    )))
+    py_error(
+        ErrorKind::InvalidInput,
+        format!("invalid option: {}", msg.into()),
+    )
 }
 
 fn parse<T: std::str::FromStr>(what: &str, s: &str) -> PyResult<T>
@@ -224,10 +229,7 @@ impl TaskSpec {
     fn counts(&self) -> Vec<(String, usize)> {
         [Split::Train, Split::Dev, Split::Test]
             .into_iter()
-            .map(|s| {
-                let name = s.file_name().trim_end_matches(".jsonl").to_string();
-                (name, self.task.split(s).len())
-            })
+            .map(|s| (s.name().to_string(), self.task.split(s).len()))
             .collect()
     }
 }
@@ -571,15 +573,7 @@ fn suggest(
     temperature: f64,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<String> {
-    if out.exists()
-        && std::fs::read_dir(&out)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
-        return Err(to_py(peftdb::error::ExportError::TargetExists {
-            path: out,
-        }));
-    }
+    peftdb::object::check_output_dir(&out).map_err(to_py)?;
     let similarity: Similarity = parse("similarity", similarity)?;
     let cfg = SuggestConfig {
         method: parse("method", method)?,
@@ -706,16 +700,13 @@ fn evaluate(
         )
     });
     let ev = progress.finish(r)?;
-    Ok(json(&serde_json::json!({
-        "task": t.name,
-        "split": format!("{split:?}").to_lowercase(),
-        "adapter": source,
-        "examples": ev.examples,
-        "accuracy": ev.accuracy,
-        "loss": ev.loss,
-        "majority_rate": t.majority_rate(split),
-        "temperature": temperature,
-    })))
+    Ok(json(&peftdb::transfer::EvalReport::new(
+        &t,
+        split,
+        source,
+        &ev,
+        temperature,
+    )))
 }
 
 /// The native module.

@@ -18,7 +18,7 @@ use crate::embed::delta::LoraDelta;
 use crate::object::LightweightObject;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor, D};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The architecture hyper-parameters of a Llama-family model.
 #[derive(Debug, Clone, PartialEq)]
@@ -430,7 +430,9 @@ impl LlamaModel {
             .map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f64 / d as f64) as f32)
             .collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, 1, d / 2), dev)?;
-        let freqs = positions.unsqueeze(2)?.broadcast_mul(&inv_freq)?; // (b, t, d/2)
+        // (b, t, d/2), then over both halves (b, 1, t, d): built once, used by every layer's q and k.
+        let freqs = positions.unsqueeze(2)?.broadcast_mul(&inv_freq)?;
+        let freqs = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
         let (cos, sin) = (freqs.cos()?, freqs.sin()?);
         // Additive attention bias (b, 1, t, t): causal, and no padding key.
         let causal: Vec<f32> = (0..t)
@@ -498,16 +500,14 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
 }
 
-/// Rotary embeddings on halves: x * cos + rotate_half(x) * sin, with cos/sin (b, t, d/2) repeated over
-/// both halves; x is (b, heads, t, d).
+/// Rotary embeddings on halves: x * cos + rotate_half(x) * sin, with x (b, heads, t, d) and cos/sin
+/// (b, 1, t, d), each half's frequencies repeated over both halves.
 fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     let d = x.dim(D::Minus1)?;
-    let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
-    let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
 /// Grouped-query attention: each key/value head serves `n_rep` query heads.
@@ -674,23 +674,6 @@ impl GgufVocab {
                 reason: format!("the GGUF vocabulary does not make a tokenizer: {e}"),
             })
     }
-}
-
-/// Where a decoder's files are: a GGUF file, or a folder holding one (`*.gguf`).
-pub fn find_gguf(path: &Path) -> Option<PathBuf> {
-    if path.is_file() {
-        return path
-            .extension()
-            .is_some_and(|e| e == "gguf")
-            .then(|| path.to_path_buf());
-    }
-    let mut found: Vec<PathBuf> = std::fs::read_dir(path)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
-        .collect();
-    found.sort();
-    found.into_iter().next()
 }
 
 #[cfg(test)]

@@ -53,7 +53,7 @@ pub use error::{EngineError, EngineResult};
 #[doc(hidden)]
 pub use kernels::set_enabled as set_cpu_kernels;
 pub use kernels::tune_threads;
-pub use llama::{find_gguf, hf_name as llama_hf_name, GgufVocab, LlamaConfig, LlamaModel};
+pub use llama::{hf_name as llama_hf_name, GgufVocab, LlamaConfig, LlamaModel};
 pub use model::{BertConfig, BertModel, Grad};
 pub use scoring::{
     cosine_logits, cross_entropy, AdapterGradients, LabelScores, ScoreOptions, DEFAULT_TEMPERATURE,

@@ -745,6 +745,28 @@ pub fn write_adapter(obj: &LightweightObject, dir: &Path) -> Result<(), ExportEr
     write_adapter_with(obj, dir, &[])
 }
 
+/// The rule for an output folder of [`write_adapter`]: it must not exist, or be an empty folder. Callers
+/// that compute for a while before writing (`suggest`, `train`) check it first, so a bad `--out` fails
+/// at once rather than after the work.
+pub fn check_output_dir(dir: &Path) -> Result<(), ExportError> {
+    if dir.exists() {
+        let empty = dir.is_dir()
+            && fs::read_dir(dir)
+                .map_err(|source| ExportError::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                })?
+                .next()
+                .is_none();
+        if !empty {
+            return Err(ExportError::TargetExists {
+                path: dir.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// [`write_adapter`], with extra files (name, bytes) written into the same folder before it is renamed into
 /// place, so they appear together with the adapter or not at all.
 pub fn write_adapter_with(
@@ -756,14 +778,7 @@ pub fn write_adapter_with(
         let path = path.to_path_buf();
         move |source| ExportError::Io { path, source }
     };
-    if dir.exists() {
-        let empty = dir.is_dir() && fs::read_dir(dir).map_err(ioe(dir))?.next().is_none();
-        if !empty {
-            return Err(ExportError::TargetExists {
-                path: dir.to_path_buf(),
-            });
-        }
-    }
+    check_output_dir(dir)?;
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),

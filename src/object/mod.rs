@@ -25,8 +25,8 @@ use std::fmt;
 pub use crate::dtype::DType;
 pub use build::{adapter_config, build_object};
 pub use formats::{
-    is_adapter_dir, read_adapter, write_adapter, write_adapter_with, AdapterFormat, ReadOptions,
-    MAX_CONFIG_BYTES, MAX_WEIGHTS_BYTES,
+    check_output_dir, is_adapter_dir, read_adapter, write_adapter, write_adapter_with,
+    AdapterFormat, ReadOptions, MAX_CONFIG_BYTES, MAX_WEIGHTS_BYTES,
 };
 pub use layout::{parse_tensor_name, LayerRef, Role, TensorLocation};
 

@@ -47,7 +47,7 @@ use crate::rerank::stage::{
 use crate::rerank::Indicator;
 use crate::store::{Snapshot, Store};
 use crate::task::TaskError;
-use crate::task::{few_shot, Example, Task};
+use crate::task::{few_shot, Example, Split, Task};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -796,6 +796,43 @@ pub fn scratch_init(
 
 /// Examples per call of the engine in [`evaluate`] (progress is reported after each).
 pub const EVAL_CHUNK: usize = 512;
+
+/// One evaluation on a task split, as `peftdb --json eval` prints it and the Python `evaluate` returns it.
+/// The fields are in name order: the order the CLI's JSON has always had.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EvalReport {
+    pub accuracy: f64,
+    /// The adapter folder, `object N`, or `base model`.
+    pub adapter: String,
+    pub examples: usize,
+    pub loss: f64,
+    /// Accuracy of always answering the split's most frequent label.
+    pub majority_rate: f64,
+    pub split: String,
+    pub task: String,
+    pub temperature: f64,
+}
+
+impl EvalReport {
+    pub fn new(
+        task: &Task,
+        split: Split,
+        adapter: String,
+        ev: &Evaluation,
+        temperature: f64,
+    ) -> EvalReport {
+        EvalReport {
+            accuracy: ev.accuracy,
+            adapter,
+            examples: ev.examples,
+            loss: ev.loss,
+            majority_rate: task.majority_rate(split),
+            split: split.name().to_string(),
+            task: task.name.clone(),
+            temperature,
+        }
+    }
+}
 
 /// Accuracy and mean cross-entropy on a set of examples.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -62,24 +62,14 @@ pub fn run(db: &Path, args: &EvalArgs, json: bool) -> anyhow::Result<()> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let (acc, loss) = (ev.accuracy, ev.loss);
-    let majority = task.majority_rate(args.split);
-    let split = format!("{:?}", args.split).to_lowercase();
+    let r =
+        peftdb::transfer::EvalReport::new(&task, args.split, source, &ev, args.engine.temperature);
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "task": task.name, "split": split, "adapter": source,
-                "examples": examples.len(), "accuracy": acc, "loss": loss,
-                "majority_rate": majority, "temperature": args.engine.temperature,
-            }))?
-        );
+        println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "{} on {} {split} ({} examples): accuracy {acc:.4} (majority {majority:.4}), loss {loss:.4}",
-            source,
-            task.name,
-            examples.len()
+            "{} on {} {} ({} examples): accuracy {:.4} (majority {:.4}), loss {:.4}",
+            r.adapter, r.task, r.split, r.examples, r.accuracy, r.majority_rate, r.loss
         );
     }
     Ok(())

@@ -84,16 +84,7 @@ pub struct SuggestArgs {
 }
 
 pub fn suggest_cmd(db: &Path, a: &SuggestArgs, json: bool) -> Result<u8> {
-    if a.out.exists()
-        && std::fs::read_dir(&a.out)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
-        bail!(
-            "{}: already exists and is not empty; choose a new folder",
-            a.out.display()
-        );
-    }
+    peftdb::object::check_output_dir(&a.out)?;
     let similarity = a.similarity;
     let store = Store::open_for_reading(db)?;
     let pb = bar();

@@ -1,6 +1,6 @@
 //! `peftdb train`: train a new adapter of any method on a task folder.
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use peftdb::engine::{train, TrainConfig, TrainData, TrainProgress as Progress};
 use peftdb::object::{read_adapter, write_adapter, MethodKind, ReadOptions};
@@ -77,17 +77,7 @@ pub struct TrainArgs {
 pub fn run(db: &Path, args: &TrainArgs, json: bool) -> anyhow::Result<()> {
     let engine = args.engine.load()?;
     let task = Task::load(&args.task)?;
-    if args.out.exists()
-        && std::fs::read_dir(&args.out)
-            .with_context(|| format!("{}", args.out.display()))?
-            .next()
-            .is_some()
-    {
-        bail!(
-            "{}: already exists and is not empty; choose a new output folder",
-            args.out.display()
-        );
-    }
+    peftdb::object::check_output_dir(&args.out)?;
     let train_ex = match args.k {
         Some(k) => few_shot(&task.train, task.labels.len(), k, args.seed)?,
         None => task.train.clone(),
