@@ -47,8 +47,8 @@ fn rows(b: usize, s: usize) -> Vec<Vec<u32>> {
 struct Setup {
     engine: Engine,
     big: Batch,
-    small: Batch,
-    labels: Batch,
+    small: Vec<Vec<u32>>,
+    labels: Vec<Vec<u32>>,
     targets: Tensor,
     lora_set: AdapterSet,
     vars: Vec<Var>,
@@ -66,9 +66,10 @@ fn setup() -> Setup {
     let r8 = rows(8, 64);
     let pad = engine.tokenizer.pad_id();
     let big = Batch::pad(&as_rows(&r32), pad, &Device::Cpu).expect("batch");
-    let small = Batch::pad(&as_rows(&r8), pad, &Device::Cpu).expect("batch");
-    let lab_ids = engine.tokenize(&["positive", "negative"]).expect("tok");
-    let labels = Batch::pad(&as_rows(&lab_ids), pad, &Device::Cpu).expect("batch");
+    let small = r8;
+    let labels = engine
+        .tokenize_labels(&["positive", "negative"])
+        .expect("tok");
     let targets = Tensor::from_vec(
         (0..8u32).map(|i| i % 2).collect::<Vec<_>>(),
         8,
@@ -112,7 +113,13 @@ fn forward(s: &Setup, adapter: Option<&AdapterSet>) {
 fn train_step(s: &Setup, opt: &mut AdamW) {
     let logits = s
         .engine
-        .label_logits(Some(&s.lora_set), &s.labels, &s.small, 0.05, Grad::Yes)
+        .label_logits(
+            Some(&s.lora_set),
+            &s.labels,
+            &as_rows(&s.small),
+            0.05,
+            Grad::Yes,
+        )
         .expect("logits");
     let loss = cross_entropy(&logits, &s.targets).expect("loss");
     let grads = loss.backward().expect("backward");

@@ -32,7 +32,10 @@ fn setup() -> Option<(Engine, Task, Vec<LightweightObject>)> {
     let engine = Engine::load_with(
         &model,
         &candle_core::Device::Cpu,
-        &EngineOptions { max_len: 64 },
+        &EngineOptions {
+            max_len: 64,
+            ..Default::default()
+        },
     )
     .ok()?;
     let task = Task::load(&tasks.join("movie_sentiment")).ok()?;

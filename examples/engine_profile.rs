@@ -46,9 +46,11 @@ fn main() {
     let engine = Engine::load(&dir, &Device::Cpu).expect("model loads (scripts/fetch-model.sh)");
     let pad = engine.tokenizer.pad_id();
     let big = batch(&rows(32, 64), pad);
-    let small = batch(&rows(8, 64), pad);
-    let labels = engine.tokenize(&["positive", "negative"]).expect("tok");
-    let labels = batch(&labels, pad);
+    let small = rows(8, 64);
+    let small: Vec<&[u32]> = small.iter().map(|r| r.as_slice()).collect();
+    let labels = engine
+        .tokenize_labels(&["positive", "negative"])
+        .expect("tok");
     let targets = Tensor::from_vec(
         (0..8u32).map(|i| i % 2).collect::<Vec<_>>(),
         8,

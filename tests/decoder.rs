@@ -387,3 +387,194 @@ fn bad_gguf_files_are_refused_naming_the_file_and_what_is_supported() {
         "{e}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------------
+// The decoder behind the engine's one interface (`Engine`: tokenize, prepare, label_logits, score,
+// ce_gradients, train).
+
+fn engine(prompt: &str) -> peftdb::engine::Engine {
+    use peftdb::engine::{Engine, EngineOptions};
+    Engine::load_with(
+        &gguf(),
+        &Device::Cpu,
+        &EngineOptions {
+            max_len: 64,
+            prompt: prompt.to_string(),
+        },
+    )
+    .expect("the GGUF loads as an engine")
+}
+
+fn lora_fixture() -> peftdb::object::LightweightObject {
+    read_adapter(
+        &root().join("tests/fixtures/decoder/lora_r8_all"),
+        &ReadOptions::default(),
+    )
+    .expect("the PEFT LoRA reads")
+}
+
+#[test]
+fn the_engine_scores_labels_bare_and_with_an_unmerged_peft_lora_as_transformers() {
+    use peftdb::engine::{Grad, DEFAULT_TEMPERATURE};
+    let e = engine("{text}");
+    assert!(e.model.is_decoder());
+    let r = reference();
+    let text = r["prompts"][0]["text"].as_str().unwrap();
+    let inputs = e.tokenize(&[text]).unwrap();
+    assert_eq!(
+        inputs[0],
+        r["lora"]["outputs"]["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect::<Vec<_>>()
+    );
+    let labels = e.tokenize_labels(&["positive", "negative"]).unwrap();
+    let rows: Vec<&[u32]> = inputs.iter().map(|r| r.as_slice()).collect();
+    let set = e
+        .prepare(&lora_fixture())
+        .expect("the LoRA fits the engine");
+    for (adapter, want, what) in [
+        (None, &r["prompts"][0]["verbalizer_loglik"], "bare"),
+        (Some(&set), &r["lora"]["verbalizer_loglik"], "lora"),
+    ] {
+        let l = e
+            .label_logits(adapter, &labels, &rows, DEFAULT_TEMPERATURE, Grad::No)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (i, verb) in [" positive", " negative"].iter().enumerate() {
+            let w = want[verb]["sum"].as_f64().unwrap();
+            assert!(
+                (l[0][i] as f64 - w).abs() < 1e-4,
+                "{what} {verb}: {} vs {w}",
+                l[0][i]
+            );
+        }
+    }
+    // The temperature scales the log-likelihoods relative to the default.
+    let half = e
+        .label_logits(None, &labels, &rows, DEFAULT_TEMPERATURE * 2.0, Grad::No)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let w = r["prompts"][0]["verbalizer_loglik"][" positive"]["sum"]
+        .as_f64()
+        .unwrap();
+    assert!((half[0][0] as f64 - w / 2.0).abs() < 1e-4);
+}
+
+#[test]
+fn engine_scores_of_multi_token_labels_and_batches_equal_the_models_log_likelihoods() {
+    use peftdb::engine::ScoreOptions;
+    let e = engine(peftdb::engine::DEFAULT_PROMPT);
+    let (m, vocab) = model();
+    let texts = [
+        "a wonderful, moving film",
+        "dull",
+        "I would not watch it again, not even for free, and I told my friends so",
+    ];
+    let inputs = e.tokenize(&texts).unwrap();
+    // The prompt wraps each text.
+    let tail = vocab.tokenizer(&gguf()).unwrap();
+    let answer = tail.encode("\nAnswer:", false).unwrap().get_ids().to_vec();
+    assert!(inputs.iter().all(|i| i.ends_with(&answer)));
+    let labels = e
+        .tokenize_labels(&["positive", "very bad indeed", "so-so"])
+        .unwrap();
+    assert!(labels[1].len() > 1);
+    let want = m.label_logliks(&inputs, &labels, false, 64, 2).unwrap();
+    for bs in [1, 2, 8] {
+        let got = e
+            .score(
+                None,
+                &labels,
+                &inputs,
+                &ScoreOptions {
+                    batch_size: bs,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        for (g, w) in got.logits.iter().zip(&want) {
+            for (a, b) in g.iter().zip(w) {
+                assert!((*a as f64 - b).abs() < 2e-3, "batch {bs}: {a} vs {b}");
+            }
+        }
+        let p: f32 = got.probs[0].iter().sum();
+        assert!((p - 1.0).abs() < 1e-5);
+    }
+    let err = e.tokenize_labels(&["positive", " "]).unwrap_err();
+    assert!(err.to_string().contains("label 1"), "{err}");
+}
+
+#[test]
+fn decoder_lora_gradients_match_finite_differences() {
+    use peftdb::engine::ScoreOptions;
+    let e = engine(peftdb::engine::DEFAULT_PROMPT);
+    let mut obj = lora_fixture();
+    // Two layers' q and v only keep the check quick; values from the real PEFT adapter.
+    obj.tensors.retain(|t| {
+        (t.name.contains("layers.3.") || t.name.contains("layers.17."))
+            && (t.name.contains("q_proj") || t.name.contains("v_proj"))
+    });
+    assert_eq!(obj.tensors.len(), 8);
+    let inputs = e.tokenize(&["a wonderful, moving film", "dull"]).unwrap();
+    // One label of several tokens: its packed continuation is differentiated too.
+    let labels = e.tokenize_labels(&["positive", "very bad indeed"]).unwrap();
+    assert!(labels[1].len() > 1);
+    let opts = ScoreOptions::default();
+    let g = e
+        .ce_gradients(&obj, &labels, &inputs, &[0, 1], &opts)
+        .unwrap();
+    assert!(g.norm() > 0.0);
+    // Directional derivative along the gradient: (L(x + eps d) - L(x - eps d)) / 2 eps = <g, d>.
+    let norm = g.norm();
+    let loss_at = |eps: f32| -> f64 {
+        let mut o = obj.clone();
+        for (t, (_, gr)) in o.tensors.iter_mut().zip(&g.grads) {
+            let v: Vec<f32> = t
+                .to_f32()
+                .iter()
+                .zip(gr)
+                .map(|(x, d)| x + eps * d / norm as f32)
+                .collect();
+            *t = peftdb::object::Tensor::from_f32(t.name.clone(), t.shape.clone(), &v);
+        }
+        let set = e.prepare(&o).unwrap();
+        e.score(Some(&set), &labels, &inputs, &opts)
+            .unwrap()
+            .cross_entropy(&[0, 1])
+    };
+    let eps = 1e-2;
+    let fd = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps as f64);
+    assert!(
+        (fd - norm).abs() < 0.05 * norm,
+        "finite difference {fd} vs gradient norm {norm}"
+    );
+}
+
+#[test]
+fn decoder_adapters_the_engine_cannot_run_yet_are_refused_clearly() {
+    use peftdb::engine::{fresh_adapter, MethodSpec, TrainConfig};
+    use peftdb::object::MethodKind;
+    let e = engine(peftdb::engine::DEFAULT_PROMPT);
+    for kind in [MethodKind::Prefix, MethodKind::Prompt, MethodKind::Bitfit] {
+        let mut cfg = TrainConfig::new(kind);
+        cfg.spec = MethodSpec::new(kind);
+        let err = fresh_adapter(&e, &cfg).unwrap_err();
+        assert!(err.to_string().contains("decoder"), "{kind:?}: {err}");
+    }
+    // A fresh LoRA targets q_proj and v_proj of every layer, with PEFT's names.
+    let lora = fresh_adapter(&e, &TrainConfig::new(MethodKind::Lora)).unwrap();
+    assert_eq!(lora.tensors.len(), 30 * 2 * 2);
+    assert!(lora.tensors.iter().any(|t| t.name
+        == "base_model.model.model.layers.29.self_attn.v_proj.lora_B.weight"
+        && t.shape == vec![192, 8]));
+    e.prepare(&lora).expect("a fresh LoRA fits");
+    // A BERT LoRA names the module and the decoder's slots.
+    let bert = read_adapter(&common::fixture("lora_r8_qv"), &ReadOptions::default()).unwrap();
+    let err = e.prepare(&bert).unwrap_err();
+    assert!(err.to_string().contains("q_proj"), "{err}");
+}

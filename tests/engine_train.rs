@@ -24,7 +24,10 @@ fn engine(max_len: usize) -> Engine {
     Engine::load_with(
         &common::model_dir(),
         &Device::Cpu,
-        &EngineOptions { max_len },
+        &EngineOptions {
+            max_len,
+            ..Default::default()
+        },
     )
     .expect("model loads")
 }
@@ -222,10 +225,11 @@ fn tiny_engine() -> Engine {
     let tokenizer = TextTokenizer::from_file(&common::model_dir().join("tokenizer.json"), 16)
         .expect("tokenizer");
     Engine {
-        model,
+        model: peftdb::engine::Backbone::Encoder(model),
         tokenizer,
         device: dev,
         model_dir: d.path().to_path_buf(),
+        prompt: None,
     }
 }
 

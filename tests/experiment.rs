@@ -42,6 +42,7 @@ fn small_experiment_runs_resumes_and_reports() {
         &candle_core::Device::Cpu,
         &EngineOptions {
             max_len: cfg.max_len,
+            ..Default::default()
         },
     )
     .unwrap();

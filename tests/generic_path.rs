@@ -109,7 +109,10 @@ fn the_generic_path_matches_peft_and_the_kernels() {
     let engine = Engine::load_with(
         &common::model_dir(),
         &Device::Cpu,
-        &EngineOptions { max_len: 32 },
+        &EngineOptions {
+            max_len: 32,
+            ..Default::default()
+        },
     )
     .expect("model");
     let reference: serde_json::Value =

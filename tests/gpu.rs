@@ -47,7 +47,10 @@ fn cuda(test: &str) -> Option<Device> {
 }
 
 fn engines(gpu: &Device) -> (Engine, Engine) {
-    let opts = EngineOptions { max_len: 64 };
+    let opts = EngineOptions {
+        max_len: 64,
+        ..Default::default()
+    };
     let cpu = Engine::load_with(&common::model_dir(), &Device::Cpu, &opts).expect("model on cpu");
     let gpu = Engine::load_with(&common::model_dir(), gpu, &opts).expect("model on cuda");
     (cpu, gpu)

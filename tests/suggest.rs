@@ -48,7 +48,10 @@ fn suggest_end_to_end_on_a_trained_zoo() {
     let engine = Engine::load_with(
         &common::model_dir(),
         &candle_core::Device::Cpu,
-        &EngineOptions { max_len: 48 },
+        &EngineOptions {
+            max_len: 48,
+            ..Default::default()
+        },
     )
     .unwrap();
     let dir = tempfile::tempdir().unwrap();

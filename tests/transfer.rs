@@ -32,7 +32,10 @@ fn engine() -> Engine {
     Engine::load_with(
         &common::model_dir(),
         &candle_core::Device::Cpu,
-        &EngineOptions { max_len: 48 },
+        &EngineOptions {
+            max_len: 48,
+            ..Default::default()
+        },
     )
     .unwrap()
 }

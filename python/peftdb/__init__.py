@@ -390,10 +390,15 @@ class Store:
 
 
 class Model:
-    """A base model (Hugging Face folder: config.json, model.safetensors, tokenizer.json), loaded once."""
+    """A base model, loaded once: a BERT-family encoder (Hugging Face folder: config.json,
+    model.safetensors, tokenizer.json) or a Llama-family decoder (a GGUF file, or a folder holding one).
+    ``prompt`` (decoders only) wraps each input text, with ``{text}`` where it goes; each label's
+    verbalizer (a space and its text) follows it. ``None``: ``"Input: {text}\nAnswer:"``."""
 
-    def __init__(self, path: PathLike, device: str = "cpu", max_len: int = 128) -> None:
-        self._m = _native.Model(os.fspath(path), device=device, max_len=max_len)
+    def __init__(
+        self, path: PathLike, device: str = "cpu", max_len: int = 128, prompt: Optional[str] = None
+    ) -> None:
+        self._m = _native.Model(os.fspath(path), device=device, max_len=max_len, prompt=prompt)
 
     @property
     def path(self) -> Path:

@@ -69,12 +69,14 @@ class Store:
         """The JSON ``peftdb --json nearest`` prints."""
 
 class Model:
-    """A base model loaded once (Hugging Face folder)."""
+    """A base model loaded once (a Hugging Face encoder folder, or a Llama-family GGUF file)."""
 
     path: str
     device: str
     max_len: int
-    def __init__(self, path: _Path, device: str = "cpu", max_len: int = 128) -> None: ...
+    def __init__(
+        self, path: _Path, device: str = "cpu", max_len: int = 128, prompt: Optional[str] = None
+    ) -> None: ...
 
 class TaskSpec:
     """A task: Python data (``(id, verbalizer)`` labels, ``(text, label id)`` rows) or a folder."""

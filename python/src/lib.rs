@@ -148,12 +148,26 @@ struct Model {
 #[pymethods]
 impl Model {
     #[new]
-    #[pyo3(signature = (path, device = "cpu", max_len = 128))]
-    fn new(py: Python<'_>, path: PathBuf, device: &str, max_len: usize) -> PyResult<Model> {
+    #[pyo3(signature = (path, device = "cpu", max_len = 128, prompt = None))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        device: &str,
+        max_len: usize,
+        prompt: Option<String>,
+    ) -> PyResult<Model> {
         let engine = py
             .detach(|| {
                 let dev = parse_device(device)?;
-                Engine::load_with(&path, &dev, &EngineOptions { max_len })
+                let defaults = EngineOptions::default();
+                Engine::load_with(
+                    &path,
+                    &dev,
+                    &EngineOptions {
+                        max_len,
+                        prompt: prompt.unwrap_or(defaults.prompt),
+                    },
+                )
             })
             .map_err(to_py)?;
         Ok(Model {

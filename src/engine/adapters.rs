@@ -14,7 +14,8 @@
 //! the tensor and both shapes.
 
 use super::error::{EngineError, EngineResult};
-use super::model::{Activation, BertModel, LINEAR_SLOTS, LN_SLOTS};
+use super::model::{Activation, LINEAR_SLOTS, LN_SLOTS};
+use super::Backbone;
 use crate::object::{parse_tensor_name, LightweightObject, Method, MethodKind, Role};
 use candle_core::{Device, Tensor};
 
@@ -62,10 +63,12 @@ pub struct Bottleneck {
     pub activation: Activation,
 }
 
-/// Everything an adapter does to one encoder layer.
+/// Everything an adapter does to one layer.
 #[derive(Debug, Clone, Default)]
 pub struct LayerAdapter {
-    pub linears: [LinearAdapter; 6],
+    /// One per linear layer of the model's layers, in the backbone's slot order
+    /// ([`Backbone::linear_slots`]).
+    pub linears: Vec<LinearAdapter>,
     /// Replacement biases of the two layer norms.
     pub norm_bias: [Option<Tensor>; 2],
     /// Prefix keys and values, each (heads, T, head_dim).
@@ -158,17 +161,22 @@ fn check_layer(name: &str, index: usize, num_layers: usize) -> EngineResult<()> 
     Ok(())
 }
 
-fn linear_slot(name: &str, num_layers: usize) -> EngineResult<Option<(usize, usize)>> {
+fn linear_slot(
+    name: &str,
+    num_layers: usize,
+    slots: &[&str],
+    arch: &str,
+) -> EngineResult<Option<(usize, usize)>> {
     let loc = parse_tensor_name(name);
     match loc.layer {
         Some(l) => {
             check_layer(name, l.index, num_layers)?;
-            match LINEAR_SLOTS.iter().position(|s| *s == loc.module) {
+            match slots.iter().position(|s| *s == loc.module) {
                 Some(k) => Ok(Some((l.index, k))),
                 None => Err(EngineError::AdapterTensor {
                     tensor: name.into(),
                     reason: format!(
-                        "module {:?} is not a linear layer of BERT ({LINEAR_SLOTS:?})",
+                        "module {:?} is not a linear layer of {arch} ({slots:?})",
                         loc.module
                     ),
                 }),
@@ -180,6 +188,16 @@ fn linear_slot(name: &str, num_layers: usize) -> EngineResult<Option<(usize, usi
             reason: "adapters on the embeddings or outside the encoder layers are not supported"
                 .into(),
         }),
+    }
+}
+
+impl LayerAdapter {
+    /// Nothing on any of `slots` linear layers.
+    pub fn empty(slots: usize) -> LayerAdapter {
+        LayerAdapter {
+            linears: vec![LinearAdapter::default(); slots],
+            ..Default::default()
+        }
     }
 }
 
@@ -209,9 +227,10 @@ impl AdapterSet {
         if g < 2 || !sets.iter().all(|s| plain(s)) {
             return None;
         }
+        let slots = first.layers.first().map(|l| l.linears.len()).unwrap_or(0);
         let mut out = AdapterSet {
             kind: MethodKind::Lora,
-            layers: vec![LayerAdapter::default(); first.layers.len()],
+            layers: vec![LayerAdapter::empty(slots); first.layers.len()],
             embeddings_norm_bias: None,
             prompt: None,
             prefix_len: 0,
@@ -255,11 +274,11 @@ impl AdapterSet {
     }
 
     /// Prepare a stored adapter for `model` (tensors converted to f32 on the model's device).
-    pub fn from_object(model: &BertModel, obj: &LightweightObject) -> EngineResult<AdapterSet> {
+    pub fn from_object(model: &Backbone, obj: &LightweightObject) -> EngineResult<AdapterSet> {
         let named = obj
             .tensors
             .iter()
-            .map(|t| Ok((t.name.clone(), to_candle(t, &model.device)?)))
+            .map(|t| Ok((t.name.clone(), to_candle(t, model.device())?)))
             .collect::<EngineResult<Vec<_>>>()?;
         AdapterSet::from_named(model, &obj.method, &named)
     }
@@ -267,29 +286,39 @@ impl AdapterSet {
     /// Prepare an adapter from named tensors (PEFT / AdapterHub names). The tensors are used as given,
     /// so tensors of [`candle_core::Var`]s keep their gradients (training).
     pub fn from_named(
-        model: &BertModel,
+        model: &Backbone,
         method: &Method,
         named: &[(String, Tensor)],
     ) -> EngineResult<AdapterSet> {
-        let cfg = &model.config;
-        let nl = cfg.num_hidden_layers;
-        let h = cfg.hidden_size;
-        let dims = |k: usize| -> (usize, usize) {
-            // (out, in) of a linear slot
-            match k {
-                4 => (cfg.intermediate_size, h),
-                5 => (h, cfg.intermediate_size),
-                _ => (h, h),
-            }
-        };
+        let nl = model.num_layers();
+        let h = model.hidden_size();
+        let slots = model.linear_slots();
+        // (out, in) of a linear slot
+        let dims = |k: usize| -> (usize, usize) { model.linear_dims(k) };
+        let linear_slot = |name: &str| linear_slot(name, nl, &slots, model.arch_name());
         let mut set = AdapterSet {
             kind: method.kind(),
-            layers: vec![LayerAdapter::default(); nl],
+            layers: vec![LayerAdapter::empty(slots.len()); nl],
             embeddings_norm_bias: None,
             prompt: None,
             prefix_len: 0,
         };
+        let encoder = match model {
+            Backbone::Encoder(m) => Some(m),
+            Backbone::Decoder(_) => None,
+        };
+        let encoder_only = |what: &str| -> EngineError {
+            EngineError::Adapter(format!(
+                "{what} is not supported on decoder (Llama-family) models yet; LoRA and IA3 are"
+            ))
+        };
         let put_bias = |set: &mut AdapterSet, name: &str, t: &Tensor| -> EngineResult<()> {
+            if encoder.is_none() {
+                return Err(EngineError::AdapterTensor {
+                    tensor: name.into(),
+                    reason: "Llama-family models have no biases to tune or replace".into(),
+                });
+            }
             match bias_slot(name, nl)? {
                 BiasSlot::Linear(l, k) => {
                     check_shape(name, t, &[dims(k).0])?;
@@ -339,7 +368,7 @@ impl AdapterSet {
                             reason: "no matching lora_B".into(),
                         });
                     };
-                    let Some((l, k)) = linear_slot(an, nl)? else {
+                    let Some((l, k)) = linear_slot(an)? else {
                         continue;
                     };
                     let (out, inp) = dims(k);
@@ -368,7 +397,7 @@ impl AdapterSet {
                             reason: "not an IA3 tensor (ia3_l)".into(),
                         });
                     }
-                    let Some((l, k)) = linear_slot(name, nl)? else {
+                    let Some((l, k)) = linear_slot(name)? else {
                         continue;
                     };
                     let (out, inp) = dims(k);
@@ -383,6 +412,7 @@ impl AdapterSet {
                 }
             }
             Method::Prefix(pc) => {
+                let cfg = &encoder.ok_or_else(|| encoder_only("prefix tuning"))?.config;
                 let (name, t) = single_table(named, "prefix tuning")?;
                 let tn = pc.num_virtual_tokens;
                 check_shape(name, t, &[tn, nl * 2 * h])?;
@@ -407,11 +437,17 @@ impl AdapterSet {
                 set.prefix_len = tn;
             }
             Method::Prompt(pc) => {
+                if encoder.is_none() {
+                    return Err(encoder_only("prompt tuning"));
+                }
                 let (name, t) = single_table(named, "prompt tuning")?;
                 check_shape(name, t, &[pc.num_virtual_tokens, h])?;
                 set.prompt = Some(t.clone());
             }
             Method::Bitfit(_) => {
+                if encoder.is_none() {
+                    return Err(encoder_only("BitFit"));
+                }
                 for (name, t) in named {
                     if parse_tensor_name(name).role != Role::Bias {
                         return Err(EngineError::AdapterTensor {
@@ -423,6 +459,9 @@ impl AdapterSet {
                 }
             }
             Method::Adapter(bc) => {
+                if encoder.is_none() {
+                    return Err(encoder_only("a bottleneck adapter"));
+                }
                 let act = Activation::parse(&bc.non_linearity).ok_or_else(|| {
                     EngineError::Adapter(format!(
                         "unsupported non_linearity {:?} (relu, swish, gelu, tanh)",

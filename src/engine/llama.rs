@@ -13,7 +13,9 @@
 //! norm and the language-model head (tied to the token embeddings when the file has no `output.weight`).
 //! It is composed from candle's ops, so it runs wherever candle does (CPU, CUDA).
 
+use super::adapters::AdapterSet;
 use super::error::{EngineError, EngineResult};
+use super::model::{self, Grad, Linear};
 use crate::embed::delta::LoraDelta;
 use crate::object::LightweightObject;
 use candle_core::quantized::gguf_file;
@@ -78,8 +80,9 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 #[derive(Debug, Clone)]
 struct Layer {
     attn_norm: Tensor,
-    /// q, k, v, o, gate, up, down: the order of [`LINEAR_SLOTS`].
-    linear: Vec<Tensor>,
+    /// q, k, v, o, gate, up, down: the order of [`LINEAR_SLOTS`] (weights (out, in), zero biases: the
+    /// engine's frozen-linear kernel and adapter hooks are shared with the encoder).
+    linear: Vec<Linear>,
     ffn_norm: Tensor,
 }
 
@@ -93,6 +96,8 @@ pub struct LlamaModel {
     norm: Tensor,
     /// `None`: tied to the token embeddings.
     lm_head: Option<Tensor>,
+    /// Zeros (vocab): the head's bias for the frozen-linear kernel.
+    head_bias: Tensor,
 }
 
 /// The GGUF metadata a tokenizer is built from (`tokenizer.ggml.*`).
@@ -242,7 +247,8 @@ impl LlamaModel {
                     _ => Ok(w),
                 }
                 .map_err(|e| gguf_err(path, format!("{}: {e}", name(g))))?;
-                linear.push(w);
+                let bias = Tensor::zeros(shape[0], DType::F32, device)?;
+                linear.push(Linear { weight: w, bias });
             }
             layers.push(Layer {
                 attn_norm: tensor(&name("attn_norm"), &[h])?,
@@ -256,6 +262,7 @@ impl LlamaModel {
         } else {
             None
         };
+        let head_bias = Tensor::zeros(config.vocab, DType::F32, device)?;
         Ok((
             LlamaModel {
                 config,
@@ -264,6 +271,7 @@ impl LlamaModel {
                 layers,
                 norm,
                 lm_head,
+                head_bias,
             },
             vocab,
         ))
@@ -289,7 +297,7 @@ impl LlamaModel {
                     reason: format!("layer {layer}, but the model has {}", self.config.layers),
                 });
             };
-            let w = &l.linear[slot];
+            let w = &l.linear[slot].weight;
             let (rows, cols) = w.dims2()?;
             if (m.d, m.k) != (rows, cols) {
                 return Err(EngineError::AdapterShape {
@@ -300,7 +308,7 @@ impl LlamaModel {
             }
             let a = Tensor::from_slice(&m.a, (m.r, m.k), &self.device)?;
             let b = Tensor::from_slice(&m.b, (m.d, m.r), &self.device)?;
-            l.linear[slot] = (w + (b.matmul(&a)? * m.scale)?)?;
+            l.linear[slot].weight = (w + (b.matmul(&a)? * m.scale)?)?;
         }
         Ok(out)
     }
@@ -346,7 +354,7 @@ impl LlamaModel {
             }
             let ids = Tensor::from_vec(ids, (rows.len(), len), &self.device)?;
             let mask = Tensor::from_vec(mask, (rows.len(), len), &self.device)?;
-            let hidden = self.hidden_states(&ids, Some(&mask))?;
+            let hidden = self.hidden_states(&ids, Some(&mask), None, Grad::No)?;
             // Only the positions that predict a verbalizer token go through the (large) head.
             let mut picks = Vec::new();
             for (row, &(_, l)) in chunk.iter().enumerate() {
@@ -383,7 +391,7 @@ impl LlamaModel {
             let p = format!("model.layers.{i}");
             out.push((format!("{p}.input_layernorm.weight"), l.attn_norm.clone()));
             for ((slot, _), w) in LINEAR_SLOTS.iter().zip(&l.linear) {
-                out.push((format!("{p}.{slot}.weight"), w.clone()));
+                out.push((format!("{p}.{slot}.weight"), w.weight.clone()));
             }
             out.push((
                 format!("{p}.post_attention_layernorm.weight"),
@@ -401,7 +409,7 @@ impl LlamaModel {
     /// 1 for a token, 0 for padding) allows left-padded batches: padding is never attended to and the
     /// positions of the real tokens start at 0, as if each sequence were alone.
     pub fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let hidden = self.hidden_states(ids, mask)?;
+        let hidden = self.hidden_states(ids, mask, None, Grad::No)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let (b, t, h) = hidden.dims3()?;
         hidden
@@ -410,15 +418,28 @@ impl LlamaModel {
             .reshape((b, t, self.config.vocab))
     }
 
-    /// The final hidden states (batch, tokens, hidden), after the last norm.
+    /// The language-model head's logits (N, vocab) of hidden states (N, hidden). With [`Grad::Yes`] the
+    /// pass is differentiable in the hidden states (the frozen head gets no gradient).
+    pub fn head_logits(&self, hidden: &Tensor, grad: Grad) -> candle_core::Result<Tensor> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let frozen = Linear {
+            weight: head.clone(),
+            bias: self.head_bias.clone(),
+        };
+        model::linear(&frozen, None, hidden, grad)
+    }
+
+    /// The final hidden states (batch, tokens, hidden), after the last norm, with an optional adapter
+    /// (LoRA and IA3 on the seven linear layers, see [`super::adapters`]). [`Grad::Yes`] keeps the pass
+    /// differentiable (training, gradients).
     pub fn hidden_states(
         &self,
         ids: &Tensor,
         mask: Option<&Tensor>,
+        adapter: Option<&AdapterSet>,
+        grad: Grad,
     ) -> candle_core::Result<Tensor> {
-        let c = &self.config;
         let (b, t) = ids.dims2()?;
-        let d = c.head_dim();
         let dev = &self.device;
         // Positions: 0.. over the real tokens of each sequence (left padding gets position 0).
         let mask_f = match mask {
@@ -426,6 +447,31 @@ impl LlamaModel {
             None => Tensor::ones((b, t), DType::F32, dev)?,
         };
         let positions = (mask_f.cumsum(1)? - 1.0)?.relu()?; // (b, t)
+                                                            // Additive attention bias (b, 1, t, t): causal, and no padding key.
+        let causal: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let causal = Tensor::from_vec(causal, (1, 1, t, t), dev)?;
+        let pad = ((mask_f - 1.0)? * 1e30)?.reshape((b, 1, 1, t))?;
+        let bias = causal.broadcast_add(&pad)?;
+        self.hidden_states_with(ids, &positions, &bias, adapter, grad)
+    }
+
+    /// [`LlamaModel::hidden_states`] with explicit rotary positions (batch, tokens) f32 and an additive
+    /// attention bias (batch, 1, tokens, tokens): any attention pattern, e.g. several continuations of one
+    /// prompt packed in one sequence, each seeing the prompt and itself only.
+    pub fn hidden_states_with(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        bias: &Tensor,
+        adapter: Option<&AdapterSet>,
+        grad: Grad,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let (b, t) = ids.dims2()?;
+        let d = c.head_dim();
+        let dev = &self.device;
         let inv_freq: Vec<f32> = (0..d / 2)
             .map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f64 / d as f64) as f32)
             .collect();
@@ -434,13 +480,6 @@ impl LlamaModel {
         let freqs = positions.unsqueeze(2)?.broadcast_mul(&inv_freq)?;
         let freqs = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
         let (cos, sin) = (freqs.cos()?, freqs.sin()?);
-        // Additive attention bias (b, 1, t, t): causal, and no padding key.
-        let causal: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        let causal = Tensor::from_vec(causal, (1, 1, t, t), dev)?;
-        let pad = ((mask_f - 1.0)? * 1e30)?.reshape((b, 1, 1, t))?;
-        let bias = causal.broadcast_add(&pad)?;
         let scale = 1.0 / (d as f64).sqrt();
         let n_rep = c.heads / c.kv_heads;
 
@@ -448,13 +487,17 @@ impl LlamaModel {
             .embed
             .embedding(&ids.flatten_all()?)?
             .reshape((b, t, c.hidden))?;
-        for l in &self.layers {
+        for (li, l) in self.layers.iter().enumerate() {
+            let la = adapter.map(|a| &a.layers[li]);
             let lin = |x: &Tensor, i: usize| -> candle_core::Result<Tensor> {
                 let (bb, tt, inp) = x.dims3()?;
                 let w = &l.linear[i];
-                x.reshape((bb * tt, inp))?
-                    .matmul(&w.t()?)?
-                    .reshape((bb, tt, w.dim(0)?))
+                let ad = la.and_then(|a| a.linears.get(i)).filter(|a| !a.is_empty());
+                model::linear(w, ad, &x.reshape((bb * tt, inp))?, grad)?.reshape((
+                    bb,
+                    tt,
+                    w.weight.dim(0)?,
+                ))
             };
             let hsn = rms_norm(&x, &l.attn_norm, c.rms_eps)?;
             let q = lin(&hsn, 0)?.reshape((b, t, c.heads, d))?.transpose(1, 2)?;
@@ -469,8 +512,12 @@ impl LlamaModel {
             let k = repeat_kv(&k, n_rep)?;
             let v = repeat_kv(&v.contiguous()?, n_rep)?;
             let scores =
-                (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?.broadcast_add(&bias)?;
-            let p = candle_nn::ops::softmax_last_dim(&scores)?;
+                (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?.broadcast_add(bias)?;
+            let p = match grad {
+                // candle's fused softmax has no backward pass; the composed one has.
+                Grad::Yes => candle_nn::ops::softmax(&scores, D::Minus1)?,
+                Grad::No => candle_nn::ops::softmax_last_dim(&scores)?,
+            };
             let attn = p
                 .matmul(&v)?
                 .transpose(1, 2)?

@@ -1,15 +1,20 @@
-//! The model engine: a BERT-family encoder (candle) that runs any stored adapter, scores any task's labels
-//! without a task head, and trains new adapters.
+//! The model engine: one interface over a BERT-family encoder or a Llama-family decoder (candle) that runs
+//! any stored adapter, scores any task's labels without a task head, and trains new adapters.
 //!
-//! - `model`: config + weights + the forward pass with adapter hooks ([`BertModel`]).
+//! - [`Backbone`]: the network, `Encoder` ([`BertModel`], `model`) or `Decoder` ([`LlamaModel`], `llama`,
+//!   loaded from GGUF). Everything above the engine (training, indicators, rerank, suggest, the transfer
+//!   study) goes through [`Engine`] and never asks which.
 //! - `adapters`: a [`LightweightObject`] turned into tensors the forward pass applies ([`AdapterSet`]).
-//! - `tokenize`: `tokenizer.json`, tokenize-once [`TokenIds`], padded [`Batch`]es.
-//! - `scoring`: head-free label scoring: the logit of label c is `cos(e(x), e(verbalizer_c)) / T`, both
-//!   embeddings mean-pooled with the adapter applied; softmax gives P; cross-entropy on P is the training
-//!   and indicator loss. Gradients of that loss w.r.t. an adapter's tensors (for GraNd) are exposed.
-//! - [`train`]: few-shot training of a new adapter of any method (AdamW on the adapter's parameters only,
-//!   seeded and deterministic on CPU), returning the "early" and "best" checkpoints as PEFT objects.
-//! - `task`: task folders (task.json + JSONL splits, schema/task.schema.json) and k-shot sampling.
+//! - `tokenize`: `tokenizer.json` (or a GGUF's vocabulary), tokenize-once [`TokenIds`], padded [`Batch`]es.
+//!   A decoder's inputs are wrapped in a prompt ([`EngineOptions::prompt`], default [`DEFAULT_PROMPT`]);
+//!   labels are tokenized with [`Engine::tokenize_labels`].
+//! - `scoring`: head-free label scoring. Encoders: the logit of label c is `cos(e(x), e(verbalizer_c)) / T`,
+//!   both embeddings mean-pooled with the adapter applied. Decoders: the logit is the summed
+//!   log-likelihood of `" " + verbalizer_c` after the prompt (times `0.05 / T`). Softmax gives P;
+//!   cross-entropy on P is the training and indicator loss. Gradients of that loss w.r.t. an adapter's
+//!   tensors (for GraNd) are exposed.
+//! - [`train`]: few-shot training of a new adapter (AdamW on the adapter's parameters only, seeded and
+//!   deterministic on CPU), returning the "early" and "best" checkpoints as PEFT objects.
 //! - `device`: `--device cpu|cuda[:N]`.
 //! - `kernels`: hand-written CPU kernels for the hot ops (candle custom ops with their backward passes).
 //!
@@ -26,6 +31,13 @@
 //!   LoRA-QKV, layer norm, GELU) fall back to candle's ops there.
 //! - Accuracy after training is tested for LoRA and BitFit; IA3, prefix, prompt and bottleneck training
 //!   is covered by the gradient check and (bottleneck) the determinism test only.
+//! - Decoders (`tests/decoder.rs`, `tests/decoder_pipeline.rs`): the bare model and an unmerged PEFT LoRA on
+//!   all seven linear layers score labels as transformers + PEFT do (1e-4); LoRA gradients match finite
+//!   differences; a 16-shot LoRA trained here loads in PEFT with the same accuracy. LoRA and IA3 run on
+//!   decoders; prefix, prompt, BitFit and bottleneck adapters are refused for them with a clear error.
+//!   Decoders score candidates one by one (no stacked pass), run candle's composed attention (no fused CPU
+//!   kernel: their linear layers use the engine's frozen-linear kernel), and a label of several tokens
+//!   costs a sequence of its own (no KV cache shared across labels yet; labels of one token share one).
 //!
 //! ```no_run
 //! # fn main() -> Result<(), peftdb::engine::EngineError> {
@@ -68,32 +80,175 @@ use crate::object::LightweightObject;
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
 
+/// The default prompt of decoder models: `{text}` is the input text (truncated to `max_len` tokens);
+/// each label's verbalizer (`" "` + its text) follows the prompt.
+pub const DEFAULT_PROMPT: &str = "Input: {text}\nAnswer:";
+
 /// Options of [`Engine::load_with`].
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
-    /// Texts are truncated to this many tokens (special tokens included).
+    /// Texts are truncated to this many tokens (encoders: special tokens included; decoders: the input
+    /// text alone, before the prompt wraps it).
     pub max_len: usize,
+    /// Decoder models: the prompt template around each input, with one `{text}` (default
+    /// [`DEFAULT_PROMPT`]). Encoders ignore it.
+    pub prompt: String,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
             max_len: tokenize::DEFAULT_MAX_LEN,
+            prompt: DEFAULT_PROMPT.to_string(),
         }
     }
+}
+
+/// The network behind an [`Engine`]: a BERT-family encoder (labels scored by the cosine of mean-pooled
+/// embeddings) or a Llama-family decoder (labels scored by their verbalizers' log-likelihood after a
+/// prompt). Everything above the engine (training, indicators, rerank, suggest) sees one interface.
+#[derive(Debug, Clone)]
+pub enum Backbone {
+    Encoder(BertModel),
+    Decoder(LlamaModel),
+}
+
+impl Backbone {
+    pub fn device(&self) -> &Device {
+        match self {
+            Backbone::Encoder(m) => &m.device,
+            Backbone::Decoder(m) => &m.device,
+        }
+    }
+
+    pub fn is_decoder(&self) -> bool {
+        matches!(self, Backbone::Decoder(_))
+    }
+
+    /// `BERT` or `Llama`, for messages.
+    pub fn arch_name(&self) -> &'static str {
+        match self {
+            Backbone::Encoder(_) => "BERT",
+            Backbone::Decoder(_) => "Llama",
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        match self {
+            Backbone::Encoder(m) => m.config.num_hidden_layers,
+            Backbone::Decoder(m) => m.config.layers,
+        }
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Backbone::Encoder(m) => m.config.hidden_size,
+            Backbone::Decoder(m) => m.config.hidden,
+        }
+    }
+
+    /// The linear layers of one layer, by module path inside the layer (what PEFT's `target_modules`
+    /// match), in the order [`AdapterSet`]'s `linears` use.
+    pub fn linear_slots(&self) -> Vec<&'static str> {
+        match self {
+            Backbone::Encoder(_) => model::LINEAR_SLOTS.to_vec(),
+            Backbone::Decoder(_) => llama::LINEAR_SLOTS.iter().map(|(s, _)| *s).collect(),
+        }
+    }
+
+    /// (out, in) of linear slot `k`.
+    pub fn linear_dims(&self, k: usize) -> (usize, usize) {
+        match self {
+            Backbone::Encoder(m) => {
+                let (h, f) = (m.config.hidden_size, m.config.intermediate_size);
+                match k {
+                    model::INTER => (f, h),
+                    model::OUT => (h, f),
+                    _ => (h, h),
+                }
+            }
+            Backbone::Decoder(m) => {
+                let c = &m.config;
+                let (h, f, kv) = (c.hidden, c.intermediate, c.kv_heads * c.head_dim());
+                match k {
+                    1 | 2 => (kv, h),
+                    4 | 5 => (f, h),
+                    6 => (h, f),
+                    _ => (h, h),
+                }
+            }
+        }
+    }
+
+    /// The layer-stack prefix of module paths (`encoder.layer` or `model.layers`).
+    pub fn layer_prefix(&self) -> &'static str {
+        match self {
+            Backbone::Encoder(_) => "encoder.layer",
+            Backbone::Decoder(_) => "model.layers",
+        }
+    }
+}
+
+/// How a decoder wraps inputs: the prompt's token ids before and after the text.
+#[derive(Debug, Clone)]
+pub struct DecoderPrompt {
+    pub template: String,
+    head: Vec<u32>,
+    tail: Vec<u32>,
 }
 
 /// A loaded base model with its tokenizer, on one device.
 #[derive(Debug, Clone)]
 pub struct Engine {
-    pub model: BertModel,
+    pub model: Backbone,
     pub tokenizer: TextTokenizer,
     pub device: Device,
+    /// The model folder (for a GGUF file: the folder holding it).
     pub model_dir: PathBuf,
+    /// Decoders: the prompt around each input.
+    pub prompt: Option<DecoderPrompt>,
+}
+
+/// The GGUF file a model path names: the path itself when it is a file, else the one `*.gguf` in a
+/// folder without `config.json`.
+fn gguf_path(path: &Path) -> EngineResult<Option<PathBuf>> {
+    if path.is_file() {
+        return Ok(Some(path.to_path_buf()));
+    }
+    if !path.is_dir() || path.join("config.json").is_file() {
+        return Ok(None);
+    }
+    let read = std::fs::read_dir(path).map_err(|source| EngineError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut found: Vec<PathBuf> = read
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
+        })
+        .collect();
+    found.sort();
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop()),
+        _ => Err(EngineError::InvalidArgument(format!(
+            "{} holds {} GGUF files ({}); pass the one to load as --model",
+            path.display(),
+            found.len(),
+            found
+                .iter()
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
 }
 
 impl Engine {
-    /// Load a Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
+    /// Load a Hugging Face model folder (config.json, model.safetensors, tokenizer.json) or a
+    /// Llama-family GGUF file (or a folder holding one).
     pub fn load(model_dir: &Path, device: &Device) -> EngineResult<Engine> {
         Engine::load_with(model_dir, device, &EngineOptions::default())
     }
@@ -103,14 +258,20 @@ impl Engine {
         device: &Device,
         opts: &EngineOptions,
     ) -> EngineResult<Engine> {
-        if !model_dir.is_dir() {
+        if !model_dir.exists() {
             return Err(EngineError::Io {
                 path: model_dir.to_path_buf(),
                 source: std::io::Error::new(
                     std::io::ErrorKind::NotFound,
-                    "no such model folder (run scripts/fetch-model.sh for the test model)",
+                    "no such model folder or file (run scripts/fetch-model.sh for the test encoder, scripts/fetch-decoder.sh for the test decoder)",
                 ),
             });
+        }
+        if device.is_cpu() {
+            kernels::tune_threads();
+        }
+        if let Some(gguf) = gguf_path(model_dir)? {
+            return Engine::load_gguf(&gguf, device, opts);
         }
         for file in ["config.json", "model.safetensors", "tokenizer.json"] {
             if !model_dir.join(file).is_file() {
@@ -119,9 +280,6 @@ impl Engine {
                     file,
                 });
             }
-        }
-        if device.is_cpu() {
-            kernels::tune_threads();
         }
         let model = BertModel::load(model_dir, device)?;
         let tokenizer = TextTokenizer::from_file(
@@ -134,10 +292,57 @@ impl Engine {
             ),
         )?;
         Ok(Engine {
-            model,
+            model: Backbone::Encoder(model),
             tokenizer,
             device: device.clone(),
             model_dir: model_dir.to_path_buf(),
+            prompt: None,
+        })
+    }
+
+    fn load_gguf(path: &Path, device: &Device, opts: &EngineOptions) -> EngineResult<Engine> {
+        let (model, vocab) = LlamaModel::from_gguf(path, device)?;
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let beside = dir.join("tokenizer.json");
+        let inner = if beside.is_file() {
+            tokenizers::Tokenizer::from_file(&beside).map_err(|e| EngineError::Tokenizer {
+                path: beside.clone(),
+                reason: e.to_string(),
+            })?
+        } else {
+            vocab.tokenizer(path)?
+        };
+        let pad = vocab.eos.unwrap_or(0);
+        let tokenizer = TextTokenizer::from_tokenizer(inner, pad, opts.max_len, path)?;
+        let Some((before, after)) = opts.prompt.split_once("{text}") else {
+            return Err(EngineError::InvalidArgument(format!(
+                "the prompt template {:?} has no {{text}} for the input",
+                opts.prompt
+            )));
+        };
+        let mut head = tokenizer.tokenize_plain(&[before])?.remove(0);
+        if let (true, Some(bos)) = (vocab.add_bos, vocab.bos) {
+            head.insert(0, bos);
+        }
+        let tail = tokenizer.tokenize_plain(&[after])?.remove(0);
+        if head.len() + tail.len() + opts.max_len > model.config.max_positions {
+            return Err(EngineError::InvalidArgument(format!(
+                "prompt ({} tokens) plus max_len {} exceed the model's {} positions; lower max_len",
+                head.len() + tail.len(),
+                opts.max_len,
+                model.config.max_positions
+            )));
+        }
+        Ok(Engine {
+            model: Backbone::Decoder(model),
+            tokenizer,
+            device: device.clone(),
+            model_dir: dir,
+            prompt: Some(DecoderPrompt {
+                template: opts.prompt.clone(),
+                head,
+                tail,
+            }),
         })
     }
 
@@ -146,9 +351,41 @@ impl Engine {
         AdapterSet::from_object(&self.model, obj)
     }
 
-    /// Tokenize texts once (reuse the result across epochs and adapters).
+    /// Tokenize input texts once (reuse the result across epochs and adapters). A decoder's inputs come
+    /// wrapped in the prompt ([`EngineOptions::prompt`]), the text truncated to `max_len` tokens.
     pub fn tokenize<S: AsRef<str>>(&self, texts: &[S]) -> EngineResult<Vec<TokenIds>> {
-        self.tokenizer.tokenize(texts)
+        match &self.prompt {
+            None => self.tokenizer.tokenize(texts),
+            Some(p) => Ok(self
+                .tokenizer
+                .tokenize_plain(texts)?
+                .into_iter()
+                .map(|t| [p.head.as_slice(), t.as_slice(), p.tail.as_slice()].concat())
+                .collect()),
+        }
+    }
+
+    /// Tokenize the labels' verbalizer texts. Encoders embed them like inputs; a decoder scores each as
+    /// the continuation `" " + text` after the prompt, so an empty one is refused.
+    pub fn tokenize_labels<S: AsRef<str>>(&self, labels: &[S]) -> EngineResult<Vec<TokenIds>> {
+        if self.prompt.is_none() {
+            return self.tokenizer.tokenize(labels);
+        }
+        if let Some(i) = labels.iter().position(|l| l.as_ref().trim().is_empty()) {
+            return Err(EngineError::InvalidArgument(format!(
+                "the verbalizer of label {i} ({:?}) is empty; a decoder scores the label's text, so give it one",
+                labels[i].as_ref()
+            )));
+        }
+        let spaced: Vec<String> = labels.iter().map(|l| format!(" {}", l.as_ref())).collect();
+        let ids = self.tokenizer.tokenize_full(&spaced)?;
+        if let Some(i) = ids.iter().position(Vec::is_empty) {
+            return Err(EngineError::InvalidArgument(format!(
+                "the verbalizer of label {i} ({:?}) tokenizes to nothing; give it a non-empty text",
+                labels[i].as_ref()
+            )));
+        }
+        Ok(ids)
     }
 
     /// Pad token rows into a batch on this engine's device.
@@ -167,8 +404,17 @@ impl Engine {
         adapter: Option<&AdapterSet>,
         grad: Grad,
     ) -> candle_core::Result<Tensor> {
-        let (h, m) = self.model.forward(&batch.ids, &batch.mask, adapter, grad)?;
-        model::mean_pool(&h, &m)
+        match &self.model {
+            Backbone::Encoder(m) => {
+                let (h, mask) = m.forward(&batch.ids, &batch.mask, adapter, grad)?;
+                model::mean_pool(&h, &mask)
+            }
+            // Right padding is harmless for a causal model: real tokens never see the padding after them.
+            Backbone::Decoder(m) => {
+                let h = m.hidden_states(&batch.ids, Some(&batch.mask), adapter, grad)?;
+                model::mean_pool(&h, &batch.mask)
+            }
+        }
     }
 
     /// Mean-pooled embeddings of texts, `batch_size` at a time.

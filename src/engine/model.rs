@@ -684,7 +684,7 @@ impl BertModel {
 
 /// A linear layer with its adapters: IA3 input scaling (feed-forward modules), the bias (replaced by
 /// BitFit / LoRA `bias="all"`), LoRA's low-rank update and IA3 output scaling, in PEFT's order.
-fn linear(
+pub(crate) fn linear(
     base: &Linear,
     ad: Option<&LinearAdapter>,
     x: &Tensor,

@@ -15,9 +15,10 @@
 
 use super::adapters::AdapterSet;
 use super::error::{EngineError, EngineResult};
+use super::llama::LlamaModel;
 use super::model::Grad;
-use super::tokenize::{batches, Batch, TokenIds};
-use super::Engine;
+use super::tokenize::{Batch, TokenIds};
+use super::{Backbone, Engine};
 use crate::object::LightweightObject;
 use candle_core::{Tensor, Var, D};
 
@@ -145,22 +146,38 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<T
 }
 
 impl Engine {
-    /// Label logits (B, C) of a padded batch, with the adapter applied to both the inputs and the labels'
-    /// verbalizers. `grad` selects the differentiable forward (training, gradients).
+    /// Label logits (B, C) of token rows (inputs from [`Engine::tokenize`], labels from
+    /// [`Engine::tokenize_labels`]), with the adapter applied. Encoders: the cosine of the inputs' and
+    /// verbalizers' embeddings / T. Decoders: each verbalizer's summed token log-likelihood after the
+    /// input's prompt, times `DEFAULT_TEMPERATURE / T` (at the default temperature, the log-likelihood
+    /// itself). `grad` selects the differentiable forward (training, gradients).
     pub fn label_logits(
         &self,
         adapter: Option<&AdapterSet>,
-        labels: &Batch,
-        inputs: &Batch,
+        labels: &[TokenIds],
+        inputs: &[&[u32]],
         temperature: f64,
         grad: Grad,
     ) -> EngineResult<Tensor> {
-        let e_in = self.embed_grad(inputs, adapter, grad)?;
-        let e_lab = self.embed_grad(labels, adapter, grad)?;
-        Ok(cosine_logits(&e_in, &e_lab, temperature)?)
+        match &self.model {
+            Backbone::Encoder(_) => {
+                let pad = self.tokenizer.pad_id();
+                let lab_rows: Vec<&[u32]> = labels.iter().map(|r| r.as_slice()).collect();
+                let lab = Batch::pad(&lab_rows, pad, &self.device)?;
+                let inp = Batch::pad(inputs, pad, &self.device)?;
+                let e_in = self.embed_grad(&inp, adapter, grad)?;
+                let e_lab = self.embed_grad(&lab, adapter, grad)?;
+                Ok(cosine_logits(&e_in, &e_lab, temperature)?)
+            }
+            Backbone::Decoder(m) => {
+                let ll =
+                    decoder_logliks(m, self.tokenizer.pad_id(), adapter, labels, inputs, grad)?;
+                Ok((ll * (DEFAULT_TEMPERATURE / temperature))?)
+            }
+        }
     }
 
-    /// Score tokenized inputs against tokenized verbalizers (label embeddings are computed once).
+    /// Score tokenized inputs against tokenized verbalizers (encoders compute label embeddings once).
     pub fn score(
         &self,
         adapter: Option<&AdapterSet>,
@@ -170,20 +187,30 @@ impl Engine {
     ) -> EngineResult<LabelScores> {
         opts.check()?;
         let pad = self.tokenizer.pad_id();
-        let lab_rows: Vec<&[u32]> = labels.iter().map(|r| r.as_slice()).collect();
-        let lab = Batch::pad(&lab_rows, pad, &self.device)?;
-        let e_lab = self.embed(&lab, adapter)?;
+        let e_lab = match &self.model {
+            Backbone::Encoder(_) => {
+                let lab_rows: Vec<&[u32]> = labels.iter().map(|r| r.as_slice()).collect();
+                let lab = Batch::pad(&lab_rows, pad, &self.device)?;
+                Some(self.embed(&lab, adapter)?)
+            }
+            Backbone::Decoder(_) => None,
+        };
         // Batches of similar lengths pad less: score in length order, hand back in input order. (Rows are
         // independent: padding is masked, so the numbers do not depend on the batching.)
         let mut order: Vec<usize> = (0..inputs.len()).collect();
         order.sort_by_key(|&i| (inputs[i].len(), i));
-        let sorted: Vec<TokenIds> = order.iter().map(|&i| inputs[i].clone()).collect();
         let mut logits = vec![Vec::new(); inputs.len()];
         let mut probs = vec![Vec::new(); inputs.len()];
         let mut at = 0;
-        for b in batches(&sorted, opts.batch_size, pad, &self.device)? {
-            let e_in = self.embed(&b, adapter)?;
-            let l = cosine_logits(&e_in, &e_lab, opts.temperature)?;
+        for chunk in order.chunks(opts.batch_size.max(1)) {
+            let rows: Vec<&[u32]> = chunk.iter().map(|&i| inputs[i].as_slice()).collect();
+            let l = match &e_lab {
+                Some(e_lab) => {
+                    let b = Batch::pad(&rows, pad, &self.device)?;
+                    cosine_logits(&self.embed(&b, adapter)?, e_lab, opts.temperature)?
+                }
+                None => self.label_logits(adapter, labels, &rows, opts.temperature, Grad::No)?,
+            };
             let p = candle_nn::ops::softmax_last_dim(&l)?;
             for (lr, pr) in l.to_vec2::<f32>()?.into_iter().zip(p.to_vec2::<f32>()?) {
                 logits[order[at]] = lr;
@@ -212,7 +239,12 @@ impl Engine {
         while i < adapters.len() {
             let end = (i + stack.max(1)).min(adapters.len());
             let group = &adapters[i..end];
-            match AdapterSet::stack_lora(group) {
+            // Decoders score each adapter alone (no stacked pass for them yet).
+            let stacked = match self.model {
+                Backbone::Encoder(_) => AdapterSet::stack_lora(group),
+                Backbone::Decoder(_) => None,
+            };
+            match stacked {
                 Some(stacked) => {
                     out.extend(self.score_stacked(&stacked, group.len(), labels, inputs, opts)?)
                 }
@@ -277,7 +309,7 @@ impl Engine {
         texts: &[S],
         opts: &ScoreOptions,
     ) -> EngineResult<Vec<Vec<f32>>> {
-        let labels = self.tokenize(label_texts)?;
+        let labels = self.tokenize_labels(label_texts)?;
         let inputs = self.tokenize(texts)?;
         Ok(self.score(adapter, &labels, &inputs, opts)?.probs)
     }
@@ -314,12 +346,9 @@ impl Engine {
             vars.push(v);
         }
         let set = AdapterSet::from_named(&self.model, &obj.method, &named)?;
-        let pad = self.tokenizer.pad_id();
-        let lab_rows: Vec<&[u32]> = labels.iter().map(|r| r.as_slice()).collect();
-        let lab = Batch::pad(&lab_rows, pad, &self.device)?;
         let in_rows: Vec<&[u32]> = inputs.iter().map(|r| r.as_slice()).collect();
-        let inp = Batch::pad(&in_rows, pad, &self.device)?;
-        let logits = self.label_logits(Some(&set), &lab, &inp, opts.temperature, Grad::Yes)?;
+        let logits =
+            self.label_logits(Some(&set), labels, &in_rows, opts.temperature, Grad::Yes)?;
         let tg: Vec<u32> = targets.iter().map(|&t| t as u32).collect();
         let tg = Tensor::from_vec(tg, targets.len(), &self.device)?;
         let loss = cross_entropy(&logits, &tg)?;
@@ -337,4 +366,105 @@ impl Engine {
             grads,
         })
     }
+}
+
+/// Each verbalizer's summed log-likelihood after each prompt, (inputs, labels), differentiable with
+/// [`Grad::Yes`]. One left-padded sequence per input holds the prompt and then, packed one after another,
+/// every label of several tokens but its last token; each packed continuation attends to the prompt and
+/// to itself only, with positions continuing the prompt's, so it sees exactly what it would see alone.
+/// Every label's first token is read at the prompt's last position (one forward pass serves all labels);
+/// its later tokens at its own continuation. Only the positions that predict a verbalizer token go
+/// through the (large) language-model head.
+fn decoder_logliks(
+    m: &LlamaModel,
+    pad: u32,
+    adapter: Option<&AdapterSet>,
+    labels: &[TokenIds],
+    inputs: &[&[u32]],
+    grad: Grad,
+) -> EngineResult<Tensor> {
+    if let Some(i) = labels.iter().position(|v| v.is_empty()) {
+        return Err(EngineError::InvalidArgument(format!(
+            "the verbalizer of label {i} tokenizes to nothing; give it a non-empty text"
+        )));
+    }
+    if inputs.is_empty() || labels.is_empty() {
+        return Err(EngineError::InvalidArgument(
+            "scoring needs at least one input and one label".into(),
+        ));
+    }
+    if let Some(i) = inputs.iter().position(|p| p.is_empty()) {
+        return Err(EngineError::InvalidArgument(format!(
+            "input {i} tokenizes to nothing (with an empty prompt template)"
+        )));
+    }
+    let nl = labels.len();
+    let packed: usize = labels.iter().map(|v| v.len() - 1).sum();
+    let len = inputs.iter().map(|p| p.len()).max().unwrap_or(1) + packed;
+    let longest = inputs.iter().map(|p| p.len()).max().unwrap_or(0)
+        + labels.iter().map(|v| v.len() - 1).max().unwrap_or(0);
+    if longest > m.config.max_positions {
+        return Err(EngineError::InvalidArgument(format!(
+            "a prompt with its verbalizer is {longest} tokens, more than the model's {} positions; lower max_len",
+            m.config.max_positions
+        )));
+    }
+    let b = inputs.len();
+    let mut ids = Vec::with_capacity(b * len);
+    let mut positions = Vec::with_capacity(b * len);
+    let mut bias = vec![-1e30f32; b * len * len];
+    // (flat row in the batch, token, pair = input * labels + label)
+    let mut picks: Vec<(usize, u32, usize)> = Vec::new();
+    for (i, p) in inputs.iter().enumerate() {
+        let start = len - p.len() - packed; // left padding
+        ids.extend(std::iter::repeat_n(pad, start));
+        positions.extend(std::iter::repeat_n(0f32, start));
+        ids.extend_from_slice(p);
+        positions.extend((0..p.len()).map(|k| k as f32));
+        let row = |q: usize| i * len * len + q * len;
+        // Padding queries see themselves (finite, unused); the prompt is causal.
+        for q in 0..start {
+            bias[row(q) + q] = 0.0;
+        }
+        for q in 0..p.len() {
+            let r = row(start + q);
+            bias[r + start..=r + start + q].fill(0.0);
+        }
+        let last = start + p.len() - 1;
+        let mut at = start + p.len();
+        for (c, v) in labels.iter().enumerate() {
+            let pair = i * nl + c;
+            picks.push((i * len + last, v[0], pair));
+            let seg = at;
+            for (j, &tok) in v[..v.len() - 1].iter().enumerate() {
+                ids.push(tok);
+                positions.push((p.len() + j) as f32);
+                let r = row(seg + j);
+                bias[r + start..=r + last].fill(0.0);
+                bias[r + seg..=r + seg + j].fill(0.0);
+                picks.push((i * len + seg + j, v[j + 1], pair));
+            }
+            at += v.len() - 1;
+        }
+    }
+    let dev = &m.device;
+    let ids = Tensor::from_vec(ids, (b, len), dev)?;
+    let positions = Tensor::from_vec(positions, (b, len), dev)?;
+    let bias = Tensor::from_vec(bias, (b, 1, len, len), dev)?;
+    let hidden = m.hidden_states_with(&ids, &positions, &bias, adapter, grad)?;
+    let flat = hidden.reshape((b * len, m.config.hidden))?;
+    let rows: Vec<u32> = picks.iter().map(|p| p.0 as u32).collect();
+    let sel = flat.index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?;
+    let logp = candle_nn::ops::log_softmax(&m.head_logits(&sel, grad)?, D::Minus1)?;
+    let toks: Vec<u32> = picks.iter().map(|p| p.1).collect();
+    let toks = Tensor::from_vec(toks, (picks.len(), 1), dev)?;
+    let tok_logp = logp.gather(&toks, 1)?; // (picks, 1)
+                                           // Sum each pair's picks: a (pairs, picks) 0/1 matrix times the picked log-probabilities.
+    let np = picks.len();
+    let mut sum = vec![0f32; b * nl * np];
+    for (k, p) in picks.iter().enumerate() {
+        sum[p.2 * np + k] = 1.0;
+    }
+    let sum = Tensor::from_vec(sum, (b * nl, np), dev)?;
+    Ok(sum.matmul(&tok_logp)?.reshape((b, nl))?)
 }

@@ -70,6 +70,64 @@ impl TextTokenizer {
         })
     }
 
+    /// Wrap a tokenizer built in memory (e.g. from GGUF metadata); `path` names its source in errors.
+    pub fn from_tokenizer(
+        mut inner: Tokenizer,
+        pad_id: u32,
+        max_len: usize,
+        path: &Path,
+    ) -> EngineResult<TextTokenizer> {
+        if max_len < 2 {
+            return Err(EngineError::InvalidArgument(format!(
+                "max_len {max_len} is too small (at least 2)"
+            )));
+        }
+        inner.with_padding(None);
+        inner
+            .with_truncation(Some(TruncationParams {
+                max_length: max_len,
+                ..Default::default()
+            }))
+            .map_err(|e| EngineError::Tokenizer {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        Ok(TextTokenizer {
+            inner,
+            pad_id,
+            max_len,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Tokenize without special tokens, truncated to `max_len` (a decoder's input text).
+    pub fn tokenize_plain<S: AsRef<str>>(&self, texts: &[S]) -> EngineResult<Vec<TokenIds>> {
+        let inputs: Vec<&str> = texts.iter().map(|s| s.as_ref()).collect();
+        let encs = self
+            .inner
+            .encode_batch(inputs, false)
+            .map_err(|e| EngineError::Tokenize(e.to_string()))?;
+        Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
+    }
+
+    /// Tokenize without special tokens and without truncation (a decoder's verbalizers).
+    pub fn tokenize_full<S: AsRef<str>>(&self, texts: &[S]) -> EngineResult<Vec<TokenIds>> {
+        texts
+            .iter()
+            .map(|t| {
+                let mut enc = self
+                    .inner
+                    .encode(t.as_ref(), false)
+                    .map_err(|e| EngineError::Tokenize(e.to_string()))?;
+                let mut ids = enc.get_ids().to_vec();
+                for o in enc.take_overflowing() {
+                    ids.extend_from_slice(o.get_ids());
+                }
+                Ok(ids)
+            })
+            .collect()
+    }
+
     pub fn max_len(&self) -> usize {
         self.max_len
     }

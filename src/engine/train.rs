@@ -24,10 +24,10 @@
 
 use super::adapters::AdapterSet;
 use super::error::{EngineError, EngineResult};
-use super::model::{Grad, LINEAR_SLOTS, LN_SLOTS};
+use super::model::{Grad, LN_SLOTS};
 use super::scoring::{cross_entropy, ScoreOptions, DEFAULT_TEMPERATURE};
-use super::tokenize::{Batch, TokenIds};
-use super::Engine;
+use super::tokenize::TokenIds;
+use super::{Backbone, Engine};
 use crate::object::build::build_object;
 use crate::object::{
     BitFitConfig, BottleneckConfig, Ia3Config, LightweightObject, LoraBias, LoraConfig, Method,
@@ -276,16 +276,22 @@ pub fn init_adapter(
     spec: &MethodSpec,
     rng: &mut ChaCha8Rng,
 ) -> EngineResult<(Method, Vec<StoredTensor>)> {
-    let cfg = &engine.model.config;
-    let (nl, h, f) = (
-        cfg.num_hidden_layers,
-        cfg.hidden_size,
-        cfg.intermediate_size,
-    );
-    let dims = |k: usize| match k {
-        4 => (f, h),
-        5 => (h, f),
-        _ => (h, h),
+    let backbone = &engine.model;
+    let (nl, h) = (backbone.num_layers(), backbone.hidden_size());
+    let slots = backbone.linear_slots();
+    let dims = |k: usize| backbone.linear_dims(k);
+    let prefix = backbone.layer_prefix();
+    let decoder = backbone.is_decoder();
+    let bert = || match backbone {
+        Backbone::Encoder(m) => Ok(m),
+        Backbone::Decoder(_) => Err(EngineError::InvalidArgument(format!(
+            "{} training is not supported on decoder (Llama-family) models yet; use lora or ia3",
+            spec.kind.as_str()
+        ))),
+    };
+    let default_targets = |bert: &[&str], llama: &[&str]| -> Vec<String> {
+        let t = if decoder { llama } else { bert };
+        t.iter().map(|s| s.to_string()).collect()
     };
     let mut tensors = Vec::new();
     let method = match spec.kind {
@@ -298,10 +304,10 @@ pub fn init_adapter(
             let targets = spec
                 .targets
                 .clone()
-                .unwrap_or_else(|| vec!["query".into(), "value".into()]);
+                .unwrap_or_else(|| default_targets(&["query", "value"], &["q_proj", "v_proj"]));
             for i in 0..nl {
-                for (k, slot) in LINEAR_SLOTS.iter().enumerate() {
-                    let path = format!("encoder.layer.{i}.{slot}");
+                for (k, slot) in slots.iter().enumerate() {
+                    let path = format!("{prefix}.{i}.{slot}");
                     if !matches_target(&path, &targets) {
                         continue;
                     }
@@ -324,7 +330,7 @@ pub fn init_adapter(
             }
             if tensors.is_empty() {
                 return Err(EngineError::InvalidArgument(format!(
-                    "LoRA targets {targets:?} match no linear layer ({LINEAR_SLOTS:?})"
+                    "LoRA targets {targets:?} match no linear layer ({slots:?})"
                 )));
             }
             Method::Lora(LoraConfig {
@@ -338,17 +344,20 @@ pub fn init_adapter(
             })
         }
         MethodKind::Ia3 => {
-            let targets = spec
-                .targets
-                .clone()
-                .unwrap_or_else(|| vec!["key".into(), "value".into(), "output.dense".into()]);
+            // PEFT's defaults for BERT and for Llama.
+            let targets = spec.targets.clone().unwrap_or_else(|| {
+                default_targets(
+                    &["key", "value", "output.dense"],
+                    &["k_proj", "v_proj", "down_proj"],
+                )
+            });
             let ff = spec
                 .feedforward_modules
                 .clone()
-                .unwrap_or_else(|| vec!["output.dense".into()]);
+                .unwrap_or_else(|| default_targets(&["output.dense"], &["down_proj"]));
             for i in 0..nl {
-                for (k, slot) in LINEAR_SLOTS.iter().enumerate() {
-                    let path = format!("encoder.layer.{i}.{slot}");
+                for (k, slot) in slots.iter().enumerate() {
+                    let path = format!("{prefix}.{i}.{slot}");
                     if !matches_target(&path, &targets) {
                         continue;
                     }
@@ -377,6 +386,7 @@ pub fn init_adapter(
             })
         }
         MethodKind::Prefix => {
+            let cfg = &bert()?.config;
             let t = spec.num_virtual_tokens;
             if t == 0 {
                 return Err(EngineError::InvalidArgument(
@@ -398,6 +408,8 @@ pub fn init_adapter(
             })
         }
         MethodKind::Prompt => {
+            let bert = bert()?;
+            let cfg = &bert.config;
             let t = spec.num_virtual_tokens;
             if t == 0 {
                 return Err(EngineError::InvalidArgument(
@@ -409,7 +421,7 @@ pub fn init_adapter(
                 .map(|_| rng.random_range(lo..cfg.vocab_size) as u32)
                 .collect();
             let idx = Tensor::from_vec(ids, t, &engine.device)?;
-            let rows = engine.model.word_embeddings.index_select(&idx, 0)?;
+            let rows = bert.word_embeddings.index_select(&idx, 0)?;
             let v = rows.flatten_all()?.to_vec1::<f32>()?;
             tensors.push(StoredTensor::from_f32("prompt_embeddings", vec![t, h], &v));
             Method::Prompt(PromptConfig {
@@ -418,14 +430,15 @@ pub fn init_adapter(
             })
         }
         MethodKind::Bitfit => {
+            let bert = bert()?;
             let vals = |t: &Tensor| t.to_vec1::<f32>();
             tensors.push(StoredTensor::from_f32(
                 "base_model.model.embeddings.LayerNorm.bias",
                 vec![h],
-                &vals(&engine.model.embeddings_norm.1)?,
+                &vals(&bert.embeddings_norm.1)?,
             ));
-            for (i, layer) in engine.model.layers.iter().enumerate() {
-                for (k, slot) in LINEAR_SLOTS.iter().enumerate() {
+            for (i, layer) in bert.layers.iter().enumerate() {
+                for (k, slot) in slots.iter().enumerate() {
                     let b = &layer.linears[k].bias;
                     tensors.push(StoredTensor::from_f32(
                         format!("base_model.model.encoder.layer.{i}.{slot}.bias"),
@@ -444,6 +457,7 @@ pub fn init_adapter(
             Method::Bitfit(BitFitConfig {})
         }
         MethodKind::Adapter => {
+            bert()?;
             let b = spec.bottleneck_size.unwrap_or((h / 12).max(1));
             if b == 0 {
                 return Err(EngineError::InvalidArgument(
@@ -645,9 +659,7 @@ pub fn train(
     )?;
 
     // Tokenize once.
-    let label_ids = engine.tokenize(data.label_texts)?;
-    let lab_rows: Vec<&[u32]> = label_ids.iter().map(|r| r.as_slice()).collect();
-    let label_batch = Batch::pad(&lab_rows, engine.tokenizer.pad_id(), &engine.device)?;
+    let label_ids = engine.tokenize_labels(data.label_texts)?;
     let text_of = |ex: &[Example]| ex.iter().map(|e| e.text.clone()).collect::<Vec<_>>();
     let train_ids = engine.tokenize(&text_of(data.train))?;
     let dev_ids = engine.tokenize(&text_of(data.dev))?;
@@ -683,17 +695,12 @@ pub fn train(
         let end = (cursor + bs).min(order.len());
         let idx = &order[cursor..end];
         cursor = end;
-        let inp = Batch::pad(
-            &rows(&train_ids, idx),
-            engine.tokenizer.pad_id(),
-            &engine.device,
-        )?;
         let tg: Vec<u32> = idx.iter().map(|&i| data.train[i].label as u32).collect();
         let tg = Tensor::from_vec(tg, idx.len(), &engine.device)?;
         let logits = engine.label_logits(
             Some(&train_set),
-            &label_batch,
-            &inp,
+            &label_ids,
+            &rows(&train_ids, idx),
             cfg.temperature,
             Grad::Yes,
         )?;

@@ -124,7 +124,16 @@ pub fn build_object(method: Method, base_model: &str, tensors: Vec<Tensor>) -> L
         Method::Adapter(_) => AdapterFormat::Adapterhub,
         _ => AdapterFormat::Peft,
     };
-    let cfg = adapter_config(&method, base_model);
+    let mut cfg = adapter_config(&method, base_model);
+    // PEFT's task type: a decoder-only stack (`model.layers.N`, `h.N`) is a causal language model.
+    let decoder_only = tensors.iter().any(|t| {
+        super::parse_tensor_name(&t.name)
+            .layer
+            .is_some_and(|l| l.stack == super::layout::Stack::Layers)
+    });
+    if decoder_only && cfg.get("task_type").is_some() {
+        cfg["task_type"] = json!("CAUSAL_LM");
+    }
     let mut config_json = serde_json::to_vec_pretty(&cfg).unwrap_or_default();
     config_json.push(b'\n');
     LightweightObject {

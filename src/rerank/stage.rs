@@ -231,7 +231,7 @@ pub fn bare(input: &RerankInput<'_>, opts: &RerankOptions) -> Result<CandidateSc
     check_weights(input)?;
     let t0 = Instant::now();
     let engine = input.engine;
-    let labels: Vec<TokenIds> = engine.tokenize(input.label_texts)?;
+    let labels: Vec<TokenIds> = engine.tokenize_labels(input.label_texts)?;
     let texts: Vec<&str> = input.examples.iter().map(|e| e.text.as_str()).collect();
     let inputs: Vec<TokenIds> = engine.tokenize(&texts)?;
     let targets: Vec<usize> = input.examples.iter().map(|e| e.label).collect();
@@ -322,7 +322,7 @@ pub fn rerank(
     if let (Some(i), None) = (needs_ref, input.reference) {
         return Err(RerankError::NeedsReference(i.as_str()));
     }
-    let labels: Vec<TokenIds> = engine.tokenize(input.label_texts)?;
+    let labels: Vec<TokenIds> = engine.tokenize_labels(input.label_texts)?;
     let texts: Vec<&str> = input.examples.iter().map(|e| e.text.as_str()).collect();
     let inputs: Vec<TokenIds> = engine.tokenize(&texts)?;
     let targets: Vec<usize> = input.examples.iter().map(|e| e.label).collect();

@@ -858,7 +858,7 @@ pub fn evaluate(
         return Err(TransferError::Invalid("no examples to evaluate on".into()));
     }
     let set = adapter.map(|o| engine.prepare(o)).transpose()?;
-    let labels = engine.tokenize(&task.label_texts())?;
+    let labels = engine.tokenize_labels(&task.label_texts())?;
     let mut correct = Vec::with_capacity(examples.len());
     let mut loss = 0f64;
     let mut done = 0;

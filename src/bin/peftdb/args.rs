@@ -9,7 +9,8 @@ use std::path::PathBuf;
 /// The base model and how texts are scored (`eval`, `train`, `suggest`, `rerank`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
+    /// The base model: a Hugging Face folder of a BERT-family encoder (config.json, model.safetensors,
+    /// tokenizer.json), or a Llama-family decoder as a GGUF file (or a folder holding one).
     #[arg(long)]
     pub model: PathBuf,
     /// cpu, cuda or cuda:N.
@@ -18,9 +19,14 @@ pub struct ModelArgs {
     /// Maximum tokens per text.
     #[arg(long, default_value_t = 128)]
     pub max_len: usize,
-    /// Label-scoring temperature (logits = cosine / T).
+    /// Label-scoring temperature: encoders' logits are cosine / T; decoders' are the verbalizers'
+    /// log-likelihoods times 0.05 / T (so the default leaves them as they are).
     #[arg(long, default_value_t = DEFAULT_TEMPERATURE)]
     pub temperature: f64,
+    /// Decoder models: the prompt around each input text (`{text}`); each label's verbalizer, a space
+    /// and its text, follows it. Encoders ignore it.
+    #[arg(long, default_value = peftdb::engine::DEFAULT_PROMPT)]
+    pub prompt: String,
 }
 
 impl ModelArgs {
@@ -32,6 +38,7 @@ impl ModelArgs {
             &device,
             &EngineOptions {
                 max_len: self.max_len,
+                prompt: self.prompt.clone(),
             },
         )?)
     }

@@ -145,6 +145,7 @@ pub fn run_cmd(cmd: &ExperimentCmd, json: bool) -> anyhow::Result<u8> {
                 &device,
                 &EngineOptions {
                     max_len: cfg.max_len,
+                    ..Default::default()
                 },
             )
             .with_context(|| format!("loading the model {}", a.model.display()))?;
@@ -241,8 +242,15 @@ fn transfer_cmd(a: &TransferArgs, json: bool) -> anyhow::Result<u8> {
         }
     };
     let device = parse_device(&a.device)?;
-    let engine = Engine::load_with(&a.model, &device, &EngineOptions { max_len: a.max_len })
-        .with_context(|| format!("loading the model {}", a.model.display()))?;
+    let engine = Engine::load_with(
+        &a.model,
+        &device,
+        &EngineOptions {
+            max_len: a.max_len,
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("loading the model {}", a.model.display()))?;
     let cfg = StudyConfig {
         zoo: a.zoo.clone(),
         tasks: a.tasks.clone(),

@@ -1,0 +1,254 @@
+//! The whole pipeline on a decoder LLM (SmolLM2-135M-Instruct from GGUF, scripts/fetch-decoder.sh), on
+//! real tasks (`common::tasks_dir`): few-shot LoRA training through the engine, the delta-W merge, and
+//! `suggest` over a store of decoder LoRAs, each answer written in PEFT's format for a causal LM. With
+//! `PEFTDB_PEFT_PYTHON` set to a Python with torch, transformers, gguf and peft, the trained adapter is also
+//! loaded by PEFT (scripts/decoder_peft_check.py) and must give the same test accuracy as peftdb.
+
+mod common;
+
+use candle_core::Device;
+use peftdb::engine::{train, Engine, EngineOptions, ScoreOptions, TrainConfig, TrainData};
+use peftdb::ensemble::{merge, MergeMode};
+use peftdb::index::{IndexConfig, IndexManager};
+use peftdb::object::{read_adapter, write_adapter, LightweightObject, MethodKind, ReadOptions};
+use peftdb::store::{NewObject, Store, TaskRecord};
+use peftdb::suggest::{suggest, write_suggestion, SuggestConfig, SuggestInput};
+use peftdb::task::{few_shot, Task};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+fn gguf() -> PathBuf {
+    let p = std::env::var_os("PEFTDB_DECODER_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m-instruct")
+        })
+        .join("model.gguf");
+    assert!(
+        p.is_file(),
+        "decoder test model not found at {}: run scripts/fetch-decoder.sh",
+        p.display()
+    );
+    p
+}
+
+fn engine() -> &'static Engine {
+    static E: OnceLock<Engine> = OnceLock::new();
+    E.get_or_init(|| {
+        Engine::load_with(
+            &gguf(),
+            &Device::Cpu,
+            &EngineOptions {
+                max_len: 48,
+                ..Default::default()
+            },
+        )
+        .expect("the decoder loads")
+    })
+}
+
+fn task(name: &str) -> Task {
+    Task::load(&common::tasks_dir().join(name)).unwrap()
+}
+
+/// Accuracy on the first `n` examples of `split`.
+fn accuracy(
+    t: &Task,
+    split: &[peftdb::task::Example],
+    obj: Option<&LightweightObject>,
+    n: usize,
+) -> f64 {
+    let e = engine();
+    let set = obj.map(|o| e.prepare(o).unwrap());
+    let ex = &split[..n.min(split.len())];
+    let texts: Vec<&str> = ex.iter().map(|x| x.text.as_str()).collect();
+    let labels = e.tokenize_labels(&t.label_texts()).unwrap();
+    let ids = e.tokenize(&texts).unwrap();
+    let targets: Vec<usize> = ex.iter().map(|x| x.label).collect();
+    e.score(set.as_ref(), &labels, &ids, &ScoreOptions::default())
+        .unwrap()
+        .accuracy(&targets)
+}
+
+/// A 16-shot LoRA (q_proj, v_proj) trained through the engine; `steps` of batch 8.
+fn few_shot_lora(name: &str, steps: usize, seed: u64) -> LightweightObject {
+    let t = task(name);
+    let labels = t.label_texts();
+    let tr = few_shot(&t.train, labels.len(), 16, seed).unwrap();
+    let dv = few_shot(&t.dev, labels.len(), 8, seed + 1).unwrap();
+    let mut cfg = TrainConfig::new(MethodKind::Lora);
+    cfg.max_steps = Some(steps);
+    cfg.eval_every = steps;
+    cfg.patience = None;
+    cfg.seed = seed;
+    let data = TrainData {
+        label_texts: &labels,
+        train: &tr,
+        dev: &dv,
+        test: None,
+    };
+    train(engine(), &data, &cfg, &mut |_| {})
+        .unwrap()
+        .best
+        .object
+}
+
+fn movie_lora() -> &'static LightweightObject {
+    static L: OnceLock<LightweightObject> = OnceLock::new();
+    L.get_or_init(|| few_shot_lora("movie_sentiment", 12, 0))
+}
+
+#[test]
+fn a_few_shot_lora_trained_on_the_decoder_beats_the_bare_model_and_loads_in_peft() {
+    let t = task("movie_sentiment");
+    let lora = movie_lora();
+    assert!(lora
+        .tensors
+        .iter()
+        .all(|x| x.name.starts_with("base_model.model.model.layers.")));
+    let n = 120;
+    let bare = accuracy(&t, &t.test, None, n);
+    let tuned = accuracy(&t, &t.test, Some(lora), n);
+    assert!(
+        tuned > bare + 0.10,
+        "16-shot LoRA {tuned:.3} vs bare {bare:.3} on {n} test examples"
+    );
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("lora");
+    write_adapter(lora, &dir).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["q_proj", "v_proj"])
+    );
+    let Some(py) = std::env::var_os("PEFTDB_PEFT_PYTHON") else {
+        eprintln!("PEFTDB_PEFT_PYTHON unset: the PEFT load check is skipped");
+        return;
+    };
+    let out = std::process::Command::new(py)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/decoder_peft_check.py"))
+        .arg(gguf())
+        .arg(&dir)
+        .arg(common::tasks_dir().join("movie_sentiment"))
+        .args(["--limit", &n.to_string(), "--max-len", "48"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&common::stdout_of(out)).unwrap();
+    assert_eq!(r["peft_type"], "LORA");
+    assert!(
+        (r["bare_accuracy"].as_f64().unwrap() - bare).abs() < 1e-9,
+        "{r}"
+    );
+    assert!(
+        (r["adapter_accuracy"].as_f64().unwrap() - tuned).abs() < 1e-9,
+        "{r}"
+    );
+}
+
+#[test]
+fn the_delta_merge_of_decoder_loras_is_their_weighted_update() {
+    let e = engine();
+    let a = movie_lora();
+    let mut b = read_adapter(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/decoder/lora_r8_all"),
+        &ReadOptions::default(),
+    )
+    .unwrap();
+    // PEFT wrote the hub name; peftdb names a GGUF model by its folder. Same weights.
+    b.base_model = a.base_model.clone();
+    // Another layout (all seven modules) merges too: delta-cat keeps every module's exact update.
+    let merged = merge(&[a, &b], &[0.75, 0.25], MergeMode::DeltaCat).unwrap();
+    let set = e.prepare(&merged).expect("the merge fits the decoder");
+    // The merged adapter's outputs equal the model with 0.75 dW_a + 0.25 dW_b merged into its weights.
+    let Backbone::Decoder(m) = &e.model else {
+        panic!("a decoder")
+    };
+    let scaled = |o: &LightweightObject, w: f64| {
+        let mut o = o.clone();
+        if let peftdb::object::Method::Lora(c) = &mut o.method {
+            c.alpha *= w;
+            for v in c.alpha_pattern.values_mut() {
+                *v *= w;
+            }
+        }
+        o
+    };
+    let want_model = m
+        .with_lora(&scaled(a, 0.75))
+        .unwrap()
+        .with_lora(&scaled(&b, 0.25))
+        .unwrap();
+    let texts = ["a wonderful, moving film", "dull and long"];
+    let ids = e.tokenize(&texts).unwrap();
+    let labels = e.tokenize_labels(&["positive", "negative"]).unwrap();
+    let got = e
+        .score(Some(&set), &labels, &ids, &ScoreOptions::default())
+        .unwrap();
+    let want = want_model
+        .label_logliks(&ids, &labels, false, 8, 2)
+        .unwrap();
+    for (g, w) in got.logits.iter().zip(&want) {
+        for (x, y) in g.iter().zip(w) {
+            assert!((*x as f64 - y).abs() < 2e-3, "{x} vs {y}");
+        }
+    }
+}
+
+use peftdb::engine::Backbone;
+
+#[test]
+fn suggest_over_a_store_of_decoder_loras_writes_a_causal_lm_initialization() {
+    let e = engine();
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::create(d.path().join("zoo.redb")).unwrap();
+    let strategy = few_shot_lora("strategyqa", 4, 1);
+    for (name, obj) in [
+        ("movie_sentiment", movie_lora().clone()),
+        ("strategyqa", strategy),
+    ] {
+        store
+            .ingest(NewObject {
+                object: obj,
+                task: TaskRecord {
+                    name: name.into(),
+                    ..Default::default()
+                },
+                source: None,
+                stage: Some("best".into()),
+                metrics: Default::default(),
+            })
+            .unwrap();
+    }
+    let (index, _) = IndexManager::open(&store, IndexConfig::default(), &|_| {}).unwrap();
+    let new_task = task("tweet_sentiment");
+    let cfg = SuggestConfig {
+        k: 5,
+        shots: 4,
+        short_tune_steps: 3,
+        ..Default::default()
+    };
+    let input = SuggestInput {
+        store: &store,
+        index: &index,
+        engine: e,
+        task: &new_task,
+        adapter: None,
+    };
+    let (obj, report) = suggest(&input, &cfg, &mut |_| {}).unwrap();
+    assert_eq!(report.k_used, 2, "{:?}", report.notes);
+    assert_eq!(report.candidates.len(), 2);
+    let out = d.path().join("init");
+    write_suggestion(&obj, &report, &out).unwrap();
+    let back = read_adapter(&out, &ReadOptions::default()).unwrap();
+    e.prepare(&back).expect("the answer runs on the decoder");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+}
