@@ -578,3 +578,88 @@ fn decoder_adapters_the_engine_cannot_run_yet_are_refused_clearly() {
     let err = e.prepare(&bert).unwrap_err();
     assert!(err.to_string().contains("q_proj"), "{err}");
 }
+
+#[test]
+fn a_hugging_face_folder_of_the_model_loads_and_scores_as_the_gguf() {
+    use peftdb::engine::{Engine, EngineError, EngineOptions, Grad, DEFAULT_TEMPERATURE};
+    let (m, _) = model();
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("smollm2-hf");
+    m.save_hf_folder(&dir).unwrap();
+    std::fs::copy(
+        root().join("tests/fixtures/decoder/tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    let opts = EngineOptions {
+        max_len: 64,
+        ..Default::default()
+    };
+    let hf = Engine::load_with(&dir, &Device::Cpu, &opts).expect("the folder loads");
+    let gg = engine(peftdb::engine::DEFAULT_PROMPT);
+    assert!(hf.model.is_decoder());
+    let texts = ["a wonderful, moving film", "Café — naïve 東京 😀"];
+    let inputs = hf.tokenize(&texts).unwrap();
+    assert_eq!(inputs, gg.tokenize(&texts).unwrap());
+    let labels = hf
+        .tokenize_labels(&["positive", "very bad indeed"])
+        .unwrap();
+    let rows: Vec<&[u32]> = inputs.iter().map(|r| r.as_slice()).collect();
+    let set_hf = hf.prepare(&lora_fixture()).unwrap();
+    let set_gg = gg.prepare(&lora_fixture()).unwrap();
+    for (a, b) in [(None, None), (Some(&set_hf), Some(&set_gg))] {
+        let x = hf
+            .label_logits(a, &labels, &rows, DEFAULT_TEMPERATURE, Grad::No)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let y = gg
+            .label_logits(b, &labels, &rows, DEFAULT_TEMPERATURE, Grad::No)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(x, y);
+    }
+    // What the folder loader refuses, naming the file and the reason.
+    let cfg_path = dir.join("config.json");
+    let cfg: Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    for (key, value, want) in [
+        (
+            "rope_scaling",
+            serde_json::json!({"rope_type": "llama3", "factor": 8.0}),
+            "rope_scaling",
+        ),
+        ("attention_bias", serde_json::json!(true), "attention_bias"),
+        ("model_type", serde_json::json!("qwen2"), "qwen2"),
+    ] {
+        let mut bad = cfg.clone();
+        bad[key] = value;
+        std::fs::write(&cfg_path, bad.to_string()).unwrap();
+        let e = Engine::load_with(&dir, &Device::Cpu, &opts).unwrap_err();
+        assert!(
+            matches!(e, EngineError::UnsupportedArchitecture { .. })
+                && e.to_string().contains(want),
+            "{key}: {e}"
+        );
+        assert!(e.to_string().contains("config.json"), "{e}");
+    }
+    // A config that does not fit the weights names the tensor and both shapes.
+    let mut bad = cfg.clone();
+    bad["intermediate_size"] = 1000.into();
+    std::fs::write(&cfg_path, bad.to_string()).unwrap();
+    let e = Engine::load_with(&dir, &Device::Cpu, &opts).unwrap_err();
+    assert!(matches!(e, EngineError::WeightShape { .. }), "{e}");
+    assert!(
+        e.to_string().contains("gate_proj") && e.to_string().contains("1536"),
+        "{e}"
+    );
+    // No tokenizer: says which file is missing.
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+    let e = Engine::load_with(&dir, &Device::Cpu, &opts).unwrap_err();
+    assert!(e.to_string().contains("tokenizer.json"), "{e}");
+}

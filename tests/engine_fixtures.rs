@@ -179,15 +179,15 @@ fn bad_model_folders_are_clear_errors() {
     let mut cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(real.join("config.json")).expect("read"))
             .expect("json");
-    cfg["model_type"] = "llama".into();
-    cfg["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+    cfg["model_type"] = "gpt2".into();
+    cfg["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
     std::fs::write(d.path().join("config.json"), cfg.to_string()).expect("write");
-    let e = Engine::load(d.path(), &Device::Cpu).expect_err("llama");
+    let e = Engine::load(d.path(), &Device::Cpu).expect_err("gpt2");
     assert!(
         matches!(e, EngineError::UnsupportedArchitecture { .. }),
         "{e}"
     );
-    assert!(e.to_string().contains("llama"), "{e}");
+    assert!(e.to_string().contains("gpt2"), "{e}");
     // A config whose sizes do not fit the weights names the tensor and both shapes.
     cfg["model_type"] = "bert".into();
     cfg["architectures"] = serde_json::json!(["BertModel"]);

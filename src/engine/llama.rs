@@ -55,6 +55,123 @@ pub const LINEAR_SLOTS: [(&str, &str); 7] = [
     ("mlp.down_proj", "ffn_down"),
 ];
 
+impl LlamaConfig {
+    /// Whether the attention shape is consistent (the reason if not).
+    fn check(&self) -> Result<(), String> {
+        if self.heads == 0
+            || self.kv_heads == 0
+            || self.hidden % self.heads != 0
+            || self.heads % self.kv_heads != 0
+            || self.head_dim() % 2 != 0
+            || self.layers == 0
+            || self.vocab == 0
+        {
+            return Err(format!(
+                "inconsistent shape: hidden {}, {} heads, {} key/value heads, {} layers, vocabulary {}",
+                self.hidden, self.heads, self.kv_heads, self.layers, self.vocab
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The `config.json` fields of a Hugging Face Llama-family model that this engine reads.
+#[derive(Debug, serde::Deserialize)]
+struct HfLlamaConfig {
+    model_type: String,
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    intermediate_size: usize,
+    vocab_size: usize,
+    rope_theta: Option<f64>,
+    rms_norm_eps: Option<f64>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    hidden_act: Option<String>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    rope_scaling: Option<serde_json::Value>,
+    head_dim: Option<usize>,
+}
+
+/// The Hugging Face `model_type`s this engine runs (Mistral is Llama with a sliding window that only
+/// matters beyond its window, thousands of tokens, far above the engine's `max_len`).
+pub const HF_DECODER_TYPES: [&str; 2] = ["llama", "mistral"];
+
+impl HfLlamaConfig {
+    fn config(&self, path: &Path) -> EngineResult<LlamaConfig> {
+        let unsupported = |found: String| EngineError::UnsupportedArchitecture {
+            path: path.to_path_buf(),
+            found,
+        };
+        if !HF_DECODER_TYPES.contains(&self.model_type.as_str()) {
+            return Err(unsupported(format!("model_type {:?}", self.model_type)));
+        }
+        if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
+            return Err(unsupported(format!("hidden_act {act:?} (Llama uses silu)")));
+        }
+        if self.attention_bias == Some(true) || self.mlp_bias == Some(true) {
+            return Err(unsupported(
+                "attention_bias or mlp_bias true (biased Llama variants)".into(),
+            ));
+        }
+        if let Some(r) = self.rope_scaling.as_ref().filter(|r| !r.is_null()) {
+            return Err(unsupported(format!(
+                "rope_scaling {r} (plain rotary embeddings only)"
+            )));
+        }
+        let config = LlamaConfig {
+            hidden: self.hidden_size,
+            layers: self.num_hidden_layers,
+            heads: self.num_attention_heads,
+            kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
+            intermediate: self.intermediate_size,
+            vocab: self.vocab_size,
+            rope_theta: self.rope_theta.unwrap_or(10_000.0),
+            rms_eps: self.rms_norm_eps.unwrap_or(1e-6),
+            max_positions: self.max_position_embeddings.unwrap_or(2048),
+        };
+        if let Some(hd) = self
+            .head_dim
+            .filter(|&hd| hd != config.hidden / config.heads.max(1))
+        {
+            return Err(unsupported(format!(
+                "head_dim {hd} other than hidden_size / num_attention_heads"
+            )));
+        }
+        config.check().map_err(|reason| EngineError::ModelConfig {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        Ok(config)
+    }
+}
+
+/// The GGUF name of a Hugging Face weight of a Llama model (the inverse of [`hf_name`]).
+fn gguf_name(hf: &str) -> String {
+    match hf {
+        "model.embed_tokens.weight" => return "token_embd.weight".into(),
+        "model.norm.weight" => return "output_norm.weight".into(),
+        "lm_head.weight" => return "output.weight".into(),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.").unwrap_or(hf);
+    let (layer, rest) = rest.split_once('.').unwrap_or((rest, ""));
+    let (module, suffix) = rest.rsplit_once('.').unwrap_or((rest, ""));
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        m => LINEAR_SLOTS
+            .iter()
+            .find(|(s, _)| *s == m)
+            .map(|(_, g)| *g)
+            .unwrap_or(m),
+    };
+    format!("blk.{layer}.{g}.{suffix}")
+}
+
 /// The Hugging Face name of a GGUF tensor of a Llama model (`blk.3.attn_q.weight` to
 /// `model.layers.3.self_attn.q_proj.weight`), or `None` for a name outside the architecture.
 pub fn hf_name(gguf: &str) -> Option<String> {
@@ -169,31 +286,19 @@ impl LlamaModel {
         };
         let vocab = read_vocab(path, md)?;
         let heads = int("attention.head_count")?;
+        let kv_heads = int("attention.head_count_kv").unwrap_or(heads);
         let config = LlamaConfig {
             hidden: int("embedding_length")?,
             layers: int("block_count")?,
             heads,
-            kv_heads: int("attention.head_count_kv").unwrap_or(heads),
+            kv_heads,
             intermediate: int("feed_forward_length")?,
             vocab: vocab.tokens.len(),
             rope_theta: float("rope.freq_base", 10_000.0)?,
             rms_eps: float("attention.layer_norm_rms_epsilon", 1e-5)?,
             max_positions: int("context_length").unwrap_or(2048),
         };
-        if config.heads == 0
-            || config.kv_heads == 0
-            || config.hidden % config.heads != 0
-            || config.heads % config.kv_heads != 0
-            || config.head_dim() % 2 != 0
-        {
-            return Err(gguf_err(
-                path,
-                format!(
-                    "inconsistent attention shape: hidden {}, {} heads, {} key/value heads",
-                    config.hidden, config.heads, config.kv_heads
-                ),
-            ));
-        }
+        config.check().map_err(|reason| gguf_err(path, reason))?;
         let mut tensor = |name: &str, shape: &[usize]| -> EngineResult<Tensor> {
             let info =
                 content
@@ -229,52 +334,179 @@ impl LlamaModel {
             }
             Ok(t)
         };
+        let has_head = content.tensor_infos.contains_key("output.weight");
+        let model = LlamaModel::assemble(config, device, has_head, |hf, shape| {
+            let g = gguf_name(hf);
+            let w = tensor(&g, shape)?;
+            // llama.cpp stores q and k rows permuted for its interleaved rotary layout; undo it.
+            let heads = if hf.ends_with("self_attn.q_proj.weight") {
+                Some(heads)
+            } else if hf.ends_with("self_attn.k_proj.weight") {
+                Some(kv_heads)
+            } else {
+                None
+            };
+            match heads {
+                Some(n) => unpermute(&w, n).map_err(|e| gguf_err(path, format!("{g}: {e}"))),
+                None => Ok(w),
+            }
+        })?;
+        Ok((model, vocab))
+    }
+
+    /// Build the model from its weights by Hugging Face name (`get(name, shape)` returns an f32 tensor of
+    /// that shape). `has_head`: an `lm_head.weight` of its own (else tied to the embeddings).
+    fn assemble(
+        config: LlamaConfig,
+        device: &Device,
+        has_head: bool,
+        mut get: impl FnMut(&str, &[usize]) -> EngineResult<Tensor>,
+    ) -> EngineResult<LlamaModel> {
         let (h, f, d) = (config.hidden, config.intermediate, config.head_dim());
         let kv = config.kv_heads * d;
-        let embed = tensor("token_embd.weight", &[config.vocab, h])?;
+        let embed = get("model.embed_tokens.weight", &[config.vocab, h])?;
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
-            let name = |m: &str| format!("blk.{i}.{m}.weight");
+            let p = format!("model.layers.{i}");
             let shapes: [[usize; 2]; 7] =
                 [[h, h], [kv, h], [kv, h], [h, h], [f, h], [f, h], [h, f]];
             let mut linear = Vec::with_capacity(7);
-            for ((_, g), shape) in LINEAR_SLOTS.iter().zip(shapes) {
-                let w = tensor(&name(g), &shape)?;
-                // llama.cpp stores q and k rows permuted for its interleaved rotary layout; undo it.
-                let w = match *g {
-                    "attn_q" => unpermute(&w, config.heads),
-                    "attn_k" => unpermute(&w, config.kv_heads),
-                    _ => Ok(w),
-                }
-                .map_err(|e| gguf_err(path, format!("{}: {e}", name(g))))?;
+            for ((slot, _), shape) in LINEAR_SLOTS.iter().zip(shapes) {
+                let weight = get(&format!("{p}.{slot}.weight"), &shape)?;
                 let bias = Tensor::zeros(shape[0], DType::F32, device)?;
-                linear.push(Linear { weight: w, bias });
+                linear.push(Linear { weight, bias });
             }
             layers.push(Layer {
-                attn_norm: tensor(&name("attn_norm"), &[h])?,
+                attn_norm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
                 linear,
-                ffn_norm: tensor(&name("ffn_norm"), &[h])?,
+                ffn_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
             });
         }
-        let norm = tensor("output_norm.weight", &[h])?;
-        let lm_head = if content.tensor_infos.contains_key("output.weight") {
-            Some(tensor("output.weight", &[config.vocab, h])?)
+        let norm = get("model.norm.weight", &[h])?;
+        let lm_head = if has_head {
+            Some(get("lm_head.weight", &[config.vocab, h])?)
         } else {
             None
         };
         let head_bias = Tensor::zeros(config.vocab, DType::F32, device)?;
-        Ok((
-            LlamaModel {
-                config,
-                device: device.clone(),
-                embed,
-                layers,
-                norm,
-                lm_head,
-                head_bias,
-            },
-            vocab,
-        ))
+        Ok(LlamaModel {
+            config,
+            device: device.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            head_bias,
+        })
+    }
+
+    /// Load a Hugging Face folder of a Llama-family model: `config.json` (`model_type` llama or mistral)
+    /// and `model.safetensors` (or the shards `model.safetensors.index.json` lists), any float dtype,
+    /// widened to f32 on `device`.
+    pub fn from_hf_folder(dir: &Path, device: &Device) -> EngineResult<LlamaModel> {
+        let cfg_path = dir.join("config.json");
+        let bytes = std::fs::read(&cfg_path).map_err(|source| EngineError::Io {
+            path: cfg_path.clone(),
+            source,
+        })?;
+        let hf: HfLlamaConfig =
+            serde_json::from_slice(&bytes).map_err(|e| EngineError::ModelConfig {
+                path: cfg_path.clone(),
+                reason: e.to_string(),
+            })?;
+        let config = hf.config(&cfg_path)?;
+        // Weights: one file, or the shards of an index.
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<std::path::PathBuf> = if index.is_file() {
+            let v: serde_json::Value = std::fs::read(&index)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .ok_or_else(|| EngineError::ModelConfig {
+                    path: index.clone(),
+                    reason: "not a safetensors index (JSON with a weight_map)".into(),
+                })?;
+            let mut shards: Vec<String> = v["weight_map"]
+                .as_object()
+                .map(|m| {
+                    m.values()
+                        .filter_map(|f| f.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            shards.sort();
+            shards.dedup();
+            shards.into_iter().map(|f| dir.join(f)).collect()
+        } else {
+            vec![dir.join("model.safetensors")]
+        };
+        let mut weights = std::collections::HashMap::new();
+        for file in &files {
+            let map =
+                candle_core::safetensors::load(file, device).map_err(|e| EngineError::Weights {
+                    path: file.clone(),
+                    reason: e.to_string(),
+                })?;
+            weights.extend(map);
+        }
+        let weights_path = files[0].clone();
+        let has_head =
+            weights.contains_key("lm_head.weight") && !hf.tie_word_embeddings.unwrap_or(false);
+        LlamaModel::assemble(config, device, has_head, |name, shape| {
+            let t = weights.remove(name).ok_or_else(|| EngineError::MissingWeight {
+                path: weights_path.clone(),
+                tensor: name.to_string(),
+                hint: " (a Llama-family checkpoint names its weights model.layers.N.self_attn.q_proj.weight ...)".into(),
+            })?;
+            let t = t.to_dtype(DType::F32)?;
+            if t.dims() != shape {
+                return Err(EngineError::WeightShape {
+                    path: weights_path.clone(),
+                    tensor: name.to_string(),
+                    expected: shape.to_vec(),
+                    found: t.dims().to_vec(),
+                });
+            }
+            Ok(t)
+        })
+    }
+
+    /// Write this model as a Hugging Face folder (`config.json` for `LlamaForCausalLM` and
+    /// `model.safetensors`, f32): what [`LlamaModel::from_hf_folder`] and transformers load.
+    pub fn save_hf_folder(&self, dir: &Path) -> EngineResult<()> {
+        let io = |path: &Path, source: std::io::Error| EngineError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let c = &self.config;
+        let cfg = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": c.hidden,
+            "num_hidden_layers": c.layers,
+            "num_attention_heads": c.heads,
+            "num_key_value_heads": c.kv_heads,
+            "intermediate_size": c.intermediate,
+            "vocab_size": c.vocab,
+            "rope_theta": c.rope_theta,
+            "rms_norm_eps": c.rms_eps,
+            "max_position_embeddings": c.max_positions,
+            "tie_word_embeddings": self.lm_head.is_none(),
+            "hidden_act": "silu",
+            "attention_bias": false,
+            "mlp_bias": false,
+            "torch_dtype": "float32",
+        });
+        let path = dir.join("config.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&cfg).unwrap_or_default())
+            .map_err(|e| io(&path, e))?;
+        let map: std::collections::HashMap<String, Tensor> =
+            self.named_weights().into_iter().collect();
+        let path = dir.join("model.safetensors");
+        candle_core::safetensors::save(&map, &path).map_err(|e| EngineError::Weights {
+            path,
+            reason: e.to_string(),
+        })
     }
 
     /// This model with a LoRA adapter's updates `scale * B A` merged into the weights it targets (the seven

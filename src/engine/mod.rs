@@ -209,6 +209,13 @@ pub struct Engine {
     pub prompt: Option<DecoderPrompt>,
 }
 
+fn read_tokenizer(path: &Path) -> EngineResult<tokenizers::Tokenizer> {
+    tokenizers::Tokenizer::from_file(path).map_err(|e| EngineError::Tokenizer {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
 /// The GGUF file a model path names: the path itself when it is a file, else the one `*.gguf` in a
 /// folder without `config.json`.
 fn gguf_path(path: &Path) -> EngineResult<Option<PathBuf>> {
@@ -247,8 +254,9 @@ fn gguf_path(path: &Path) -> EngineResult<Option<PathBuf>> {
 }
 
 impl Engine {
-    /// Load a Hugging Face model folder (config.json, model.safetensors, tokenizer.json) or a
-    /// Llama-family GGUF file (or a folder holding one).
+    /// Load a Hugging Face model folder (config.json, model.safetensors or its shards, tokenizer.json) of
+    /// a BERT-family encoder or a Llama-family decoder, or a Llama-family GGUF file (or a folder holding
+    /// one, with an optional tokenizer.json beside it).
     pub fn load(model_dir: &Path, device: &Device) -> EngineResult<Engine> {
         Engine::load_with(model_dir, device, &EngineOptions::default())
     }
@@ -272,6 +280,16 @@ impl Engine {
         }
         if let Some(gguf) = gguf_path(model_dir)? {
             return Engine::load_gguf(&gguf, device, opts);
+        }
+        let model_type = std::fs::read(model_dir.join("config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["model_type"].as_str().map(String::from));
+        if model_type
+            .as_deref()
+            .is_some_and(|t| llama::HF_DECODER_TYPES.contains(&t))
+        {
+            return Engine::load_hf_decoder(model_dir, device, opts);
         }
         for file in ["config.json", "model.safetensors", "tokenizer.json"] {
             if !model_dir.join(file).is_file() {
@@ -304,16 +322,52 @@ impl Engine {
         let (model, vocab) = LlamaModel::from_gguf(path, device)?;
         let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let beside = dir.join("tokenizer.json");
-        let inner = if beside.is_file() {
-            tokenizers::Tokenizer::from_file(&beside).map_err(|e| EngineError::Tokenizer {
-                path: beside.clone(),
-                reason: e.to_string(),
-            })?
+        let (inner, tok_path) = if beside.is_file() {
+            (read_tokenizer(&beside)?, beside)
         } else {
-            vocab.tokenizer(path)?
+            (vocab.tokenizer(path)?, path.to_path_buf())
         };
         let pad = vocab.eos.unwrap_or(0);
-        let tokenizer = TextTokenizer::from_tokenizer(inner, pad, opts.max_len, path)?;
+        Engine::decoder(model, inner, &tok_path, pad, dir, device, opts)
+    }
+
+    fn load_hf_decoder(dir: &Path, device: &Device, opts: &EngineOptions) -> EngineResult<Engine> {
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.is_file() {
+            return Err(EngineError::ModelFileMissing {
+                dir: dir.to_path_buf(),
+                file: "tokenizer.json",
+            });
+        }
+        let model = LlamaModel::from_hf_folder(dir, device)?;
+        let inner = read_tokenizer(&tok_path)?;
+        let pad = ["<|endoftext|>", "</s>", "<pad>", "<|end_of_text|>"]
+            .iter()
+            .find_map(|t| inner.token_to_id(t))
+            .unwrap_or(0);
+        Engine::decoder(
+            model,
+            inner,
+            &tok_path,
+            pad,
+            dir.to_path_buf(),
+            device,
+            opts,
+        )
+    }
+
+    /// A decoder engine: the prompt template tokenized once (with the tokenizer's own start token, if its
+    /// post-processor adds one).
+    fn decoder(
+        model: LlamaModel,
+        inner: tokenizers::Tokenizer,
+        tok_path: &Path,
+        pad: u32,
+        dir: PathBuf,
+        device: &Device,
+        opts: &EngineOptions,
+    ) -> EngineResult<Engine> {
+        let tokenizer = TextTokenizer::from_tokenizer(inner, pad, opts.max_len, tok_path)?;
         let Some((before, after)) = opts.prompt.split_once("{text}") else {
             return Err(EngineError::InvalidArgument(format!(
                 "the prompt template {:?} has no {{text}} for the input",
@@ -321,8 +375,12 @@ impl Engine {
             )));
         };
         let mut head = tokenizer.tokenize_plain(&[before])?.remove(0);
-        if let (true, Some(bos)) = (vocab.add_bos, vocab.bos) {
-            head.insert(0, bos);
+        // A start token (Llama-2's <s>) is whatever the post-processor puts before a text.
+        let plain = tokenizer.tokenize_full(&["a"])?.remove(0);
+        let special = tokenizer.tokenize(&["a"])?.remove(0);
+        if special.len() > plain.len() && special.ends_with(&plain) {
+            let n = special.len() - plain.len();
+            head.splice(0..0, special[..n].iter().copied());
         }
         let tail = tokenizer.tokenize_plain(&[after])?.remove(0);
         if head.len() + tail.len() + opts.max_len > model.config.max_positions {
