@@ -3,8 +3,8 @@
 that an adapter peftdb trained (or merged) loads in PEFT and gives the same answers.
 
 The model is the GGUF file transformers dequantizes (as scripts/decoder_reference.py does); each input is
-`prompt.replace("{text}", text)` with the text truncated to MAX_LEN tokens (no special tokens; SmolLM2's
-GGUF adds no BOS), and each label's score is the summed log-likelihood of `" " + label text` after it.
+`prompt.replace("{text}", text)` with the text cut where its MAX_LEN-th token ends, tokenized as one
+string (no special tokens; SmolLM2's GGUF adds no BOS), and each label's score is the summed log-likelihood of `" " + label text` after it.
 Prints one JSON object: the accuracy without and with the adapter, and the first examples' scores.
 
 usage: decoder_peft_check.py MODEL.gguf ADAPTER_DIR TASK_DIR [--split test] [--max-len 64]
@@ -44,7 +44,16 @@ def main():
         rows = rows[: a.limit]
     head, tail = a.prompt.split("{text}", 1)
     ids = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prompts = [ids(head) + ids(r["text"])[: a.max_len] + ids(tail) for r in rows]
+
+    def cut(text):
+        # the text up to where its max_len-th token ends, as peftdb cuts it
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        if len(enc["input_ids"]) <= a.max_len:
+            return text
+        return text[: enc["offset_mapping"][a.max_len - 1][1]]
+
+    # the rendered prompt is tokenized as one string
+    prompts = [ids(head + cut(r["text"]) + tail) for r in rows]
     verbs = [ids(" " + l) for l in labels]
     gold = [r["label"] if isinstance(r["label"], int) else label_of[r["label"]] for r in rows]
 

@@ -505,6 +505,24 @@ fn engine_scores_of_multi_token_labels_and_batches_equal_the_models_log_likeliho
         let p: f32 = got.probs[0].iter().sum();
         assert!((p - 1.0).abs() < 1e-5);
     }
+    // A long text is cut where its max_len-th token ends; the template is tokenized around it as one string.
+    let short = peftdb::engine::Engine::load_with(
+        &gguf(),
+        &Device::Cpu,
+        &peftdb::engine::EngineOptions {
+            max_len: 8,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let cut = short.tokenizer.truncate_text(texts[2]).unwrap();
+    assert!(texts[2].starts_with(cut) && cut.len() < texts[2].len());
+    assert_eq!(short.tokenizer.tokenize_full(&[cut]).unwrap()[0].len(), 8);
+    let whole = short
+        .tokenizer
+        .tokenize_full(&[format!("Input: {cut}\nAnswer:")])
+        .unwrap();
+    assert_eq!(short.tokenize(&[texts[2]]).unwrap(), whole);
     let err = e.tokenize_labels(&["positive", " "]).unwrap_err();
     assert!(err.to_string().contains("label 1"), "{err}");
 }
@@ -662,4 +680,51 @@ fn a_hugging_face_folder_of_the_model_loads_and_scores_as_the_gguf() {
     std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
     let e = Engine::load_with(&dir, &Device::Cpu, &opts).unwrap_err();
     assert!(e.to_string().contains("tokenizer.json"), "{e}");
+}
+
+#[test]
+fn a_peft_ia3_adapter_runs_on_the_decoder_as_in_peft() {
+    use peftdb::engine::{Grad, DEFAULT_TEMPERATURE};
+    let e = engine("Input: {text}\nAnswer:");
+    let r: Value = serde_json::from_slice(
+        &std::fs::read(root().join("tests/fixtures/decoder/ia3_reference.json")).unwrap(),
+    )
+    .unwrap();
+    let ia3 = read_adapter(
+        &root().join("tests/fixtures/decoder/ia3_kvd"),
+        &ReadOptions::default(),
+    )
+    .expect("the PEFT IA3 reads");
+    // k_proj and v_proj scale their outputs, down_proj (a feed-forward module) its input, in 30 layers.
+    assert_eq!(ia3.tensors.len(), 30 * 3);
+    let set = e.prepare(&ia3).expect("the IA3 fits the decoder");
+    let texts = ["a wonderful, moving film", "dull and far too long"];
+    let verbs = [" positive", " negative", " very bad indeed"];
+    let inputs = e.tokenize(&texts).unwrap();
+    let rows: Vec<&[u32]> = inputs.iter().map(|r| r.as_slice()).collect();
+    let labels = e.tokenize_labels(&verbs.map(|v| v.trim_start())).unwrap();
+    for (adapter, want, what) in [
+        (None, &r["bare"], "bare"),
+        (Some(&set), &r["ia3"]["logliks"], "ia3"),
+    ] {
+        let got = e
+            .label_logits(adapter, &labels, &rows, DEFAULT_TEMPERATURE, Grad::No)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (i, row) in got.iter().enumerate() {
+            for (c, v) in verbs.iter().enumerate() {
+                let w = want[i][v].as_f64().unwrap();
+                assert!(
+                    (row[c] as f64 - w).abs() < 1e-4,
+                    "{what}, text {i}, {v:?}: {} vs {w}",
+                    row[c]
+                );
+            }
+        }
+    }
+    // The adapter changes the scores (the check above is not the bare model's).
+    let d = r["ia3"]["logliks"][0][" positive"].as_f64().unwrap()
+        - r["bare"][0][" positive"].as_f64().unwrap();
+    assert!(d.abs() > 0.05, "{d}");
 }

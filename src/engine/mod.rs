@@ -189,12 +189,15 @@ impl Backbone {
     }
 }
 
-/// How a decoder wraps inputs: the prompt's token ids before and after the text.
+/// How a decoder wraps inputs: the template's text before and after the input, and the tokenizer's start
+/// token(s). The rendered prompt is tokenized as one string (so a space before the input merges with its
+/// first word, as it would in any text), after the input is cut to `max_len` tokens.
 #[derive(Debug, Clone)]
 pub struct DecoderPrompt {
     pub template: String,
-    head: Vec<u32>,
-    tail: Vec<u32>,
+    before: String,
+    after: String,
+    start: Vec<u32>,
 }
 
 /// A loaded base model with its tokenizer, on one device.
@@ -374,19 +377,21 @@ impl Engine {
                 opts.prompt
             )));
         };
-        let mut head = tokenizer.tokenize_plain(&[before])?.remove(0);
         // A start token (Llama-2's <s>) is whatever the post-processor puts before a text.
         let plain = tokenizer.tokenize_full(&["a"])?.remove(0);
         let special = tokenizer.tokenize(&["a"])?.remove(0);
-        if special.len() > plain.len() && special.ends_with(&plain) {
-            let n = special.len() - plain.len();
-            head.splice(0..0, special[..n].iter().copied());
-        }
-        let tail = tokenizer.tokenize_plain(&[after])?.remove(0);
-        if head.len() + tail.len() + opts.max_len > model.config.max_positions {
+        let start = if special.len() > plain.len() && special.ends_with(&plain) {
+            special[..special.len() - plain.len()].to_vec()
+        } else {
+            Vec::new()
+        };
+        let around = tokenizer
+            .tokenize_full(&[format!("{before}{after}")])?
+            .remove(0);
+        if start.len() + around.len() + opts.max_len > model.config.max_positions {
             return Err(EngineError::InvalidArgument(format!(
                 "prompt ({} tokens) plus max_len {} exceed the model's {} positions; lower max_len",
-                head.len() + tail.len(),
+                start.len() + around.len(),
                 opts.max_len,
                 model.config.max_positions
             )));
@@ -398,8 +403,9 @@ impl Engine {
             model_dir: dir,
             prompt: Some(DecoderPrompt {
                 template: opts.prompt.clone(),
-                head,
-                tail,
+                before: before.to_string(),
+                after: after.to_string(),
+                start,
             }),
         })
     }
@@ -414,12 +420,21 @@ impl Engine {
     pub fn tokenize<S: AsRef<str>>(&self, texts: &[S]) -> EngineResult<Vec<TokenIds>> {
         match &self.prompt {
             None => self.tokenizer.tokenize(texts),
-            Some(p) => Ok(self
-                .tokenizer
-                .tokenize_plain(texts)?
-                .into_iter()
-                .map(|t| [p.head.as_slice(), t.as_slice(), p.tail.as_slice()].concat())
-                .collect()),
+            Some(p) => {
+                let rendered: Vec<String> = texts
+                    .iter()
+                    .map(|t| {
+                        let t = self.tokenizer.truncate_text(t.as_ref())?;
+                        Ok(format!("{}{t}{}", p.before, p.after))
+                    })
+                    .collect::<EngineResult<_>>()?;
+                Ok(self
+                    .tokenizer
+                    .tokenize_full(&rendered)?
+                    .into_iter()
+                    .map(|ids| [p.start.as_slice(), ids.as_slice()].concat())
+                    .collect())
+            }
         }
     }
 

@@ -19,6 +19,8 @@ pub type TokenIds = Vec<u32>;
 #[derive(Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
+    /// The same tokenizer without truncation (a decoder's rendered prompts, its verbalizers).
+    full: Tokenizer,
     pad_id: u32,
     max_len: usize,
     path: PathBuf,
@@ -42,7 +44,7 @@ impl TextTokenizer {
                 "max_len {max_len} is too small (at least 2 for the special tokens)"
             )));
         }
-        let mut inner = Tokenizer::from_file(path).map_err(|e| EngineError::Tokenizer {
+        let inner = Tokenizer::from_file(path).map_err(|e| EngineError::Tokenizer {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
@@ -52,22 +54,7 @@ impl TextTokenizer {
             .or_else(|| inner.token_to_id("[PAD]"))
             .or_else(|| inner.token_to_id("<pad>"))
             .unwrap_or(0);
-        inner.with_padding(None);
-        inner
-            .with_truncation(Some(TruncationParams {
-                max_length: max_len,
-                ..Default::default()
-            }))
-            .map_err(|e| EngineError::Tokenizer {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
-        Ok(TextTokenizer {
-            inner,
-            pad_id,
-            max_len,
-            path: path.to_path_buf(),
-        })
+        TextTokenizer::from_tokenizer(inner, pad_id, max_len, path)
     }
 
     /// Wrap a tokenizer built in memory (e.g. from GGUF metadata); `path` names its source in errors.
@@ -83,6 +70,12 @@ impl TextTokenizer {
             )));
         }
         inner.with_padding(None);
+        let mut full = inner.clone();
+        full.with_truncation(None)
+            .map_err(|e| EngineError::Tokenizer {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
         inner
             .with_truncation(Some(TruncationParams {
                 max_length: max_len,
@@ -94,10 +87,28 @@ impl TextTokenizer {
             })?;
         Ok(TextTokenizer {
             inner,
+            full,
             pad_id,
             max_len,
             path: path.to_path_buf(),
         })
+    }
+
+    /// The longest prefix of `text` whose tokens (no special tokens) are its first `max_len` tokens: the
+    /// text cut where its `max_len`-th token ends (at a character boundary).
+    pub fn truncate_text<'a>(&self, text: &'a str) -> EngineResult<&'a str> {
+        let enc = self
+            .full
+            .encode(text, false)
+            .map_err(|e| EngineError::Tokenize(e.to_string()))?;
+        if enc.len() <= self.max_len {
+            return Ok(text);
+        }
+        let mut end = enc.get_offsets()[self.max_len - 1].1.min(text.len());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        Ok(&text[..end])
     }
 
     /// Tokenize without special tokens, truncated to `max_len` (a decoder's input text).
@@ -110,22 +121,14 @@ impl TextTokenizer {
         Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
     }
 
-    /// Tokenize without special tokens and without truncation (a decoder's verbalizers).
+    /// Tokenize without special tokens and without truncation (a decoder's prompts and verbalizers).
     pub fn tokenize_full<S: AsRef<str>>(&self, texts: &[S]) -> EngineResult<Vec<TokenIds>> {
-        texts
-            .iter()
-            .map(|t| {
-                let mut enc = self
-                    .inner
-                    .encode(t.as_ref(), false)
-                    .map_err(|e| EngineError::Tokenize(e.to_string()))?;
-                let mut ids = enc.get_ids().to_vec();
-                for o in enc.take_overflowing() {
-                    ids.extend_from_slice(o.get_ids());
-                }
-                Ok(ids)
-            })
-            .collect()
+        let inputs: Vec<&str> = texts.iter().map(|s| s.as_ref()).collect();
+        let encs = self
+            .full
+            .encode_batch(inputs, false)
+            .map_err(|e| EngineError::Tokenize(e.to_string()))?;
+        Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
     }
 
     pub fn max_len(&self) -> usize {
