@@ -111,24 +111,9 @@ impl TextTokenizer {
         Ok(&text[..end])
     }
 
-    /// Tokenize without special tokens, truncated to `max_len` (a decoder's input text).
-    pub fn tokenize_plain<S: AsRef<str>>(&self, texts: &[S]) -> EngineResult<Vec<TokenIds>> {
-        let inputs: Vec<&str> = texts.iter().map(|s| s.as_ref()).collect();
-        let encs = self
-            .inner
-            .encode_batch(inputs, false)
-            .map_err(|e| EngineError::Tokenize(e.to_string()))?;
-        Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
-    }
-
     /// Tokenize without special tokens and without truncation (a decoder's prompts and verbalizers).
     pub fn tokenize_full<S: AsRef<str>>(&self, texts: &[S]) -> EngineResult<Vec<TokenIds>> {
-        let inputs: Vec<&str> = texts.iter().map(|s| s.as_ref()).collect();
-        let encs = self
-            .full
-            .encode_batch(inputs, false)
-            .map_err(|e| EngineError::Tokenize(e.to_string()))?;
-        Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
+        encode(&self.full, texts, false)
     }
 
     pub fn max_len(&self) -> usize {
@@ -141,12 +126,7 @@ impl TextTokenizer {
 
     /// Tokenize texts (in parallel; the result does not depend on the thread count).
     pub fn tokenize<S: AsRef<str>>(&self, texts: &[S]) -> EngineResult<Vec<TokenIds>> {
-        let inputs: Vec<&str> = texts.iter().map(|s| s.as_ref()).collect();
-        let encs = self
-            .inner
-            .encode_batch(inputs, true)
-            .map_err(|e| EngineError::Tokenize(e.to_string()))?;
-        Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
+        encode(&self.inner, texts, true)
     }
 
     /// Tokenize and pad in one go.
@@ -155,6 +135,18 @@ impl TextTokenizer {
         let rows: Vec<&[u32]> = ids.iter().map(|r| r.as_slice()).collect();
         Batch::pad(&rows, self.pad_id, device)
     }
+}
+
+fn encode<S: AsRef<str>>(
+    tok: &Tokenizer,
+    texts: &[S],
+    special: bool,
+) -> EngineResult<Vec<TokenIds>> {
+    let inputs: Vec<&str> = texts.iter().map(|s| s.as_ref()).collect();
+    let encs = tok
+        .encode_batch(inputs, special)
+        .map_err(|e| EngineError::Tokenize(e.to_string()))?;
+    Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
 }
 
 /// A padded batch: token ids (B, S) u32 and attention mask (B, S) f32 (1 = token, 0 = padding).

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import peftdb
-from conftest import DEMO_ZOO, run_cli
+from conftest import DEMO_ZOO, ROOT, run_cli
 
 FAST = dict(shots=4, steps=4, k=4, progress=False)
 
@@ -95,3 +95,25 @@ def test_the_initialization_loads_in_peft(demo, tasks_dir, model_dir, tmp_path):
     out = subprocess.run([PEFT_PYTHON, "-c", script, str(model_dir), str(res.out)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.split()[-1]) == 24  # LoRA r=8 on query and value of 6 layers: A and B
+
+
+def test_a_decoder_model_evaluates_like_the_cli(tasks_dir, cli):
+    """A Llama-family GGUF (scripts/fetch-decoder.sh) loads as a Model, with a prompt, and scores a task as
+    `peftdb eval` does; the PEFT LoRA fixture for it runs too."""
+    gguf = ROOT / "models" / "smollm2-135m-instruct" / "model.gguf"
+    assert gguf.is_file(), f"{gguf}: run scripts/fetch-decoder.sh"
+    folder = tasks_dir / "metaphor_paraphrase"
+    prompt = "Text: {text}\nIs it a paraphrase? Answer:"
+    m = peftdb.Model(gguf, max_len=32, prompt=prompt)
+    lora = ROOT / "tests" / "fixtures" / "decoder" / "lora_r8_all"
+    for adapter in (None, lora):
+        got = peftdb.evaluate(m, folder, adapter, split="dev", progress=False)
+        args = ["eval", "--model", str(gguf), "--task", str(folder), "--split", "dev", "--max-len", "32",
+                "--prompt", prompt]
+        if adapter is not None:
+            args += ["--adapter", str(adapter)]
+        want = json.loads(run_cli(cli, ROOT / "unused.peftdb", *args))
+        assert got.accuracy == want["accuracy"] and got.examples == want["examples"] == 80
+        assert got.loss == pytest.approx(want["loss"], rel=1e-9)
+    with pytest.raises(peftdb.errors.InvalidInputError):
+        peftdb.Model(gguf, prompt="no placeholder")
