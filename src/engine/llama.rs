@@ -149,47 +149,51 @@ impl HfLlamaConfig {
     }
 }
 
+/// Whole-model tensors: (Hugging Face name, GGUF name).
+const GLOBAL_NAMES: [(&str, &str); 3] = [
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+];
+
+/// Per-layer modules other than the linear layers: (Hugging Face module, GGUF module).
+const NORM_SLOTS: [(&str, &str); 2] = [
+    ("input_layernorm", "attn_norm"),
+    ("post_attention_layernorm", "ffn_norm"),
+];
+
 /// The GGUF name of a Hugging Face weight of a Llama model (the inverse of [`hf_name`]).
 fn gguf_name(hf: &str) -> String {
-    match hf {
-        "model.embed_tokens.weight" => return "token_embd.weight".into(),
-        "model.norm.weight" => return "output_norm.weight".into(),
-        "lm_head.weight" => return "output.weight".into(),
-        _ => {}
+    if let Some((_, g)) = GLOBAL_NAMES.iter().find(|(h, _)| *h == hf) {
+        return g.to_string();
     }
     let rest = hf.strip_prefix("model.layers.").unwrap_or(hf);
     let (layer, rest) = rest.split_once('.').unwrap_or((rest, ""));
     let (module, suffix) = rest.rsplit_once('.').unwrap_or((rest, ""));
-    let g = match module {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        m => LINEAR_SLOTS
-            .iter()
-            .find(|(s, _)| *s == m)
-            .map(|(_, g)| *g)
-            .unwrap_or(m),
-    };
+    let g = NORM_SLOTS
+        .iter()
+        .chain(&LINEAR_SLOTS)
+        .find(|(h, _)| *h == module)
+        .map(|(_, g)| *g)
+        .unwrap_or(module);
     format!("blk.{layer}.{g}.{suffix}")
 }
 
 /// The Hugging Face name of a GGUF tensor of a Llama model (`blk.3.attn_q.weight` to
 /// `model.layers.3.self_attn.q_proj.weight`), or `None` for a name outside the architecture.
 pub fn hf_name(gguf: &str) -> Option<String> {
-    match gguf {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
+    if let Some((h, _)) = GLOBAL_NAMES.iter().find(|(_, g)| *g == gguf) {
+        return Some(h.to_string());
     }
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, suffix) = rest.split_once('.')?;
-    let hf = match module {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        m => LINEAR_SLOTS.iter().find(|(_, g)| *g == m)?.0,
-    };
+    let hf = NORM_SLOTS
+        .iter()
+        .chain(&LINEAR_SLOTS)
+        .find(|(_, g)| *g == module)?
+        .0;
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))
 }
 
@@ -238,6 +242,20 @@ fn gguf_err(path: &Path, reason: impl Into<String>) -> EngineError {
         path: path.to_path_buf(),
         reason: reason.into(),
     }
+}
+
+/// `t`, if it has the shape the architecture expects; else the error naming the file, the tensor and both
+/// shapes.
+fn expect_shape(path: &Path, name: &str, t: Tensor, shape: &[usize]) -> EngineResult<Tensor> {
+    if t.dims() != shape {
+        return Err(EngineError::WeightShape {
+            path: path.to_path_buf(),
+            tensor: name.to_string(),
+            expected: shape.to_vec(),
+            found: t.dims().to_vec(),
+        });
+    }
+    Ok(t)
 }
 
 /// The architectures this engine runs from GGUF.
@@ -324,15 +342,7 @@ impl LlamaModel {
                 .dequantize(device)
                 .and_then(|t| t.to_dtype(DType::F32))
                 .map_err(|e| gguf_err(path, format!("tensor {name}: {e}")))?;
-            if t.dims() != shape {
-                return Err(EngineError::WeightShape {
-                    path: path.to_path_buf(),
-                    tensor: name.to_string(),
-                    expected: shape.to_vec(),
-                    found: t.dims().to_vec(),
-                });
-            }
-            Ok(t)
+            expect_shape(path, name, t, shape)
         };
         let has_head = content.tensor_infos.contains_key("output.weight");
         let model = LlamaModel::assemble(config, device, has_head, |hf, shape| {
@@ -457,16 +467,7 @@ impl LlamaModel {
                 tensor: name.to_string(),
                 hint: " (a Llama-family checkpoint names its weights model.layers.N.self_attn.q_proj.weight ...)".into(),
             })?;
-            let t = t.to_dtype(DType::F32)?;
-            if t.dims() != shape {
-                return Err(EngineError::WeightShape {
-                    path: weights_path.clone(),
-                    tensor: name.to_string(),
-                    expected: shape.to_vec(),
-                    found: t.dims().to_vec(),
-                });
-            }
-            Ok(t)
+            expect_shape(&weights_path, name, t.to_dtype(DType::F32)?, shape)
         })
     }
 
@@ -597,8 +598,7 @@ impl LlamaModel {
             }
             let flat = hidden.reshape((rows.len() * len, self.config.hidden))?;
             let sel = flat.index_select(&Tensor::new(picks.as_slice(), &self.device)?, 0)?;
-            let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-            let logp = candle_nn::ops::log_softmax(&sel.matmul(&head.t()?)?, D::Minus1)?;
+            let logp = candle_nn::ops::log_softmax(&self.head_logits(&sel, Grad::No)?, D::Minus1)?;
             let logp: Vec<Vec<f32>> = logp.to_vec2()?;
             let mut at = 0;
             for &(p, l) in chunk {
@@ -642,11 +642,8 @@ impl LlamaModel {
     /// positions of the real tokens start at 0, as if each sequence were alone.
     pub fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let hidden = self.hidden_states(ids, mask, None, Grad::No)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let (b, t, h) = hidden.dims3()?;
-        hidden
-            .reshape((b * t, h))?
-            .matmul(&head.t()?)?
+        self.head_logits(&hidden.reshape((b * t, h))?, Grad::No)?
             .reshape((b, t, self.config.vocab))
     }
 
@@ -679,7 +676,8 @@ impl LlamaModel {
             None => Tensor::ones((b, t), DType::F32, dev)?,
         };
         let positions = (mask_f.cumsum(1)? - 1.0)?.relu()?; // (b, t)
-                                                            // Additive attention bias (b, 1, t, t): causal, and no padding key.
+
+        // Additive attention bias (b, 1, t, t): causal, and no padding key.
         let causal: Vec<f32> = (0..t)
             .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
             .collect();
@@ -979,6 +977,25 @@ mod tests {
         );
         assert_eq!(hf_name("blk.x.attn_q.weight"), None);
         assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+
+    #[test]
+    fn gguf_and_hugging_face_names_are_inverse() {
+        for hf in [
+            "model.embed_tokens.weight",
+            "model.norm.weight",
+            "lm_head.weight",
+            "model.layers.7.input_layernorm.weight",
+            "model.layers.7.post_attention_layernorm.weight",
+            "model.layers.29.self_attn.k_proj.weight",
+            "model.layers.0.mlp.down_proj.weight",
+        ] {
+            assert_eq!(hf_name(&gguf_name(hf)).as_deref(), Some(hf), "{hf}");
+        }
+        assert_eq!(
+            gguf_name("model.layers.3.mlp.up_proj.weight"),
+            "blk.3.ffn_up.weight"
+        );
     }
 
     #[test]
