@@ -1,6 +1,8 @@
-//! Errors of the bottom layers: reading adapters, the store, ingestion and export, one enum per
-//! operation area. This module imports nothing above the leaf `crate::dtype`; the umbrella
-//! [`crate::Error`], which gathers every layer's errors, sits at the top of the crate (`lib.rs`).
+//! Errors of the bottom layers, one enum per operation, as redb has them: reading an adapter
+//! ([`ReadError`]), opening a store ([`OpenError`]), a transaction on an open store ([`StoreError`]),
+//! ingesting a zoo ([`IngestError`]) and exporting an object ([`ExportError`]). This module imports
+//! nothing above the leaf `crate::dtype`; the umbrella [`crate::Error`], which gathers every layer's
+//! errors, sits at the top of the crate (`lib.rs`).
 //!
 //! Every variant that concerns a file names it, and the messages say what to do about the problem.
 
@@ -14,7 +16,7 @@ use thiserror::Error;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorKind {
-    /// Another process holds the store open for writing ([`StoreError::Locked`]).
+    /// Another process holds the store open for writing ([`OpenError::Locked`]).
     Locked,
     /// The store's schema is newer than this peftdb.
     NewerSchema,
@@ -176,9 +178,10 @@ pub enum ReadError {
     },
 }
 
-/// Opening, reading or writing the store.
+/// Opening or creating a store ([`crate::store::Store::create`], `open`, `open_read_only`,
+/// `open_for_reading`, `open_or_create`, `with_backend`): what can go wrong before a handle exists.
 #[derive(Debug, Error)]
-pub enum StoreError {
+pub enum OpenError {
     #[error("{path}: the store is open for writing by another process{}; close it (one writer at a time), or open read-only", holder.as_ref().map(|h| format!(" ({h})")).unwrap_or_default())]
     Locked {
         path: PathBuf,
@@ -202,6 +205,17 @@ pub enum StoreError {
     Missing { path: PathBuf },
     #[error("{path}: store already exists")]
     Exists { path: PathBuf },
+    #[error("{path}: the last writer did not close cleanly (crash or failed write) and recovery needs a writable open: open the store for writing once (any peftdb write command, or Store::open / Store::open_for_reading)")]
+    NeedsRecovery { path: PathBuf },
+    /// Reading or writing the file while opening it (the schema check, its creation or upgrade).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Reading or writing an open store: what a transaction on a [`crate::store::Store`] or a
+/// [`crate::store::Snapshot`] can meet.
+#[derive(Debug, Error)]
+pub enum StoreError {
     #[error("{path}: storage error while {during}: {source}; the store keeps every earlier commit (free disk space and re-run)")]
     Storage {
         path: PathBuf,
@@ -223,8 +237,6 @@ pub enum StoreError {
     BaseModelMismatch { base_model: String, detail: String },
     #[error("the store is read-only (opened with open_read_only)")]
     ReadOnly,
-    #[error("{path}: the last writer did not close cleanly (crash or failed write) and recovery needs a writable open: open the store for writing once (any peftdb write command, or Store::open / Store::open_for_reading)")]
-    NeedsRecovery { path: PathBuf },
 }
 
 /// Batch ingestion of a zoo (errors that stop the whole batch; per-adapter problems are reported in the
@@ -272,21 +284,29 @@ impl ReadError {
     }
 }
 
+impl OpenError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            OpenError::Locked { .. } => ErrorKind::Locked,
+            OpenError::NewerSchema { .. } => ErrorKind::NewerSchema,
+            OpenError::OlderSchema { .. } => ErrorKind::OlderSchema,
+            OpenError::NotAStore { .. } => ErrorKind::NotAStore,
+            OpenError::Missing { .. } => ErrorKind::StoreMissing,
+            OpenError::Exists { .. } => ErrorKind::AlreadyExists,
+            OpenError::NeedsRecovery { .. } => ErrorKind::NeedsRecovery,
+            OpenError::Store(e) => e.kind(),
+        }
+    }
+}
+
 impl StoreError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            StoreError::Locked { .. } => ErrorKind::Locked,
-            StoreError::NewerSchema { .. } => ErrorKind::NewerSchema,
-            StoreError::OlderSchema { .. } => ErrorKind::OlderSchema,
-            StoreError::NotAStore { .. } => ErrorKind::NotAStore,
-            StoreError::Missing { .. } => ErrorKind::StoreMissing,
-            StoreError::Exists { .. } => ErrorKind::AlreadyExists,
             StoreError::Storage { .. } => ErrorKind::Io,
             StoreError::Corrupt { .. } => ErrorKind::Corrupt,
             StoreError::NotFound { .. } => ErrorKind::NotFound,
             StoreError::BaseModelMismatch { .. } => ErrorKind::InvalidAdapter,
             StoreError::ReadOnly => ErrorKind::ReadOnly,
-            StoreError::NeedsRecovery { .. } => ErrorKind::NeedsRecovery,
         }
     }
 }

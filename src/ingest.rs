@@ -114,25 +114,18 @@ impl IngestReport {
     }
 }
 
-/// Task metadata and provenance attached to an adapter folder before it is read.
+/// Task metadata and provenance attached to an adapter folder before it is read. Every field is
+/// optional: an absent one is empty.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct Sidecar {
-    #[serde(default)]
     pub task: Option<String>,
-    #[serde(default)]
     pub group: Option<String>,
-    #[serde(default)]
     pub tags: Vec<String>,
-    #[serde(default)]
     pub train_size: Option<u64>,
-    #[serde(default)]
     pub description: Option<String>,
-    #[serde(default)]
     pub stage: Option<String>,
-    #[serde(default)]
     pub metrics: BTreeMap<String, f64>,
-    #[serde(default)]
     pub base_model: Option<String>,
 }
 

@@ -56,6 +56,8 @@ pub enum Error {
     #[error(transparent)]
     Read(#[from] error::ReadError),
     #[error(transparent)]
+    Open(#[from] error::OpenError),
+    #[error(transparent)]
     Store(#[from] error::StoreError),
     #[error(transparent)]
     Ingest(#[from] error::IngestError),
@@ -105,6 +107,7 @@ impl Error {
         use error::ErrorKind;
         match self {
             Error::Read(e) => e.kind(),
+            Error::Open(e) => e.kind(),
             Error::Store(e) => e.kind(),
             Error::Ingest(e) => e.kind(),
             Error::Export(e) => e.kind(),

@@ -4,7 +4,7 @@
 //!   query sees one consistent snapshot (a redb read transaction): a batch is visible entirely or not at
 //!   all, and never goes backwards.
 //! - A second process (or a second handle in the same process) that opens the store for writing gets
-//!   `StoreError::Locked` naming the holder ("pid N on host"); the CLI exits with code 4 and says so.
+//!   `OpenError::Locked` naming the holder ("pid N on host"); the CLI exits with code 4 and says so.
 //! - `Store::open_read_only` works while another process writes, and sees that writer's later commits.
 //! - A writer killed with SIGKILL releases the lock (the stale `.owner` sidecar does not block anyone).
 //!
@@ -14,7 +14,7 @@
 mod common;
 
 use common::{check_integrity, fixture};
-use peftdb::error::StoreError;
+use peftdb::error::{OpenError, StoreError};
 use peftdb::index::{IndexConfig, IndexManager};
 use peftdb::ingest::{ingest_zoo, IngestOptions};
 use peftdb::object::MethodKind;
@@ -169,7 +169,7 @@ fn a_second_writer_in_the_same_process_is_refused_with_the_holder() {
     let db = tmp.path().join("s.peftdb");
     let _w = Store::create(&db).unwrap();
     match Store::open(&db) {
-        Err(StoreError::Locked { holder, path }) => {
+        Err(OpenError::Locked { holder, path }) => {
             assert_eq!(path, db);
             let h = holder.expect("holder named");
             assert!(
@@ -287,7 +287,7 @@ fn a_second_process_gets_a_clear_locked_error_and_may_read() {
 
     // Library: Locked, naming the holder's pid.
     match Store::open(&db) {
-        Err(e @ StoreError::Locked { .. }) => {
+        Err(e @ OpenError::Locked { .. }) => {
             let msg = e.to_string();
             assert!(msg.contains(&format!("pid {}", holder.pid)), "{msg}");
             assert!(msg.contains("another process"), "{msg}");
@@ -343,7 +343,7 @@ fn a_killed_writer_releases_the_lock() {
     let db = tmp.path().join("s.peftdb");
     let mut holder = Holder::start(&db);
     assert_eq!(holder.ingest(&fixture("prompt_10")), 1);
-    assert!(matches!(Store::open(&db), Err(StoreError::Locked { .. })));
+    assert!(matches!(Store::open(&db), Err(OpenError::Locked { .. })));
     holder.child.kill().unwrap(); // SIGKILL: no destructor runs, the .owner sidecar stays behind
     holder.child.wait().unwrap();
     let mut owner = db.as_os_str().to_owned();

@@ -227,7 +227,7 @@ fn sigkill_during_batch_ingestion_never_leaves_a_half_written_store() {
                     check_integrity(&ro);
                     assert_prefix(&snapshot(&ro), &s.reference, trial);
                 }
-                Err(e @ peftdb::error::StoreError::NeedsRecovery { .. }) => {
+                Err(e @ peftdb::error::OpenError::NeedsRecovery { .. }) => {
                     assert!(
                         e.to_string().contains("for writing once"),
                         "trial {trial}: {e}"

@@ -599,7 +599,9 @@ fn decoder_adapters_the_engine_cannot_run_yet_are_refused_clearly() {
 
 #[test]
 fn a_hugging_face_folder_of_the_model_loads_and_scores_as_the_gguf() {
-    use peftdb::engine::{Engine, EngineError, EngineOptions, Grad, DEFAULT_TEMPERATURE};
+    use peftdb::engine::{
+        Engine, EngineError, EngineOptions, Grad, LoadError, DEFAULT_TEMPERATURE,
+    };
     let (m, _) = model();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("smollm2-hf");
@@ -659,8 +661,10 @@ fn a_hugging_face_folder_of_the_model_loads_and_scores_as_the_gguf() {
         std::fs::write(&cfg_path, bad.to_string()).unwrap();
         let e = Engine::load_with(&dir, &Device::Cpu, &opts).unwrap_err();
         assert!(
-            matches!(e, EngineError::UnsupportedArchitecture { .. })
-                && e.to_string().contains(want),
+            matches!(
+                e,
+                EngineError::Load(LoadError::UnsupportedArchitecture { .. })
+            ) && e.to_string().contains(want),
             "{key}: {e}"
         );
         assert!(e.to_string().contains("config.json"), "{e}");
@@ -670,7 +674,10 @@ fn a_hugging_face_folder_of_the_model_loads_and_scores_as_the_gguf() {
     bad["intermediate_size"] = 1000.into();
     std::fs::write(&cfg_path, bad.to_string()).unwrap();
     let e = Engine::load_with(&dir, &Device::Cpu, &opts).unwrap_err();
-    assert!(matches!(e, EngineError::WeightShape { .. }), "{e}");
+    assert!(
+        matches!(e, EngineError::Load(LoadError::WeightShape { .. })),
+        "{e}"
+    );
     assert!(
         e.to_string().contains("gate_proj") && e.to_string().contains("1536"),
         "{e}"

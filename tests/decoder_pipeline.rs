@@ -252,3 +252,101 @@ fn suggest_over_a_store_of_decoder_loras_writes_a_causal_lm_initialization() {
         serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["task_type"], "CAUSAL_LM");
 }
+
+/// A LoRA that also saves a whole module (`modules_to_save`; here a sequence-classification `score` head,
+/// which PEFT's SEQ_CLS task type saves as `base_model.model.score.weight`) is stored and exported
+/// byte-identical, embedded exactly like the same LoRA without it (TuPaTE and the ΔW sketch), and refused
+/// by the engine naming the saved tensor. Without the config listing it, the extra tensor is refused at
+/// read, naming it.
+#[test]
+fn a_lora_with_saved_modules_is_stored_and_exported_but_not_embedded_or_run() {
+    use peftdb::embed::{delta::LoraDelta, tupate};
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/decoder/lora_r8_all");
+    let plain = read_adapter(&fixture, &ReadOptions::default()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let with_head = |saved: serde_json::Value, dir: &Path| {
+        let mut obj = plain.clone();
+        // In the fixture's dtype (f16): a safetensors file holds one dtype.
+        let head: Vec<u8> = (0..2 * 576)
+            .flat_map(|i| half::f16::from_f32((i % 97) as f32 / 97.0 - 0.5).to_le_bytes())
+            .collect();
+        obj.tensors.push(peftdb::object::Tensor {
+            name: "base_model.model.score.weight".into(),
+            dtype: peftdb::object::DType::F16,
+            shape: vec![2, 576],
+            data: head,
+        });
+        let mut cfg: serde_json::Value = serde_json::from_slice(&obj.config_json).unwrap();
+        cfg["modules_to_save"] = saved;
+        obj.config_json = serde_json::to_vec_pretty(&cfg).unwrap();
+        write_adapter(&obj, dir).unwrap();
+    };
+    // Not listed: the head is not a LoRA tensor.
+    let unlisted = tmp.path().join("unlisted");
+    with_head(serde_json::Value::Null, &unlisted);
+    let e = read_adapter(&unlisted, &ReadOptions::default()).unwrap_err();
+    assert!(
+        e.to_string().contains("base_model.model.score.weight"),
+        "{e}"
+    );
+    // Listed: stored as a saved module.
+    let listed = tmp.path().join("listed");
+    with_head(serde_json::json!(["score"]), &listed);
+    let saved = read_adapter(&listed, &ReadOptions::default()).unwrap();
+    assert_eq!(saved.saved_modules(), vec!["score".to_string()]);
+    assert_eq!(saved.tensors.len(), plain.tensors.len() + 1);
+    assert!(saved.is_saved_module_tensor("base_model.model.score.weight"));
+    assert!(!saved.is_saved_module_tensor(&plain.tensors[0].name));
+    assert_eq!(
+        tupate(&saved).unwrap().vector,
+        tupate(&plain).unwrap().vector
+    );
+    assert_eq!(
+        LoraDelta::from_object(&saved).unwrap(),
+        LoraDelta::from_object(&plain).unwrap()
+    );
+    // The store keeps it whole: the same embeddings as the plain LoRA's, an exact export.
+    let store = Store::create(tmp.path().join("z.peftdb")).unwrap();
+    let add = |obj: LightweightObject, task: &str| match store
+        .ingest(NewObject {
+            object: obj,
+            task: TaskRecord::named(task),
+            source: None,
+            stage: None,
+            metrics: Default::default(),
+        })
+        .unwrap()
+    {
+        peftdb::store::Outcome::Added(id) => id,
+        other => panic!("not added: {other:?}"),
+    };
+    let (id_plain, id_saved) = (add(plain.clone(), "plain"), add(saved.clone(), "saved"));
+    let (rp, rs) = (
+        store.object(id_plain).unwrap(),
+        store.object(id_saved).unwrap(),
+    );
+    assert_eq!(rs.saved_modules(), vec!["score".to_string()]);
+    assert_eq!(rs.embeddings.len(), rp.embeddings.len());
+    for (ep, es) in rp.embeddings.iter().zip(&rs.embeddings) {
+        assert_eq!(ep.space, es.space);
+        assert_eq!(
+            store.embedding(ep.space, id_plain).unwrap(),
+            store.embedding(es.space, id_saved).unwrap()
+        );
+    }
+    let out = tmp.path().join("export");
+    store.export(id_saved, &out).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(listed.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    // The engine runs the base model's own modules: it refuses, naming the tensor and the reason.
+    let e = peftdb::engine::AdapterSet::from_object(&engine().model, &saved).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("base_model.model.score.weight"), "{msg}");
+    assert!(msg.contains("modules_to_save"), "{msg}");
+    assert!(peftdb::engine::AdapterSet::from_object(&engine().model, &plain).is_ok());
+}

@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::Device;
-use peftdb::engine::{Engine, EngineError};
+use peftdb::engine::{Engine, EngineError, LoadError};
 use peftdb::object::{read_adapter, ReadOptions};
 use serde_json::Value;
 
@@ -169,7 +169,7 @@ fn bad_model_folders_are_clear_errors() {
         let d = make(missing);
         let e = Engine::load(d.path(), &Device::Cpu).expect_err("missing file");
         assert!(
-            matches!(e, EngineError::ModelFileMissing { file, .. } if file == missing),
+            matches!(e, EngineError::Load(LoadError::ModelFileMissing { file, .. }) if file == missing),
             "{e}"
         );
         assert!(e.to_string().contains(missing));
@@ -184,7 +184,10 @@ fn bad_model_folders_are_clear_errors() {
     std::fs::write(d.path().join("config.json"), cfg.to_string()).expect("write");
     let e = Engine::load(d.path(), &Device::Cpu).expect_err("gpt2");
     assert!(
-        matches!(e, EngineError::UnsupportedArchitecture { .. }),
+        matches!(
+            e,
+            EngineError::Load(LoadError::UnsupportedArchitecture { .. })
+        ),
         "{e}"
     );
     assert!(e.to_string().contains("gpt2"), "{e}");
@@ -194,7 +197,10 @@ fn bad_model_folders_are_clear_errors() {
     cfg["intermediate_size"] = 1000.into();
     std::fs::write(d.path().join("config.json"), cfg.to_string()).expect("write");
     let e = Engine::load(d.path(), &Device::Cpu).expect_err("shape");
-    assert!(matches!(e, EngineError::WeightShape { .. }), "{e}");
+    assert!(
+        matches!(e, EngineError::Load(LoadError::WeightShape { .. })),
+        "{e}"
+    );
     assert!(
         e.to_string().contains("intermediate.dense.weight") && e.to_string().contains("1536"),
         "{e}"
@@ -207,7 +213,10 @@ fn bad_model_folders_are_clear_errors() {
     )
     .expect("write");
     let e = Engine::load(d.path(), &Device::Cpu).expect_err("tokenizer");
-    assert!(matches!(e, EngineError::Tokenizer { .. }), "{e}");
+    assert!(
+        matches!(e, EngineError::Load(LoadError::Tokenizer { .. })),
+        "{e}"
+    );
     assert!(e.to_string().contains("tokenizer.json"), "{e}");
     // Not a folder at all.
     let e = Engine::load(&real.join("nope"), &Device::Cpu).expect_err("no folder");

@@ -17,7 +17,7 @@
 mod common;
 
 use common::{check_integrity, long_tests, snapshot, Rng, Snapshot};
-use peftdb::error::{IngestError, StoreError};
+use peftdb::error::{IngestError, OpenError, StoreError};
 use peftdb::ingest::{ingest_zoo, IngestOptions};
 use peftdb::object::MethodKind;
 use peftdb::store::Store;
@@ -142,7 +142,11 @@ fn opts() -> IngestOptions {
 
 /// Run a whole ingestion through a faulty backend; returns the outcome of open + ingest.
 fn ingest_through(path: &Path, zoo: &Path, faults: &Arc<Faults>) -> Result<(), StoreError> {
-    let store = Store::with_backend(path, faulty(path, faults))?;
+    // A fault while opening surfaces as the storage error inside `OpenError::Store`.
+    let store = Store::with_backend(path, faulty(path, faults)).map_err(|e| match e {
+        OpenError::Store(e) => e,
+        other => panic!("opening through faults: not a storage error: {other}"),
+    })?;
     faults.created.store(true, Ordering::SeqCst);
     match ingest_zoo(&store, &[zoo.to_path_buf()], None, &opts(), &|_| {}) {
         Ok(r) => {

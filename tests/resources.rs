@@ -13,7 +13,7 @@
 mod common;
 
 use common::{check_integrity, long_tests, snapshot};
-use peftdb::error::{IngestError, StoreError};
+use peftdb::error::{IngestError, OpenError, StoreError};
 use peftdb::ingest::{ingest_zoo, IngestOptions};
 use peftdb::object::MethodKind;
 use peftdb::store::Store;
@@ -128,7 +128,7 @@ fn a_full_disk_gives_a_clear_error_and_keeps_earlier_commits() {
         Ok(ro) => {
             check_integrity(&ro);
         }
-        Err(e @ StoreError::NeedsRecovery { .. }) => {
+        Err(e @ OpenError::NeedsRecovery { .. }) => {
             assert!(
                 e.to_string().contains("open the store for writing once"),
                 "{e}"

@@ -4,7 +4,7 @@
 mod common;
 
 use peftdb::embed::tupate;
-use peftdb::error::StoreError;
+use peftdb::error::{OpenError, StoreError};
 use peftdb::index::index_dir;
 use peftdb::index::vectors_path;
 use peftdb::index::{brute_force, IndexConfig, IndexManager, SearchMode};
@@ -31,7 +31,7 @@ fn a_version_1_store_is_migrated_in_place_by_a_writable_open() {
     let p = v1_copy(tmp.path());
     // A read-only open cannot migrate: it says how.
     let e = Store::open_read_only(&p).unwrap_err();
-    assert!(matches!(e, StoreError::OlderSchema { found: 1, .. }), "{e}");
+    assert!(matches!(e, OpenError::OlderSchema { found: 1, .. }), "{e}");
     assert!(e.to_string().contains("peftdb compact"), "{e}");
     // A writable open migrates.
     let store = Store::open(&p).unwrap();

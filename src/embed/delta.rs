@@ -130,7 +130,12 @@ impl LoraDelta {
         };
         let mut a_of: BTreeMap<String, (Vec<f32>, usize, usize)> = BTreeMap::new();
         let mut b_of: BTreeMap<String, (Vec<f32>, usize, usize)> = BTreeMap::new();
+        // Saved modules (`modules_to_save`) are whole copies, not low-rank updates.
+        let saved = obj.saved_modules();
         for t in &obj.tensors {
+            if crate::object::is_saved_module_tensor(&t.name, &saved) {
+                continue;
+            }
             let loc = parse_tensor_name(&t.name);
             let side = match loc.role {
                 Role::LoraA | Role::LoraEmbeddingA => &mut a_of,

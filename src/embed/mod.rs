@@ -15,6 +15,10 @@
 //! - **prompt tuning** has no per-layer parameters: the whole prompt table is the single "layer".
 //! - tensors outside the Transformer layers (the embedding LayerNorm bias and pooler bias that LoRA with
 //!   `bias="all"` saves) are kept in the object but are not part of the embedding.
+//! - modules PEFT saves whole (`modules_to_save`: a new `lm_head`, `score` or `classifier`) are kept in the
+//!   object, exported with it, and never embedded, not even inside a layer: they are trained copies of
+//!   base-model modules, not the adapter's tuned update, and their size would swamp it. The ΔW sketch
+//!   skips them for the same reason.
 //! - models with two stacks (T5 encoder + decoder) are averaged per stack and the stack averages are
 //!   concatenated (encoder first).
 //!
@@ -276,7 +280,12 @@ pub fn tupate(obj: &LightweightObject) -> Result<Embedding, NoEmbedding> {
 fn layered(obj: &LightweightObject) -> Result<(Vec<(String, Vec<usize>)>, Vec<f32>), NoEmbedding> {
     // stack -> layer -> [(key, tensor index)]
     let mut stacks: BTreeMap<Stack, BTreeMap<usize, Vec<(String, usize)>>> = BTreeMap::new();
+    // Saved modules (`modules_to_save`) are whole trained copies, not the adapter's tuned parameters.
+    let saved = obj.saved_modules();
     for (i, t) in obj.tensors.iter().enumerate() {
+        if crate::object::is_saved_module_tensor(&t.name, &saved) {
+            continue;
+        }
         let loc = parse_tensor_name(&t.name);
         if let Some(LayerRef { stack, index }) = loc.layer {
             stacks

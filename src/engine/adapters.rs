@@ -275,6 +275,19 @@ impl AdapterSet {
 
     /// Prepare a stored adapter for `model` (tensors converted to f32 on the model's device).
     pub fn from_object(model: &Backbone, obj: &LightweightObject) -> EngineResult<AdapterSet> {
+        let saved = obj.saved_modules();
+        if let Some(t) =
+            (obj.tensors.iter()).find(|t| crate::object::is_saved_module_tensor(&t.name, &saved))
+        {
+            return Err(EngineError::AdapterTensor {
+                tensor: t.name.clone(),
+                reason: format!(
+                    "a module the adapter saves whole (modules_to_save {saved:?}); the engine runs the \
+                     base model's own modules, so it cannot score this adapter as trained (it stays \
+                     stored, searchable and exportable; re-train without modules_to_save to rerank it)"
+                ),
+            });
+        }
         let named = obj
             .tensors
             .iter()

@@ -1,4 +1,5 @@
-//! Errors of the model engine ([`EngineError`]); task data has its own ([`crate::task::TaskError`]).
+//! Errors of the model engine, one enum per operation: loading a model ([`LoadError`]) and running
+//! it ([`EngineError`]); task data has its own ([`crate::task::TaskError`]).
 //!
 //! Every variant that concerns a file or a tensor names it, and the message says what to do.
 
@@ -7,9 +8,10 @@ use crate::task::TaskError;
 use std::path::PathBuf;
 use thiserror::Error;
 
-/// Anything the model engine can fail with.
+/// Loading a base model ([`crate::engine::Engine::load`]) or choosing the device it runs on: the model
+/// folder or file, its config, weights and tokenizer.
 #[derive(Debug, Error)]
-pub enum EngineError {
+pub enum LoadError {
     #[error("{dir}: model folder has no {file}; a Hugging Face model folder needs config.json, model.safetensors and tokenizer.json (run scripts/fetch-model.sh for the test model)")]
     ModelFileMissing { dir: PathBuf, file: &'static str },
     #[error("{path}: invalid model config: {reason}")]
@@ -35,6 +37,18 @@ pub enum EngineError {
     Gguf { path: PathBuf, reason: String },
     #[error("{path}: tokenizer does not load: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
+    #[error("device {requested:?} requested, but this peftdb was built without CUDA; rebuild with `cargo build --release --features cuda` or use `--device cpu`")]
+    CudaNotCompiled { requested: String },
+    #[error("device {spec:?}: {reason}")]
+    Device { spec: String, reason: String },
+}
+
+/// Running the engine: tokenizing, scoring, training and evaluating with adapters on a loaded model.
+#[derive(Debug, Error)]
+pub enum EngineError {
+    /// Loading the base model or choosing its device ([`LoadError`]).
+    #[error(transparent)]
+    Load(#[from] LoadError),
     #[error("tokenizing failed: {0}")]
     Tokenize(String),
     #[error("adapter tensor {tensor:?} has shape {found:?} but this base model needs {expected:?}; the adapter was trained for another base model")]
@@ -47,10 +61,6 @@ pub enum EngineError {
     AdapterTensor { tensor: String, reason: String },
     #[error("adapter: {0}")]
     Adapter(String),
-    #[error("device {requested:?} requested, but this peftdb was built without CUDA; rebuild with `cargo build --release --features cuda` or use `--device cpu`")]
-    CudaNotCompiled { requested: String },
-    #[error("device {spec:?}: {reason}")]
-    Device { spec: String, reason: String },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("{path}: {source}")]
@@ -72,16 +82,7 @@ pub enum EngineError {
 impl EngineError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            EngineError::ModelFileMissing { .. }
-            | EngineError::ModelConfig { .. }
-            | EngineError::UnsupportedArchitecture { .. }
-            | EngineError::MissingWeight { .. }
-            | EngineError::WeightShape { .. }
-            | EngineError::Weights { .. }
-            | EngineError::Tokenizer { .. }
-            | EngineError::Gguf { .. }
-            | EngineError::CudaNotCompiled { .. }
-            | EngineError::Device { .. } => ErrorKind::Model,
+            EngineError::Load(_) => ErrorKind::Model,
             EngineError::AdapterShape { .. }
             | EngineError::AdapterTensor { .. }
             | EngineError::Adapter(_) => ErrorKind::InvalidAdapter,

@@ -94,6 +94,11 @@ fn contiguous_slice<'a>(s: &'a [f32], l: &Layout, what: &str) -> Res<&'a [f32]> 
     }
 }
 
+/// The f32 elements a contiguous CPU operand holds (`what` names it in the error).
+fn f32_operand<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Res<&'a [f32]> {
+    contiguous_slice(s.as_slice::<f32>()?, l, what)
+}
+
 fn out_tensor(v: Vec<f32>, shape: impl Into<Shape>) -> Res<Tensor> {
     Tensor::from_vec(v, shape.into(), &candle_core::Device::Cpu)
 }
@@ -124,39 +129,95 @@ fn gemm_par(work: usize) -> gemm::Parallelism {
     }
 }
 
-/// dst (m x n) = [dst +] lhs (m x k) * rhs (k x n), all row/column strides in elements.
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: *const f32,
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-    rhs_cs: usize,
-    par: gemm::Parallelism,
-) {
+/// A matrix operand of [`mm`]: `rows x cols`, element (i, j) at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+struct Mat {
+    ptr: *const f32,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl Mat {
+    /// The row-major `rows x cols` matrix at `ptr`, `ld` elements from one row to the next.
+    fn new(ptr: *const f32, rows: usize, cols: usize, ld: usize) -> Mat {
+        Mat {
+            ptr,
+            rows,
+            cols,
+            rs: ld,
+            cs: 1,
+        }
+    }
+
+    /// Its transpose (a view: nothing moves).
+    fn t(self) -> Mat {
+        Mat {
+            ptr: self.ptr,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// Where [`mm`] writes: a row-major matrix with `ld` elements per row, overwritten (`set`) or added
+/// to (`add`), the product multiplied by `scale`.
+#[derive(Clone, Copy)]
+struct Dst {
+    ptr: *mut f32,
+    ld: usize,
+    add: bool,
+    scale: f32,
+}
+
+impl Dst {
+    fn set(ptr: *mut f32, ld: usize) -> Dst {
+        Dst {
+            ptr,
+            ld,
+            add: false,
+            scale: 1.0,
+        }
+    }
+
+    fn add(ptr: *mut f32, ld: usize) -> Dst {
+        Dst {
+            add: true,
+            ..Dst::set(ptr, ld)
+        }
+    }
+
+    fn scaled(self, scale: f32) -> Dst {
+        Dst { scale, ..self }
+    }
+}
+
+/// dst = [dst +] scale * lhs * rhs: the one call into `gemm`.
+///
+/// # Safety
+/// Every operand's `rows x cols` elements, at its strides, must lie inside its buffer, and `dst`'s
+/// `lhs.rows x rhs.cols` elements inside its own; `dst` must not overlap the operands.
+unsafe fn mm(dst: Dst, lhs: Mat, rhs: Mat, par: gemm::Parallelism) {
+    debug_assert_eq!(lhs.cols, rhs.rows, "mm: inner dimensions");
     gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
+        lhs.rows,
+        rhs.cols,
+        lhs.cols,
+        dst.ptr,
         1,
-        dst_rs as isize,
-        accumulate,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        if accumulate { 1.0 } else { 0.0 },
-        1.0,
+        dst.ld as isize,
+        dst.add,
+        lhs.ptr,
+        lhs.cs as isize,
+        lhs.rs as isize,
+        rhs.ptr,
+        rhs.cs as isize,
+        rhs.rs as isize,
+        if dst.add { 1.0 } else { 0.0 },
+        dst.scale,
         false,
         false,
         false,
@@ -479,18 +540,9 @@ impl Attention {
                 unsafe {
                     // scores = Q K^T: rhs(kk, j) = K[j, kk].
                     mm(
-                        sq,
-                        skv,
-                        hd,
-                        scores.as_mut_ptr(),
-                        skv,
-                        false,
-                        qp,
-                        q.ss,
-                        1,
-                        kp,
-                        1,
-                        k.ss,
+                        Dst::set(scores.as_mut_ptr(), skv),
+                        Mat::new(qp, sq, hd, q.ss),
+                        Mat::new(kp, skv, hd, k.ss).t(),
                         none,
                     );
                 }
@@ -499,18 +551,9 @@ impl Attention {
                     // out[b, :, head] = P V.
                     let o = optr.at(bi * sq * h + hi * hd);
                     mm(
-                        sq,
-                        hd,
-                        skv,
-                        o,
-                        h,
-                        false,
-                        scores.as_ptr(),
-                        skv,
-                        1,
-                        vp,
-                        v.ss,
-                        1,
+                        Dst::set(o, h),
+                        Mat::new(scores.as_ptr(), sq, skv, skv),
+                        Mat::new(vp, skv, hd, v.ss),
                         none,
                     );
                 }
@@ -562,34 +605,16 @@ impl Attention {
                 unsafe {
                     // dV = P^T dO.
                     mm(
-                        skv,
-                        hd,
-                        sq,
-                        at(dv),
-                        dv.rs,
-                        false,
-                        p.as_ptr(),
-                        1,
-                        skv,
-                        gp,
-                        h,
-                        1,
+                        Dst::set(at(dv), dv.rs),
+                        Mat::new(p.as_ptr(), sq, skv, skv).t(),
+                        Mat::new(gp, sq, hd, h),
                         none,
                     );
                     // dP = dO V^T.
                     mm(
-                        sq,
-                        skv,
-                        hd,
-                        ds.as_mut_ptr(),
-                        skv,
-                        false,
-                        gp,
-                        h,
-                        1,
-                        vp,
-                        1,
-                        v.ss,
+                        Dst::set(ds.as_mut_ptr(), skv),
+                        Mat::new(gp, sq, hd, h),
+                        Mat::new(vp, skv, hd, v.ss).t(),
                         none,
                     );
                 }
@@ -598,34 +623,16 @@ impl Attention {
                 unsafe {
                     // dQ = dS K.
                     mm(
-                        sq,
-                        hd,
-                        skv,
-                        at(dq),
-                        dq.rs,
-                        false,
-                        ds.as_ptr(),
-                        skv,
-                        1,
-                        kp,
-                        k.ss,
-                        1,
+                        Dst::set(at(dq), dq.rs),
+                        Mat::new(ds.as_ptr(), sq, skv, skv),
+                        Mat::new(kp, skv, hd, k.ss),
                         none,
                     );
                     // dK = dS^T Q.
                     mm(
-                        skv,
-                        hd,
-                        sq,
-                        at(dk),
-                        dk.rs,
-                        false,
-                        ds.as_ptr(),
-                        1,
-                        skv,
-                        qp,
-                        q.ss,
-                        1,
+                        Dst::set(at(dk), dk.rs),
+                        Mat::new(ds.as_ptr(), sq, skv, skv).t(),
+                        Mat::new(qp, sq, hd, q.ss),
                         none,
                     );
                 }
@@ -812,18 +819,9 @@ impl Linear {
             // SAFETY: shapes checked.
             unsafe {
                 mm(
-                    n,
-                    out,
-                    inp,
-                    y.as_mut_ptr(),
-                    out,
-                    true,
-                    x.as_ptr(),
-                    inp,
-                    1,
-                    w.as_ptr(),
-                    1,
-                    inp,
+                    Dst::add(y.as_mut_ptr(), out),
+                    Mat::new(x.as_ptr(), n, inp, inp),
+                    Mat::new(w.as_ptr(), out, inp, inp).t(),
                     gemm_par(n * out * inp),
                 );
             }
@@ -843,18 +841,9 @@ impl Linear {
             // SAFETY: shapes checked.
             unsafe {
                 mm(
-                    n,
-                    inp,
-                    out,
-                    dx.as_mut_ptr(),
-                    inp,
-                    false,
-                    g.as_ptr(),
-                    out,
-                    1,
-                    w.as_ptr(),
-                    inp,
-                    1,
+                    Dst::set(dx.as_mut_ptr(), inp),
+                    Mat::new(g.as_ptr(), n, out, out),
+                    Mat::new(w.as_ptr(), out, inp, inp),
                     gemm_par(n * out * inp),
                 );
             }
@@ -875,8 +864,8 @@ impl CustomOp2 for Linear {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Res<(CpuStorage, Shape)> {
-        let x = contiguous_slice(s1.as_slice::<f32>()?, l1, "x")?;
-        let bias = contiguous_slice(s2.as_slice::<f32>()?, l2, "bias")?;
+        let x = f32_operand(s1, l1, "x")?;
+        let bias = f32_operand(s2, l2, "bias")?;
         let (n, inp) = l1.shape().dims2()?;
         let (y, out) = self.forward(x, bias, n, inp)?;
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
@@ -982,18 +971,9 @@ impl LoraLinear {
         // SAFETY: shapes checked by the caller.
         unsafe {
             mm(
-                n,
-                rr,
-                inp,
-                t.as_mut_ptr(),
-                rr,
-                false,
-                x.as_ptr(),
-                inp,
-                1,
-                a.as_ptr(),
-                1,
-                inp,
+                Dst::set(t.as_mut_ptr(), rr),
+                Mat::new(x.as_ptr(), n, inp, inp),
+                Mat::new(a.as_ptr(), rr, inp, inp).t(),
                 gemm_par(n * rr * inp),
             );
         }
@@ -1008,49 +988,37 @@ impl CustomOp3 for LoraLinear {
 
     fn cpu_fwd(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
+        xs: &CpuStorage,
+        x_layout: &Layout,
+        a_s: &CpuStorage,
+        a_layout: &Layout,
+        b_s: &CpuStorage,
+        b_layout: &Layout,
     ) -> Res<(CpuStorage, Shape)> {
-        let x = contiguous_slice(s1.as_slice::<f32>()?, l1, "x")?;
-        let a = contiguous_slice(s2.as_slice::<f32>()?, l2, "a")?;
-        let b = contiguous_slice(s3.as_slice::<f32>()?, l3, "b")?;
-        let (n, inp) = l1.shape().dims2()?;
+        let x = f32_operand(xs, x_layout, "x")?;
+        let a = f32_operand(a_s, a_layout, "a")?;
+        let b = f32_operand(b_s, b_layout, "b")?;
+        let (n, inp) = x_layout.shape().dims2()?;
         let base = Linear { w: self.w.clone() };
         let y = with_f32(&self.bias, |bs, lb| {
             base.forward(x, contiguous_slice(bs, lb, "bias")?, n, inp)
         })?;
         let (mut y, out) = y;
-        let (rr, _) = l2.shape().dims2()?;
-        let bo = self.check(inp, out, l2.shape().dims2()?, l3.shape().dims2()?)?;
+        let (rr, _) = a_layout.shape().dims2()?;
+        let bo = self.check(
+            inp,
+            out,
+            a_layout.shape().dims2()?,
+            b_layout.shape().dims2()?,
+        )?;
         let t = LoraLinear::down(x, a, n, inp, rr);
         for bl in &self.blocks {
             // SAFETY: block inside the output and the factors (checked).
             unsafe {
-                gemm::gemm(
-                    n,
-                    bo,
-                    bl.r,
-                    y.as_mut_ptr().add(bl.col),
-                    1,
-                    out as isize,
-                    true,
-                    t.as_ptr().add(bl.r0),
-                    1,
-                    rr as isize,
-                    b.as_ptr().add(bl.r0),
-                    rr as isize,
-                    1,
-                    1.0,
-                    bl.scale,
-                    false,
-                    false,
-                    false,
-                    gemm_par(n * bo * bl.r),
-                );
+                let dst = Dst::add(y.as_mut_ptr().add(bl.col), out).scaled(bl.scale);
+                let tj = Mat::new(t.as_ptr().add(bl.r0), n, bl.r, rr);
+                let bj = Mat::new(b.as_ptr().add(bl.r0), bo, bl.r, rr);
+                mm(dst, tj, bj.t(), gemm_par(n * bo * bl.r));
             }
         }
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
@@ -1091,49 +1059,15 @@ impl CustomOp3 for LoraLinear {
                         for bl in &self.blocks {
                             // SAFETY: blocks checked against the shapes.
                             unsafe {
-                                gemm::gemm(
-                                    n,
-                                    bl.r,
-                                    bo,
-                                    u.as_mut_ptr().add(bl.r0),
-                                    1,
-                                    rr as isize,
-                                    false,
-                                    g.as_ptr().add(bl.col),
-                                    1,
-                                    out as isize,
-                                    b.as_ptr().add(bl.r0),
-                                    1,
-                                    rr as isize,
-                                    0.0,
-                                    bl.scale,
-                                    false,
-                                    false,
-                                    false,
-                                    gemm_par(n * bl.r * bo),
-                                );
+                                let gj = Mat::new(g.as_ptr().add(bl.col), n, bo, out);
+                                let bj = Mat::new(b.as_ptr().add(bl.r0), bo, bl.r, rr);
+                                let tj = Mat::new(t.as_ptr().add(bl.r0), n, bl.r, rr);
+                                let u_j = Dst::set(u.as_mut_ptr().add(bl.r0), rr).scaled(bl.scale);
+                                mm(u_j, gj, bj, gemm_par(n * bl.r * bo));
                                 // dB_j = scale_j dY_j^T t_j (out, r).
-                                gemm::gemm(
-                                    bo,
-                                    bl.r,
-                                    n,
-                                    db.as_mut_ptr().add(bl.r0),
-                                    1,
-                                    rr as isize,
-                                    false,
-                                    g.as_ptr().add(bl.col),
-                                    out as isize,
-                                    1,
-                                    t.as_ptr().add(bl.r0),
-                                    1,
-                                    rr as isize,
-                                    0.0,
-                                    bl.scale,
-                                    false,
-                                    false,
-                                    false,
-                                    gemm::Parallelism::None,
-                                );
+                                let db_j =
+                                    Dst::set(db.as_mut_ptr().add(bl.r0), rr).scaled(bl.scale);
+                                mm(db_j, gj.t(), tj, gemm::Parallelism::None);
                             }
                         }
                         let mut da = vec![0f32; rr * inp];
@@ -1142,35 +1076,17 @@ impl CustomOp3 for LoraLinear {
                             // dX += u A.
                             if want_dx {
                                 mm(
-                                    n,
-                                    inp,
-                                    rr,
-                                    dx.as_mut_ptr(),
-                                    inp,
-                                    true,
-                                    u.as_ptr(),
-                                    rr,
-                                    1,
-                                    a.as_ptr(),
-                                    inp,
-                                    1,
+                                    Dst::add(dx.as_mut_ptr(), inp),
+                                    Mat::new(u.as_ptr(), n, rr, rr),
+                                    Mat::new(a.as_ptr(), rr, inp, inp),
                                     gemm_par(n * inp * rr),
                                 );
                             }
                             // dA = u^T X (R, in).
                             mm(
-                                rr,
-                                inp,
-                                n,
-                                da.as_mut_ptr(),
-                                inp,
-                                false,
-                                u.as_ptr(),
-                                1,
-                                rr,
-                                x.as_ptr(),
-                                inp,
-                                1,
+                                Dst::set(da.as_mut_ptr(), inp),
+                                Mat::new(u.as_ptr(), n, rr, rr).t(),
+                                Mat::new(x.as_ptr(), n, inp, inp),
                                 gemm::Parallelism::None,
                             );
                         }
@@ -1415,8 +1331,8 @@ impl CustomOp2 for LayerNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Res<(CpuStorage, Shape)> {
-        let x = contiguous_slice(s1.as_slice::<f32>()?, l1, "x")?;
-        let b = contiguous_slice(s2.as_slice::<f32>()?, l2, "b")?;
+        let x = f32_operand(s1, l1, "x")?;
+        let b = f32_operand(s2, l2, "b")?;
         let (n, h) = l1.shape().dims2()?;
         let y = self.forward(x, None, b, n, h)?;
         Ok((CpuStorage::F32(y), Shape::from((n, h))))
@@ -1450,9 +1366,9 @@ impl CustomOp3 for LayerNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Res<(CpuStorage, Shape)> {
-        let a = contiguous_slice(s1.as_slice::<f32>()?, l1, "a")?;
-        let r = contiguous_slice(s2.as_slice::<f32>()?, l2, "r")?;
-        let b = contiguous_slice(s3.as_slice::<f32>()?, l3, "b")?;
+        let a = f32_operand(s1, l1, "a")?;
+        let r = f32_operand(s2, l2, "r")?;
+        let b = f32_operand(s3, l3, "b")?;
         let (n, h) = l1.shape().dims2()?;
         if l2.shape() != l1.shape() {
             return err("add-layer-norm: the two inputs differ in shape");
@@ -1553,7 +1469,7 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Res<(CpuStorage, Shape)> {
-        let src = contiguous_slice(s.as_slice::<f32>()?, l, "x")?;
+        let src = f32_operand(s, l, "x")?;
         let mut out = vec![0f32; src.len()];
         if src.len() < 4 * PAR_CHUNK {
             gelu_fwd_vec(&mut out, src);
@@ -1663,6 +1579,68 @@ mod tests {
             .collect();
         let t = Tensor::from_vec(m.clone(), (b, skv), &Device::Cpu).unwrap();
         (m, t)
+    }
+
+    #[test]
+    fn mm_handles_transposed_views_strides_scale_and_accumulation() {
+        // Naive dst[i][j] = [dst +] scale * sum_k lhs(i, k) rhs(k, j) for every transpose pair, operands
+        // read from inside wider rows (ld > cols) and the result written into a wider destination.
+        let (m, n, k, pad) = (5, 7, 3, 2);
+        let data = |len: usize, seed: u64| rand(&[len], seed).to_vec1::<f32>().unwrap();
+        for (lt, rt) in [(false, false), (true, false), (false, true), (true, true)] {
+            // A stored (r x c) row-major matrix with ld = c + pad, viewed transposed when asked.
+            let (lr, lc) = if lt { (k, m) } else { (m, k) };
+            let (rr, rc) = if rt { (n, k) } else { (k, n) };
+            let lbuf = data(lr * (lc + pad), 1);
+            let rbuf = data(rr * (rc + pad), 2);
+            let at = |buf: &[f32], ld: usize, t: bool, i: usize, j: usize| {
+                if t {
+                    buf[j * ld + i]
+                } else {
+                    buf[i * ld + j]
+                }
+            };
+            for (add, scale) in [(false, 1.0f32), (true, 1.0), (false, 0.5), (true, -2.0)] {
+                let ld = n + pad;
+                let mut dst = data(m * ld, 3);
+                let mut want = dst.clone();
+                for i in 0..m {
+                    for j in 0..n {
+                        let dot: f32 = (0..k)
+                            .map(|kk| {
+                                at(&lbuf, lc + pad, lt, i, kk) * at(&rbuf, rc + pad, rt, kk, j)
+                            })
+                            .sum();
+                        let base = if add { want[i * ld + j] } else { 0.0 };
+                        want[i * ld + j] = base + scale * dot;
+                    }
+                }
+                let view = |ptr: *const f32, r: usize, c: usize, t: bool| {
+                    let v = Mat::new(ptr, r, c, c + pad);
+                    if t {
+                        v.t()
+                    } else {
+                        v
+                    }
+                };
+                let out = if add { Dst::add } else { Dst::set };
+                // SAFETY: every view lies inside its buffer (sizes above).
+                unsafe {
+                    mm(
+                        out(dst.as_mut_ptr(), ld).scaled(scale),
+                        view(lbuf.as_ptr(), lr, lc, lt),
+                        view(rbuf.as_ptr(), rr, rc, rt),
+                        gemm::Parallelism::None,
+                    );
+                }
+                for (idx, (g, w)) in dst.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() < 1e-5,
+                        "lt {lt} rt {rt} add {add} scale {scale}: element {idx} {g} vs {w}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

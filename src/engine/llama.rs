@@ -14,7 +14,7 @@
 //! It is composed from candle's ops, so it runs wherever candle does (CPU, CUDA).
 
 use super::adapters::AdapterSet;
-use super::error::{EngineError, EngineResult};
+use super::error::{EngineError, EngineResult, LoadError};
 use super::model::{self, Grad, Linear};
 use crate::embed::delta::LoraDelta;
 use crate::object::LightweightObject;
@@ -102,25 +102,26 @@ pub const HF_DECODER_TYPES: [&str; 2] = ["llama", "mistral"];
 
 impl HfLlamaConfig {
     fn config(&self, path: &Path) -> EngineResult<LlamaConfig> {
-        let unsupported = |found: String| EngineError::UnsupportedArchitecture {
+        let unsupported = |found: String| LoadError::UnsupportedArchitecture {
             path: path.to_path_buf(),
             found,
         };
         if !HF_DECODER_TYPES.contains(&self.model_type.as_str()) {
-            return Err(unsupported(format!("model_type {:?}", self.model_type)));
+            return Err(unsupported(format!("model_type {:?}", self.model_type)).into());
         }
         if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
-            return Err(unsupported(format!("hidden_act {act:?} (Llama uses silu)")));
+            return Err(unsupported(format!("hidden_act {act:?} (Llama uses silu)")).into());
         }
         if self.attention_bias == Some(true) || self.mlp_bias == Some(true) {
             return Err(unsupported(
                 "attention_bias or mlp_bias true (biased Llama variants)".into(),
-            ));
+            )
+            .into());
         }
         if let Some(r) = self.rope_scaling.as_ref().filter(|r| !r.is_null()) {
-            return Err(unsupported(format!(
-                "rope_scaling {r} (plain rotary embeddings only)"
-            )));
+            return Err(
+                unsupported(format!("rope_scaling {r} (plain rotary embeddings only)")).into(),
+            );
         }
         let config = LlamaConfig {
             hidden: self.hidden_size,
@@ -139,9 +140,10 @@ impl HfLlamaConfig {
         {
             return Err(unsupported(format!(
                 "head_dim {hd} other than hidden_size / num_attention_heads"
-            )));
+            ))
+            .into());
         }
-        config.check().map_err(|reason| EngineError::ModelConfig {
+        config.check().map_err(|reason| LoadError::ModelConfig {
             path: path.to_path_buf(),
             reason,
         })?;
@@ -238,22 +240,24 @@ pub struct GgufVocab {
 }
 
 fn gguf_err(path: &Path, reason: impl Into<String>) -> EngineError {
-    EngineError::Gguf {
+    LoadError::Gguf {
         path: path.to_path_buf(),
         reason: reason.into(),
     }
+    .into()
 }
 
 /// `t`, if it has the shape the architecture expects; else the error naming the file, the tensor and both
 /// shapes.
 fn expect_shape(path: &Path, name: &str, t: Tensor, shape: &[usize]) -> EngineResult<Tensor> {
     if t.dims() != shape {
-        return Err(EngineError::WeightShape {
+        return Err(LoadError::WeightShape {
             path: path.to_path_buf(),
             tensor: name.to_string(),
             expected: shape.to_vec(),
             found: t.dims().to_vec(),
-        });
+        }
+        .into());
     }
     Ok(t)
 }
@@ -277,10 +281,11 @@ impl LlamaModel {
             .cloned()
             .unwrap_or_default();
         if !GGUF_ARCHITECTURES.contains(&arch.as_str()) {
-            return Err(EngineError::UnsupportedArchitecture {
+            return Err(LoadError::UnsupportedArchitecture {
                 path: path.to_path_buf(),
                 found: format!("GGUF general.architecture {arch:?}"),
-            });
+            }
+            .into());
         }
         let get = |key: &str| -> EngineResult<&gguf_file::Value> {
             md.get(&format!("{arch}.{key}"))
@@ -318,15 +323,14 @@ impl LlamaModel {
         };
         config.check().map_err(|reason| gguf_err(path, reason))?;
         let mut tensor = |name: &str, shape: &[usize]| -> EngineResult<Tensor> {
-            let info =
-                content
-                    .tensor_infos
-                    .get(name)
-                    .ok_or_else(|| EngineError::MissingWeight {
-                        path: path.to_path_buf(),
-                        tensor: name.to_string(),
-                        hint: String::new(),
-                    })?;
+            let info = content
+                .tensor_infos
+                .get(name)
+                .ok_or_else(|| LoadError::MissingWeight {
+                    path: path.to_path_buf(),
+                    tensor: name.to_string(),
+                    hint: String::new(),
+                })?;
             let q = info
                 .read(&mut file, content.tensor_data_offset, device)
                 .map_err(|e| {
@@ -420,7 +424,7 @@ impl LlamaModel {
             source,
         })?;
         let hf: HfLlamaConfig =
-            serde_json::from_slice(&bytes).map_err(|e| EngineError::ModelConfig {
+            serde_json::from_slice(&bytes).map_err(|e| LoadError::ModelConfig {
                 path: cfg_path.clone(),
                 reason: e.to_string(),
             })?;
@@ -431,7 +435,7 @@ impl LlamaModel {
             let v: serde_json::Value = std::fs::read(&index)
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok())
-                .ok_or_else(|| EngineError::ModelConfig {
+                .ok_or_else(|| LoadError::ModelConfig {
                     path: index.clone(),
                     reason: "not a safetensors index (JSON with a weight_map)".into(),
                 })?;
@@ -452,7 +456,7 @@ impl LlamaModel {
         let mut weights = std::collections::HashMap::new();
         for file in &files {
             let map =
-                candle_core::safetensors::load(file, device).map_err(|e| EngineError::Weights {
+                candle_core::safetensors::load(file, device).map_err(|e| LoadError::Weights {
                     path: file.clone(),
                     reason: e.to_string(),
                 })?;
@@ -462,7 +466,7 @@ impl LlamaModel {
         let has_head =
             weights.contains_key("lm_head.weight") && !hf.tie_word_embeddings.unwrap_or(false);
         LlamaModel::assemble(config, device, has_head, |name, shape| {
-            let t = weights.remove(name).ok_or_else(|| EngineError::MissingWeight {
+            let t = weights.remove(name).ok_or_else(|| LoadError::MissingWeight {
                 path: weights_path.clone(),
                 tensor: name.to_string(),
                 hint: " (a Llama-family checkpoint names its weights model.layers.N.self_attn.q_proj.weight ...)".into(),
@@ -504,9 +508,9 @@ impl LlamaModel {
         let map: std::collections::HashMap<String, Tensor> =
             self.named_weights().into_iter().collect();
         let path = dir.join("model.safetensors");
-        candle_core::safetensors::save(&map, &path).map_err(|e| EngineError::Weights {
+        candle_core::safetensors::save(&map, &path).map_err(|e| EngineError::Io {
             path,
-            reason: e.to_string(),
+            source: std::io::Error::other(e),
         })
     }
 
@@ -946,9 +950,12 @@ impl GgufVocab {
         });
         json.to_string()
             .parse::<tokenizers::Tokenizer>()
-            .map_err(|e| EngineError::Tokenizer {
-                path: path.to_path_buf(),
-                reason: format!("the GGUF vocabulary does not make a tokenizer: {e}"),
+            .map_err(|e| {
+                LoadError::Tokenizer {
+                    path: path.to_path_buf(),
+                    reason: format!("the GGUF vocabulary does not make a tokenizer: {e}"),
+                }
+                .into()
             })
     }
 }

@@ -61,7 +61,7 @@ pub(crate) mod train;
 
 pub use adapters::AdapterSet;
 pub use device::parse_device;
-pub use error::{EngineError, EngineResult};
+pub use error::{EngineError, EngineResult, LoadError};
 #[doc(hidden)]
 pub use kernels::set_enabled as set_cpu_kernels;
 pub use kernels::tune_threads;
@@ -212,8 +212,8 @@ pub struct Engine {
     pub prompt: Option<DecoderPrompt>,
 }
 
-fn read_tokenizer(path: &Path) -> EngineResult<tokenizers::Tokenizer> {
-    tokenizers::Tokenizer::from_file(path).map_err(|e| EngineError::Tokenizer {
+fn read_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer, LoadError> {
+    tokenizers::Tokenizer::from_file(path).map_err(|e| LoadError::Tokenizer {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })
@@ -296,10 +296,11 @@ impl Engine {
         }
         for file in ["config.json", "model.safetensors", "tokenizer.json"] {
             if !model_dir.join(file).is_file() {
-                return Err(EngineError::ModelFileMissing {
+                return Err(LoadError::ModelFileMissing {
                     dir: model_dir.to_path_buf(),
                     file,
-                });
+                }
+                .into());
             }
         }
         let model = BertModel::load(model_dir, device)?;
@@ -337,10 +338,11 @@ impl Engine {
     fn load_hf_decoder(dir: &Path, device: &Device, opts: &EngineOptions) -> EngineResult<Engine> {
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.is_file() {
-            return Err(EngineError::ModelFileMissing {
+            return Err(LoadError::ModelFileMissing {
                 dir: dir.to_path_buf(),
                 file: "tokenizer.json",
-            });
+            }
+            .into());
         }
         let model = LlamaModel::from_hf_folder(dir, device)?;
         let inner = read_tokenizer(&tok_path)?;

@@ -9,7 +9,7 @@
 //! ops: the heads' layout change is a single copy, the key transpose a strided view.
 
 use super::adapters::{AdapterSet, Bottleneck, LayerAdapter, LinearAdapter, LoraWeights};
-use super::error::{EngineError, EngineResult};
+use super::error::{EngineError, EngineResult, LoadError};
 use super::kernels;
 use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
@@ -123,7 +123,7 @@ impl BertConfig {
             source,
         })?;
         let cfg: BertConfig =
-            serde_json::from_slice(&bytes).map_err(|e| EngineError::ModelConfig {
+            serde_json::from_slice(&bytes).map_err(|e| LoadError::ModelConfig {
                 path: path.to_path_buf(),
                 reason: e.to_string(),
             })?;
@@ -138,30 +138,33 @@ impl BertConfig {
                 a.starts_with("Bert") || a.starts_with("Roberta") || a.starts_with("XLMRoberta")
             });
         if !matches!(mt, "bert" | "roberta" | "xlm-roberta") || !arch_ok {
-            return Err(EngineError::UnsupportedArchitecture {
+            return Err(LoadError::UnsupportedArchitecture {
                 path: path.to_path_buf(),
                 found: format!(
                     "model_type {:?}, architectures {:?}",
                     self.model_type, self.architectures
                 ),
-            });
+            }
+            .into());
         }
         if let Some(p) = &self.position_embedding_type {
             if p != "absolute" {
-                return Err(EngineError::UnsupportedArchitecture {
+                return Err(LoadError::UnsupportedArchitecture {
                     path: path.to_path_buf(),
                     found: format!("position_embedding_type {p:?}"),
-                });
+                }
+                .into());
             }
         }
         if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
-            return Err(EngineError::ModelConfig {
+            return Err(LoadError::ModelConfig {
                 path: path.to_path_buf(),
                 reason: format!(
                     "hidden_size {} is not a multiple of num_attention_heads {}",
                     self.hidden_size, self.num_attention_heads
                 ),
-            });
+            }
+            .into());
         }
         self.activation(path)?;
         Ok(())
@@ -172,10 +175,11 @@ impl BertConfig {
             "gelu" => Ok(Activation::Gelu),
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
             "relu" => Ok(Activation::Relu),
-            other => Err(EngineError::UnsupportedArchitecture {
+            other => Err(LoadError::UnsupportedArchitecture {
                 path: path.to_path_buf(),
                 found: format!("hidden_act {other:?}"),
-            }),
+            }
+            .into()),
         }
     }
 
@@ -244,22 +248,23 @@ impl WeightSource<'_> {
                 match alt.and_then(|a| self.map.remove(&a)) {
                     Some(t) if name.contains("LayerNorm") => t,
                     _ => {
-                        return Err(EngineError::MissingWeight {
+                        return Err(LoadError::MissingWeight {
                             path: self.path.to_path_buf(),
                             tensor: full,
                             hint: " (is this a BERT-family model? names must look like embeddings.word_embeddings.weight, encoder.layer.0.attention.self.query.weight, optionally under bert. or roberta.)".into(),
-                        })
+                        }.into())
                     }
                 }
             }
         };
         if t.dims() != shape {
-            return Err(EngineError::WeightShape {
+            return Err(LoadError::WeightShape {
                 path: self.path.to_path_buf(),
                 tensor: full,
                 expected: shape.to_vec(),
                 found: t.dims().to_vec(),
-            });
+            }
+            .into());
         }
         Ok(t.to_dtype(DType::F32)?)
     }
@@ -270,21 +275,23 @@ impl BertModel {
     pub fn load(dir: &Path, device: &Device) -> EngineResult<BertModel> {
         let cfg_path = dir.join("config.json");
         if !cfg_path.is_file() {
-            return Err(EngineError::ModelFileMissing {
+            return Err(LoadError::ModelFileMissing {
                 dir: dir.to_path_buf(),
                 file: "config.json",
-            });
+            }
+            .into());
         }
         let config = BertConfig::from_file(&cfg_path)?;
         let wpath = dir.join("model.safetensors");
         if !wpath.is_file() {
-            return Err(EngineError::ModelFileMissing {
+            return Err(LoadError::ModelFileMissing {
                 dir: dir.to_path_buf(),
                 file: "model.safetensors",
-            });
+            }
+            .into());
         }
         let map =
-            candle_core::safetensors::load(&wpath, device).map_err(|e| EngineError::Weights {
+            candle_core::safetensors::load(&wpath, device).map_err(|e| LoadError::Weights {
                 path: wpath.clone(),
                 reason: e.to_string(),
             })?;

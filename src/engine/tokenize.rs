@@ -4,7 +4,7 @@
 //! padding); a [`Batch`] pads any selection of them to the longest row and carries the attention mask, so
 //! training re-batches without re-tokenizing.
 
-use super::error::{EngineError, EngineResult};
+use super::error::{EngineError, EngineResult, LoadError};
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
 use tokenizers::{Tokenizer, TruncationParams};
@@ -44,7 +44,7 @@ impl TextTokenizer {
                 "max_len {max_len} is too small (at least 2 for the special tokens)"
             )));
         }
-        let inner = Tokenizer::from_file(path).map_err(|e| EngineError::Tokenizer {
+        let inner = Tokenizer::from_file(path).map_err(|e| LoadError::Tokenizer {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
@@ -72,7 +72,7 @@ impl TextTokenizer {
         inner.with_padding(None);
         let mut full = inner.clone();
         full.with_truncation(None)
-            .map_err(|e| EngineError::Tokenizer {
+            .map_err(|e| LoadError::Tokenizer {
                 path: path.to_path_buf(),
                 reason: e.to_string(),
             })?;
@@ -81,7 +81,7 @@ impl TextTokenizer {
                 max_length: max_len,
                 ..Default::default()
             }))
-            .map_err(|e| EngineError::Tokenizer {
+            .map_err(|e| LoadError::Tokenizer {
                 path: path.to_path_buf(),
                 reason: e.to_string(),
             })?;

@@ -293,6 +293,14 @@ pub fn init_adapter(
         let t = if decoder { llama } else { bert };
         t.iter().map(|s| s.to_string()).collect()
     };
+    // Every linear layer a target list selects: its module path and (out, in) dimensions.
+    let selected = |targets: &[String]| -> Vec<(String, (usize, usize))> {
+        (0..nl)
+            .flat_map(|i| slots.iter().enumerate().map(move |(k, slot)| (i, k, slot)))
+            .map(|(i, k, slot)| (format!("{prefix}.{i}.{slot}"), dims(k)))
+            .filter(|(path, _)| matches_target(path, targets))
+            .collect()
+    };
     let mut tensors = Vec::new();
     let method = match spec.kind {
         MethodKind::Lora => {
@@ -305,28 +313,21 @@ pub fn init_adapter(
                 .targets
                 .clone()
                 .unwrap_or_else(|| default_targets(&["query", "value"], &["q_proj", "v_proj"]));
-            for i in 0..nl {
-                for (k, slot) in slots.iter().enumerate() {
-                    let path = format!("{prefix}.{i}.{slot}");
-                    if !matches_target(&path, &targets) {
-                        continue;
-                    }
-                    let (out, inp) = dims(k);
-                    let bound = 1.0 / (inp as f32).sqrt();
-                    let a: Vec<f32> = (0..spec.r * inp)
-                        .map(|_| rng.random_range(-bound..bound))
-                        .collect();
-                    tensors.push(StoredTensor::from_f32(
-                        format!("base_model.model.{path}.lora_A.weight"),
-                        vec![spec.r, inp],
-                        &a,
-                    ));
-                    tensors.push(StoredTensor::from_f32(
-                        format!("base_model.model.{path}.lora_B.weight"),
-                        vec![out, spec.r],
-                        &vec![0.0; out * spec.r],
-                    ));
-                }
+            for (path, (out, inp)) in selected(&targets) {
+                let bound = 1.0 / (inp as f32).sqrt();
+                let a: Vec<f32> = (0..spec.r * inp)
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect();
+                tensors.push(StoredTensor::from_f32(
+                    format!("base_model.model.{path}.lora_A.weight"),
+                    vec![spec.r, inp],
+                    &a,
+                ));
+                tensors.push(StoredTensor::from_f32(
+                    format!("base_model.model.{path}.lora_B.weight"),
+                    vec![out, spec.r],
+                    &vec![0.0; out * spec.r],
+                ));
             }
             if tensors.is_empty() {
                 return Err(EngineError::InvalidArgument(format!(
@@ -355,25 +356,18 @@ pub fn init_adapter(
                 .feedforward_modules
                 .clone()
                 .unwrap_or_else(|| default_targets(&["output.dense"], &["down_proj"]));
-            for i in 0..nl {
-                for (k, slot) in slots.iter().enumerate() {
-                    let path = format!("{prefix}.{i}.{slot}");
-                    if !matches_target(&path, &targets) {
-                        continue;
-                    }
-                    let (out, inp) = dims(k);
-                    let shape = if matches_target(&path, &ff) {
-                        vec![1, inp]
-                    } else {
-                        vec![out, 1]
-                    };
-                    let n = shape[0] * shape[1];
-                    tensors.push(StoredTensor::from_f32(
-                        format!("base_model.model.{path}.ia3_l"),
-                        shape,
-                        &vec![1.0; n],
-                    ));
-                }
+            for (path, (out, inp)) in selected(&targets) {
+                let shape = if matches_target(&path, &ff) {
+                    vec![1, inp]
+                } else {
+                    vec![out, 1]
+                };
+                let n = shape[0] * shape[1];
+                tensors.push(StoredTensor::from_f32(
+                    format!("base_model.model.{path}.ia3_l"),
+                    shape,
+                    &vec![1.0; n],
+                ));
             }
             if tensors.is_empty() {
                 return Err(EngineError::InvalidArgument(format!(

@@ -60,16 +60,16 @@ use thiserror::Error;
 pub enum ExperimentError {
     #[error("{path}: {detail}")]
     Config { path: PathBuf, detail: String },
+    #[error(transparent)]
+    Results(#[from] ResultsError),
+    #[error(transparent)]
+    Task(#[from] TaskError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error(transparent)]
-    Task(#[from] TaskError),
-    #[error(transparent)]
-    Results(#[from] ResultsError),
     #[error("task {task}: {source}")]
     Engine {
         task: String,

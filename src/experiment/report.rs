@@ -797,37 +797,31 @@ pub fn write_report(
                 .collect();
             Cell::of(&d)
         });
+        let vs_random = match (p.name.as_str(), vs) {
+            ("random", _) | (_, None) => "".to_string(),
+            (_, Some(c)) => {
+                let star = if c.mean.abs() > 2.0 * c.se() {
+                    " *"
+                } else {
+                    ""
+                };
+                format!("{:+.1} +- {:.1}{star}", c.mean, c.se())
+            }
+        };
+        let (name, rho, ndcg) = (
+            &p.name,
+            [p.rho.mean, p.rho.se()],
+            [p.ndcg.mean, p.ndcg.se()],
+        );
         let _ = writeln!(
             md,
-            "| {} | {:.2} +- {:.2} | {:.1} +- {:.1} | {} |",
-            p.name,
-            p.rho.mean,
-            p.rho.se(),
-            p.ndcg.mean,
-            p.ndcg.se(),
-            match (p.name.as_str(), vs) {
-                ("random", _) | (_, None) => "".to_string(),
-                (_, Some(c)) => format!(
-                    "{:+.1} +- {:.1}{}",
-                    c.mean,
-                    c.se(),
-                    if c.mean.abs() > 2.0 * c.se() {
-                        " *"
-                    } else {
-                        ""
-                    }
-                ),
-            }
+            "| {name} | {:.2} +- {:.2} | {:.1} +- {:.1} | {vs_random} |",
+            rho[0], rho[1], ndcg[0], ndcg[1]
         );
         let _ = writeln!(
             sum_csv,
-            "{},{},{},{},{},{}",
-            p.name,
-            p.rho.mean,
-            p.rho.se(),
-            p.ndcg.mean,
-            p.ndcg.se(),
-            p.rho.n
+            "{name},{},{},{},{},{}",
+            rho[0], rho[1], ndcg[0], ndcg[1], p.rho.n
         );
         for (t, r, nd) in &p.per_target {
             let _ = writeln!(

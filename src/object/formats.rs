@@ -244,9 +244,22 @@ pub fn read_adapter(dir: &Path, opts: &ReadOptions) -> Result<LightweightObject,
 
     let method = match format {
         AdapterFormat::Peft | AdapterFormat::Bitfit => {
-            parse_peft_method(obj, &cfg_path, &weights_path, &tensors)?
+            // A module of `modules_to_save` is stored as saved (a whole trained copy), not checked
+            // against the method's tensor rules.
+            let saved = get_modules(obj, "modules_to_save");
+            let own: Vec<&super::Tensor> = tensors
+                .iter()
+                .filter(|t| !super::is_saved_module_tensor(&t.name, &saved))
+                .collect();
+            if own.is_empty() {
+                return Err(ReadError::Empty { path: weights_path });
+            }
+            parse_peft_method(obj, &cfg_path, &weights_path, &own)?
         }
-        AdapterFormat::Adapterhub => parse_adapterhub(obj, &cfg_path, &weights_path, &tensors)?,
+        AdapterFormat::Adapterhub => {
+            let all: Vec<&super::Tensor> = tensors.iter().collect();
+            parse_adapterhub(obj, &cfg_path, &weights_path, &all)?
+        }
     };
     tensors.shrink_to_fit();
     Ok(LightweightObject {
@@ -315,7 +328,7 @@ fn parse_peft_method(
     obj: &serde_json::Map<String, Value>,
     cfg_path: &Path,
     wpath: &Path,
-    tensors: &[super::Tensor],
+    tensors: &[&super::Tensor],
 ) -> Result<Method, ReadError> {
     let pt = obj["peft_type"].as_str().unwrap_or_default();
     let unexpected = |t: &super::Tensor, method: &str, reason: &str| ReadError::UnexpectedTensor {
@@ -472,12 +485,12 @@ fn parse_peft_method(
 }
 
 fn single_prompt_table<'a>(
-    tensors: &'a [super::Tensor],
+    tensors: &[&'a super::Tensor],
     wpath: &Path,
     what: &str,
 ) -> Result<&'a super::Tensor, ReadError> {
     let mut it = tensors.iter();
-    let t = it.next().expect("non-empty checked");
+    let t = *it.next().expect("non-empty checked");
     if let Some(extra) = it.next() {
         return Err(ReadError::UnexpectedTensor {
             path: wpath.to_path_buf(),
@@ -502,7 +515,7 @@ fn single_prompt_table<'a>(
 fn validate_lora(
     cfg: &LoraConfig,
     wpath: &Path,
-    tensors: &[super::Tensor],
+    tensors: &[&super::Tensor],
 ) -> Result<(), ReadError> {
     // module_path -> (A shape, B shape)
     let mut pairs: BTreeMap<String, (Option<&super::Tensor>, Option<&super::Tensor>)> =
@@ -607,7 +620,7 @@ fn parse_adapterhub(
     obj: &serde_json::Map<String, Value>,
     cfg_path: &Path,
     wpath: &Path,
-    tensors: &[super::Tensor],
+    tensors: &[&super::Tensor],
 ) -> Result<Method, ReadError> {
     let c = obj["config"].as_object().expect("checked by caller");
     let mut name: Option<String> = obj.get("name").and_then(|v| v.as_str()).map(str::to_string);

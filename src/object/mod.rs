@@ -222,6 +222,38 @@ impl LoraConfig {
 /// PEFT's module-name rule: `key` names the module at `module_path` when it is the whole path or a suffix
 /// starting at a `.` boundary (`re.match(rf"(.*\.)?{key}$", path)`): "value" matches
 /// "encoder.layer.3.attention.self.value" but not "...self.xvalue".
+/// `modules_to_save` of an adapter_config.json (a list of module names, or one name; null or absent
+/// means none).
+pub fn saved_modules_of(config_json: &[u8]) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_slice(config_json).unwrap_or_default();
+    match v.get("modules_to_save") {
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|m| m.as_str().map(str::to_string))
+            .collect(),
+        Some(serde_json::Value::String(m)) => vec![m.clone()],
+        _ => Vec::new(),
+    }
+}
+
+/// Whether tensor `name` belongs to one of the `saved` modules. PEFT saves a module of
+/// `modules_to_save` under its own path with its parameter name (`base_model.model.lm_head.weight`,
+/// `base_model.model.classifier.bias`); the wrapper's `modules_to_save.{adapter}` segments may appear too.
+pub fn is_saved_module_tensor(name: &str, saved: &[String]) -> bool {
+    if saved.is_empty() {
+        return false;
+    }
+    let Some((module, _param)) = name.rsplit_once('.') else {
+        return false;
+    };
+    let module = module.strip_prefix("base_model.model.").unwrap_or(module);
+    let module = match module.split_once(".modules_to_save") {
+        Some((m, _)) => m,
+        None => module,
+    };
+    saved.iter().any(|m| module_matches(module, m))
+}
+
 pub fn module_matches(module_path: &str, key: &str) -> bool {
     module_path == key
         || (module_path.ends_with(key)
@@ -366,6 +398,18 @@ pub struct LightweightObject {
 impl LightweightObject {
     pub fn tensor(&self, name: &str) -> Option<&Tensor> {
         self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// The modules its config's `modules_to_save` lists (PEFT trains these whole, e.g. a new `lm_head`
+    /// or `classifier`, and saves them beside the adapter's own tensors); empty when there are none.
+    pub fn saved_modules(&self) -> Vec<String> {
+        saved_modules_of(&self.config_json)
+    }
+
+    /// Whether `name` is a tensor of a saved module ([`Self::saved_modules`]): stored and exported with
+    /// the adapter, but not one of its tuned updates, so it is not embedded.
+    pub fn is_saved_module_tensor(&self, name: &str) -> bool {
+        is_saved_module_tensor(name, &self.saved_modules())
     }
     /// Total bytes of tensor data.
     pub fn data_bytes(&self) -> usize {

@@ -2,7 +2,7 @@
 //! file backend to fail writes and syncs on demand).
 
 use super::Store;
-use crate::error::StoreError;
+use crate::error::OpenError;
 use redb::StorageBackend;
 use std::path::Path;
 
@@ -13,7 +13,7 @@ impl Store {
     pub fn with_backend(
         label: impl AsRef<Path>,
         backend: impl StorageBackend,
-    ) -> Result<Store, StoreError> {
+    ) -> Result<Store, OpenError> {
         let path = label.as_ref();
         let db = Store::builder()
             .create_with_backend(backend)

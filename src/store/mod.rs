@@ -22,7 +22,7 @@ use chunked::{OBJECT_TENSORS, SPACE_EMBEDDINGS};
 use crate::embed::{
     delta_sketch, tupate, Embedding, EmbeddingKind, NoEmbedding, SpaceId, SpaceKey,
 };
-use crate::error::{ExportError, StoreError};
+use crate::error::{ExportError, OpenError, StoreError};
 use crate::object::layout::{parse_tensor_name, Role};
 use crate::object::{AdapterFormat, LightweightObject, Method, MethodKind};
 use redb::{
@@ -168,6 +168,11 @@ pub struct ObjectRecord {
 impl ObjectRecord {
     pub fn method_kind(&self) -> MethodKind {
         self.method.kind()
+    }
+    /// The modules its config saves whole (`modules_to_save`): stored and exported with the adapter, but
+    /// not embedded ([`crate::object::LightweightObject::saved_modules`]).
+    pub fn saved_modules(&self) -> Vec<String> {
+        crate::object::saved_modules_of(self.config_json.as_bytes())
     }
     /// The TuPaTE space of this object, if it has an embedding there.
     pub fn tupate_space(&self) -> Option<SpaceId> {
@@ -387,22 +392,22 @@ pub struct StoreStats {
 }
 
 impl Store {
-    fn map_open_err(path: &Path, e: redb::DatabaseError) -> StoreError {
+    fn map_open_err(path: &Path, e: redb::DatabaseError) -> OpenError {
         match e {
             redb::DatabaseError::DatabaseAlreadyOpen
             | redb::DatabaseError::LockProtocolMismatch => {
                 let holder = std::fs::read_to_string(owner_path(path))
                     .ok()
                     .map(|s| s.trim().to_string());
-                StoreError::Locked {
+                OpenError::Locked {
                     path: path.to_path_buf(),
                     holder,
                 }
             }
-            redb::DatabaseError::RepairAborted => StoreError::NeedsRecovery {
+            redb::DatabaseError::RepairAborted => OpenError::NeedsRecovery {
                 path: path.to_path_buf(),
             },
-            redb::DatabaseError::UpgradeRequired(v) => StoreError::NotAStore {
+            redb::DatabaseError::UpgradeRequired(v) => OpenError::NotAStore {
                 path: path.to_path_buf(),
                 reason: format!("redb file format {v} needs an upgrade"),
             },
@@ -410,17 +415,19 @@ impl Store {
             redb::DatabaseError::Storage(redb::StorageError::Io(io))
                 if io.kind() == std::io::ErrorKind::InvalidData =>
             {
-                StoreError::NotAStore {
+                OpenError::NotAStore {
                     path: path.to_path_buf(),
                     reason: io.to_string(),
                 }
             }
-            redb::DatabaseError::Storage(redb::StorageError::Io(io)) => StoreError::Storage {
-                path: path.to_path_buf(),
-                during: "opening",
-                source: Box::new(io.into()),
-            },
-            other => StoreError::NotAStore {
+            redb::DatabaseError::Storage(redb::StorageError::Io(io)) => {
+                OpenError::Store(StoreError::Storage {
+                    path: path.to_path_buf(),
+                    during: "opening",
+                    source: Box::new(io.into()),
+                })
+            }
+            other => OpenError::NotAStore {
                 path: path.to_path_buf(),
                 reason: other.to_string(),
             },
@@ -428,10 +435,10 @@ impl Store {
     }
 
     /// Create a new, empty store. Fails if the file exists.
-    pub fn create(path: impl AsRef<Path>) -> Result<Store, StoreError> {
+    pub fn create(path: impl AsRef<Path>) -> Result<Store, OpenError> {
         let path = path.as_ref();
         if path.exists() {
-            return Err(StoreError::Exists {
+            return Err(OpenError::Exists {
                 path: path.to_path_buf(),
             });
         }
@@ -449,7 +456,7 @@ impl Store {
             path: path.to_path_buf(),
             owner_file: None,
         };
-        let linked = store.init_schema().and_then(|()| {
+        let linked = store.init_schema().map_err(OpenError::from).and_then(|()| {
             std::fs::hard_link(&tmp, path)
                 .or_else(|e| {
                     if e.kind() == std::io::ErrorKind::AlreadyExists {
@@ -460,15 +467,15 @@ impl Store {
                 })
                 .map_err(|e| {
                     if e.kind() == std::io::ErrorKind::AlreadyExists {
-                        StoreError::Exists {
+                        OpenError::Exists {
                             path: path.to_path_buf(),
                         }
                     } else {
-                        StoreError::Storage {
+                        OpenError::Store(StoreError::Storage {
                             path: path.to_path_buf(),
                             during: "creating",
                             source: Box::new(e.into()),
-                        }
+                        })
                     }
                 })
         });
@@ -483,10 +490,10 @@ impl Store {
     }
 
     /// Open an existing store for writing (and reading).
-    pub fn open(path: impl AsRef<Path>) -> Result<Store, StoreError> {
+    pub fn open(path: impl AsRef<Path>) -> Result<Store, OpenError> {
         let path = path.as_ref();
         if !path.exists() {
-            return Err(StoreError::Missing {
+            return Err(OpenError::Missing {
                 path: path.to_path_buf(),
             });
         }
@@ -504,7 +511,7 @@ impl Store {
     }
 
     /// Open the store, creating it if it does not exist.
-    pub fn open_or_create(path: impl AsRef<Path>) -> Result<Store, StoreError> {
+    pub fn open_or_create(path: impl AsRef<Path>) -> Result<Store, OpenError> {
         if path.as_ref().exists() {
             Store::open(path)
         } else {
@@ -513,10 +520,10 @@ impl Store {
     }
 
     /// Open read-only. Works while another process has the store open for writing, and sees its commits.
-    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Store, StoreError> {
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Store, OpenError> {
         let path = path.as_ref();
         if !path.exists() {
-            return Err(StoreError::Missing {
+            return Err(OpenError::Missing {
                 path: path.to_path_buf(),
             });
         }
@@ -543,7 +550,7 @@ impl Store {
     /// Wrap a writable database, checking its schema. A crash between redb creating the file and the
     /// schema commit (the first one) leaves a redb file with no tables at all: finish the creation instead
     /// of refusing the path forever.
-    pub(crate) fn from_writable(db: Database, path: &Path) -> Result<Store, StoreError> {
+    pub(crate) fn from_writable(db: Database, path: &Path) -> Result<Store, OpenError> {
         let store = Store {
             db: Db::Rw(db),
             path: path.to_path_buf(),
@@ -558,12 +565,12 @@ impl Store {
 
     /// Open for reading, recovering first when needed: a store whose last writer did not close cleanly
     /// (a crash, a full disk) can only be repaired by a writable open, so when the read-only open reports
-    /// [`StoreError::NeedsRecovery`] and no other process holds the store, it is opened for writing once
+    /// [`OpenError::NeedsRecovery`] and no other process holds the store, it is opened for writing once
     /// (redb repairs it, keeping every committed transaction), closed, and reopened read-only.
-    pub fn open_for_reading(path: impl AsRef<Path>) -> Result<Store, StoreError> {
+    pub fn open_for_reading(path: impl AsRef<Path>) -> Result<Store, OpenError> {
         let path = path.as_ref();
         match Store::open_read_only(path) {
-            Err(StoreError::NeedsRecovery { .. }) => {
+            Err(OpenError::NeedsRecovery { .. }) => {
                 drop(Store::open(path)?);
                 Store::open_read_only(path)
             }
@@ -641,9 +648,9 @@ impl Store {
         w.commit().during(&self.path, "creating tables")
     }
 
-    fn check_schema(&self) -> Result<(), StoreError> {
+    fn check_schema(&self) -> Result<(), OpenError> {
         let r = self.read()?;
-        let not_store = |reason: &str| StoreError::NotAStore {
+        let not_store = |reason: &str| OpenError::NotAStore {
             path: self.path.clone(),
             reason: reason.to_string(),
         };
@@ -667,7 +674,7 @@ impl Store {
         }
         let found = u32::from_le_bytes(v.try_into().expect("4 bytes"));
         if found > SCHEMA_VERSION {
-            return Err(StoreError::NewerSchema {
+            return Err(OpenError::NewerSchema {
                 path: self.path.clone(),
                 found,
                 supported: SCHEMA_VERSION,
@@ -677,9 +684,9 @@ impl Store {
             if found == 1 && self.is_writable() {
                 drop(meta);
                 drop(r);
-                return self.migrate_v1_to_v2();
+                return Ok(self.migrate_v1_to_v2()?);
             }
-            return Err(StoreError::OlderSchema {
+            return Err(OpenError::OlderSchema {
                 path: self.path.clone(),
                 found,
                 supported: SCHEMA_VERSION,
@@ -689,7 +696,7 @@ impl Store {
     }
 
     /// The schema version recorded in the file.
-    pub fn schema_version(&self) -> Result<u32, StoreError> {
+    pub fn schema_version(&self) -> Result<u32, OpenError> {
         self.check_schema()?;
         Ok(SCHEMA_VERSION)
     }

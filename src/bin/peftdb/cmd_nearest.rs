@@ -102,7 +102,7 @@ pub fn run(store_path: &Path, args: &NearestArgs, json: bool) -> anyhow::Result<
         drop(store);
         match Store::open(store_path) {
             Ok(s) => s,
-            Err(peftdb::error::StoreError::Locked { .. }) => Store::open_for_reading(store_path)?,
+            Err(peftdb::error::OpenError::Locked { .. }) => Store::open_for_reading(store_path)?,
             Err(e) => return Err(e.into()),
         }
     } else {

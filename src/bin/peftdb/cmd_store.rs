@@ -159,6 +159,7 @@ fn object_json(o: &ObjectRecord) -> serde_json::Value {
         "metrics": o.metrics,
         "spaces": o.embeddings.iter().map(|e| json!({"kind": e.kind, "space": e.space.to_string()})).collect::<Vec<_>>(),
         "no_embedding": o.no_embedding,
+        "saved_modules": o.saved_modules(),
     })
 }
 
@@ -296,6 +297,14 @@ pub fn show(db: &Path, a: &ShowArgs, json: bool) -> Result<u8> {
                 }
                 for m in &o.no_embedding {
                     println!("  no {} embedding: {}", m.kind.as_str(), m.reason);
+                }
+                let saved = o.saved_modules();
+                if !saved.is_empty() {
+                    println!(
+                        "  saved modules {} (modules_to_save: stored and exported, not embedded: whole \
+                         trained copies of base-model modules, not the adapter's tuned update)",
+                        saved.join(", ")
+                    );
                 }
                 for (k, v) in &o.metrics {
                     println!("  metric        {k} = {v}");

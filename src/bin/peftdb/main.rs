@@ -77,12 +77,11 @@ pub struct Exit(pub u8, pub anyhow::Error);
 
 pub fn exit_code_for(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
-        if let Some(pe) = cause.downcast_ref::<peftdb::error::StoreError>() {
-            match pe {
-                peftdb::error::StoreError::Locked { .. } => return 4,
-                peftdb::error::StoreError::NotFound { .. } => return 5,
-                _ => {}
-            }
+        if let Some(peftdb::error::OpenError::Locked { .. }) = cause.downcast_ref() {
+            return 4;
+        }
+        if let Some(peftdb::error::StoreError::NotFound { .. }) = cause.downcast_ref() {
+            return 5;
         }
     }
     1
