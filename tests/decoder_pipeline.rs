@@ -253,50 +253,37 @@ fn suggest_over_a_store_of_decoder_loras_writes_a_causal_lm_initialization() {
     assert_eq!(cfg["task_type"], "CAUSAL_LM");
 }
 
-/// A LoRA that also saves a whole module (`modules_to_save`; here a sequence-classification `score` head,
-/// which PEFT's SEQ_CLS task type saves as `base_model.model.score.weight`) is stored and exported
-/// byte-identical, embedded exactly like the same LoRA without it (TuPaTE and the ΔW sketch), and refused
-/// by the engine naming the saved tensor. Without the config listing it, the extra tensor is refused at
-/// read, naming it.
+/// A LoRA that also saves a whole module (`modules_to_save`): PEFT's SEQ_CLS task type trains a new `score`
+/// head and saves it as `base_model.model.score.weight` beside the LoRA (fixture written by PEFT,
+/// scripts/decoder_saved_modules_fixture.py). It is stored and exported byte-identical, embedded exactly
+/// like the same LoRA without the head (TuPaTE and the ΔW sketch), and refused by the engine naming the
+/// saved tensor. With a config that does not list the module, the head is refused at read, named.
 #[test]
 fn a_lora_with_saved_modules_is_stored_and_exported_but_not_embedded_or_run() {
     use peftdb::embed::{delta::LoraDelta, tupate};
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/decoder/lora_r8_all");
-    let plain = read_adapter(&fixture, &ReadOptions::default()).unwrap();
+    const HEAD: &str = "base_model.model.score.weight";
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/decoder/lora_seq_cls_score");
+    let saved = read_adapter(&fixture, &ReadOptions::default()).unwrap();
+    assert_eq!(saved.saved_modules(), vec!["classifier", "score"]);
+    assert!(saved.tensor(HEAD).is_some());
+    assert!(saved.is_saved_module_tensor(HEAD));
+    assert!(!saved.is_saved_module_tensor(&saved.tensors[0].name));
+    // The same LoRA without the head, and the head without the config listing it.
     let tmp = tempfile::tempdir().unwrap();
-    let with_head = |saved: serde_json::Value, dir: &Path| {
-        let mut obj = plain.clone();
-        // In the fixture's dtype (f16): a safetensors file holds one dtype.
-        let head: Vec<u8> = (0..2 * 576)
-            .flat_map(|i| half::f16::from_f32((i % 97) as f32 / 97.0 - 0.5).to_le_bytes())
-            .collect();
-        obj.tensors.push(peftdb::object::Tensor {
-            name: "base_model.model.score.weight".into(),
-            dtype: peftdb::object::DType::F16,
-            shape: vec![2, 576],
-            data: head,
-        });
+    let rewrite = |keep_head: bool, dir: &Path| {
+        let mut obj = saved.clone();
+        obj.tensors.retain(|t| keep_head || t.name != HEAD);
         let mut cfg: serde_json::Value = serde_json::from_slice(&obj.config_json).unwrap();
-        cfg["modules_to_save"] = saved;
+        cfg["modules_to_save"] = serde_json::Value::Null;
         obj.config_json = serde_json::to_vec_pretty(&cfg).unwrap();
         write_adapter(&obj, dir).unwrap();
+        read_adapter(dir, &ReadOptions::default())
     };
-    // Not listed: the head is not a LoRA tensor.
-    let unlisted = tmp.path().join("unlisted");
-    with_head(serde_json::Value::Null, &unlisted);
-    let e = read_adapter(&unlisted, &ReadOptions::default()).unwrap_err();
-    assert!(
-        e.to_string().contains("base_model.model.score.weight"),
-        "{e}"
-    );
-    // Listed: stored as a saved module.
-    let listed = tmp.path().join("listed");
-    with_head(serde_json::json!(["score"]), &listed);
-    let saved = read_adapter(&listed, &ReadOptions::default()).unwrap();
-    assert_eq!(saved.saved_modules(), vec!["score".to_string()]);
-    assert_eq!(saved.tensors.len(), plain.tensors.len() + 1);
-    assert!(saved.is_saved_module_tensor("base_model.model.score.weight"));
-    assert!(!saved.is_saved_module_tensor(&plain.tensors[0].name));
+    let e = rewrite(true, &tmp.path().join("unlisted")).unwrap_err();
+    assert!(e.to_string().contains(HEAD), "{e}");
+    let plain = rewrite(false, &tmp.path().join("plain")).unwrap();
+    assert_eq!(plain.tensors.len() + 1, saved.tensors.len());
     assert_eq!(
         tupate(&saved).unwrap().vector,
         tupate(&plain).unwrap().vector
@@ -305,27 +292,27 @@ fn a_lora_with_saved_modules_is_stored_and_exported_but_not_embedded_or_run() {
         LoraDelta::from_object(&saved).unwrap(),
         LoraDelta::from_object(&plain).unwrap()
     );
-    // The store keeps it whole: the same embeddings as the plain LoRA's, an exact export.
+    // The store keeps it whole: the plain LoRA's embeddings, an exact export.
     let store = Store::create(tmp.path().join("z.peftdb")).unwrap();
-    let add = |obj: LightweightObject, task: &str| match store
-        .ingest(NewObject {
-            object: obj,
-            task: TaskRecord::named(task),
-            source: None,
-            stage: None,
-            metrics: Default::default(),
-        })
-        .unwrap()
-    {
-        peftdb::store::Outcome::Added(id) => id,
-        other => panic!("not added: {other:?}"),
+    let add = |obj: LightweightObject, task: &str| {
+        match store
+            .ingest(NewObject {
+                object: obj,
+                task: TaskRecord::named(task),
+                source: None,
+                stage: None,
+                metrics: Default::default(),
+            })
+            .unwrap()
+        {
+            peftdb::store::Outcome::Added(id) => id,
+            other => panic!("not added: {other:?}"),
+        }
     };
     let (id_plain, id_saved) = (add(plain.clone(), "plain"), add(saved.clone(), "saved"));
-    let (rp, rs) = (
-        store.object(id_plain).unwrap(),
-        store.object(id_saved).unwrap(),
-    );
-    assert_eq!(rs.saved_modules(), vec!["score".to_string()]);
+    let (rp, rs) = (store.object(id_plain).unwrap(), store.object(id_saved).unwrap());
+    assert_eq!(rs.saved_modules(), vec!["classifier", "score"]);
+    assert_eq!(rs.embeddings.len(), 2, "TuPaTE and the ΔW sketch");
     assert_eq!(rs.embeddings.len(), rp.embeddings.len());
     for (ep, es) in rp.embeddings.iter().zip(&rs.embeddings) {
         assert_eq!(ep.space, es.space);
@@ -339,14 +326,14 @@ fn a_lora_with_saved_modules_is_stored_and_exported_but_not_embedded_or_run() {
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
         assert_eq!(
             std::fs::read(out.join(f)).unwrap(),
-            std::fs::read(listed.join(f)).unwrap(),
+            std::fs::read(fixture.join(f)).unwrap(),
             "{f}"
         );
     }
     // The engine runs the base model's own modules: it refuses, naming the tensor and the reason.
     let e = peftdb::engine::AdapterSet::from_object(&engine().model, &saved).unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("base_model.model.score.weight"), "{msg}");
+    assert!(msg.contains(HEAD), "{msg}");
     assert!(msg.contains("modules_to_save"), "{msg}");
     assert!(peftdb::engine::AdapterSet::from_object(&engine().model, &plain).is_ok());
 }
