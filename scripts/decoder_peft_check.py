@@ -5,6 +5,7 @@ that an adapter peftdb trained (or merged) loads in PEFT and gives the same answ
 The model is the GGUF file transformers dequantizes (as scripts/decoder_reference.py does); each input is
 `prompt.replace("{text}", text)` with the text cut where its MAX_LEN-th token ends, tokenized as one
 string (no special tokens; SmolLM2's GGUF adds no BOS), and each label's score is the summed log-likelihood of `" " + label text` after it.
+LoRA, IA3 and prompt tuning (scored one sequence at a time, see below) are checked the same way.
 Prints one JSON object: the accuracy without and with the adapter, and the first examples' scores.
 
 usage: decoder_peft_check.py MODEL.gguf ADAPTER_DIR TASK_DIR [--split test] [--max-len 64]
@@ -58,27 +59,32 @@ def main():
     gold = [r["label"] if isinstance(r["label"], int) else label_of[r["label"]] for r in rows]
 
     @torch.no_grad()
-    def scores(m):
+    def scores(m, batch):
         out = []
         pairs = [(p, v) for p in prompts for v in verbs]
-        for s in range(0, len(pairs), a.batch):
-            chunk = pairs[s : s + a.batch]
+        for s in range(0, len(pairs), batch):
+            chunk = pairs[s : s + batch]
             seqs = [p + v for p, v in chunk]
             n = max(map(len, seqs))
             x = torch.tensor([[tok.eos_token_id] * (n - len(q)) + q for q in seqs])
             mask = torch.tensor([[0] * (n - len(q)) + [1] * len(q) for q in seqs])
             logp = torch.log_softmax(m(input_ids=x, attention_mask=mask).logits.float(), -1)
+            # counted from the end: prompt tuning's logits also cover its virtual tokens, put first
+            total = logp.shape[1]
             for i, (p, v) in enumerate(chunk):
-                out.append(sum(float(logp[i, n - len(v) - 1 + j, t]) for j, t in enumerate(v)))
+                out.append(sum(float(logp[i, total - len(v) - 1 + j, t]) for j, t in enumerate(v)))
         nl = len(verbs)
         return [out[i * nl : (i + 1) * nl] for i in range(len(prompts))]
 
     def acc(sc):
         return sum(int(max(range(len(s)), key=lambda c: s[c]) == g) for s, g in zip(sc, gold)) / len(gold)
 
-    bare = scores(model)
+    bare = scores(model, a.batch)
     peft_model = PeftModel.from_pretrained(model, a.adapter).eval()
-    adapted = scores(peft_model)
+    # PEFT puts a prompt-tuning table before the left padding, which moves the text's rotary positions
+    # relative to the prompt by the padding's length: one sequence at a time, as peftdb scores it.
+    prompt_learning = peft_model.peft_config["default"].peft_type == "PROMPT_TUNING"
+    adapted = scores(peft_model, 1 if prompt_learning else a.batch)
     print(json.dumps({
         "examples": len(rows),
         "bare_accuracy": acc(bare),

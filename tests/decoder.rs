@@ -578,12 +578,18 @@ fn decoder_adapters_the_engine_cannot_run_yet_are_refused_clearly() {
     use peftdb::engine::{fresh_adapter, MethodSpec, TrainConfig};
     use peftdb::object::MethodKind;
     let e = engine(peftdb::engine::DEFAULT_PROMPT);
-    for kind in [MethodKind::Prefix, MethodKind::Prompt, MethodKind::Bitfit] {
+    for kind in [MethodKind::Prefix, MethodKind::Bitfit] {
         let mut cfg = TrainConfig::new(kind);
         cfg.spec = MethodSpec::new(kind);
         let err = fresh_adapter(&e, &cfg).unwrap_err();
         assert!(err.to_string().contains("decoder"), "{kind:?}: {err}");
     }
+    // A fresh prompt: rows of the decoder's word embeddings, a causal LM's PEFT config.
+    let prompt = fresh_adapter(&e, &TrainConfig::new(MethodKind::Prompt)).unwrap();
+    assert_eq!(prompt.tensors[0].shape, vec![20, 576]);
+    let cfg: Value = serde_json::from_slice(&prompt.config_json).unwrap();
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    e.prepare(&prompt).expect("a fresh prompt fits");
     // A fresh LoRA targets q_proj and v_proj of every layer, with PEFT's names.
     let lora = fresh_adapter(&e, &TrainConfig::new(MethodKind::Lora)).unwrap();
     assert_eq!(lora.tensors.len(), 30 * 2 * 2);
@@ -733,5 +739,49 @@ fn a_peft_ia3_adapter_runs_on_the_decoder_as_in_peft() {
     // The adapter changes the scores (the check above is not the bare model's).
     let d = r["ia3"]["logliks"][0][" positive"].as_f64().unwrap()
         - r["bare"][0][" positive"].as_f64().unwrap();
+    assert!(d.abs() > 0.05, "{d}");
+}
+
+/// Prompt tuning on the decoder: PEFT's table (scripts/decoder_prompt_reference.py) goes before the input
+/// embeddings, and the verbalizers' log-likelihoods (two texts of different lengths in one left-padded
+/// batch, a three-token verbalizer among them) match transformers + PEFT within 1e-4.
+#[test]
+fn a_peft_prompt_tuning_adapter_runs_on_the_decoder_as_in_peft() {
+    use peftdb::engine::{Grad, DEFAULT_TEMPERATURE};
+    let e = engine("Input: {text}\nAnswer:");
+    let r: Value = serde_json::from_slice(
+        &std::fs::read(root().join("tests/fixtures/decoder/prompt_reference.json")).unwrap(),
+    )
+    .unwrap();
+    let prompt = read_adapter(
+        &root().join("tests/fixtures/decoder/prompt_t8"),
+        &ReadOptions::default(),
+    )
+    .expect("the PEFT prompt tuning reads");
+    assert_eq!(prompt.tensors[0].shape, vec![8, 576]);
+    let set = e.prepare(&prompt).expect("the prompt fits the decoder");
+    let texts = ["a wonderful, moving film", "dull and far too long"];
+    let verbs = [" positive", " negative", " very bad indeed"];
+    let inputs = e.tokenize(&texts).unwrap();
+    let rows: Vec<&[u32]> = inputs.iter().map(|r| r.as_slice()).collect();
+    let labels = e.tokenize_labels(&verbs.map(|v| v.trim_start())).unwrap();
+    let got = e
+        .label_logits(Some(&set), &labels, &rows, DEFAULT_TEMPERATURE, Grad::No)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let want = &r["prompt"]["logliks"];
+    for (i, row) in got.iter().enumerate() {
+        for (c, v) in verbs.iter().enumerate() {
+            let w = want[i][v].as_f64().unwrap();
+            assert!(
+                (row[c] as f64 - w).abs() < 1e-4,
+                "text {i}, {v:?}: {} vs {w}",
+                row[c]
+            );
+        }
+    }
+    // The prompt changes the scores (the check above is not the bare model's).
+    let d = want[0][" positive"].as_f64().unwrap() - r["bare"][0][" positive"].as_f64().unwrap();
     assert!(d.abs() > 0.05, "{d}");
 }

@@ -72,11 +72,16 @@ fn accuracy(
 
 /// A 16-shot LoRA (q_proj, v_proj) trained through the engine; `steps` of batch 8.
 fn few_shot_lora(name: &str, steps: usize, seed: u64) -> LightweightObject {
+    few_shot_adapter(name, MethodKind::Lora, steps, seed)
+}
+
+/// A 16-shot adapter of `kind` (its defaults) trained through the engine; `steps` of batch 8.
+fn few_shot_adapter(name: &str, kind: MethodKind, steps: usize, seed: u64) -> LightweightObject {
     let t = task(name);
     let labels = t.label_texts();
     let tr = few_shot(&t.train, labels.len(), 16, seed).unwrap();
     let dv = few_shot(&t.dev, labels.len(), 8, seed + 1).unwrap();
-    let mut cfg = TrainConfig::new(MethodKind::Lora);
+    let mut cfg = TrainConfig::new(kind);
     cfg.max_steps = Some(steps);
     cfg.eval_every = steps;
     cfg.patience = None;
@@ -91,6 +96,73 @@ fn few_shot_lora(name: &str, steps: usize, seed: u64) -> LightweightObject {
         .unwrap()
         .best
         .object
+}
+
+/// With `PEFTDB_PEFT_PYTHON` set: the adapter folder `dir` loads in PEFT on the transformers model, and
+/// scores the first `n` movie_sentiment test examples with peftdb's accuracies, bare and adapted.
+fn peft_check(dir: &Path, peft_type: &str, n: usize, bare: f64, tuned: f64) {
+    let Some(py) = std::env::var_os("PEFTDB_PEFT_PYTHON") else {
+        eprintln!("PEFTDB_PEFT_PYTHON unset: the PEFT load check is skipped");
+        return;
+    };
+    let out = std::process::Command::new(py)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/decoder_peft_check.py"))
+        .arg(gguf())
+        .arg(dir)
+        .arg(common::tasks_dir().join("movie_sentiment"))
+        .args(["--limit", &n.to_string(), "--max-len", "48"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&common::stdout_of(out)).unwrap();
+    assert_eq!(r["peft_type"], peft_type);
+    assert_eq!(r["task_type"], "CAUSAL_LM");
+    assert!(
+        (r["bare_accuracy"].as_f64().unwrap() - bare).abs() < 1e-9,
+        "{r}"
+    );
+    assert!(
+        (r["adapter_accuracy"].as_f64().unwrap() - tuned).abs() < 1e-9,
+        "{r}"
+    );
+}
+
+/// Prompt tuning trained by peftdb on the decoder (16-shot, its default 20 virtual tokens and lr): a
+/// PEFT-loadable CAUSAL_LM prompt table that, with `PEFTDB_PEFT_PYTHON` set, scores like peftdb in PEFT.
+#[test]
+fn a_few_shot_prompt_trained_on_the_decoder_scores_the_same_in_peft() {
+    let t = task("movie_sentiment");
+    let prompt = few_shot_adapter("movie_sentiment", MethodKind::Prompt, 12, 0);
+    assert_eq!(prompt.tensors.len(), 1);
+    assert_eq!(prompt.tensors[0].shape[1], 576);
+    let n = 60;
+    let bare = accuracy(&t, &t.test, None, n);
+    let tuned = accuracy(&t, &t.test, Some(&prompt), n);
+    eprintln!("16-shot prompt tuning {tuned:.3} vs bare {bare:.3} on {n} test examples");
+    assert!(
+        (tuned - bare).abs() > 1e-9 || {
+            // Not the bare model: the table changes the scores.
+            let e = engine();
+            let ids = e.tokenize(&[t.test[0].text.as_str()]).unwrap();
+            let labels = e.tokenize_labels(&t.label_texts()).unwrap();
+            let opts = ScoreOptions::default();
+            let p = e.prepare(&prompt).unwrap();
+            e.score(Some(&p), &labels, &ids, &opts).unwrap().probs
+                != e.score(None, &labels, &ids, &opts).unwrap().probs
+        }
+    );
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("prompt");
+    write_adapter(&prompt, &dir).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    assert_eq!(cfg["peft_type"], "PROMPT_TUNING");
+    peft_check(&dir, "PROMPT_TUNING", n, bare, tuned);
 }
 
 fn movie_lora() -> &'static LightweightObject {
@@ -123,33 +195,7 @@ fn a_few_shot_lora_trained_on_the_decoder_beats_the_bare_model_and_loads_in_peft
         cfg["target_modules"],
         serde_json::json!(["q_proj", "v_proj"])
     );
-    let Some(py) = std::env::var_os("PEFTDB_PEFT_PYTHON") else {
-        eprintln!("PEFTDB_PEFT_PYTHON unset: the PEFT load check is skipped");
-        return;
-    };
-    let out = std::process::Command::new(py)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/decoder_peft_check.py"))
-        .arg(gguf())
-        .arg(&dir)
-        .arg(common::tasks_dir().join("movie_sentiment"))
-        .args(["--limit", &n.to_string(), "--max-len", "48"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&common::stdout_of(out)).unwrap();
-    assert_eq!(r["peft_type"], "LORA");
-    assert!(
-        (r["bare_accuracy"].as_f64().unwrap() - bare).abs() < 1e-9,
-        "{r}"
-    );
-    assert!(
-        (r["adapter_accuracy"].as_f64().unwrap() - tuned).abs() < 1e-9,
-        "{r}"
-    );
+    peft_check(&dir, "LORA", n, bare, tuned);
 }
 
 #[test]
@@ -294,23 +340,24 @@ fn a_lora_with_saved_modules_is_stored_and_exported_but_not_embedded_or_run() {
     );
     // The store keeps it whole: the plain LoRA's embeddings, an exact export.
     let store = Store::create(tmp.path().join("z.peftdb")).unwrap();
-    let add = |obj: LightweightObject, task: &str| {
-        match store
-            .ingest(NewObject {
-                object: obj,
-                task: TaskRecord::named(task),
-                source: None,
-                stage: None,
-                metrics: Default::default(),
-            })
-            .unwrap()
-        {
-            peftdb::store::Outcome::Added(id) => id,
-            other => panic!("not added: {other:?}"),
-        }
+    let add = |obj: LightweightObject, task: &str| match store
+        .ingest(NewObject {
+            object: obj,
+            task: TaskRecord::named(task),
+            source: None,
+            stage: None,
+            metrics: Default::default(),
+        })
+        .unwrap()
+    {
+        peftdb::store::Outcome::Added(id) => id,
+        other => panic!("not added: {other:?}"),
     };
     let (id_plain, id_saved) = (add(plain.clone(), "plain"), add(saved.clone(), "saved"));
-    let (rp, rs) = (store.object(id_plain).unwrap(), store.object(id_saved).unwrap());
+    let (rp, rs) = (
+        store.object(id_plain).unwrap(),
+        store.object(id_saved).unwrap(),
+    );
     assert_eq!(rs.saved_modules(), vec!["classifier", "score"]);
     assert_eq!(rs.embeddings.len(), 2, "TuPaTE and the ΔW sketch");
     assert_eq!(rs.embeddings.len(), rp.embeddings.len());

@@ -5,9 +5,12 @@
 //! | LoRA | `y = W x + b + s * B A x` on every targeted linear layer, `s = alpha / r` (or `alpha / sqrt(r)` with rsLoRA; `rank_pattern`/`alpha_pattern` per module); with `bias="all"` the stored biases (`...base_layer.bias`, layer-norm biases, the embeddings' layer-norm bias) replace the model's |
 //! | IA3 | a vector shaped (out, 1) scales the layer's output (bias included); one shaped (1, in) (PEFT's `feedforward_modules`) scales its input |
 //! | prefix tuning | `prompt_embeddings` (T, L*2*H) viewed as (T, L*2, heads, head_dim): layer i's key prefix is chunk 2i, its value prefix chunk 2i+1, prepended to the keys/values; the mask is extended with ones |
-//! | prompt tuning | `prompt_embeddings` (T, H) prepended to the word embeddings (positions then run over virtual + real tokens, as when PEFT passes `inputs_embeds`); pooling covers the real tokens only |
+//! | prompt tuning | `prompt_embeddings` (T, H) prepended to the word embeddings (positions then run over virtual + real tokens, as when PEFT passes `inputs_embeds`); pooling covers the real tokens only; on a decoder every token attends to the whole prompt and labels are scored at the real tokens' positions |
 //! | BitFit | the stored biases replace the model's |
 //! | bottleneck | Houlsby: `h + up(act(down(h)))` after the attention output projection and after the feed-forward output projection, before the residual + layer norm |
+//!
+//! On decoder (Llama-family) models LoRA, IA3 and prompt tuning apply; prefix tuning, BitFit and
+//! bottleneck adapters are refused naming the method.
 //!
 //! Tensors of modules that do not affect the mean-pooled encoder output (the pooler) are accepted and
 //! ignored. A tensor whose shape does not fit the base model is an [`EngineError::AdapterShape`] naming
@@ -322,7 +325,7 @@ impl AdapterSet {
         };
         let encoder_only = |what: &str| -> EngineError {
             EngineError::Adapter(format!(
-                "{what} is not supported on decoder (Llama-family) models yet; LoRA and IA3 are"
+                "{what} is not supported on decoder (Llama-family) models yet; LoRA, IA3 and prompt tuning are"
             ))
         };
         let put_bias = |set: &mut AdapterSet, name: &str, t: &Tensor| -> EngineResult<()> {
@@ -450,9 +453,7 @@ impl AdapterSet {
                 set.prefix_len = tn;
             }
             Method::Prompt(pc) => {
-                if encoder.is_none() {
-                    return Err(encoder_only("prompt tuning"));
-                }
+                // Encoders and decoders alike: the table goes before the word embeddings.
                 let (name, t) = single_table(named, "prompt tuning")?;
                 check_shape(name, t, &[pc.num_virtual_tokens, h])?;
                 set.prompt = Some(t.clone());

@@ -691,9 +691,19 @@ impl LlamaModel {
         self.hidden_states_with(ids, &positions, &bias, adapter, grad)
     }
 
+    /// The token embedding table (vocabulary, hidden).
+    pub fn word_embeddings(&self) -> &Tensor {
+        &self.embed
+    }
+
     /// [`LlamaModel::hidden_states`] with explicit rotary positions (batch, tokens) f32 and an additive
     /// attention bias (batch, 1, tokens, tokens): any attention pattern, e.g. several continuations of one
     /// prompt packed in one sequence, each seeing the prompt and itself only.
+    ///
+    /// A prompt-tuning adapter's virtual tokens (T, hidden) go before every sequence, as PEFT passes
+    /// `inputs_embeds` for a causal LM: they take positions 0..T among themselves (causal), every token
+    /// sees all of them, and the real tokens' positions move up by T. The hidden states returned are the
+    /// real tokens' only, so callers index them as without a prompt.
     pub fn hidden_states_with(
         &self,
         ids: &Tensor,
@@ -702,8 +712,52 @@ impl LlamaModel {
         adapter: Option<&AdapterSet>,
         grad: Grad,
     ) -> candle_core::Result<Tensor> {
-        let c = &self.config;
+        let prompt = adapter.and_then(|a| a.prompt.as_ref());
+        let x = self.embed.embedding(&ids.flatten_all()?)?.reshape((
+            ids.dim(0)?,
+            ids.dim(1)?,
+            self.config.hidden,
+        ))?;
+        let Some(prompt) = prompt else {
+            return self.layers_forward(x, positions, bias, adapter, grad);
+        };
         let (b, t) = ids.dims2()?;
+        let vt = prompt.dim(0)?;
+        let dev = &self.device;
+        let x = Tensor::cat(&[&prompt.unsqueeze(0)?.repeat((b, 1, 1))?, &x], 1)?;
+        let virtual_pos = Tensor::arange(0f32, vt as f32, dev)?
+            .unsqueeze(0)?
+            .repeat((b, 1))?;
+        let positions = Tensor::cat(&[&virtual_pos, &(positions + vt as f64)?], 1)?;
+        // [[causal over the prompt, nothing of the text], [all of the prompt, the text's own bias]].
+        let causal: Vec<f32> = (0..vt)
+            .flat_map(|i| (0..vt).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let top = Tensor::cat(
+            &[
+                &Tensor::from_vec(causal, (1, 1, vt, vt), dev)?,
+                &Tensor::full(f32::NEG_INFINITY, (1, 1, vt, t), dev)?,
+            ],
+            3,
+        )?
+        .repeat((b, 1, 1, 1))?;
+        let bottom = Tensor::cat(&[&Tensor::zeros((b, 1, t, vt), DType::F32, dev)?, bias], 3)?;
+        let bias = Tensor::cat(&[&top, &bottom], 2)?;
+        self.layers_forward(x, &positions, &bias, adapter, grad)?
+            .narrow(1, vt, t)
+    }
+
+    /// The decoder stack and the final norm over input embeddings `x` (batch, tokens, hidden).
+    fn layers_forward(
+        &self,
+        mut x: Tensor,
+        positions: &Tensor,
+        bias: &Tensor,
+        adapter: Option<&AdapterSet>,
+        grad: Grad,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let (b, t, _) = x.dims3()?;
         let d = c.head_dim();
         let dev = &self.device;
         let inv_freq: Vec<f32> = (0..d / 2)
@@ -716,11 +770,6 @@ impl LlamaModel {
         let (cos, sin) = (freqs.cos()?, freqs.sin()?);
         let scale = 1.0 / (d as f64).sqrt();
         let n_rep = c.heads / c.kv_heads;
-
-        let mut x = self
-            .embed
-            .embedding(&ids.flatten_all()?)?
-            .reshape((b, t, c.hidden))?;
         for (li, l) in self.layers.iter().enumerate() {
             let la = adapter.map(|a| &a.layers[li]);
             let lin = |x: &Tensor, i: usize| -> candle_core::Result<Tensor> {

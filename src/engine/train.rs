@@ -28,7 +28,7 @@ use super::model::{Grad, LN_SLOTS};
 use super::scoring::{cross_entropy, ScoreOptions, DEFAULT_TEMPERATURE};
 use super::tokenize::TokenIds;
 use super::{Backbone, Engine};
-use crate::object::build::build_object;
+use crate::object::build::build_object_for;
 use crate::object::{
     BitFitConfig, BottleneckConfig, Ia3Config, LightweightObject, LoraBias, LoraConfig, Method,
     MethodKind, PrefixConfig, PromptConfig, Tensor as StoredTensor,
@@ -402,20 +402,23 @@ pub fn init_adapter(
             })
         }
         MethodKind::Prompt => {
-            let bert = bert()?;
-            let cfg = &bert.config;
+            // Rows of the word embeddings of random vocabulary tokens (past the first 1000, which hold
+            // special and byte tokens), on encoders and decoders alike.
+            let table = match backbone {
+                Backbone::Encoder(m) => &m.word_embeddings,
+                Backbone::Decoder(m) => m.word_embeddings(),
+            };
+            let vocab = table.dim(0)?;
             let t = spec.num_virtual_tokens;
             if t == 0 {
                 return Err(EngineError::InvalidArgument(
                     "prompt length must be at least 1".into(),
                 ));
             }
-            let lo = 1000.min(cfg.vocab_size - 1);
-            let ids: Vec<u32> = (0..t)
-                .map(|_| rng.random_range(lo..cfg.vocab_size) as u32)
-                .collect();
+            let lo = 1000.min(vocab - 1);
+            let ids: Vec<u32> = (0..t).map(|_| rng.random_range(lo..vocab) as u32).collect();
             let idx = Tensor::from_vec(ids, t, &engine.device)?;
-            let rows = bert.word_embeddings.index_select(&idx, 0)?;
+            let rows = table.index_select(&idx, 0)?;
             let v = rows.flatten_all()?.to_vec1::<f32>()?;
             tensors.push(StoredTensor::from_f32("prompt_embeddings", vec![t, h], &v));
             Method::Prompt(PromptConfig {
@@ -534,13 +537,18 @@ impl Trainable {
         AdapterSet::from_named(&engine.model, &self.method, &named)
     }
 
-    fn snapshot(&self, base_model: &str) -> EngineResult<LightweightObject> {
+    fn snapshot(&self, base_model: &str, causal_lm: bool) -> EngineResult<LightweightObject> {
         let mut tensors = Vec::with_capacity(self.vars.len());
         for ((n, s), v) in self.names.iter().zip(&self.shapes).zip(&self.vars) {
             let vals = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
             tensors.push(StoredTensor::from_f32(n.clone(), s.clone(), &vals));
         }
-        Ok(build_object(self.method.clone(), base_model, tensors))
+        Ok(build_object_for(
+            self.method.clone(),
+            base_model,
+            tensors,
+            causal_lm,
+        ))
     }
 }
 
@@ -565,7 +573,12 @@ fn base_model_name(engine: &Engine, cfg: &TrainConfig) -> String {
 pub fn fresh_adapter(engine: &Engine, cfg: &TrainConfig) -> EngineResult<LightweightObject> {
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let (method, tensors) = init_adapter(engine, &cfg.spec, &mut rng)?;
-    Ok(build_object(method, &base_model_name(engine, cfg), tensors))
+    Ok(build_object_for(
+        method,
+        &base_model_name(engine, cfg),
+        tensors,
+        engine.model.is_decoder(),
+    ))
 }
 
 /// Train an adapter; see the module docs.
@@ -731,10 +744,18 @@ pub fn train(
             let acc = point.dev_accuracy;
             history.push(point);
             if early.is_none() {
-                early = Some((step, tr.snapshot(&base_model)?, acc));
+                early = Some((
+                    step,
+                    tr.snapshot(&base_model, engine.model.is_decoder())?,
+                    acc,
+                ));
             }
             if best.as_ref().map(|b| acc > b.2).unwrap_or(true) {
-                best = Some((step, tr.snapshot(&base_model)?, acc));
+                best = Some((
+                    step,
+                    tr.snapshot(&base_model, engine.model.is_decoder())?,
+                    acc,
+                ));
                 since_best = 0;
             } else {
                 since_best += 1;

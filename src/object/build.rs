@@ -119,6 +119,17 @@ pub fn adapter_config(method: &Method, base_model: &str) -> Value {
 /// Build a new object from a method, its base model and tensors (named as the format expects: PEFT's
 /// `base_model.model.…`, AdapterHub's `bert.encoder.layer.{i}.….adapters.{name}.…`).
 pub fn build_object(method: Method, base_model: &str, tensors: Vec<Tensor>) -> LightweightObject {
+    build_object_for(method, base_model, tensors, false)
+}
+
+/// [`build_object`] for a base model known to be a causal language model (`causal_lm`), whose PEFT task
+/// type is then `CAUSAL_LM` whatever the tensors' names say (a prompt-tuning table names no layer).
+pub fn build_object_for(
+    method: Method,
+    base_model: &str,
+    tensors: Vec<Tensor>,
+    causal_lm: bool,
+) -> LightweightObject {
     let format = match method {
         Method::Bitfit(_) => AdapterFormat::Bitfit,
         Method::Adapter(_) => AdapterFormat::Adapterhub,
@@ -131,7 +142,7 @@ pub fn build_object(method: Method, base_model: &str, tensors: Vec<Tensor>) -> L
             .layer
             .is_some_and(|l| l.stack == super::layout::Stack::Layers)
     });
-    if decoder_only && cfg.get("task_type").is_some() {
+    if (causal_lm || decoder_only) && cfg.get("task_type").is_some() {
         cfg["task_type"] = json!("CAUSAL_LM");
     }
     let mut config_json = serde_json::to_vec_pretty(&cfg).unwrap_or_default();

@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 pub use crate::dtype::DType;
-pub use build::{adapter_config, build_object};
+pub use build::{adapter_config, build_object, build_object_for};
 pub use formats::{
     check_output_dir, is_adapter_dir, read_adapter, write_adapter, write_adapter_with,
     AdapterFormat, ReadOptions, MAX_CONFIG_BYTES, MAX_WEIGHTS_BYTES,

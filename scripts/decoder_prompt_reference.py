@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Reference outputs of transformers + PEFT for a prompt-tuning adapter on the decoder test model
+SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to f32, as scripts/decoder_reference.py loads it), for
+checking the Rust decoder's prompt tuning against.
+
+Writes, under tests/fixtures/decoder/:
+  prompt_t8/              PEFT's PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8): the table is
+                          the word embeddings of 8 seeded random tokens plus N(0, 0.02) noise, rounded to f16
+  prompt_reference.json   the verbalizers' log-likelihoods after two prompts, with the adapter (PEFT prepends
+                          the virtual tokens to the input embeddings; its logits cover them too, so a label
+                          token at real position i is read at i + 8)
+
+usage: decoder_prompt_reference.py [MODEL_DIR]   (default models/smollm2-135m-instruct, with model.gguf)
+"""
+import json
+import os
+import sys
+
+import torch
+
+torch.set_num_threads(2)
+
+import peft  # noqa: E402
+import transformers  # noqa: E402
+from peft import PromptTuningConfig, get_peft_model  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "tests", "fixtures", "decoder")
+PROMPTS = ["Input: a wonderful, moving film\nAnswer:", "Input: dull and far too long\nAnswer:"]
+VERBALIZERS = [" positive", " negative", " very bad indeed"]
+T = 8
+
+
+@torch.no_grad()
+def logliks(model, tok, prompt, offset):
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    out = {}
+    for v in VERBALIZERS:
+        v_ids = tok(v, add_special_tokens=False)["input_ids"]
+        logits = model(input_ids=torch.tensor([p + v_ids])).logits[0, offset:]
+        logp = torch.log_softmax(logits.double(), -1)
+        out[v] = float(sum(logp[len(p) - 1 + i, t] for i, t in enumerate(v_ids)))
+    return out
+
+
+def main():
+    model_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "models", "smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(model_dir, gguf_file="model.gguf")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file="model.gguf", dtype=torch.float32).eval()
+    ref = {
+        "versions": {"transformers": transformers.__version__, "peft": peft.__version__, "torch": torch.__version__},
+        "prompts": PROMPTS,
+        "bare": [logliks(model, tok, p, 0) for p in PROMPTS],
+    }
+    pm = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=T)).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, model.config.vocab_size, (T,), generator=g)
+    emb = model.get_input_embeddings().weight[ids].detach()
+    table = (emb + 0.02 * torch.randn(emb.shape, generator=g)).to(torch.float16)
+    with torch.no_grad():
+        pm.prompt_encoder["default"].embedding.weight.copy_(table.to(torch.float32))
+    ref["prompt"] = {
+        "adapter_dir": "prompt_t8",
+        "num_virtual_tokens": T,
+        "logliks": [logliks(pm, tok, p, T) for p in PROMPTS],
+    }
+    pm.peft_config["default"].base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with torch.no_grad():
+        pm.prompt_encoder["default"].embedding.weight.data = table
+    adir = os.path.join(OUT, "prompt_t8")
+    pm.save_pretrained(adir)
+    rm = os.path.join(adir, "README.md")
+    if os.path.exists(rm):
+        os.remove(rm)
+    with open(os.path.join(OUT, "prompt_reference.json"), "w") as fh:
+        json.dump(ref, fh, indent=1)
+    print("wrote", adir, "and prompt_reference.json")
+
+
+if __name__ == "__main__":
+    main()
