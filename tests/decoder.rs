@@ -659,8 +659,12 @@ fn a_hugging_face_folder_of_the_model_loads_and_scores_as_the_gguf() {
             serde_json::json!({"rope_type": "llama3", "factor": 8.0}),
             "rope_scaling",
         ),
-        ("attention_bias", serde_json::json!(true), "attention_bias"),
-        ("model_type", serde_json::json!("qwen2"), "qwen2"),
+        (
+            "rope_parameters",
+            serde_json::json!({"rope_type": "yarn", "rope_theta": 1e4}),
+            "yarn",
+        ),
+        ("model_type", serde_json::json!("gemma"), "gemma"),
     ] {
         let mut bad = cfg.clone();
         bad[key] = value;
@@ -675,6 +679,17 @@ fn a_hugging_face_folder_of_the_model_loads_and_scores_as_the_gguf() {
         );
         assert!(e.to_string().contains("config.json"), "{e}");
     }
+    // A config that promises biases the weights lack names the missing tensor.
+    let mut bad = cfg.clone();
+    bad["attention_bias"] = true.into();
+    std::fs::write(&cfg_path, bad.to_string()).unwrap();
+    let e = Engine::load_with(&dir, &Device::Cpu, &opts).unwrap_err();
+    assert!(
+        matches!(e, EngineError::Load(LoadError::MissingWeight { .. }))
+            && e.to_string()
+                .contains("model.layers.0.self_attn.q_proj.bias"),
+        "{e}"
+    );
     // A config that does not fit the weights names the tensor and both shapes.
     let mut bad = cfg.clone();
     bad["intermediate_size"] = 1000.into();
@@ -784,4 +799,80 @@ fn a_peft_prompt_tuning_adapter_runs_on_the_decoder_as_in_peft() {
     // The prompt changes the scores (the check above is not the bare model's).
     let d = want[0][" positive"].as_f64().unwrap() - r["bare"][0][" positive"].as_f64().unwrap();
     assert!(d.abs() > 0.05, "{d}");
+}
+
+/// Biased Llama-family decoders from Hugging Face folders (scripts/decoder_tiny_reference.py): a Qwen2
+/// (biases on q, k, v; `rope_parameters` as transformers 5 writes them; tied head) and a Llama with
+/// `attention_bias` and `mlp_bias` (biases on all seven linear layers). Logits of a left-padded batch of
+/// three sequences match transformers within 1e-4 at every real position, with the same argmax over the
+/// vocabulary; `save_hf_folder` writes them back (model_type and biases kept) and they reload identically.
+#[test]
+fn biased_decoders_qwen2_and_llama_with_biases_load_from_hugging_face_folders() {
+    use candle_core::DType;
+    let r: Value = serde_json::from_slice(
+        &std::fs::read(root().join("tests/fixtures/decoder/tiny_reference.json")).unwrap(),
+    )
+    .unwrap();
+    let seqs: Vec<Vec<u32>> = serde_json::from_value(r["sequences"].clone()).unwrap();
+    let n = seqs.iter().map(Vec::len).max().unwrap();
+    let ids: Vec<u32> = seqs
+        .iter()
+        .flat_map(|s| std::iter::repeat_n(0, n - s.len()).chain(s.iter().copied()))
+        .collect();
+    let mask: Vec<u32> = seqs
+        .iter()
+        .flat_map(|s| std::iter::repeat_n(0, n - s.len()).chain(std::iter::repeat_n(1, s.len())))
+        .collect();
+    let ids = Tensor::from_vec(ids, (seqs.len(), n), &Device::Cpu).unwrap();
+    let mask = Tensor::from_vec(mask, (seqs.len(), n), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let logits_of = |m: &LlamaModel| -> Vec<Vec<Vec<f32>>> {
+        m.forward(&ids, Some(&mask))
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, model_type, biased) in [
+        (
+            "qwen2_tiny",
+            "qwen2",
+            [true, true, true, false, false, false, false],
+        ),
+        ("llama_biased_tiny", "llama", [true; 7]),
+    ] {
+        let m = LlamaModel::from_hf_folder(
+            &root().join("tests/fixtures/decoder").join(name),
+            &Device::Cpu,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(m.config.linear_bias, biased, "{name}");
+        assert_eq!(m.config.model_type, model_type);
+        let got = logits_of(&m);
+        let (want, argmax) = (&r[name]["logits"], &r[name]["argmax"]);
+        for (i, s) in seqs.iter().enumerate() {
+            for p in 0..s.len() {
+                let row = &got[i][n - s.len() + p];
+                for (j, w) in want[i][p].as_array().unwrap().iter().enumerate() {
+                    let w = w.as_f64().unwrap();
+                    assert!(
+                        (row[j] as f64 - w).abs() < 1e-4,
+                        "{name}, sequence {i}, position {p}, logit {j}: {} vs {w}",
+                        row[j]
+                    );
+                }
+                let best = (0..row.len())
+                    .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                    .unwrap();
+                assert_eq!(best as u64, argmax[i][p].as_u64().unwrap(), "{name}");
+            }
+        }
+        let out = tmp.path().join(name);
+        m.save_hf_folder(&out).unwrap();
+        let again = LlamaModel::from_hf_folder(&out, &Device::Cpu).unwrap();
+        assert_eq!(again.config, m.config, "{name}");
+        assert_eq!(logits_of(&again), got, "{name}");
+    }
 }

@@ -16,7 +16,7 @@ pub enum LoadError {
     ModelFileMissing { dir: PathBuf, file: &'static str },
     #[error("{path}: invalid model config: {reason}")]
     ModelConfig { path: PathBuf, reason: String },
-    #[error("{path}: unsupported architecture {found}; the engine runs BERT-family encoders (model_type bert, roberta, xlm-roberta; absolute position embeddings) and Llama-family decoders (GGUF general.architecture llama, or a Hugging Face folder with model_type llama or mistral, no biases, no rope_scaling)")]
+    #[error("{path}: unsupported architecture {found}; the engine runs BERT-family encoders (model_type bert, roberta, xlm-roberta; absolute position embeddings) and Llama-family decoders (GGUF general.architecture llama, or a Hugging Face folder with model_type llama, mistral or qwen2; plain rotary embeddings, no rope_scaling)")]
     UnsupportedArchitecture { path: PathBuf, found: String },
     #[error("{path}: weight {tensor:?} is missing{hint}")]
     MissingWeight {

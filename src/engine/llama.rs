@@ -35,6 +35,13 @@ pub struct LlamaConfig {
     pub rms_eps: f64,
     /// The context length the model was trained for.
     pub max_positions: usize,
+    /// Which linear layers carry a bias, in [`LINEAR_SLOTS`] order (q, k, v, o, gate, up, down): none for
+    /// Llama and Mistral, q/k/v for Qwen2, all attention (or MLP) layers for Llama with `attention_bias`
+    /// (`mlp_bias`).
+    pub linear_bias: [bool; 7],
+    /// The Hugging Face `model_type` (`llama`, `mistral`, `qwen2`), written back by
+    /// [`LlamaModel::save_hf_folder`].
+    pub model_type: String,
 }
 
 impl LlamaConfig {
@@ -93,12 +100,15 @@ struct HfLlamaConfig {
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     rope_scaling: Option<serde_json::Value>,
+    /// transformers 5 writes `rope_theta` and the rope type here.
+    rope_parameters: Option<serde_json::Value>,
     head_dim: Option<usize>,
 }
 
 /// The Hugging Face `model_type`s this engine runs (Mistral is Llama with a sliding window that only
-/// matters beyond its window, thousands of tokens, far above the engine's `max_len`).
-pub const HF_DECODER_TYPES: [&str; 2] = ["llama", "mistral"];
+/// matters beyond its window, thousands of tokens, far above the engine's `max_len`; Qwen2 is Llama with
+/// biases on q, k and v, its sliding window likewise far away when used at all).
+pub const HF_DECODER_TYPES: [&str; 3] = ["llama", "mistral", "qwen2"];
 
 impl HfLlamaConfig {
     fn config(&self, path: &Path) -> EngineResult<LlamaConfig> {
@@ -112,17 +122,34 @@ impl HfLlamaConfig {
         if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
             return Err(unsupported(format!("hidden_act {act:?} (Llama uses silu)")).into());
         }
-        if self.attention_bias == Some(true) || self.mlp_bias == Some(true) {
-            return Err(unsupported(
-                "attention_bias or mlp_bias true (biased Llama variants)".into(),
-            )
-            .into());
-        }
         if let Some(r) = self.rope_scaling.as_ref().filter(|r| !r.is_null()) {
             return Err(
                 unsupported(format!("rope_scaling {r} (plain rotary embeddings only)")).into(),
             );
         }
+        let rope = self.rope_parameters.as_ref().filter(|r| !r.is_null());
+        if let Some(t) = rope
+            .and_then(|r| r.get("rope_type"))
+            .filter(|t| t.as_str() != Some("default"))
+        {
+            return Err(unsupported(format!(
+                "rope_parameters.rope_type {t} (plain rotary embeddings only)"
+            ))
+            .into());
+        }
+        let rope_theta = self.rope_theta.or_else(|| {
+            rope.and_then(|r| r.get("rope_theta"))
+                .and_then(|v| v.as_f64())
+        });
+        let (attn, mlp) = (
+            self.attention_bias.unwrap_or(false),
+            self.mlp_bias.unwrap_or(false),
+        );
+        let linear_bias = if self.model_type == "qwen2" {
+            [true, true, true, false, false, false, false]
+        } else {
+            [attn, attn, attn, attn, mlp, mlp, mlp]
+        };
         let config = LlamaConfig {
             hidden: self.hidden_size,
             layers: self.num_hidden_layers,
@@ -130,9 +157,11 @@ impl HfLlamaConfig {
             kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
             intermediate: self.intermediate_size,
             vocab: self.vocab_size,
-            rope_theta: self.rope_theta.unwrap_or(10_000.0),
+            rope_theta: rope_theta.unwrap_or(10_000.0),
             rms_eps: self.rms_norm_eps.unwrap_or(1e-6),
             max_positions: self.max_position_embeddings.unwrap_or(2048),
+            linear_bias,
+            model_type: self.model_type.clone(),
         };
         if let Some(hd) = self
             .head_dim
@@ -320,6 +349,8 @@ impl LlamaModel {
             rope_theta: float("rope.freq_base", 10_000.0)?,
             rms_eps: float("attention.layer_norm_rms_epsilon", 1e-5)?,
             max_positions: int("context_length").unwrap_or(2048),
+            linear_bias: [false; 7],
+            model_type: "llama".into(),
         };
         config.check().map_err(|reason| gguf_err(path, reason))?;
         let mut tensor = |name: &str, shape: &[usize]| -> EngineResult<Tensor> {
@@ -385,9 +416,13 @@ impl LlamaModel {
             let shapes: [[usize; 2]; 7] =
                 [[h, h], [kv, h], [kv, h], [h, h], [f, h], [f, h], [h, f]];
             let mut linear = Vec::with_capacity(7);
-            for ((slot, _), shape) in LINEAR_SLOTS.iter().zip(shapes) {
+            for (k, ((slot, _), shape)) in LINEAR_SLOTS.iter().zip(shapes).enumerate() {
                 let weight = get(&format!("{p}.{slot}.weight"), &shape)?;
-                let bias = Tensor::zeros(shape[0], DType::F32, device)?;
+                let bias = if config.linear_bias[k] {
+                    get(&format!("{p}.{slot}.bias"), &shape[..1])?
+                } else {
+                    Tensor::zeros(shape[0], DType::F32, device)?
+                };
                 linear.push(Linear { weight, bias });
             }
             layers.push(Layer {
@@ -484,9 +519,15 @@ impl LlamaModel {
         };
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         let c = &self.config;
+        let b = c.linear_bias;
+        let architecture = match c.model_type.as_str() {
+            "qwen2" => "Qwen2ForCausalLM",
+            "mistral" => "MistralForCausalLM",
+            _ => "LlamaForCausalLM",
+        };
         let cfg = serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [architecture],
+            "model_type": c.model_type,
             "hidden_size": c.hidden,
             "num_hidden_layers": c.layers,
             "num_attention_heads": c.heads,
@@ -498,8 +539,8 @@ impl LlamaModel {
             "max_position_embeddings": c.max_positions,
             "tie_word_embeddings": self.lm_head.is_none(),
             "hidden_act": "silu",
-            "attention_bias": false,
-            "mlp_bias": false,
+            "attention_bias": b[3],
+            "mlp_bias": b[4],
             "torch_dtype": "float32",
         });
         let path = dir.join("config.json");
@@ -626,8 +667,11 @@ impl LlamaModel {
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             out.push((format!("{p}.input_layernorm.weight"), l.attn_norm.clone()));
-            for ((slot, _), w) in LINEAR_SLOTS.iter().zip(&l.linear) {
+            for (k, ((slot, _), w)) in LINEAR_SLOTS.iter().zip(&l.linear).enumerate() {
                 out.push((format!("{p}.{slot}.weight"), w.weight.clone()));
+                if self.config.linear_bias[k] {
+                    out.push((format!("{p}.{slot}.bias"), w.bias.clone()));
+                }
             }
             out.push((
                 format!("{p}.post_attention_layernorm.weight"),
