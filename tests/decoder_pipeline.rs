@@ -328,6 +328,13 @@ fn a_lora_with_saved_modules_is_stored_and_exported_but_not_embedded_or_run() {
     };
     let e = rewrite(true, &tmp.path().join("unlisted")).unwrap_err();
     assert!(e.to_string().contains(HEAD), "{e}");
+    // Only the saved head, none of the LoRA: refused, saying so.
+    let mut head_only = saved.clone();
+    head_only.tensors.retain(|t| t.name == HEAD);
+    let dir = tmp.path().join("head_only");
+    write_adapter(&head_only, &dir).unwrap();
+    let e = read_adapter(&dir, &ReadOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("modules_to_save"), "{e}");
     let plain = rewrite(false, &tmp.path().join("plain")).unwrap();
     assert_eq!(plain.tensors.len() + 1, saved.tensors.len());
     assert_eq!(

@@ -252,7 +252,13 @@ pub fn read_adapter(dir: &Path, opts: &ReadOptions) -> Result<LightweightObject,
                 .filter(|t| !super::is_saved_module_tensor(&t.name, &saved))
                 .collect();
             if own.is_empty() {
-                return Err(ReadError::Empty { path: weights_path });
+                return Err(ReadError::MissingTensor {
+                    path: weights_path,
+                    reason: format!(
+                        "only tensors of the modules it saves whole (modules_to_save {saved:?}), none \
+                         of the adapter's own"
+                    ),
+                });
             }
             parse_peft_method(obj, &cfg_path, &weights_path, &own)?
         }
