@@ -30,17 +30,22 @@ VERBALIZERS = [" positive", " negative", " very bad indeed"]
 
 
 @torch.no_grad()
-def logliks(model, tok, prompt):
+def logliks(model, tok, prompt, offset=0):
+    """Each verbalizer's summed log-likelihood after `prompt`; `offset` skips logits of virtual tokens that
+    a prompt-learning adapter puts first."""
     p = tok(prompt, add_special_tokens=False)["input_ids"]
     out = {}
     for v in VERBALIZERS:
         v_ids = tok(v, add_special_tokens=False)["input_ids"]
-        logp = torch.log_softmax(model(input_ids=torch.tensor([p + v_ids])).logits[0].double(), -1)
+        logits = model(input_ids=torch.tensor([p + v_ids])).logits[0, offset:]
+        logp = torch.log_softmax(logits.double(), -1)
         out[v] = float(sum(logp[len(p) - 1 + i, t] for i, t in enumerate(v_ids)))
     return out
 
 
-def main():
+def load():
+    """The tokenizer and the f32 model from MODEL_DIR/model.gguf, and the reference's header (versions, the
+    prompts, the bare model's log-likelihoods)."""
     model_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "models", "smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(model_dir, gguf_file="model.gguf")
     model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file="model.gguf", dtype=torch.float32).eval()
@@ -49,6 +54,11 @@ def main():
         "prompts": PROMPTS,
         "bare": [logliks(model, tok, p) for p in PROMPTS],
     }
+    return tok, model, ref
+
+
+def main():
+    tok, model, ref = load()
     pm = get_peft_model(model, IA3Config(task_type="CAUSAL_LM")).eval()
     torch.manual_seed(0)
     with torch.no_grad():

@@ -14,45 +14,18 @@ usage: decoder_prompt_reference.py [MODEL_DIR]   (default models/smollm2-135m-in
 """
 import json
 import os
-import sys
 
 import torch
+from peft import PromptTuningConfig, get_peft_model
 
-torch.set_num_threads(2)
+# the model, the prompts and the scoring are the IA3 reference's (same folder)
+from decoder_ia3_reference import OUT, load, logliks
 
-import peft  # noqa: E402
-import transformers  # noqa: E402
-from peft import PromptTuningConfig, get_peft_model  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(ROOT, "tests", "fixtures", "decoder")
-PROMPTS = ["Input: a wonderful, moving film\nAnswer:", "Input: dull and far too long\nAnswer:"]
-VERBALIZERS = [" positive", " negative", " very bad indeed"]
 T = 8
 
 
-@torch.no_grad()
-def logliks(model, tok, prompt, offset):
-    p = tok(prompt, add_special_tokens=False)["input_ids"]
-    out = {}
-    for v in VERBALIZERS:
-        v_ids = tok(v, add_special_tokens=False)["input_ids"]
-        logits = model(input_ids=torch.tensor([p + v_ids])).logits[0, offset:]
-        logp = torch.log_softmax(logits.double(), -1)
-        out[v] = float(sum(logp[len(p) - 1 + i, t] for i, t in enumerate(v_ids)))
-    return out
-
-
 def main():
-    model_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "models", "smollm2-135m-instruct")
-    tok = AutoTokenizer.from_pretrained(model_dir, gguf_file="model.gguf")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file="model.gguf", dtype=torch.float32).eval()
-    ref = {
-        "versions": {"transformers": transformers.__version__, "peft": peft.__version__, "torch": torch.__version__},
-        "prompts": PROMPTS,
-        "bare": [logliks(model, tok, p, 0) for p in PROMPTS],
-    }
+    tok, model, ref = load()
     pm = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=T)).eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, model.config.vocab_size, (T,), generator=g)
@@ -63,7 +36,7 @@ def main():
     ref["prompt"] = {
         "adapter_dir": "prompt_t8",
         "num_virtual_tokens": T,
-        "logliks": [logliks(pm, tok, p, T) for p in PROMPTS],
+        "logliks": [logliks(pm, tok, p, T) for p in ref["prompts"]],
     }
     pm.peft_config["default"].base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     with torch.no_grad():

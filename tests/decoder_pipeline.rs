@@ -113,11 +113,6 @@ fn peft_check(dir: &Path, peft_type: &str, n: usize, bare: f64, tuned: f64) {
         .args(["--limit", &n.to_string(), "--max-len", "48"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let r: serde_json::Value = serde_json::from_slice(&common::stdout_of(out)).unwrap();
     assert_eq!(r["peft_type"], peft_type);
     assert_eq!(r["task_type"], "CAUSAL_LM");
