@@ -428,3 +428,55 @@ fn the_study_runs_resumes_and_reports_through_suggest() {
         assert!(md.contains(section), "{section}");
     }
 }
+
+/// A zoo that grows keeps its zero-shot ground truth: the bare model's and each source's unit depend on
+/// that source alone (filed under its content hash), so adding a task runs only its own source unit and
+/// the three averages over the zoo (which do change), and the grown zoo is ingested by the next run.
+#[test]
+fn a_growing_zoo_reruns_only_the_zero_shot_units_it_changes() {
+    use peftdb::experiment::transfer::{run, FewShot, Phase, StudyConfig, StudyEvent};
+    let engine = engine();
+    let dir = tempfile::tempdir().unwrap();
+    let zoo = dir.path().join("zoo");
+    let add =
+        |t: &str| common::copy_dir(&demo_zoo().join(t).join("lora"), &zoo.join(t).join("lora"));
+    for t in ["movie_sentiment", "tweet_sentiment", "bbc_topic"] {
+        add(t);
+    }
+    let cfg = StudyConfig {
+        zoo: zoo.clone(),
+        tasks: common::tasks_dir(),
+        out: dir.path().join("study"),
+        seeds: vec![0],
+        tune_seeds: vec![0],
+        targets: vec!["movie_sentiment".into()],
+        suggest: quick(),
+        few_shot: FewShot::default(),
+        textemb_examples: 8,
+        eval_limit: Some(8),
+    };
+    let zero = |cfg: &StudyConfig| {
+        let mut ran = Vec::new();
+        run(cfg, &engine, 32, &[Phase::Zero], &mut |ev| {
+            if let StudyEvent::Unit { key, .. } = ev {
+                ran.push(key.split('@').next().unwrap().to_string());
+            }
+        })
+        .unwrap();
+        ran.sort();
+        ran
+    };
+    // Bare, two sources, two averages and the manual (same-group) merge.
+    assert_eq!(zero(&cfg).len(), 6);
+    add("social_support");
+    assert_eq!(
+        zero(&cfg),
+        [
+            "zero/movie_sentiment/average-delta/0",
+            "zero/movie_sentiment/average-param/0",
+            "zero/movie_sentiment/manual/0",
+            "zero/movie_sentiment/source:social_support/0",
+        ]
+    );
+    assert!(zero(&cfg).is_empty(), "a rerun runs nothing");
+}

@@ -445,6 +445,8 @@ struct Study<'a> {
     objects: BTreeMap<String, u64>,
     results: ResultsFile,
     zoo_hash: String,
+    /// Task name -> the first 12 hex digits of its zoo adapter's content hash.
+    source_hash: BTreeMap<String, String>,
     max_len: usize,
 }
 
@@ -483,10 +485,10 @@ impl<'a> Study<'a> {
             path: db.clone(),
             source: e,
         };
-        // The store is derived data: rebuilt from the zoo whenever it is missing.
-        let fresh = !db.exists();
+        // The store is derived data, kept in step with the zoo: every run ingests the zoo folder, and
+        // what is stored already is skipped (by content hash), so a zoo that grew is picked up.
         let store = Store::open_or_create(&db).map_err(|e| serr(e.into()))?;
-        if fresh {
+        {
             let report = ingest_zoo(
                 &store,
                 std::slice::from_ref(&cfg.zoo),
@@ -506,11 +508,13 @@ impl<'a> Study<'a> {
         let (index, _) = IndexManager::open(&store, IndexConfig::default(), &|_| {})
             .map_err(|e| serr(e.into()))?;
         let mut objects = BTreeMap::new();
+        let mut source_hash = BTreeMap::new();
         let mut hasher = blake3::Hasher::new();
         let recs = store.objects().map_err(|e| serr(e.into()))?;
         for r in &recs {
             if r.method_kind() == cfg.suggest.method {
                 objects.insert(r.task.clone(), r.id);
+                source_hash.insert(r.task.clone(), r.content_hash[..12].to_string());
                 hasher.update(r.task.as_bytes());
                 hasher.update(r.content_hash.as_bytes());
             }
@@ -528,6 +532,7 @@ impl<'a> Study<'a> {
             objects,
             results,
             zoo_hash: hasher.finalize().to_hex().as_str()[..12].to_string(),
+            source_hash,
             max_len,
         })
     }
@@ -544,6 +549,33 @@ impl<'a> Study<'a> {
 
     fn protocol(&self, phase: Phase) -> String {
         protocol(self.cfg, &self.zoo_hash, phase, self.max_len)
+    }
+
+    /// The protocols a unit's record may be filed under, the one new records get first. A zero-shot run
+    /// of the bare model or of one source depends on nothing else of the zoo, so it is filed under that
+    /// source's content hash ("-" for the bare model): it stays valid while the zoo grows. Records filed
+    /// under the whole zoo's hash (as every unit was before) are still found.
+    fn protocols(&self, unit: &Unit<'_>) -> Vec<String> {
+        let own = match (unit.phase, unit.init) {
+            (Phase::Zero, "bare") => Some("-"),
+            (Phase::Zero, init) => init
+                .strip_prefix("source:")
+                .and_then(|t| self.source_hash.get(t))
+                .map(String::as_str),
+            _ => None,
+        };
+        let whole_zoo = self.protocol(unit.phase);
+        match own {
+            Some(h) => vec![protocol(self.cfg, h, unit.phase, self.max_len), whole_zoo],
+            None => vec![whole_zoo],
+        }
+    }
+
+    /// A unit's record, under any of its [`Study::protocols`].
+    fn find(&self, unit: Unit<'_>) -> Option<&Record> {
+        self.protocols(&unit)
+            .iter()
+            .find_map(|p| self.results.get(&unit.key(p)))
     }
 
     fn targets(&self) -> Vec<usize> {
@@ -581,7 +613,7 @@ impl<'a> Study<'a> {
         data: &T,
         progress: &mut dyn FnMut(StudyEvent),
     ) -> Result<()> {
-        let protocol = self.protocol(unit.phase);
+        let protocol = self.protocols(&unit).swap_remove(0);
         let key = unit.key(&protocol);
         let seconds = started.elapsed().as_secs_f64();
         let data = serde_json::to_value(data).map_err(|source| StudyError::Record {
@@ -608,9 +640,7 @@ impl<'a> Study<'a> {
 
     /// Whether a unit is already in the results file under the current protocol.
     fn has(&self, unit: Unit<'_>) -> bool {
-        self.results
-            .get(&unit.key(&self.protocol(unit.phase)))
-            .is_some()
+        self.find(unit).is_some()
     }
 
     fn run_zero(&mut self, progress: &mut dyn FnMut(StudyEvent)) -> Result<()> {
@@ -1192,7 +1222,7 @@ fn report(study: &Study<'_>) -> Result<String> {
             init,
             seed,
         };
-        study.results.get(&unit.key(&study.protocol(phase)))
+        study.find(unit)
     };
     let targets = study.targets();
     let _ = writeln!(md, "# Transfer study\n");
