@@ -35,7 +35,7 @@ pub struct LlamaConfig {
     pub rms_eps: f64,
     /// The context length the model was trained for.
     pub max_positions: usize,
-    /// Which linear layers carry a bias, in [`LINEAR_SLOTS`] order (q, k, v, o, gate, up, down): none for
+    /// Which linear layers carry a bias, in `LINEAR_SLOTS` order (q, k, v, o, gate, up, down): none for
     /// Llama and Mistral, q/k/v for Qwen2, all attention (or MLP) layers for Llama with `attention_bias`
     /// (`mlp_bias`).
     pub linear_bias: [bool; 7],
@@ -707,7 +707,7 @@ impl LlamaModel {
     }
 
     /// The final hidden states (batch, tokens, hidden), after the last norm, with an optional adapter
-    /// (LoRA and IA3 on the seven linear layers, see [`super::adapters`]). [`Grad::Yes`] keeps the pass
+    /// (LoRA and IA3 on the seven linear layers, see [`crate::engine::AdapterSet`]). [`Grad::Yes`] keeps the pass
     /// differentiable (training, gradients).
     pub fn hidden_states(
         &self,

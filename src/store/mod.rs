@@ -3,7 +3,7 @@
 //! Tables, keys and value encodings are specified in `schema/store.md`; [`SCHEMA_VERSION`] is the version
 //! this code reads and writes. Concurrency model: **one writer process, many readers**. A process opens the
 //! store for writing with [`Store::open`] (redb's `SingleWriter` mode: a second writer is refused with
-//! [`StoreError::Locked`], naming the holder's pid), or read-only with [`Store::open_read_only`], which
+//! [`OpenError::Locked`], naming the holder's pid), or read-only with [`Store::open_read_only`], which
 //! follows the writer's commits. Inside a process, a [`Store`] is `Sync`: many threads may read while one
 //! writes; every read sees a consistent snapshot (a redb read transaction).
 //!
