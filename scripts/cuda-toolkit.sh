@@ -70,11 +70,12 @@ stubs="$home/lib64/stubs"
 command -v gcc >/dev/null || die "gcc is required to build the libcuda stub (apt-get install gcc)"
 cudarc_ver="$(awk '/^name = "cudarc"$/ {getline; gsub(/version = |"/, ""); print; exit}' "$repo/Cargo.lock")"
 [ -n "$cudarc_ver" ] || die "no cudarc in Cargo.lock (has candle's cuda feature been removed?)"
-find_sys() {
+find_sys() { # prints the path, or nothing (status 0 either way: `set -e` must not stop at "not yet")
   local f
   for f in "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"cudarc-$cudarc_ver"/src/driver/sys/mod.rs; do
-    [ -f "$f" ] && { echo "$f"; return; }
+    [ -f "$f" ] && { echo "$f"; return 0; }
   done
+  return 0
 }
 sys="$(find_sys)"
 if [ -z "$sys" ]; then
