@@ -279,8 +279,10 @@ impl AdapterSet {
     /// Prepare a stored adapter for `model` (tensors converted to f32 on the model's device).
     pub fn from_object(model: &Backbone, obj: &LightweightObject) -> EngineResult<AdapterSet> {
         let saved = obj.saved_modules();
-        if let Some(t) =
-            (obj.tensors.iter()).find(|t| crate::object::is_saved_module_tensor(&t.name, &saved))
+        if let Some(t) = obj
+            .tensors
+            .iter()
+            .find(|t| crate::object::is_saved_module_tensor(&t.name, &saved))
         {
             return Err(EngineError::AdapterTensor {
                 tensor: t.name.clone(),

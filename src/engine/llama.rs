@@ -726,10 +726,7 @@ impl LlamaModel {
         let positions = (mask_f.cumsum(1)? - 1.0)?.relu()?; // (b, t)
 
         // Additive attention bias (b, 1, t, t): causal, and no padding key.
-        let causal: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        let causal = Tensor::from_vec(causal, (1, 1, t, t), dev)?;
+        let causal = causal_bias(t, dev)?;
         let pad = ((mask_f - 1.0)? * 1e30)?.reshape((b, 1, 1, t))?;
         let bias = causal.broadcast_add(&pad)?;
         self.hidden_states_with(ids, &positions, &bias, adapter, grad)
@@ -774,12 +771,9 @@ impl LlamaModel {
             .repeat((b, 1))?;
         let positions = Tensor::cat(&[&virtual_pos, &(positions + vt as f64)?], 1)?;
         // [[causal over the prompt, nothing of the text], [all of the prompt, the text's own bias]].
-        let causal: Vec<f32> = (0..vt)
-            .flat_map(|i| (0..vt).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
         let top = Tensor::cat(
             &[
-                &Tensor::from_vec(causal, (1, 1, vt, vt), dev)?,
+                &causal_bias(vt, dev)?,
                 &Tensor::full(f32::NEG_INFINITY, (1, 1, vt, t), dev)?,
             ],
             3,
@@ -866,6 +860,15 @@ fn layer_slot(path: &str) -> Option<(usize, usize)> {
     let (i, module) = rest.split_once('.')?;
     let slot = LINEAR_SLOTS.iter().position(|(s, _)| *s == module)?;
     Some((i.parse().ok()?, slot))
+}
+
+/// The additive causal attention bias (1, 1, n, n): 0 where a token may look (itself and before), -inf
+/// after.
+fn causal_bias(n: usize, dev: &Device) -> candle_core::Result<Tensor> {
+    let v: Vec<f32> = (0..n)
+        .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(v, (1, 1, n, n), dev)
 }
 
 /// transformers' `LlamaRMSNorm`: x / sqrt(mean(x^2) + eps) * w.
