@@ -645,20 +645,26 @@ impl<'a> Study<'a> {
 
     fn run_zero(&mut self, progress: &mut dyn FnMut(StudyEvent)) -> Result<()> {
         let opts = self.cfg.suggest.score.clone();
+        // Two passes: first the units that depend on one source (or none) for every target, then those
+        // that merge the whole zoo. A run while the zoo is still growing thus spends its time on units
+        // that stay valid, and the zoo-wide ones come last (they are rerun whenever the zoo changes).
+        let mut plan: Vec<(usize, Vec<String>)> = Vec::new();
         for t in self.targets() {
-            let task = self.tasks[t].clone();
-            let sources = self.sources(t);
-            let mut inits: Vec<String> = vec!["bare".into()];
+            let mut inits = vec!["bare".to_string()];
             inits.extend(
-                sources
+                self.sources(t)
                     .iter()
                     .map(|&s| format!("source:{}", self.tasks[s].name)),
             );
-            inits.extend([
-                "average-param".into(),
-                "average-delta".into(),
-                "manual".into(),
-            ]);
+            plan.push((t, inits));
+        }
+        for t in self.targets() {
+            let zoo_wide = ["average-param", "average-delta", "manual"];
+            plan.push((t, zoo_wide.map(String::from).to_vec()));
+        }
+        for (t, inits) in plan {
+            let task = self.tasks[t].clone();
+            let sources = self.sources(t);
             for init in inits {
                 let unit = Unit {
                     phase: Phase::Zero,
