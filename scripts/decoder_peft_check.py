@@ -5,7 +5,8 @@ that an adapter peftdb trained (or merged) loads in PEFT and gives the same answ
 The model is the GGUF file transformers dequantizes (as scripts/decoder_reference.py does); each input is
 `prompt.replace("{text}", text)` with the text cut where its MAX_LEN-th token ends, tokenized as one
 string (no special tokens; SmolLM2's GGUF adds no BOS), and each label's score is the summed log-likelihood of `" " + label text` after it.
-LoRA, IA3 and prompt tuning (scored one sequence at a time, see below) are checked the same way.
+LoRA, IA3, prefix and prompt tuning (the last two scored one sequence at a time, see below) are checked
+the same way.
 Prints one JSON object: the accuracy without and with the adapter, and the first examples' scores.
 
 usage: decoder_peft_check.py MODEL.gguf ADAPTER_DIR TASK_DIR [--split test] [--max-len 64]
@@ -82,8 +83,9 @@ def main():
     bare = scores(model, a.batch)
     peft_model = PeftModel.from_pretrained(model, a.adapter).eval()
     # PEFT puts a prompt-tuning table before the left padding, which moves the text's rotary positions
-    # relative to the prompt by the padding's length: one sequence at a time, as peftdb scores it.
-    prompt_learning = peft_model.peft_config["default"].peft_type == "PROMPT_TUNING"
+    # relative to the prompt by the padding's length; with prefix tuning (a cached past), the positions of a
+    # left-padded text start after the prefix *and* the padding. One sequence at a time, as peftdb scores it.
+    prompt_learning = peft_model.peft_config["default"].peft_type in ("PROMPT_TUNING", "PREFIX_TUNING")
     adapted = scores(peft_model, 1 if prompt_learning else a.batch)
     print(json.dumps({
         "examples": len(rows),

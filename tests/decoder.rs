@@ -578,12 +578,30 @@ fn decoder_adapters_the_engine_cannot_run_yet_are_refused_clearly() {
     use peftdb::engine::{fresh_adapter, MethodSpec, TrainConfig};
     use peftdb::object::MethodKind;
     let e = engine(peftdb::engine::DEFAULT_PROMPT);
-    for kind in [MethodKind::Prefix, MethodKind::Bitfit] {
+    for kind in [MethodKind::Bitfit, MethodKind::Adapter] {
         let mut cfg = TrainConfig::new(kind);
         cfg.spec = MethodSpec::new(kind);
         let err = fresh_adapter(&e, &cfg).unwrap_err();
         assert!(err.to_string().contains("decoder"), "{kind:?}: {err}");
     }
+    // A fresh prefix has PEFT's grouped-query layout: per virtual token, 30 layers x (key, value) x the
+    // 3 key/value heads of 64; a causal LM's config with token_dim 192 and 3 heads.
+    let prefix = fresh_adapter(&e, &TrainConfig::new(MethodKind::Prefix)).unwrap();
+    assert_eq!(prefix.tensors[0].shape, vec![20, 30 * 2 * 192]);
+    let cfg: Value = serde_json::from_slice(&prefix.config_json).unwrap();
+    assert_eq!(
+        (
+            &cfg["task_type"],
+            &cfg["token_dim"],
+            &cfg["num_attention_heads"]
+        ),
+        (
+            &Value::from("CAUSAL_LM"),
+            &Value::from(192),
+            &Value::from(3)
+        )
+    );
+    e.prepare(&prefix).expect("a fresh prefix fits");
     // A fresh prompt: rows of the decoder's word embeddings, a causal LM's PEFT config.
     let prompt = fresh_adapter(&e, &TrainConfig::new(MethodKind::Prompt)).unwrap();
     assert_eq!(prompt.tensors[0].shape, vec![20, 576]);
@@ -799,6 +817,82 @@ fn a_peft_prompt_tuning_adapter_runs_on_the_decoder_as_in_peft() {
     // The prompt changes the scores (the check above is not the bare model's).
     let d = want[0][" positive"].as_f64().unwrap() - r["bare"][0][" positive"].as_f64().unwrap();
     assert!(d.abs() > 0.05, "{d}");
+}
+
+/// Prefix tuning on the decoder: PEFT's prefix (scripts/decoder_prefix_reference.py; grouped-query layout,
+/// 3 key/value heads) goes in as cached past keys and values, unrotated, with the text's positions starting
+/// after it; the verbalizers' log-likelihoods of a left-padded batch match transformers + PEFT within 1e-4.
+/// Its gradients (the table is one tensor, differentiated through every layer's attention) match finite
+/// differences.
+#[test]
+fn a_peft_prefix_tuning_adapter_runs_and_trains_on_the_decoder_as_in_peft() {
+    use peftdb::engine::{Grad, ScoreOptions, DEFAULT_TEMPERATURE};
+    let e = engine("Input: {text}\nAnswer:");
+    let r: Value = serde_json::from_slice(
+        &std::fs::read(root().join("tests/fixtures/decoder/prefix_reference.json")).unwrap(),
+    )
+    .unwrap();
+    let prefix = read_adapter(
+        &root().join("tests/fixtures/decoder/prefix_t6"),
+        &ReadOptions::default(),
+    )
+    .expect("the PEFT prefix tuning reads");
+    assert_eq!(prefix.tensors[0].shape, vec![6, 30 * 2 * 192]);
+    let set = e.prepare(&prefix).expect("the prefix fits the decoder");
+    let texts = ["a wonderful, moving film", "dull and far too long"];
+    let verbs = [" positive", " negative", " very bad indeed"];
+    let inputs = e.tokenize(&texts).unwrap();
+    let rows: Vec<&[u32]> = inputs.iter().map(|r| r.as_slice()).collect();
+    let labels = e.tokenize_labels(&verbs.map(|v| v.trim_start())).unwrap();
+    let got = e
+        .label_logits(Some(&set), &labels, &rows, DEFAULT_TEMPERATURE, Grad::No)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let want = &r["prefix"]["logliks"];
+    for (i, row) in got.iter().enumerate() {
+        for (c, v) in verbs.iter().enumerate() {
+            let w = want[i][v].as_f64().unwrap();
+            assert!(
+                (row[c] as f64 - w).abs() < 1e-4,
+                "text {i}, {v:?}: {} vs {w}",
+                row[c]
+            );
+        }
+    }
+    // The prefix changes the scores (the check above is not the bare model's).
+    let d = want[1][" negative"].as_f64().unwrap() - r["bare"][1][" negative"].as_f64().unwrap();
+    assert!(d.abs() > 0.5, "{d}");
+
+    // Gradients: the directional derivative along the gradient equals its norm.
+    let opts = ScoreOptions::default();
+    let g = e
+        .ce_gradients(&prefix, &labels, &inputs, &[0, 1], &opts)
+        .unwrap();
+    let norm = g.norm();
+    assert!(norm > 0.0);
+    let loss_at = |eps: f32| -> f64 {
+        let mut o = prefix.clone();
+        for (t, (_, gr)) in o.tensors.iter_mut().zip(&g.grads) {
+            let v: Vec<f32> = t
+                .to_f32()
+                .iter()
+                .zip(gr)
+                .map(|(x, d)| x + eps * d / norm as f32)
+                .collect();
+            *t = peftdb::object::Tensor::from_f32(t.name.clone(), t.shape.clone(), &v);
+        }
+        let set = e.prepare(&o).unwrap();
+        e.score(Some(&set), &labels, &inputs, &opts)
+            .unwrap()
+            .cross_entropy(&[0, 1])
+    };
+    let eps = 1e-2;
+    let fd = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps as f64);
+    assert!(
+        (fd - norm).abs() < 0.05 * norm,
+        "finite difference {fd} vs gradient norm {norm}"
+    );
 }
 
 /// Biased Llama-family decoders from Hugging Face folders (scripts/decoder_tiny_reference.py): a Qwen2

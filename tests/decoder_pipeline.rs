@@ -99,8 +99,17 @@ fn few_shot_adapter(name: &str, kind: MethodKind, steps: usize, seed: u64) -> Li
 }
 
 /// With `PEFTDB_PEFT_PYTHON` set: the adapter folder `dir` loads in PEFT on the transformers model, and
-/// scores the first `n` movie_sentiment test examples with peftdb's accuracies, bare and adapted.
-fn peft_check(dir: &Path, peft_type: &str, n: usize, bare: f64, tuned: f64) {
+/// scores the first `n` movie_sentiment test examples with peftdb's accuracies, bare and adapted; the first
+/// three examples' label log-likelihoods with the adapter (`obj`, the object written to `dir`) match
+/// peftdb's within 1e-3.
+fn peft_check(
+    dir: &Path,
+    obj: &LightweightObject,
+    peft_type: &str,
+    n: usize,
+    bare: f64,
+    tuned: f64,
+) {
     let Some(py) = std::env::var_os("PEFTDB_PEFT_PYTHON") else {
         eprintln!("PEFTDB_PEFT_PYTHON unset: the PEFT load check is skipped");
         return;
@@ -124,6 +133,31 @@ fn peft_check(dir: &Path, peft_type: &str, n: usize, bare: f64, tuned: f64) {
         (r["adapter_accuracy"].as_f64().unwrap() - tuned).abs() < 1e-9,
         "{r}"
     );
+    let e = engine();
+    let t = task("movie_sentiment");
+    let texts: Vec<&str> = t.test[..3].iter().map(|x| x.text.as_str()).collect();
+    let rows = e.tokenize(&texts).unwrap();
+    let rows: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+    let labels = e.tokenize_labels(&t.label_texts()).unwrap();
+    let set = e.prepare(obj).unwrap();
+    let ours = e
+        .label_logits(
+            Some(&set),
+            &labels,
+            &rows,
+            peftdb::engine::DEFAULT_TEMPERATURE,
+            peftdb::engine::Grad::No,
+        )
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let theirs: Vec<Vec<f64>> = serde_json::from_value(r["first_scores_adapter"].clone()).unwrap();
+    for (a, b) in ours.iter().flatten().zip(theirs.iter().flatten()) {
+        assert!(
+            (*a as f64 - b).abs() < 1e-3,
+            "peftdb {ours:?} vs PEFT {theirs:?}"
+        );
+    }
 }
 
 /// Prompt tuning trained by peftdb on the decoder (16-shot, its default 20 virtual tokens and lr): a
@@ -157,7 +191,51 @@ fn a_few_shot_prompt_trained_on_the_decoder_scores_the_same_in_peft() {
         serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["task_type"], "CAUSAL_LM");
     assert_eq!(cfg["peft_type"], "PROMPT_TUNING");
-    peft_check(&dir, "PROMPT_TUNING", n, bare, tuned);
+    peft_check(&dir, &prompt, "PROMPT_TUNING", n, bare, tuned);
+}
+
+/// Prefix tuning trained by peftdb on the decoder (16-shot, its default 20 virtual tokens and lr): a
+/// PEFT-loadable CAUSAL_LM prefix in PEFT's grouped-query layout that, with `PEFTDB_PEFT_PYTHON` set,
+/// scores like peftdb in PEFT.
+#[test]
+fn a_few_shot_prefix_trained_on_the_decoder_scores_the_same_in_peft() {
+    let t = task("movie_sentiment");
+    let prefix = few_shot_adapter("movie_sentiment", MethodKind::Prefix, 12, 0);
+    assert_eq!(prefix.tensors.len(), 1);
+    assert_eq!(prefix.tensors[0].shape, vec![20, 30 * 2 * 192]);
+    let n = 60;
+    let bare = accuracy(&t, &t.test, None, n);
+    let tuned = accuracy(&t, &t.test, Some(&prefix), n);
+    eprintln!("16-shot prefix tuning {tuned:.3} vs bare {bare:.3} on {n} test examples");
+    // Not the bare model: the prefix changes the scores.
+    let e = engine();
+    let ids = e.tokenize(&[t.test[0].text.as_str()]).unwrap();
+    let labels = e.tokenize_labels(&t.label_texts()).unwrap();
+    let opts = ScoreOptions::default();
+    let p = e.prepare(&prefix).unwrap();
+    let (with, without) = (
+        e.score(Some(&p), &labels, &ids, &opts).unwrap().probs,
+        e.score(None, &labels, &ids, &opts).unwrap().probs,
+    );
+    assert!(
+        (with[0][0] - without[0][0]).abs() > 1e-3,
+        "{with:?} {without:?}"
+    );
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("prefix");
+    write_adapter(&prefix, &dir).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    assert_eq!(cfg["peft_type"], "PREFIX_TUNING");
+    assert_eq!(
+        (
+            cfg["token_dim"].as_u64(),
+            cfg["num_attention_heads"].as_u64()
+        ),
+        (Some(192), Some(3))
+    );
+    peft_check(&dir, &prefix, "PREFIX_TUNING", n, bare, tuned);
 }
 
 fn movie_lora() -> &'static LightweightObject {
@@ -190,7 +268,7 @@ fn a_few_shot_lora_trained_on_the_decoder_beats_the_bare_model_and_loads_in_peft
         cfg["target_modules"],
         serde_json::json!(["q_proj", "v_proj"])
     );
-    peft_check(&dir, "LORA", n, bare, tuned);
+    peft_check(&dir, lora, "LORA", n, bare, tuned);
 }
 
 #[test]

@@ -4,13 +4,13 @@
 //! |---|---|
 //! | LoRA | `y = W x + b + s * B A x` on every targeted linear layer, `s = alpha / r` (or `alpha / sqrt(r)` with rsLoRA; `rank_pattern`/`alpha_pattern` per module); with `bias="all"` the stored biases (`...base_layer.bias`, layer-norm biases, the embeddings' layer-norm bias) replace the model's |
 //! | IA3 | a vector shaped (out, 1) scales the layer's output (bias included); one shaped (1, in) (PEFT's `feedforward_modules`) scales its input |
-//! | prefix tuning | `prompt_embeddings` (T, L*2*H) viewed as (T, L*2, heads, head_dim): layer i's key prefix is chunk 2i, its value prefix chunk 2i+1, prepended to the keys/values; the mask is extended with ones |
+//! | prefix tuning | `prompt_embeddings` (T, L*2*H) viewed as (T, L*2, heads, head_dim): layer i's key prefix is chunk 2i, its value prefix chunk 2i+1, prepended to the keys/values; the mask is extended with ones. On a grouped-query decoder H = kv_heads * head_dim (PEFT's choice for such models); the prefix keys are not rotated, and the real tokens' positions start at T (the prefix is PEFT's cached past) |
 //! | prompt tuning | `prompt_embeddings` (T, H) prepended to the word embeddings (positions then run over virtual + real tokens, as when PEFT passes `inputs_embeds`); pooling covers the real tokens only; on a decoder every token attends to the whole prompt and labels are scored at the real tokens' positions |
 //! | BitFit | the stored biases replace the model's |
 //! | bottleneck | Houlsby: `h + up(act(down(h)))` after the attention output projection and after the feed-forward output projection, before the residual + layer norm |
 //!
-//! On decoder (Llama-family) models LoRA, IA3 and prompt tuning apply; prefix tuning, BitFit and
-//! bottleneck adapters are refused naming the method.
+//! On decoder (Llama-family) models LoRA, IA3, prefix and prompt tuning apply; BitFit and bottleneck
+//! adapters are refused naming the method.
 //!
 //! Tensors of modules that do not affect the mean-pooled encoder output (the pooler) are accepted and
 //! ignored. A tensor whose shape does not fit the base model is an [`EngineError::AdapterShape`] naming
@@ -327,7 +327,7 @@ impl AdapterSet {
         };
         let encoder_only = |what: &str| -> EngineError {
             EngineError::Adapter(format!(
-                "{what} is not supported on decoder (Llama-family) models yet; LoRA, IA3 and prompt tuning are"
+                "{what} is not supported on decoder (Llama-family) models yet; LoRA, IA3, prefix and prompt tuning are"
             ))
         };
         let put_bias = |set: &mut AdapterSet, name: &str, t: &Tensor| -> EngineResult<()> {
@@ -430,21 +430,26 @@ impl AdapterSet {
                 }
             }
             Method::Prefix(pc) => {
-                let cfg = &encoder.ok_or_else(|| encoder_only("prefix tuning"))?.config;
+                // Per layer, the keys' and values' width and heads: the model's on an encoder; on a
+                // grouped-query decoder the key/value heads' (PEFT sets token_dim = kv_heads * head_dim and
+                // num_attention_heads = kv_heads for such models).
+                let (nh, hd) = match model {
+                    Backbone::Encoder(m) => (m.config.num_attention_heads, m.config.head_dim()),
+                    Backbone::Decoder(m) => (m.config.kv_heads, m.config.head_dim()),
+                };
+                let kv = nh * hd;
                 let (name, t) = single_table(named, "prefix tuning")?;
                 let tn = pc.num_virtual_tokens;
-                check_shape(name, t, &[tn, nl * 2 * h])?;
-                if pc.num_layers != nl || pc.token_dim != h {
+                check_shape(name, t, &[tn, nl * 2 * kv])?;
+                if pc.num_layers != nl || pc.token_dim != kv {
                     return Err(EngineError::AdapterShape {
                         tensor: name.into(),
-                        expected: vec![nl, h],
+                        expected: vec![nl, kv],
                         found: vec![pc.num_layers, pc.token_dim],
                     });
                 }
-                let nh = cfg.num_attention_heads;
-                let hd = cfg.head_dim();
                 let part = |c: usize| -> candle_core::Result<Tensor> {
-                    t.narrow(1, c * h, h)?
+                    t.narrow(1, c * kv, kv)?
                         .reshape((tn, nh, hd))?
                         .transpose(0, 1)?
                         .contiguous()

@@ -798,6 +798,19 @@ impl LlamaModel {
         let (b, t, _) = x.dims3()?;
         let d = c.head_dim();
         let dev = &self.device;
+        // Prefix tuning: PEFT hands the prefix to the model as cached past keys/values, so the real tokens'
+        // positions start after it and every token sees all of it.
+        let n_prefix = adapter.map(|a| a.prefix_len).unwrap_or(0);
+        let shifted;
+        let extended;
+        let (positions, bias) = if n_prefix > 0 {
+            shifted = (positions + n_prefix as f64)?;
+            let zeros = Tensor::zeros((b, 1, t, n_prefix), DType::F32, dev)?;
+            extended = Tensor::cat(&[&zeros, &bias.broadcast_as((b, 1, t, t))?], 3)?;
+            (&shifted, &extended)
+        } else {
+            (positions, bias)
+        };
         let inv_freq: Vec<f32> = (0..d / 2)
             .map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f64 / d as f64) as f32)
             .collect();
@@ -830,6 +843,19 @@ impl LlamaModel {
                 .transpose(1, 2)?;
             let q = rope(&q.contiguous()?, &cos, &sin)?;
             let k = rope(&k.contiguous()?, &cos, &sin)?;
+            // The prefix's keys go in unrotated, as PEFT caches them.
+            let (k, v) = match la.and_then(|a| a.prefix.as_ref()) {
+                Some((pk, pv)) => {
+                    let (h, n, _) = pk.dims3()?;
+                    let pk = pk.unsqueeze(0)?.broadcast_as((b, h, n, d))?;
+                    let pv = pv.unsqueeze(0)?.broadcast_as((b, h, n, d))?;
+                    (
+                        Tensor::cat(&[&pk, &k], 2)?,
+                        Tensor::cat(&[&pv, &v.contiguous()?], 2)?,
+                    )
+                }
+                None => (k, v),
+            };
             let k = repeat_kv(&k, n_rep)?;
             let v = repeat_kv(&v.contiguous()?, n_rep)?;
             let scores =

@@ -31,13 +31,13 @@
 //!   LoRA-QKV, layer norm, GELU) fall back to candle's ops there.
 //! - Accuracy after training is tested for LoRA and BitFit; IA3, prefix, prompt and bottleneck training
 //!   is covered by the gradient check and (bottleneck) the determinism test only.
-//! - Decoders (`tests/decoder.rs`, `tests/decoder_pipeline.rs`): the bare model and an unmerged PEFT LoRA on
-//!   all seven linear layers score labels as transformers + PEFT do (1e-4); LoRA gradients match finite
-//!   differences; a 16-shot LoRA trained here loads in PEFT with the same accuracy. LoRA and IA3 run on
-//!   decoders; prefix, prompt, BitFit and bottleneck adapters are refused for them with a clear error.
-//!   Decoders score candidates one by one (no stacked pass), run candle's composed attention (no fused CPU
-//!   kernel: their linear layers use the engine's frozen-linear kernel), and a label of several tokens
-//!   costs a sequence of its own (no KV cache shared across labels yet; labels of one token share one).
+//! - Decoders (`tests/decoder.rs`, `tests/decoder_pipeline.rs`): the bare model and PEFT's LoRA (all seven
+//!   linear layers), IA3, prefix and prompt tuning score labels as transformers + PEFT do (1e-4); LoRA and
+//!   prefix gradients match finite differences; 16-shot LoRA, prompt and prefix adapters trained here load
+//!   in PEFT with the same accuracy. BitFit and bottleneck adapters are refused on decoders with a clear
+//!   error. Decoders score candidates one by one (no stacked pass) and run candle's composed attention (no
+//!   fused CPU kernel: their linear layers use the engine's frozen-linear kernel); every label of an input
+//!   shares one sequence (later tokens of multi-token labels packed after the prompt).
 //!
 //! ```no_run
 //! # fn main() -> Result<(), peftdb::engine::EngineError> {

@@ -12,7 +12,8 @@
 //! - LoRA: A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's Kaiming-uniform), B = 0; default r = 8, alpha = 16 on
 //!   query and value.
 //! - IA3: ones, on key, value and output.dense (output.dense is a feed-forward module: input scaling).
-//! - Prefix tuning: N(0, 0.02) key/value prefixes, 20 virtual tokens.
+//! - Prefix tuning: N(0, 0.02) key/value prefixes, 20 virtual tokens (on a grouped-query decoder, as wide as
+//!   its key/value heads, PEFT's layout).
 //! - Prompt tuning: the word embeddings of 20 vocabulary tokens sampled with the seed (Lester et al.).
 //! - BitFit: the base model's own biases (every linear layer's and layer norm's, and the embeddings'
 //!   layer norm), which training then moves.
@@ -282,12 +283,14 @@ pub fn init_adapter(
     let dims = |k: usize| backbone.linear_dims(k);
     let prefix = backbone.layer_prefix();
     let decoder = backbone.is_decoder();
-    let bert = || match backbone {
+    let bert = || {
+        match backbone {
         Backbone::Encoder(m) => Ok(m),
         Backbone::Decoder(_) => Err(EngineError::InvalidArgument(format!(
-            "{} training is not supported on decoder (Llama-family) models yet; use lora or ia3",
+            "{} training is not supported on decoder (Llama-family) models yet; use lora, ia3, prefix or prompt",
             spec.kind.as_str()
         ))),
+    }
     };
     let default_targets = |bert: &[&str], llama: &[&str]| -> Vec<String> {
         let t = if decoder { llama } else { bert };
@@ -380,24 +383,31 @@ pub fn init_adapter(
             })
         }
         MethodKind::Prefix => {
-            let cfg = &bert()?.config;
+            // Keys/values per layer: all heads' on an encoder, the key/value heads' on a grouped-query
+            // decoder (as PEFT lays out a prefix for such models).
+            let (heads, width) = match backbone {
+                Backbone::Encoder(m) => (m.config.num_attention_heads, h),
+                Backbone::Decoder(m) => {
+                    (m.config.kv_heads, m.config.kv_heads * m.config.head_dim())
+                }
+            };
             let t = spec.num_virtual_tokens;
             if t == 0 {
                 return Err(EngineError::InvalidArgument(
                     "prefix length must be at least 1".into(),
                 ));
             }
-            let v: Vec<f32> = (0..t * nl * 2 * h).map(|_| normal(rng, 0.02)).collect();
+            let v: Vec<f32> = (0..t * nl * 2 * width).map(|_| normal(rng, 0.02)).collect();
             tensors.push(StoredTensor::from_f32(
                 "prompt_embeddings",
-                vec![t, nl * 2 * h],
+                vec![t, nl * 2 * width],
                 &v,
             ));
             Method::Prefix(PrefixConfig {
                 num_virtual_tokens: t,
                 num_layers: nl,
-                token_dim: h,
-                num_attention_heads: cfg.num_attention_heads,
+                token_dim: width,
+                num_attention_heads: heads,
                 prefix_projection: false,
             })
         }
