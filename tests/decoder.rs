@@ -527,28 +527,18 @@ fn engine_scores_of_multi_token_labels_and_batches_equal_the_models_log_likeliho
     assert!(err.to_string().contains("label 1"), "{err}");
 }
 
-#[test]
-fn decoder_lora_gradients_match_finite_differences() {
-    use peftdb::engine::ScoreOptions;
-    let e = engine(peftdb::engine::DEFAULT_PROMPT);
-    let mut obj = lora_fixture();
-    // Two layers' q and v only keep the check quick; values from the real PEFT adapter.
-    obj.tensors.retain(|t| {
-        (t.name.contains("layers.3.") || t.name.contains("layers.17."))
-            && (t.name.contains("q_proj") || t.name.contains("v_proj"))
-    });
-    assert_eq!(obj.tensors.len(), 8);
-    let inputs = e.tokenize(&["a wonderful, moving film", "dull"]).unwrap();
-    // One label of several tokens: its packed continuation is differentiated too.
-    let labels = e.tokenize_labels(&["positive", "very bad indeed"]).unwrap();
-    assert!(labels[1].len() > 1);
-    let opts = ScoreOptions::default();
-    let g = e
-        .ce_gradients(&obj, &labels, &inputs, &[0, 1], &opts)
-        .unwrap();
-    assert!(g.norm() > 0.0);
-    // Directional derivative along the gradient: (L(x + eps d) - L(x - eps d)) / 2 eps = <g, d>.
+/// The cross-entropy gradients of `obj` on two inputs (gold labels 0 and 1): the directional derivative
+/// along the gradient, (L(x + eps d) - L(x - eps d)) / 2 eps, equals its norm within 5%.
+fn check_gradients(
+    e: &peftdb::engine::Engine,
+    obj: &peftdb::object::LightweightObject,
+    labels: &[Vec<u32>],
+    inputs: &[Vec<u32>],
+) {
+    let opts = peftdb::engine::ScoreOptions::default();
+    let g = e.ce_gradients(obj, labels, inputs, &[0, 1], &opts).unwrap();
     let norm = g.norm();
+    assert!(norm > 0.0);
     let loss_at = |eps: f32| -> f64 {
         let mut o = obj.clone();
         for (t, (_, gr)) in o.tensors.iter_mut().zip(&g.grads) {
@@ -561,7 +551,7 @@ fn decoder_lora_gradients_match_finite_differences() {
             *t = peftdb::object::Tensor::from_f32(t.name.clone(), t.shape.clone(), &v);
         }
         let set = e.prepare(&o).unwrap();
-        e.score(Some(&set), &labels, &inputs, &opts)
+        e.score(Some(&set), labels, inputs, &opts)
             .unwrap()
             .cross_entropy(&[0, 1])
     };
@@ -571,6 +561,81 @@ fn decoder_lora_gradients_match_finite_differences() {
         (fd - norm).abs() < 0.05 * norm,
         "finite difference {fd} vs gradient norm {norm}"
     );
+}
+
+/// A PEFT prompt-learning adapter from `tests/fixtures/decoder/{dir}` with its first tensor of `shape`
+/// scores the two reference texts' verbalizers (one left-padded batch, a three-token verbalizer among them)
+/// as transformers + PEFT did (`{file}`'s `key` log-likelihoods) within 1e-4, and differs from the bare
+/// model by more than `moved` on text `text`'s label `label`. Returns the engine, the adapter, the
+/// tokenized labels and inputs.
+fn check_against_reference(
+    dir: &str,
+    file: &str,
+    key: &str,
+    shape: &[usize],
+    moved: (usize, &str, f64),
+) -> (
+    peftdb::engine::Engine,
+    peftdb::object::LightweightObject,
+    Vec<Vec<u32>>,
+    Vec<Vec<u32>>,
+) {
+    use peftdb::engine::{Grad, DEFAULT_TEMPERATURE};
+    let e = engine("Input: {text}\nAnswer:");
+    let r: Value = serde_json::from_slice(
+        &std::fs::read(root().join("tests/fixtures/decoder").join(file)).unwrap(),
+    )
+    .unwrap();
+    let obj = read_adapter(
+        &root().join("tests/fixtures/decoder").join(dir),
+        &ReadOptions::default(),
+    )
+    .expect("the PEFT adapter reads");
+    assert_eq!(obj.tensors[0].shape, shape);
+    let set = e.prepare(&obj).expect("the adapter fits the decoder");
+    let texts = ["a wonderful, moving film", "dull and far too long"];
+    let verbs = [" positive", " negative", " very bad indeed"];
+    let inputs = e.tokenize(&texts).unwrap();
+    let rows: Vec<&[u32]> = inputs.iter().map(|r| r.as_slice()).collect();
+    let labels = e.tokenize_labels(&verbs.map(|v| v.trim_start())).unwrap();
+    let got = e
+        .label_logits(Some(&set), &labels, &rows, DEFAULT_TEMPERATURE, Grad::No)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let want = &r[key]["logliks"];
+    for (i, row) in got.iter().enumerate() {
+        for (c, v) in verbs.iter().enumerate() {
+            let w = want[i][v].as_f64().unwrap();
+            assert!(
+                (row[c] as f64 - w).abs() < 1e-4,
+                "text {i}, {v:?}: {} vs {w}",
+                row[c]
+            );
+        }
+    }
+    // The adapter changes the scores (the check above is not the bare model's).
+    let (i, v, min) = moved;
+    let d = want[i][v].as_f64().unwrap() - r["bare"][i][v].as_f64().unwrap();
+    assert!(d.abs() > min, "{d}");
+    (e, obj, labels, inputs)
+}
+
+#[test]
+fn decoder_lora_gradients_match_finite_differences() {
+    let e = engine(peftdb::engine::DEFAULT_PROMPT);
+    let mut obj = lora_fixture();
+    // Two layers' q and v only keep the check quick; values from the real PEFT adapter.
+    obj.tensors.retain(|t| {
+        (t.name.contains("layers.3.") || t.name.contains("layers.17."))
+            && (t.name.contains("q_proj") || t.name.contains("v_proj"))
+    });
+    assert_eq!(obj.tensors.len(), 8);
+    let inputs = e.tokenize(&["a wonderful, moving film", "dull"]).unwrap();
+    // One label of several tokens: its packed continuation is differentiated too.
+    let labels = e.tokenize_labels(&["positive", "very bad indeed"]).unwrap();
+    assert!(labels[1].len() > 1);
+    check_gradients(&e, &obj, &labels, &inputs);
 }
 
 #[test]
@@ -780,43 +845,13 @@ fn a_peft_ia3_adapter_runs_on_the_decoder_as_in_peft() {
 /// batch, a three-token verbalizer among them) match transformers + PEFT within 1e-4.
 #[test]
 fn a_peft_prompt_tuning_adapter_runs_on_the_decoder_as_in_peft() {
-    use peftdb::engine::{Grad, DEFAULT_TEMPERATURE};
-    let e = engine("Input: {text}\nAnswer:");
-    let r: Value = serde_json::from_slice(
-        &std::fs::read(root().join("tests/fixtures/decoder/prompt_reference.json")).unwrap(),
-    )
-    .unwrap();
-    let prompt = read_adapter(
-        &root().join("tests/fixtures/decoder/prompt_t8"),
-        &ReadOptions::default(),
-    )
-    .expect("the PEFT prompt tuning reads");
-    assert_eq!(prompt.tensors[0].shape, vec![8, 576]);
-    let set = e.prepare(&prompt).expect("the prompt fits the decoder");
-    let texts = ["a wonderful, moving film", "dull and far too long"];
-    let verbs = [" positive", " negative", " very bad indeed"];
-    let inputs = e.tokenize(&texts).unwrap();
-    let rows: Vec<&[u32]> = inputs.iter().map(|r| r.as_slice()).collect();
-    let labels = e.tokenize_labels(&verbs.map(|v| v.trim_start())).unwrap();
-    let got = e
-        .label_logits(Some(&set), &labels, &rows, DEFAULT_TEMPERATURE, Grad::No)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
-    let want = &r["prompt"]["logliks"];
-    for (i, row) in got.iter().enumerate() {
-        for (c, v) in verbs.iter().enumerate() {
-            let w = want[i][v].as_f64().unwrap();
-            assert!(
-                (row[c] as f64 - w).abs() < 1e-4,
-                "text {i}, {v:?}: {} vs {w}",
-                row[c]
-            );
-        }
-    }
-    // The prompt changes the scores (the check above is not the bare model's).
-    let d = want[0][" positive"].as_f64().unwrap() - r["bare"][0][" positive"].as_f64().unwrap();
-    assert!(d.abs() > 0.05, "{d}");
+    check_against_reference(
+        "prompt_t8",
+        "prompt_reference.json",
+        "prompt",
+        &[8, 576],
+        (0, " positive", 0.05),
+    );
 }
 
 /// Prefix tuning on the decoder: PEFT's prefix (scripts/decoder_prefix_reference.py; grouped-query layout,
@@ -826,73 +861,14 @@ fn a_peft_prompt_tuning_adapter_runs_on_the_decoder_as_in_peft() {
 /// differences.
 #[test]
 fn a_peft_prefix_tuning_adapter_runs_and_trains_on_the_decoder_as_in_peft() {
-    use peftdb::engine::{Grad, ScoreOptions, DEFAULT_TEMPERATURE};
-    let e = engine("Input: {text}\nAnswer:");
-    let r: Value = serde_json::from_slice(
-        &std::fs::read(root().join("tests/fixtures/decoder/prefix_reference.json")).unwrap(),
-    )
-    .unwrap();
-    let prefix = read_adapter(
-        &root().join("tests/fixtures/decoder/prefix_t6"),
-        &ReadOptions::default(),
-    )
-    .expect("the PEFT prefix tuning reads");
-    assert_eq!(prefix.tensors[0].shape, vec![6, 30 * 2 * 192]);
-    let set = e.prepare(&prefix).expect("the prefix fits the decoder");
-    let texts = ["a wonderful, moving film", "dull and far too long"];
-    let verbs = [" positive", " negative", " very bad indeed"];
-    let inputs = e.tokenize(&texts).unwrap();
-    let rows: Vec<&[u32]> = inputs.iter().map(|r| r.as_slice()).collect();
-    let labels = e.tokenize_labels(&verbs.map(|v| v.trim_start())).unwrap();
-    let got = e
-        .label_logits(Some(&set), &labels, &rows, DEFAULT_TEMPERATURE, Grad::No)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
-    let want = &r["prefix"]["logliks"];
-    for (i, row) in got.iter().enumerate() {
-        for (c, v) in verbs.iter().enumerate() {
-            let w = want[i][v].as_f64().unwrap();
-            assert!(
-                (row[c] as f64 - w).abs() < 1e-4,
-                "text {i}, {v:?}: {} vs {w}",
-                row[c]
-            );
-        }
-    }
-    // The prefix changes the scores (the check above is not the bare model's).
-    let d = want[1][" negative"].as_f64().unwrap() - r["bare"][1][" negative"].as_f64().unwrap();
-    assert!(d.abs() > 0.5, "{d}");
-
-    // Gradients: the directional derivative along the gradient equals its norm.
-    let opts = ScoreOptions::default();
-    let g = e
-        .ce_gradients(&prefix, &labels, &inputs, &[0, 1], &opts)
-        .unwrap();
-    let norm = g.norm();
-    assert!(norm > 0.0);
-    let loss_at = |eps: f32| -> f64 {
-        let mut o = prefix.clone();
-        for (t, (_, gr)) in o.tensors.iter_mut().zip(&g.grads) {
-            let v: Vec<f32> = t
-                .to_f32()
-                .iter()
-                .zip(gr)
-                .map(|(x, d)| x + eps * d / norm as f32)
-                .collect();
-            *t = peftdb::object::Tensor::from_f32(t.name.clone(), t.shape.clone(), &v);
-        }
-        let set = e.prepare(&o).unwrap();
-        e.score(Some(&set), &labels, &inputs, &opts)
-            .unwrap()
-            .cross_entropy(&[0, 1])
-    };
-    let eps = 1e-2;
-    let fd = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps as f64);
-    assert!(
-        (fd - norm).abs() < 0.05 * norm,
-        "finite difference {fd} vs gradient norm {norm}"
+    let (e, prefix, labels, inputs) = check_against_reference(
+        "prefix_t6",
+        "prefix_reference.json",
+        "prefix",
+        &[6, 30 * 2 * 192],
+        (1, " negative", 0.5),
     );
+    check_gradients(&e, &prefix, &labels, &inputs);
 }
 
 /// Biased Llama-family decoders from Hugging Face folders (scripts/decoder_tiny_reference.py): a Qwen2
