@@ -14,14 +14,12 @@ Writes, under tests/fixtures/decoder/:
 
 usage: decoder_prefix_reference.py [MODEL_DIR]   (default models/smollm2-135m-instruct, with model.gguf)
 """
-import json
-import os
-
 import torch
 from peft import PrefixTuningConfig, get_peft_model
 
 # the model, the prompts and the scoring are the IA3 reference's (same folder)
-from decoder_ia3_reference import OUT, load, logliks
+from decoder_ia3_reference import load, logliks
+from decoder_prompt_reference import save
 
 T = 6
 
@@ -55,17 +53,7 @@ def main():
         "token_dim": pc.token_dim,
         "logliks": [logliks(pm, tok, p) for p in ref["prompts"]],
     }
-    pc.base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    with torch.no_grad():
-        pm.prompt_encoder["default"].embedding.weight.data = table
-    adir = os.path.join(OUT, "prefix_t6")
-    pm.save_pretrained(adir)
-    rm = os.path.join(adir, "README.md")
-    if os.path.exists(rm):
-        os.remove(rm)
-    with open(os.path.join(OUT, "prefix_reference.json"), "w") as fh:
-        json.dump(ref, fh, indent=1)
-    print("wrote", adir, "and prefix_reference.json")
+    save(pm, table, "prefix_t6", "prefix_reference.json", ref)
 
 
 if __name__ == "__main__":

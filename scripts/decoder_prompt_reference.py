@@ -38,17 +38,23 @@ def main():
         "num_virtual_tokens": T,
         "logliks": [logliks(pm, tok, p, T) for p in ref["prompts"]],
     }
+    save(pm, table, "prompt_t8", "prompt_reference.json", ref)
+
+
+def save(pm, table, adapter_dir, ref_file, ref):
+    """Write a prompt-learning adapter with its f16 `table` under OUT/adapter_dir (no README) and the
+    reference `ref` as OUT/ref_file."""
     pm.peft_config["default"].base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     with torch.no_grad():
         pm.prompt_encoder["default"].embedding.weight.data = table
-    adir = os.path.join(OUT, "prompt_t8")
+    adir = os.path.join(OUT, adapter_dir)
     pm.save_pretrained(adir)
     rm = os.path.join(adir, "README.md")
     if os.path.exists(rm):
         os.remove(rm)
-    with open(os.path.join(OUT, "prompt_reference.json"), "w") as fh:
+    with open(os.path.join(OUT, ref_file), "w") as fh:
         json.dump(ref, fh, indent=1)
-    print("wrote", adir, "and prompt_reference.json")
+    print("wrote", adir, "and", ref_file)
 
 
 if __name__ == "__main__":
