@@ -563,10 +563,25 @@ fn check_gradients(
     );
 }
 
+/// Each text's (row's) log-likelihood of each verbalizer equals the reference's `want[text][verbalizer]`
+/// within 1e-4.
+fn assert_logliks(got: &[Vec<f32>], want: &Value, verbs: &[&str], what: &str) {
+    for (i, row) in got.iter().enumerate() {
+        for (c, v) in verbs.iter().enumerate() {
+            let w = want[i][v].as_f64().unwrap();
+            assert!(
+                (row[c] as f64 - w).abs() < 1e-4,
+                "{what}, text {i}, {v:?}: {} vs {w}",
+                row[c]
+            );
+        }
+    }
+}
+
 /// A PEFT prompt-learning adapter from `tests/fixtures/decoder/{dir}` with its first tensor of `shape`
 /// scores the two reference texts' verbalizers (one left-padded batch, a three-token verbalizer among them)
-/// as transformers + PEFT did (`{file}`'s `key` log-likelihoods) within 1e-4, and differs from the bare
-/// model by more than `moved` on text `text`'s label `label`. Returns the engine, the adapter, the
+/// as transformers + PEFT did (`{file}`'s `key` log-likelihoods) within 1e-4, and `moved` = (text,
+/// verbalizer, min): that log-likelihood differs from the bare model's by more than min. Returns the engine, the adapter, the
 /// tokenized labels and inputs.
 fn check_against_reference(
     dir: &str,
@@ -604,16 +619,7 @@ fn check_against_reference(
         .to_vec2::<f32>()
         .unwrap();
     let want = &r[key]["logliks"];
-    for (i, row) in got.iter().enumerate() {
-        for (c, v) in verbs.iter().enumerate() {
-            let w = want[i][v].as_f64().unwrap();
-            assert!(
-                (row[c] as f64 - w).abs() < 1e-4,
-                "text {i}, {v:?}: {} vs {w}",
-                row[c]
-            );
-        }
-    }
+    assert_logliks(&got, want, &verbs, key);
     // The adapter changes the scores (the check above is not the bare model's).
     let (i, v, min) = moved;
     let d = want[i][v].as_f64().unwrap() - r["bare"][i][v].as_f64().unwrap();
@@ -823,16 +829,7 @@ fn a_peft_ia3_adapter_runs_on_the_decoder_as_in_peft() {
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
-        for (i, row) in got.iter().enumerate() {
-            for (c, v) in verbs.iter().enumerate() {
-                let w = want[i][v].as_f64().unwrap();
-                assert!(
-                    (row[c] as f64 - w).abs() < 1e-4,
-                    "{what}, text {i}, {v:?}: {} vs {w}",
-                    row[c]
-                );
-            }
-        }
+        assert_logliks(&got, want, &verbs, what);
     }
     // The adapter changes the scores (the check above is not the bare model's).
     let d = r["ia3"]["logliks"][0][" positive"].as_f64().unwrap()
