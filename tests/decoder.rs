@@ -400,6 +400,7 @@ fn engine(prompt: &str) -> peftdb::engine::Engine {
         &EngineOptions {
             max_len: 64,
             prompt: prompt.to_string(),
+            ..Default::default()
         },
     )
     .expect("the GGUF loads as an engine")
@@ -942,4 +943,153 @@ fn biased_decoders_qwen2_and_llama_with_biases_load_from_hugging_face_folders() 
         assert_eq!(again.config, m.config, "{name}");
         assert_eq!(logits_of(&again), got, "{name}");
     }
+}
+
+/// A frozen base held in bf16 (`EngineOptions::base_dtype`, `--dtype bf16`): the embeddings, linear
+/// layers and head take half the memory, activations and adapters stay f32, and the model scores and
+/// trains as the f32 one up to the weights' rounding: the verbalizers' log-likelihoods, bare and with
+/// PEFT's LoRA, stay close to transformers' f32 ones, the label chosen on real test texts is the f32
+/// engine's, and LoRA gradients through the bf16 base match finite differences and point where the f32
+/// base's do. An encoder refuses a bf16 base, naming the fix.
+#[test]
+fn a_bf16_base_halves_the_weights_and_scores_and_trains_as_the_f32_one() {
+    use peftdb::engine::{Engine, EngineOptions, Grad, ScoreOptions, DEFAULT_TEMPERATURE};
+    use peftdb::object::DType;
+    let load = |base_dtype: DType| {
+        Engine::load_with(
+            &gguf(),
+            &Device::Cpu,
+            &EngineOptions {
+                max_len: 64,
+                prompt: "{text}".into(),
+                base_dtype,
+            },
+        )
+        .expect("the GGUF loads")
+    };
+    let (half, full) = (load(DType::BF16), load(DType::F32));
+    let bytes = |e: &Engine| -> usize {
+        let peftdb::engine::Backbone::Decoder(m) = &e.model else {
+            panic!("a decoder")
+        };
+        m.named_weights()
+            .iter()
+            .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    };
+    let peftdb::engine::Backbone::Decoder(m) = &half.model else {
+        panic!("a decoder")
+    };
+    assert_eq!(m.base_dtype(), candle_core::DType::BF16);
+    for (name, t) in m.named_weights() {
+        let want = if name.ends_with("norm.weight") {
+            candle_core::DType::F32
+        } else {
+            candle_core::DType::BF16
+        };
+        assert_eq!(t.dtype(), want, "{name}");
+    }
+    let ratio = bytes(&half) as f64 / bytes(&full) as f64;
+    assert!((0.5..0.501).contains(&ratio), "bf16 / f32 bytes {ratio}");
+
+    // Against transformers in f32: bare and with the PEFT LoRA on all seven modules.
+    let r = reference();
+    let text = r["prompts"][0]["text"].as_str().unwrap();
+    let inputs = half.tokenize(&[text]).unwrap();
+    let rows: Vec<&[u32]> = inputs.iter().map(|r| r.as_slice()).collect();
+    let labels = half.tokenize_labels(&["positive", "negative"]).unwrap();
+    let set = half.prepare(&lora_fixture()).unwrap();
+    let mut worst = 0f64;
+    for (adapter, want) in [
+        (None, &r["prompts"][0]["verbalizer_loglik"]),
+        (Some(&set), &r["lora"]["verbalizer_loglik"]),
+    ] {
+        let l = half
+            .label_logits(adapter, &labels, &rows, DEFAULT_TEMPERATURE, Grad::No)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (i, verb) in [" positive", " negative"].iter().enumerate() {
+            let w = want[verb]["sum"].as_f64().unwrap();
+            worst = worst.max((l[0][i] as f64 - w).abs());
+        }
+    }
+    eprintln!("bf16 base: worst log-likelihood difference from transformers in f32 {worst:.4}");
+    assert!(worst < 0.15, "{worst}");
+
+    // Real test texts: the same label as the f32 engine on (nearly) every one.
+    let t = peftdb::task::Task::load(&common::task_dir("movie_sentiment")).unwrap();
+    let texts: Vec<&str> = t.test[..24].iter().map(|x| x.text.as_str()).collect();
+    let opts = ScoreOptions::default();
+    let score = |e: &Engine| {
+        let ids = e.tokenize(&texts).unwrap();
+        let labels = e.tokenize_labels(&t.label_texts()).unwrap();
+        e.score(None, &labels, &ids, &opts).unwrap().probs
+    };
+    let (ph, pf) = (score(&half), score(&full));
+    let argmax = |p: &Vec<f32>| {
+        p.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0
+    };
+    let same = ph
+        .iter()
+        .zip(&pf)
+        .filter(|(a, b)| argmax(a) == argmax(b))
+        .count();
+    let dp = ph
+        .iter()
+        .flatten()
+        .zip(pf.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("bf16 base: {same}/24 labels as f32, largest probability difference {dp:.4}");
+    assert!(same >= 23 && dp < 0.1, "{same}/24, {dp}");
+
+    // Training through the bf16 base: gradients match finite differences and the f32 base's direction.
+    let mut obj = lora_fixture();
+    obj.tensors.retain(|t| {
+        (t.name.contains("layers.3.") || t.name.contains("layers.17."))
+            && (t.name.contains("q_proj") || t.name.contains("v_proj"))
+    });
+    let inputs = half
+        .tokenize(&["a wonderful, moving film", "dull"])
+        .unwrap();
+    let labels = half
+        .tokenize_labels(&["positive", "very bad indeed"])
+        .unwrap();
+    check_gradients(&half, &obj, &labels, &inputs);
+    let flat = |e: &Engine| -> Vec<f32> {
+        let g = e
+            .ce_gradients(&obj, &labels, &inputs, &[0, 1], &opts)
+            .unwrap();
+        g.grads.into_iter().flat_map(|(_, v)| v).collect()
+    };
+    let (gh, gf) = (flat(&half), flat(&full));
+    let dot: f64 = gh.iter().zip(&gf).map(|(a, b)| (a * b) as f64).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| (x * x) as f64).sum::<f64>().sqrt();
+    let cos = dot / (norm(&gh) * norm(&gf));
+    eprintln!("bf16 base: gradient cosine with the f32 base's {cos:.5}");
+    assert!(cos > 0.99, "{cos}");
+
+    // The LoRA merge keeps the base's dtype.
+    assert_eq!(
+        m.with_lora(&lora_fixture()).unwrap().base_dtype(),
+        candle_core::DType::BF16
+    );
+
+    // An encoder is refused, naming the fix.
+    let err = Engine::load_with(
+        &common::model_dir(),
+        &Device::Cpu,
+        &EngineOptions {
+            base_dtype: DType::BF16,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("decoder") && err.contains("f32"), "{err}");
 }

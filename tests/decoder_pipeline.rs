@@ -98,6 +98,22 @@ fn few_shot_adapter(name: &str, kind: MethodKind, steps: usize, seed: u64) -> Li
         .object
 }
 
+/// Write `obj` as a PEFT folder under `d`, check that its adapter_config.json is a CAUSAL_LM config of
+/// `peft_type`, and return the folder and that config.
+fn write_causal_lm(
+    d: &tempfile::TempDir,
+    obj: &LightweightObject,
+    peft_type: &str,
+) -> (PathBuf, serde_json::Value) {
+    let dir = d.path().join(peft_type.to_lowercase());
+    write_adapter(obj, &dir).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["task_type"], "CAUSAL_LM", "{cfg}");
+    assert_eq!(cfg["peft_type"], peft_type, "{cfg}");
+    (dir, cfg)
+}
+
 /// With `PEFTDB_PEFT_PYTHON` set: the adapter folder `dir` loads in PEFT on the transformers model, and
 /// scores the first `n` movie_sentiment test examples with peftdb's accuracies, bare and adapted; the first
 /// three examples' label log-likelihoods with the adapter (`obj`, the object written to `dir`) match
@@ -152,6 +168,11 @@ fn peft_check(
         .to_vec2::<f32>()
         .unwrap();
     let theirs: Vec<Vec<f64>> = serde_json::from_value(r["first_scores_adapter"].clone()).unwrap();
+    assert_eq!(
+        ours.iter().map(Vec::len).collect::<Vec<_>>(),
+        theirs.iter().map(Vec::len).collect::<Vec<_>>(),
+        "peftdb {ours:?} vs PEFT {theirs:?}: examples x labels differ"
+    );
     for (a, b) in ours.iter().flatten().zip(theirs.iter().flatten()) {
         assert!(
             (*a as f64 - b).abs() < 1e-3,
@@ -185,12 +206,7 @@ fn a_few_shot_prompt_trained_on_the_decoder_scores_the_same_in_peft() {
         }
     );
     let d = tempfile::tempdir().unwrap();
-    let dir = d.path().join("prompt");
-    write_adapter(&prompt, &dir).unwrap();
-    let cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
-    assert_eq!(cfg["task_type"], "CAUSAL_LM");
-    assert_eq!(cfg["peft_type"], "PROMPT_TUNING");
+    let (dir, _) = write_causal_lm(&d, &prompt, "PROMPT_TUNING");
     peft_check(&dir, &prompt, "PROMPT_TUNING", n, bare, tuned);
 }
 
@@ -222,12 +238,7 @@ fn a_few_shot_prefix_trained_on_the_decoder_scores_the_same_in_peft() {
         "{with:?} {without:?}"
     );
     let d = tempfile::tempdir().unwrap();
-    let dir = d.path().join("prefix");
-    write_adapter(&prefix, &dir).unwrap();
-    let cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
-    assert_eq!(cfg["task_type"], "CAUSAL_LM");
-    assert_eq!(cfg["peft_type"], "PREFIX_TUNING");
+    let (dir, cfg) = write_causal_lm(&d, &prefix, "PREFIX_TUNING");
     assert_eq!(
         (
             cfg["token_dim"].as_u64(),
@@ -259,11 +270,7 @@ fn a_few_shot_lora_trained_on_the_decoder_beats_the_bare_model_and_loads_in_peft
         "16-shot LoRA {tuned:.3} vs bare {bare:.3} on {n} test examples"
     );
     let d = tempfile::tempdir().unwrap();
-    let dir = d.path().join("lora");
-    write_adapter(lora, &dir).unwrap();
-    let cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
-    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    let (dir, cfg) = write_causal_lm(&d, lora, "LORA");
     assert_eq!(
         cfg["target_modules"],
         serde_json::json!(["q_proj", "v_proj"])

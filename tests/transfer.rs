@@ -427,6 +427,7 @@ fn the_study_runs_resumes_and_reports_through_suggest() {
     for section in ["## 1.", "## 2.", "## 3.", "## 4.", "Acceptance numbers"] {
         assert!(md.contains(section), "{section}");
     }
+    assert!(!md.contains("Not run"), "{md}");
 }
 
 /// A zoo that grows keeps its zero-shot ground truth: the bare model's and each source's unit depend on
@@ -479,4 +480,11 @@ fn a_growing_zoo_reruns_only_the_zero_shot_units_it_changes() {
         ]
     );
     assert!(zero(&cfg).is_empty(), "a rerun runs nothing");
+    // Without tune records the report says that sections 3 and 4 were not run, not empty tables.
+    let md = std::fs::read_to_string(cfg.out.join("report.md")).unwrap();
+    assert!(
+        md.contains("## 3.") && md.contains("Not run: this results file holds no `tune` records"),
+        "{md}"
+    );
+    assert!(!md.contains("| random |"), "{md}");
 }

@@ -75,7 +75,12 @@ class Model:
     device: str
     max_len: int
     def __init__(
-        self, path: _Path, device: str = "cpu", max_len: int = 128, prompt: Optional[str] = None
+        self,
+        path: _Path,
+        device: str = "cpu",
+        max_len: int = 128,
+        prompt: Optional[str] = None,
+        dtype: str = "f32",
     ) -> None: ...
 
 class TaskSpec:

@@ -148,14 +148,20 @@ struct Model {
 #[pymethods]
 impl Model {
     #[new]
-    #[pyo3(signature = (path, device = "cpu", max_len = 128, prompt = None))]
+    #[pyo3(signature = (path, device = "cpu", max_len = 128, prompt = None, dtype = "f32"))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
         device: &str,
         max_len: usize,
         prompt: Option<String>,
+        dtype: &str,
     ) -> PyResult<Model> {
+        let base_dtype = peftdb::object::DType::parse(&dtype.to_uppercase()).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "dtype {dtype:?}: the base model's dtype is f32, bf16 or f16"
+            ))
+        })?;
         let engine = py
             .detach(|| {
                 let dev = parse_device(device)?;
@@ -166,6 +172,7 @@ impl Model {
                     &EngineOptions {
                         max_len,
                         prompt: prompt.unwrap_or(defaults.prompt),
+                        base_dtype,
                     },
                 )
             })

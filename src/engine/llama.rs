@@ -297,6 +297,18 @@ pub const GGUF_ARCHITECTURES: [&str; 1] = ["llama"];
 impl LlamaModel {
     /// Load a GGUF file: its configuration, its weights dequantized to f32 on `device`, and its vocabulary.
     pub fn from_gguf(path: &Path, device: &Device) -> EngineResult<(LlamaModel, GgufVocab)> {
+        LlamaModel::from_gguf_as(path, device, DType::F32)
+    }
+
+    /// [`LlamaModel::from_gguf`] with the frozen base's matrices (token embeddings, the seven linear
+    /// layers, the head) held in `base` (f32, bf16 or f16), each narrowed as it is dequantized, so the
+    /// peak is the narrowed model plus one f32 tensor. Norms and biases stay f32, and every activation is
+    /// f32 (see [`LlamaModel::base_dtype`]).
+    pub fn from_gguf_as(
+        path: &Path,
+        device: &Device,
+        base: DType,
+    ) -> EngineResult<(LlamaModel, GgufVocab)> {
         let mut file = std::fs::File::open(path).map_err(|source| EngineError::Io {
             path: path.to_path_buf(),
             source,
@@ -380,7 +392,7 @@ impl LlamaModel {
             expect_shape(path, name, t, shape)
         };
         let has_head = content.tensor_infos.contains_key("output.weight");
-        let model = LlamaModel::assemble(config, device, has_head, |hf, shape| {
+        let model = LlamaModel::assemble(config, device, has_head, base, |hf, shape| {
             let g = gguf_name(hf);
             let w = tensor(&g, shape)?;
             // llama.cpp stores q and k rows permuted for its interleaved rotary layout; undo it.
@@ -400,16 +412,25 @@ impl LlamaModel {
     }
 
     /// Build the model from its weights by Hugging Face name (`get(name, shape)` returns an f32 tensor of
-    /// that shape). `has_head`: an `lm_head.weight` of its own (else tied to the embeddings).
+    /// that shape). `has_head`: an `lm_head.weight` of its own (else tied to the embeddings). The
+    /// matrices (embeddings, linear weights, head) are narrowed to `base` as they come.
     fn assemble(
         config: LlamaConfig,
         device: &Device,
         has_head: bool,
+        base: DType,
         mut get: impl FnMut(&str, &[usize]) -> EngineResult<Tensor>,
     ) -> EngineResult<LlamaModel> {
+        if !matches!(base, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(EngineError::InvalidArgument(format!(
+                "a decoder's frozen base is held in f32, bf16 or f16, not {base:?}"
+            )));
+        }
+        // Only the matrices are narrowed; norms and biases stay f32.
+        let narrow = |t: Tensor| -> EngineResult<Tensor> { Ok(t.to_dtype(base)?) };
         let (h, f, d) = (config.hidden, config.intermediate, config.head_dim());
         let kv = config.kv_heads * d;
-        let embed = get("model.embed_tokens.weight", &[config.vocab, h])?;
+        let embed = narrow(get("model.embed_tokens.weight", &[config.vocab, h])?)?;
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
             let p = format!("model.layers.{i}");
@@ -417,7 +438,7 @@ impl LlamaModel {
                 [[h, h], [kv, h], [kv, h], [h, h], [f, h], [f, h], [h, f]];
             let mut linear = Vec::with_capacity(7);
             for (k, ((slot, _), shape)) in LINEAR_SLOTS.iter().zip(shapes).enumerate() {
-                let weight = get(&format!("{p}.{slot}.weight"), &shape)?;
+                let weight = narrow(get(&format!("{p}.{slot}.weight"), &shape)?)?;
                 let bias = if config.linear_bias[k] {
                     get(&format!("{p}.{slot}.bias"), &shape[..1])?
                 } else {
@@ -433,7 +454,7 @@ impl LlamaModel {
         }
         let norm = get("model.norm.weight", &[h])?;
         let lm_head = if has_head {
-            Some(get("lm_head.weight", &[config.vocab, h])?)
+            Some(narrow(get("lm_head.weight", &[config.vocab, h])?)?)
         } else {
             None
         };
@@ -453,6 +474,12 @@ impl LlamaModel {
     /// and `model.safetensors` (or the shards `model.safetensors.index.json` lists), any float dtype,
     /// widened to f32 on `device`.
     pub fn from_hf_folder(dir: &Path, device: &Device) -> EngineResult<LlamaModel> {
+        LlamaModel::from_hf_folder_as(dir, device, DType::F32)
+    }
+
+    /// [`LlamaModel::from_hf_folder`] with the frozen base's matrices held in `base` (f32, bf16 or f16;
+    /// see [`LlamaModel::from_gguf_as`]).
+    pub fn from_hf_folder_as(dir: &Path, device: &Device, base: DType) -> EngineResult<LlamaModel> {
         let cfg_path = dir.join("config.json");
         let bytes = std::fs::read(&cfg_path).map_err(|source| EngineError::Io {
             path: cfg_path.clone(),
@@ -500,7 +527,7 @@ impl LlamaModel {
         let weights_path = files[0].clone();
         let has_head =
             weights.contains_key("lm_head.weight") && !hf.tie_word_embeddings.unwrap_or(false);
-        LlamaModel::assemble(config, device, has_head, |name, shape| {
+        LlamaModel::assemble(config, device, has_head, base, |name, shape| {
             let t = weights.remove(name).ok_or_else(|| LoadError::MissingWeight {
                 path: weights_path.clone(),
                 tensor: name.to_string(),
@@ -511,7 +538,8 @@ impl LlamaModel {
     }
 
     /// Write this model as a Hugging Face folder (`config.json` for `LlamaForCausalLM` and
-    /// `model.safetensors`, f32): what [`LlamaModel::from_hf_folder`] and transformers load.
+    /// `model.safetensors`, the matrices in the base's dtype, norms and biases f32): what
+    /// [`LlamaModel::from_hf_folder`] and transformers load.
     pub fn save_hf_folder(&self, dir: &Path) -> EngineResult<()> {
         let io = |path: &Path, source: std::io::Error| EngineError::Io {
             path: path.to_path_buf(),
@@ -541,7 +569,11 @@ impl LlamaModel {
             "hidden_act": "silu",
             "attention_bias": b[3],
             "mlp_bias": b[4],
-            "torch_dtype": "float32",
+            "torch_dtype": match self.base_dtype() {
+                DType::BF16 => "bfloat16",
+                DType::F16 => "float16",
+                _ => "float32",
+            },
         });
         let path = dir.join("config.json");
         std::fs::write(&path, serde_json::to_vec_pretty(&cfg).unwrap_or_default())
@@ -586,7 +618,9 @@ impl LlamaModel {
             }
             let a = Tensor::from_slice(&m.a, (m.r, m.k), &self.device)?;
             let b = Tensor::from_slice(&m.b, (m.d, m.r), &self.device)?;
-            l.linear[slot].weight = (w + (b.matmul(&a)? * m.scale)?)?;
+            // Merged in f32, then held in the base's dtype again.
+            let merged = (w.to_dtype(DType::F32)? + (b.matmul(&a)? * m.scale)?)?;
+            l.linear[slot].weight = merged.to_dtype(w.dtype())?;
         }
         Ok(out)
     }
@@ -732,9 +766,17 @@ impl LlamaModel {
         self.hidden_states_with(ids, &positions, &bias, adapter, grad)
     }
 
-    /// The token embedding table (vocabulary, hidden).
+    /// The token embedding table (vocabulary, hidden), in the base's dtype ([`LlamaModel::base_dtype`]).
     pub fn word_embeddings(&self) -> &Tensor {
         &self.embed
+    }
+
+    /// The dtype the frozen base's matrices are held in (f32 unless loaded with
+    /// [`LlamaModel::from_gguf_as`] or [`LlamaModel::from_hf_folder_as`]). Activations, norms, biases
+    /// and adapters are f32 whatever it is: each linear layer widens its bf16 weight for the CPU GEMM
+    /// (or runs the matmul in bf16 on other devices) and returns f32.
+    pub fn base_dtype(&self) -> DType {
+        self.embed.dtype()
     }
 
     /// [`LlamaModel::hidden_states`] with explicit rotary positions (batch, tokens) f32 and an additive
@@ -754,11 +796,11 @@ impl LlamaModel {
         grad: Grad,
     ) -> candle_core::Result<Tensor> {
         let prompt = adapter.and_then(|a| a.prompt.as_ref());
-        let x = self.embed.embedding(&ids.flatten_all()?)?.reshape((
-            ids.dim(0)?,
-            ids.dim(1)?,
-            self.config.hidden,
-        ))?;
+        let x = self
+            .embed
+            .embedding(&ids.flatten_all()?)?
+            .to_dtype(DType::F32)?
+            .reshape((ids.dim(0)?, ids.dim(1)?, self.config.hidden))?;
         let Some(prompt) = prompt else {
             return self.layers_forward(x, positions, bias, adapter, grad);
         };

@@ -77,7 +77,7 @@ pub use train::{
 };
 
 use crate::object::LightweightObject;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 
 /// The default prompt of decoder models: `{text}` is the input text (truncated to `max_len` tokens);
@@ -93,6 +93,11 @@ pub struct EngineOptions {
     /// Decoder models: the prompt template around each input, with one `{text}` (default
     /// [`DEFAULT_PROMPT`]). Encoders ignore it.
     pub prompt: String,
+    /// Decoder models: the dtype the frozen base's matrices (token embeddings, linear layers, head) are
+    /// held in: f32 (default), or bf16 / f16 for half the memory. Activations, norms, biases and adapters
+    /// stay f32, so training and scoring are unchanged up to the weights' rounding. Encoders take f32
+    /// only.
+    pub base_dtype: crate::dtype::DType,
 }
 
 impl Default for EngineOptions {
@@ -100,6 +105,7 @@ impl Default for EngineOptions {
         EngineOptions {
             max_len: tokenize::DEFAULT_MAX_LEN,
             prompt: DEFAULT_PROMPT.to_string(),
+            base_dtype: crate::dtype::DType::F32,
         }
     }
 }
@@ -281,8 +287,13 @@ impl Engine {
         if device.is_cpu() {
             kernels::tune_threads();
         }
+        let base = match opts.base_dtype {
+            crate::dtype::DType::F32 => DType::F32,
+            crate::dtype::DType::BF16 => DType::BF16,
+            crate::dtype::DType::F16 => DType::F16,
+        };
         if let Some(gguf) = gguf_path(model_dir)? {
-            return Engine::load_gguf(&gguf, device, opts);
+            return Engine::load_gguf(&gguf, device, base, opts);
         }
         let model_type = std::fs::read(model_dir.join("config.json"))
             .ok()
@@ -292,7 +303,14 @@ impl Engine {
             .as_deref()
             .is_some_and(|t| llama::HF_DECODER_TYPES.contains(&t))
         {
-            return Engine::load_hf_decoder(model_dir, device, opts);
+            return Engine::load_hf_decoder(model_dir, device, base, opts);
+        }
+        if base != DType::F32 {
+            return Err(EngineError::InvalidArgument(format!(
+                "{}: a {} base is built for decoder models only; load this encoder in f32 (drop --dtype)",
+                model_dir.display(),
+                opts.base_dtype.as_str().to_lowercase()
+            )));
         }
         for file in ["config.json", "model.safetensors", "tokenizer.json"] {
             if !model_dir.join(file).is_file() {
@@ -322,8 +340,13 @@ impl Engine {
         })
     }
 
-    fn load_gguf(path: &Path, device: &Device, opts: &EngineOptions) -> EngineResult<Engine> {
-        let (model, vocab) = LlamaModel::from_gguf(path, device)?;
+    fn load_gguf(
+        path: &Path,
+        device: &Device,
+        base: DType,
+        opts: &EngineOptions,
+    ) -> EngineResult<Engine> {
+        let (model, vocab) = LlamaModel::from_gguf_as(path, device, base)?;
         let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let beside = dir.join("tokenizer.json");
         let (inner, tok_path) = if beside.is_file() {
@@ -335,7 +358,12 @@ impl Engine {
         Engine::decoder(model, inner, &tok_path, pad, dir, device, opts)
     }
 
-    fn load_hf_decoder(dir: &Path, device: &Device, opts: &EngineOptions) -> EngineResult<Engine> {
+    fn load_hf_decoder(
+        dir: &Path,
+        device: &Device,
+        base: DType,
+        opts: &EngineOptions,
+    ) -> EngineResult<Engine> {
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.is_file() {
             return Err(LoadError::ModelFileMissing {
@@ -344,7 +372,7 @@ impl Engine {
             }
             .into());
         }
-        let model = LlamaModel::from_hf_folder(dir, device)?;
+        let model = LlamaModel::from_hf_folder_as(dir, device, base)?;
         let inner = read_tokenizer(&tok_path)?;
         let pad = ["<|endoftext|>", "</s>", "<pad>", "<|end_of_text|>"]
             .iter()

@@ -742,7 +742,22 @@ fn lora_delta(l: &LoraWeights, x: &Tensor) -> candle_core::Result<Tensor> {
 /// `x @ w^T + b` for a frozen weight `w` (out, in): on the CPU the [`kernels::linear`] op (bias written
 /// by the GEMM, backward computes no weight gradient: a frozen base model never needs it, and candle's
 /// matmul backward would double the backward GEMMs); elsewhere candle's ops.
+///
+/// A weight held in a narrower dtype than `x` (a decoder's bf16 or f16 base): on the CPU it is widened
+/// for the GEMM (candle's CPU matmul widens bf16 the same way), elsewhere `x` is narrowed and the matmul
+/// runs in the weight's dtype; either way the output is in `x`'s dtype.
 fn frozen_linear(x: &Tensor, w: &Tensor, b: &Tensor, grad: Grad) -> candle_core::Result<Tensor> {
+    if w.dtype() != x.dtype() {
+        if kernels::usable(x) && x.rank() == 2 {
+            return kernels::linear(x, &w.to_dtype(x.dtype())?, b, grad == Grad::Yes);
+        }
+        let w = w.detach();
+        return x
+            .to_dtype(w.dtype())?
+            .matmul(&w.t()?)?
+            .to_dtype(x.dtype())?
+            .broadcast_add(b);
+    }
     if kernels::usable(x) && x.rank() == 2 {
         return kernels::linear(x, w, b, grad == Grad::Yes);
     }

@@ -35,7 +35,7 @@ use crate::object::{
     MethodKind, PrefixConfig, PromptConfig, Tensor as StoredTensor,
 };
 use crate::task::{shuffle, Example};
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -428,7 +428,7 @@ pub fn init_adapter(
             let lo = 1000.min(vocab - 1);
             let ids: Vec<u32> = (0..t).map(|_| rng.random_range(lo..vocab) as u32).collect();
             let idx = Tensor::from_vec(ids, t, &engine.device)?;
-            let rows = table.index_select(&idx, 0)?;
+            let rows = table.index_select(&idx, 0)?.to_dtype(DType::F32)?;
             let v = rows.flatten_all()?.to_vec1::<f32>()?;
             tensors.push(StoredTensor::from_f32("prompt_embeddings", vec![t, h], &v));
             Method::Prompt(PromptConfig {

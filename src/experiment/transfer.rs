@@ -1248,7 +1248,7 @@ fn report(study: &Study<'_>) -> Result<String> {
 
     // 0. The zoo.
     let _ = writeln!(md, "## 0. The zoo\n");
-    let _ = writeln!(md, "Each adapter's training as its sidecar records it (`scripts/train-zoo.sh`: full train split, early stopping on the full dev split), and the bare model on the same test split.\n");
+    let _ = writeln!(md, "Each adapter's training as its sidecar records it (`scripts/train-zoo.sh`, or `scripts/train-zoo-smollm2.sh` for SmolLM2: full train split, early stopping on the full dev split), and the bare model on the same test split.\n");
     let _ = writeln!(md, "| task | group | steps trained | best step | seconds | dev acc | test acc | bare test acc |");
     let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|");
     let mut total_seconds = 0.0;
@@ -1545,6 +1545,21 @@ fn report(study: &Study<'_>) -> Result<String> {
         md,
         "## 3. Which ranking finds the sources that transfer (tuning seeds)\n"
     );
+    let tuned = targets.iter().any(|&t| {
+        cfg.tune_seeds
+            .iter()
+            .any(|&s| get(Phase::Tune, &study.tasks[t].name, "grid", s).is_some())
+    });
+    if !tuned {
+        // Sections 3 and 4 both come from the tune phase's records.
+        let _ = writeln!(md, "Not run: this results file holds no `tune` records (`--phases tune` computes them), so sections 3 and 4 are empty and the defaults `{}` were not chosen on this zoo.\n", config_label(&cfg.suggest));
+        let _ = writeln!(
+            md,
+            "## 4. Tuning grid (dev split): answer's dev accuracy minus the bare model's\n"
+        );
+        let _ = writeln!(md, "Not run (see section 3).");
+        return Ok(md);
+    }
     let _ = writeln!(md, "NDCG (%) and rho (rank of the oracle source) of each predictor's ranking of the sources, relevance = zero-shot test gain over the bare model; mean over targets (+- SE) and seeds. `random` is the expectation over 200 seeded permutations. The dev columns (what the defaults are chosen on) use the same sources on the full dev split: NDCG against dev gains, and `top5` = share of the {} dev transfer targets (x tuning seeds) whose dev-oracle source (or one within 1 point of it) the predictor ranks in its top 5.\n", dev_transfer.len());
     let mut dev_pred: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
     for (name, g) in &dev_gains {

@@ -27,6 +27,15 @@ pub struct ModelArgs {
     /// and its text, follows it. Encoders ignore it.
     #[arg(long, default_value = peftdb::engine::DEFAULT_PROMPT)]
     pub prompt: String,
+    /// Decoder models: hold the frozen base's matrices in f32, bf16 or f16 (half the memory; activations
+    /// and adapters stay f32). Encoders take f32 only.
+    #[arg(long, default_value = "f32", value_parser = parse_base_dtype)]
+    pub dtype: peftdb::object::DType,
+}
+
+fn parse_base_dtype(s: &str) -> Result<peftdb::object::DType, String> {
+    peftdb::object::DType::parse(&s.to_uppercase())
+        .ok_or_else(|| format!("{s:?}: the base model's dtype is f32, bf16 or f16"))
 }
 
 impl ModelArgs {
@@ -39,6 +48,7 @@ impl ModelArgs {
             &EngineOptions {
                 max_len: self.max_len,
                 prompt: self.prompt.clone(),
+                base_dtype: self.dtype,
             },
         )?)
     }
