@@ -1092,4 +1092,24 @@ fn a_bf16_base_halves_the_weights_and_scores_and_trains_as_the_f32_one() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("decoder") && err.contains("f32"), "{err}");
+    // The CLI: the same refusal (exit 1), and a dtype it does not know is a usage error (exit 2).
+    let eval = |model: &Path, dtype: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_peftdb"))
+            .arg("eval")
+            .arg("--model")
+            .arg(model)
+            .arg("--task")
+            .arg(common::task_dir("movie_sentiment"))
+            .args(["--dtype", dtype])
+            .output()
+            .unwrap()
+    };
+    let o = eval(&common::model_dir(), "bf16");
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{msg}");
+    assert!(msg.contains("decoder models only"), "{msg}");
+    let o = eval(&gguf(), "f64");
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{msg}");
+    assert!(msg.contains("f32, bf16 or f16"), "{msg}");
 }
