@@ -488,3 +488,66 @@ fn a_growing_zoo_reruns_only_the_zero_shot_units_it_changes() {
     );
     assert!(!md.contains("| random |"), "{md}");
 }
+
+/// The zoo-wide units are keyed by the zoo's content, not by the order its adapters entered the study's
+/// store: a store that grew one adapter at a time (other ids) files them under the same keys as a store
+/// ingested in one go, so records computed in another output folder can be merged and are found.
+#[test]
+fn zoo_wide_units_are_keyed_by_content_not_ingestion_order() {
+    use peftdb::experiment::transfer::{run, FewShot, Phase, StudyConfig, StudyEvent};
+    let engine = engine();
+    let dir = tempfile::tempdir().unwrap();
+    let zoo = dir.path().join("zoo");
+    for t in ["movie_sentiment", "tweet_sentiment", "bbc_topic"] {
+        common::copy_dir(&demo_zoo().join(t).join("lora"), &zoo.join(t).join("lora"));
+    }
+    let keys = |out: &std::path::Path, order: &[&str]| {
+        // Ingest the adapters into the study's store one at a time, in `order`, before the study opens it.
+        std::fs::create_dir_all(out).unwrap();
+        let store = Store::open_or_create(out.join("zoo.peftdb")).unwrap();
+        for t in order {
+            let r = ingest_zoo(
+                &store,
+                &[zoo.join(t)],
+                None,
+                &IngestOptions::default(),
+                &|_| {},
+            )
+            .unwrap();
+            assert_eq!(r.rejected(), 0);
+        }
+        drop(store);
+        let cfg = StudyConfig {
+            zoo: zoo.clone(),
+            tasks: common::tasks_dir(),
+            out: out.to_path_buf(),
+            seeds: vec![0],
+            tune_seeds: vec![0],
+            targets: vec!["movie_sentiment".into()],
+            suggest: quick(),
+            few_shot: FewShot::default(),
+            textemb_examples: 8,
+            eval_limit: Some(4),
+        };
+        let mut ran = Vec::new();
+        run(&cfg, &engine, 32, &[Phase::Zero], &mut |ev| {
+            if let StudyEvent::Unit { key, .. } = ev {
+                ran.push(key);
+            }
+        })
+        .unwrap();
+        ran.sort();
+        ran
+    };
+    let a = keys(
+        &dir.path().join("a"),
+        &["bbc_topic", "movie_sentiment", "tweet_sentiment"],
+    );
+    let b = keys(
+        &dir.path().join("b"),
+        &["tweet_sentiment", "movie_sentiment", "bbc_topic"],
+    );
+    assert_eq!(a.len(), 6);
+    assert!(a.iter().any(|k| k.contains("/average-delta/")), "{a:?}");
+    assert_eq!(a, b);
+}

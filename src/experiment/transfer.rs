@@ -444,7 +444,12 @@ struct Study<'a> {
     /// Task name -> its zoo object id (best checkpoint of the configured method).
     objects: BTreeMap<String, u64>,
     results: ResultsFile,
+    /// The zoo's hash: each task and its adapter's content hash, in task order (so a store ingested in
+    /// another order, or grown to the same content, gets the same hash).
     zoo_hash: String,
+    /// The hash earlier versions filed zoo-wide records under (the same pairs in the store's id order),
+    /// still looked up so that their records stay found.
+    legacy_zoo_hash: String,
     /// Task name -> the first 12 hex digits of its zoo adapter's content hash.
     source_hash: BTreeMap<String, String>,
     max_len: usize,
@@ -509,15 +514,22 @@ impl<'a> Study<'a> {
             .map_err(|e| serr(e.into()))?;
         let mut objects = BTreeMap::new();
         let mut source_hash = BTreeMap::new();
-        let mut hasher = blake3::Hasher::new();
+        let mut full_hash = BTreeMap::new();
+        let mut legacy = blake3::Hasher::new();
         let recs = store.objects().map_err(|e| serr(e.into()))?;
         for r in &recs {
             if r.method_kind() == cfg.suggest.method {
                 objects.insert(r.task.clone(), r.id);
                 source_hash.insert(r.task.clone(), r.content_hash[..12].to_string());
-                hasher.update(r.task.as_bytes());
-                hasher.update(r.content_hash.as_bytes());
+                full_hash.insert(r.task.clone(), r.content_hash.clone());
+                legacy.update(r.task.as_bytes());
+                legacy.update(r.content_hash.as_bytes());
             }
+        }
+        let mut hasher = blake3::Hasher::new();
+        for (task, content) in &full_hash {
+            hasher.update(task.as_bytes());
+            hasher.update(content.as_bytes());
         }
         progress(StudyEvent::Ingested {
             objects: objects.len(),
@@ -532,6 +544,7 @@ impl<'a> Study<'a> {
             objects,
             results,
             zoo_hash: hasher.finalize().to_hex().as_str()[..12].to_string(),
+            legacy_zoo_hash: legacy.finalize().to_hex().as_str()[..12].to_string(),
             source_hash,
             max_len,
         })
@@ -554,7 +567,8 @@ impl<'a> Study<'a> {
     /// The protocols a unit's record may be filed under, the one new records get first. A zero-shot run
     /// of the bare model or of one source depends on nothing else of the zoo, so it is filed under that
     /// source's content hash ("-" for the bare model): it stays valid while the zoo grows. Records filed
-    /// under the whole zoo's hash (as every unit was before) are still found.
+    /// under the whole zoo's hash (as every unit was before), or under the legacy zoo hash, are still
+    /// found.
     fn protocols(&self, unit: &Unit<'_>) -> Vec<String> {
         let own = match (unit.phase, unit.init) {
             (Phase::Zero, "bare") => Some("-"),
@@ -564,11 +578,16 @@ impl<'a> Study<'a> {
                 .map(String::as_str),
             _ => None,
         };
-        let whole_zoo = self.protocol(unit.phase);
-        match own {
-            Some(h) => vec![protocol(self.cfg, h, unit.phase, self.max_len), whole_zoo],
-            None => vec![whole_zoo],
+        let mut out: Vec<String> = own
+            .map(|h| protocol(self.cfg, h, unit.phase, self.max_len))
+            .into_iter()
+            .collect();
+        out.push(self.protocol(unit.phase));
+        let legacy = protocol(self.cfg, &self.legacy_zoo_hash, unit.phase, self.max_len);
+        if !out.contains(&legacy) {
+            out.push(legacy);
         }
+        out
     }
 
     /// A unit's record, under any of its [`Study::protocols`].
