@@ -117,3 +117,11 @@ def test_a_decoder_model_evaluates_like_the_cli(tasks_dir, cli):
         assert got.loss == pytest.approx(want["loss"], rel=1e-9)
     with pytest.raises(peftdb.errors.InvalidInputError):
         peftdb.Model(gguf, prompt="no placeholder")
+    # A bf16 base scores as `peftdb eval --dtype bf16` does; an unknown dtype is refused by name.
+    half = peftdb.Model(gguf, max_len=32, prompt=prompt, dtype="bf16")
+    got = peftdb.evaluate(half, folder, None, split="dev", progress=False)
+    want = json.loads(run_cli(cli, ROOT / "unused.peftdb", "eval", "--model", str(gguf), "--task", str(folder),
+                              "--split", "dev", "--max-len", "32", "--prompt", prompt, "--dtype", "bf16"))
+    assert got.accuracy == want["accuracy"] and got.loss == pytest.approx(want["loss"], rel=1e-9)
+    with pytest.raises(ValueError, match="f32, bf16 or f16"):
+        peftdb.Model(gguf, dtype="f64")
