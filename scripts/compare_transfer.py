@@ -83,6 +83,6 @@ for name, (zero, answer, seeds) in zip(NAMES, (a, b)):
     print(f"- {name} (seeds {seeds}): {n} targets, mean bare {bare:.1f}, mean oracle gain {gain:+.1f}; "
           f"{len(tt)} transfer targets; answer - bare {ans_tt:+.1f} on the {n_tt} transfer targets with an "
           f"answer, {ans_all:+.1f} on all {n_all}; worst {worst[1]} {worst[0]:+.1f}; few-shot answer - scratch "
-          f"{fs_tt:+.1f} on {n_fs} transfer targets"
+          f"{fs_tt:+.1f} on {n_fs} transfer targets (means of the rounded cells)"
           if worst[0] is not None else f"- {name}: {n} targets, mean bare {bare:.1f}, mean oracle gain "
           f"{gain:+.1f}; {len(tt)} transfer targets; no answers yet")
