@@ -5,7 +5,7 @@
 //! | layout | pattern | stack |
 //! |---|---|---|
 //! | BERT / RoBERTa / MiniLM | `encoder.layer.{i}.` | `encoder` |
-//! | Llama / Qwen / Mistral | `model.layers.{i}.` / `layers.{i}.` | `layers` |
+//! | Llama / Qwen / Mistral / Gemma | `model.layers.{i}.` / `layers.{i}.` (Gemma 3: `language_model.layers.{i}.`) | `layers` |
 //! | T5 | `encoder.block.{i}.`, `decoder.block.{i}.` | `encoder` / `decoder` |
 //! | GPT-2 | `transformer.h.{i}.` / `h.{i}.` | `h` |
 //!
@@ -296,6 +296,41 @@ mod tests {
             loc("prompt_embeddings"),
             (None, "".into(), Role::PromptEmbeddings)
         );
+    }
+
+    /// PEFT LoRA names of the decoder families people share: Qwen2 and Mistral (Llama's names), Gemma 1/2,
+    /// and Gemma 3 under its multimodal wrapper (`language_model`, in both orders transformers has used).
+    #[test]
+    fn qwen2_mistral_and_gemma_lora_names() {
+        for (name, layer, module) in [
+            (
+                "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight",
+                0,
+                "self_attn.k_proj",
+            ),
+            (
+                "base_model.model.model.layers.17.mlp.gate_proj.lora_B.weight",
+                17,
+                "mlp.gate_proj",
+            ),
+            (
+                "base_model.model.model.language_model.layers.3.self_attn.o_proj.lora_A.weight",
+                3,
+                "self_attn.o_proj",
+            ),
+            (
+                "base_model.model.language_model.model.layers.25.mlp.down_proj.lora_B.weight",
+                25,
+                "mlp.down_proj",
+            ),
+        ] {
+            let (l, m, _) = loc(name);
+            assert_eq!(
+                (l, m.as_str()),
+                (Some((Stack::Layers, layer)), module),
+                "{name}"
+            );
+        }
     }
 
     #[test]
