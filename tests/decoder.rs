@@ -414,6 +414,36 @@ fn lora_fixture() -> peftdb::object::LightweightObject {
     .expect("the PEFT LoRA reads")
 }
 
+/// How far `e`'s log-likelihoods of " positive" and " negative" after the first reference prompt are from
+/// transformers' (f32), bare and with the PEFT LoRA on all seven modules: (what, verbalizer, |difference|).
+fn reference_loglik_errors(e: &peftdb::engine::Engine) -> Vec<(&'static str, &'static str, f64)> {
+    use peftdb::engine::{Grad, DEFAULT_TEMPERATURE};
+    let r = reference();
+    let text = r["prompts"][0]["text"].as_str().unwrap();
+    let inputs = e.tokenize(&[text]).unwrap();
+    let rows: Vec<&[u32]> = inputs.iter().map(|r| r.as_slice()).collect();
+    let labels = e.tokenize_labels(&["positive", "negative"]).unwrap();
+    let set = e
+        .prepare(&lora_fixture())
+        .expect("the LoRA fits the engine");
+    let mut out = Vec::new();
+    for (adapter, want, what) in [
+        (None, &r["prompts"][0]["verbalizer_loglik"], "bare"),
+        (Some(&set), &r["lora"]["verbalizer_loglik"], "lora"),
+    ] {
+        let l = e
+            .label_logits(adapter, &labels, &rows, DEFAULT_TEMPERATURE, Grad::No)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (i, verb) in [" positive", " negative"].into_iter().enumerate() {
+            let w = want[verb]["sum"].as_f64().unwrap();
+            out.push((what, verb, (l[0][i] as f64 - w).abs()));
+        }
+    }
+    out
+}
+
 #[test]
 fn the_engine_scores_labels_bare_and_with_an_unmerged_peft_lora_as_transformers() {
     use peftdb::engine::{Grad, DEFAULT_TEMPERATURE};
@@ -431,29 +461,11 @@ fn the_engine_scores_labels_bare_and_with_an_unmerged_peft_lora_as_transformers(
             .map(|x| x.as_u64().unwrap() as u32)
             .collect::<Vec<_>>()
     );
+    for (what, verb, err) in reference_loglik_errors(&e) {
+        assert!(err < 1e-4, "{what} {verb}: off by {err}");
+    }
     let labels = e.tokenize_labels(&["positive", "negative"]).unwrap();
     let rows: Vec<&[u32]> = inputs.iter().map(|r| r.as_slice()).collect();
-    let set = e
-        .prepare(&lora_fixture())
-        .expect("the LoRA fits the engine");
-    for (adapter, want, what) in [
-        (None, &r["prompts"][0]["verbalizer_loglik"], "bare"),
-        (Some(&set), &r["lora"]["verbalizer_loglik"], "lora"),
-    ] {
-        let l = e
-            .label_logits(adapter, &labels, &rows, DEFAULT_TEMPERATURE, Grad::No)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        for (i, verb) in [" positive", " negative"].iter().enumerate() {
-            let w = want[verb]["sum"].as_f64().unwrap();
-            assert!(
-                (l[0][i] as f64 - w).abs() < 1e-4,
-                "{what} {verb}: {} vs {w}",
-                l[0][i]
-            );
-        }
-    }
     // The temperature scales the log-likelihoods relative to the default.
     let half = e
         .label_logits(None, &labels, &rows, DEFAULT_TEMPERATURE * 2.0, Grad::No)
@@ -953,7 +965,7 @@ fn biased_decoders_qwen2_and_llama_with_biases_load_from_hugging_face_folders() 
 /// base's do. An encoder refuses a bf16 base, naming the fix.
 #[test]
 fn a_bf16_base_halves_the_weights_and_scores_and_trains_as_the_f32_one() {
-    use peftdb::engine::{Engine, EngineOptions, Grad, ScoreOptions, DEFAULT_TEMPERATURE};
+    use peftdb::engine::{Engine, EngineOptions, ScoreOptions};
     use peftdb::object::DType;
     let load = |base_dtype: DType| {
         Engine::load_with(
@@ -993,27 +1005,10 @@ fn a_bf16_base_halves_the_weights_and_scores_and_trains_as_the_f32_one() {
     assert!((0.5..0.501).contains(&ratio), "bf16 / f32 bytes {ratio}");
 
     // Against transformers in f32: bare and with the PEFT LoRA on all seven modules.
-    let r = reference();
-    let text = r["prompts"][0]["text"].as_str().unwrap();
-    let inputs = half.tokenize(&[text]).unwrap();
-    let rows: Vec<&[u32]> = inputs.iter().map(|r| r.as_slice()).collect();
-    let labels = half.tokenize_labels(&["positive", "negative"]).unwrap();
-    let set = half.prepare(&lora_fixture()).unwrap();
-    let mut worst = 0f64;
-    for (adapter, want) in [
-        (None, &r["prompts"][0]["verbalizer_loglik"]),
-        (Some(&set), &r["lora"]["verbalizer_loglik"]),
-    ] {
-        let l = half
-            .label_logits(adapter, &labels, &rows, DEFAULT_TEMPERATURE, Grad::No)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        for (i, verb) in [" positive", " negative"].iter().enumerate() {
-            let w = want[verb]["sum"].as_f64().unwrap();
-            worst = worst.max((l[0][i] as f64 - w).abs());
-        }
-    }
+    let worst = reference_loglik_errors(&half)
+        .into_iter()
+        .map(|(_, _, e)| e)
+        .fold(0f64, f64::max);
     eprintln!("bf16 base: worst log-likelihood difference from transformers in f32 {worst:.4}");
     assert!(worst < 0.15, "{worst}");
 

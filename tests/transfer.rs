@@ -430,32 +430,46 @@ fn the_study_runs_resumes_and_reports_through_suggest() {
     assert!(!md.contains("Not run"), "{md}");
 }
 
-/// A zoo that grows keeps its zero-shot ground truth: the bare model's and each source's unit depend on
-/// that source alone (filed under its content hash), so adding a task runs only its own source unit and
-/// the three averages over the zoo (which do change), and the grown zoo is ingested by the next run.
-#[test]
-fn a_growing_zoo_reruns_only_the_zero_shot_units_it_changes() {
-    use peftdb::experiment::transfer::{run, FewShot, Phase, StudyConfig, StudyEvent};
-    let engine = engine();
-    let dir = tempfile::tempdir().unwrap();
-    let zoo = dir.path().join("zoo");
-    let add =
-        |t: &str| common::copy_dir(&demo_zoo().join(t).join("lora"), &zoo.join(t).join("lora"));
+/// A zoo folder `dir/zoo` of three demo-zoo LoRAs, and a zero-phase study of it for movie_sentiment
+/// writing into `out` (`eval_limit` examples per split).
+fn small_zoo_study(
+    dir: &std::path::Path,
+    out: std::path::PathBuf,
+    eval_limit: usize,
+) -> peftdb::experiment::transfer::StudyConfig {
+    use peftdb::experiment::transfer::{FewShot, StudyConfig};
+    let zoo = dir.join("zoo");
     for t in ["movie_sentiment", "tweet_sentiment", "bbc_topic"] {
-        add(t);
+        if !zoo.join(t).exists() {
+            common::copy_dir(&demo_zoo().join(t).join("lora"), &zoo.join(t).join("lora"));
+        }
     }
-    let cfg = StudyConfig {
-        zoo: zoo.clone(),
+    StudyConfig {
+        zoo,
         tasks: common::tasks_dir(),
-        out: dir.path().join("study"),
+        out,
         seeds: vec![0],
         tune_seeds: vec![0],
         targets: vec!["movie_sentiment".into()],
         suggest: quick(),
         few_shot: FewShot::default(),
         textemb_examples: 8,
-        eval_limit: Some(8),
-    };
+        eval_limit: Some(eval_limit),
+    }
+}
+
+/// A zoo that grows keeps its zero-shot ground truth: the bare model's and each source's unit depend on
+/// that source alone (filed under its content hash), so adding a task runs only its own source unit and
+/// the three averages over the zoo (which do change), and the grown zoo is ingested by the next run.
+#[test]
+fn a_growing_zoo_reruns_only_the_zero_shot_units_it_changes() {
+    use peftdb::experiment::transfer::{run, Phase, StudyConfig, StudyEvent};
+    let engine = engine();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_zoo_study(dir.path(), dir.path().join("study"), 8);
+    let zoo = cfg.zoo.clone();
+    let add =
+        |t: &str| common::copy_dir(&demo_zoo().join(t).join("lora"), &zoo.join(t).join("lora"));
     let zero = |cfg: &StudyConfig| {
         let mut ran = Vec::new();
         run(cfg, &engine, 32, &[Phase::Zero], &mut |ev| {
@@ -494,14 +508,12 @@ fn a_growing_zoo_reruns_only_the_zero_shot_units_it_changes() {
 /// ingested in one go, so records computed in another output folder can be merged and are found.
 #[test]
 fn zoo_wide_units_are_keyed_by_content_not_ingestion_order() {
-    use peftdb::experiment::transfer::{run, FewShot, Phase, StudyConfig, StudyEvent};
+    use peftdb::experiment::transfer::{run, Phase, StudyEvent};
     let engine = engine();
     let dir = tempfile::tempdir().unwrap();
-    let zoo = dir.path().join("zoo");
-    for t in ["movie_sentiment", "tweet_sentiment", "bbc_topic"] {
-        common::copy_dir(&demo_zoo().join(t).join("lora"), &zoo.join(t).join("lora"));
-    }
     let keys = |out: &std::path::Path, order: &[&str]| {
+        let cfg = small_zoo_study(dir.path(), out.to_path_buf(), 4);
+        let zoo = cfg.zoo.clone();
         // Ingest the adapters into the study's store one at a time, in `order`, before the study opens it.
         std::fs::create_dir_all(out).unwrap();
         let store = Store::open_or_create(out.join("zoo.peftdb")).unwrap();
@@ -517,18 +529,6 @@ fn zoo_wide_units_are_keyed_by_content_not_ingestion_order() {
             assert_eq!(r.rejected(), 0);
         }
         drop(store);
-        let cfg = StudyConfig {
-            zoo: zoo.clone(),
-            tasks: common::tasks_dir(),
-            out: out.to_path_buf(),
-            seeds: vec![0],
-            tune_seeds: vec![0],
-            targets: vec!["movie_sentiment".into()],
-            suggest: quick(),
-            few_shot: FewShot::default(),
-            textemb_examples: 8,
-            eval_limit: Some(4),
-        };
         let mut ran = Vec::new();
         run(&cfg, &engine, 32, &[Phase::Zero], &mut |ev| {
             if let StudyEvent::Unit { key, .. } = ev {
