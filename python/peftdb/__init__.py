@@ -393,12 +393,19 @@ class Model:
     """A base model, loaded once: a BERT-family encoder (Hugging Face folder: config.json,
     model.safetensors, tokenizer.json) or a Llama-family decoder (a GGUF file, or a folder holding one).
     ``prompt`` (decoders only) wraps each input text, with ``{text}`` where it goes; each label's
-    verbalizer (a space and its text) follows it. ``None``: ``"Input: {text}\nAnswer:"``."""
+    verbalizer (a space and its text) follows it. ``None``: ``"Input: {text}\nAnswer:"``. ``dtype``
+    (decoders only): ``"f32"``, ``"bf16"`` or ``"f16"``, the dtype the frozen base's matrices are held in
+    (half the memory; activations and adapters stay f32)."""
 
     def __init__(
-        self, path: PathLike, device: str = "cpu", max_len: int = 128, prompt: Optional[str] = None
+        self,
+        path: PathLike,
+        device: str = "cpu",
+        max_len: int = 128,
+        prompt: Optional[str] = None,
+        dtype: str = "f32",
     ) -> None:
-        self._m = _native.Model(os.fspath(path), device=device, max_len=max_len, prompt=prompt)
+        self._m = _native.Model(os.fspath(path), device=device, max_len=max_len, prompt=prompt, dtype=dtype)
 
     @property
     def path(self) -> Path:
