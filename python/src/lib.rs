@@ -157,11 +157,7 @@ impl Model {
         prompt: Option<String>,
         dtype: &str,
     ) -> PyResult<Model> {
-        let base_dtype = peftdb::object::DType::parse(&dtype.to_uppercase()).ok_or_else(|| {
-            PyValueError::new_err(format!(
-                "dtype {dtype:?}: the base model's dtype is f32, bf16 or f16"
-            ))
-        })?;
+        let base_dtype = peftdb::engine::parse_base_dtype(dtype).map_err(to_py)?;
         let engine = py
             .detach(|| {
                 let dev = parse_device(device)?;

@@ -100,6 +100,16 @@ pub struct EngineOptions {
     pub base_dtype: crate::dtype::DType,
 }
 
+/// Parse a base dtype as the CLI's `--dtype` and Python's `Model(dtype=)` take it: `f32`, `bf16` or
+/// `f16`, in any case.
+pub fn parse_base_dtype(s: &str) -> EngineResult<crate::dtype::DType> {
+    crate::dtype::DType::parse(&s.to_uppercase()).ok_or_else(|| {
+        EngineError::InvalidArgument(format!(
+            "dtype {s:?}: the base model's dtype is f32, bf16 or f16"
+        ))
+    })
+}
+
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {

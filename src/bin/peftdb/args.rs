@@ -34,8 +34,7 @@ pub struct ModelArgs {
 }
 
 fn parse_base_dtype(s: &str) -> Result<peftdb::object::DType, String> {
-    peftdb::object::DType::parse(&s.to_uppercase())
-        .ok_or_else(|| format!("{s:?}: the base model's dtype is f32, bf16 or f16"))
+    peftdb::engine::parse_base_dtype(s).map_err(|e| e.to_string())
 }
 
 impl ModelArgs {
