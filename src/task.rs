@@ -367,6 +367,19 @@ pub fn few_shot(
     k: usize,
     seed: u64,
 ) -> Result<Vec<Example>, TaskError> {
+    Ok(few_shot_indices(examples, num_labels, k, seed)?
+        .into_iter()
+        .map(|i| examples[i].clone())
+        .collect())
+}
+
+/// The positions in `examples` of what [`few_shot`] draws with the same arguments, in its order.
+pub fn few_shot_indices(
+    examples: &[Example],
+    num_labels: usize,
+    k: usize,
+    seed: u64,
+) -> Result<Vec<usize>, TaskError> {
     if k == 0 {
         return Err(TaskError::Sampling("k must be at least 1".into()));
     }
@@ -382,7 +395,7 @@ pub fn few_shot(
             )));
         }
         shuffle(&mut idx, &mut rng);
-        out.extend(idx.into_iter().take(k).map(|i| examples[i].clone()));
+        out.extend(idx.into_iter().take(k));
     }
     shuffle(&mut out, &mut rng);
     Ok(out)

@@ -355,11 +355,71 @@ fn the_study_runs_resumes_and_reports_through_suggest() {
                 count("scratch"),
                 count("final")
             ],
-            [17, 1, 1, 1],
+            [17, 2, 1, 1],
             "{target}"
         );
     }
-    let tune = lines.iter().find(|l| l["phase"] == "tune").unwrap();
+    let mut left_somewhere = 0;
+    // The held-out record: every grid answer on the (limited) dev split without the episode's dev
+    // shots; a best single source's accuracy is its own dev correctness on exactly the kept examples.
+    for target in &cfg.targets {
+        let of = |init: &str| {
+            lines
+                .iter()
+                .find(|l| l["phase"] == "tune" && l["task"] == target.as_str() && l["init"] == init)
+                .unwrap()
+        };
+        let (grid_rec, held) = (&of("grid")["data"], &of("heldout")["data"]);
+        let t = task(target);
+        let left: std::collections::BTreeSet<usize> =
+            peftdb::transfer::Episode::dev_positions(&t, cfg.suggest.shots, 0)
+                .unwrap()
+                .into_iter()
+                .filter(|&i| i < 12)
+                .collect();
+        assert_eq!(held["left_out"], left.len(), "{target}");
+        assert_eq!(held["examples"], 12 - left.len(), "{target}");
+        assert!(held["examples"].as_u64().unwrap() > 0, "{target}");
+        let answers = held["answers"].as_object().unwrap();
+        assert_eq!(
+            answers.len(),
+            peftdb::experiment::transfer::grid(&cfg.suggest).len()
+        );
+        let on_kept = |correct: &str| {
+            let kept: Vec<bool> = correct
+                .bytes()
+                .enumerate()
+                .filter(|(i, _)| !left.contains(i))
+                .map(|(_, c)| c == b'1')
+                .collect();
+            kept.iter().filter(|&&c| c).count() as f64 / kept.len() as f64
+        };
+        let mut singles = 0;
+        for a in grid_rec["answers"].as_array().unwrap() {
+            let weights = a["weights"].as_object().unwrap();
+            if a["decision"] == "best-single" && weights.len() == 1 {
+                let name = weights.keys().next().unwrap();
+                let cand = grid_rec["candidates"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|c| c["task"] == name.as_str())
+                    .unwrap();
+                let want = on_kept(cand["dev"]["correct"].as_str().unwrap());
+                let got = answers[a["config"].as_str().unwrap()].as_f64().unwrap();
+                assert!((got - want).abs() < 1e-12, "{target} {}", a["config"]);
+                singles += 1;
+            }
+        }
+        assert!(singles > 0, "{target}: no best-single answer to check");
+        left_somewhere += left.len();
+    }
+    // (social_support's episode draws one of the first 12 dev examples: the masking is exercised.)
+    assert!(left_somewhere > 0);
+    let tune = lines
+        .iter()
+        .find(|l| l["phase"] == "tune" && l["init"] == "grid")
+        .unwrap();
     assert_eq!(tune["data"]["candidates"].as_array().unwrap().len(), 13);
     assert_eq!(
         tune["data"]["answers"].as_array().unwrap().len(),
@@ -428,6 +488,12 @@ fn the_study_runs_resumes_and_reports_through_suggest() {
         assert!(md.contains(section), "{section}");
     }
     assert!(!md.contains("Not run"), "{md}");
+    // Section 4 is evaluated held out and names the setting its rule picks.
+    assert!(
+        md.contains("on the dev split without the episode's dev shots")
+            && md.contains("By that rule"),
+        "{md}"
+    );
 }
 
 /// A zoo folder `dir/zoo` of three demo-zoo LoRAs, and a zero-phase study of it for movie_sentiment

@@ -293,6 +293,12 @@ impl Episode {
         })
     }
 
+    /// Positions in `task.dev` of the episode's dev shots (the same draw as [`Episode::sample`]): what a
+    /// dev-split evaluation of the answer must leave out to be held out from its selection.
+    pub fn dev_positions(task: &Task, shots: usize, seed: u64) -> Result<Vec<usize>, TaskError> {
+        crate::task::few_shot_indices(&task.dev, task.labels.len(), shots, seed.wrapping_add(1))
+    }
+
     /// The examples candidates are scored on: the episode's train shots, then its dev shots.
     pub fn scoring_examples(&self) -> Vec<Example> {
         self.train.iter().chain(&self.dev).cloned().collect()
@@ -1230,6 +1236,20 @@ mod tests {
             train: ex(train),
             dev: ex(&[(0, 3), (1, 20)]),
             test: vec![],
+        }
+    }
+
+    #[test]
+    fn dev_positions_are_where_the_episode_dev_shots_sit_in_the_dev_split() {
+        let task = skewed_task(&[(0, 10), (1, 90)]);
+        for seed in 0..5 {
+            let ep = Episode::sample(&task, 4, seed).unwrap();
+            let pos = Episode::dev_positions(&task, 4, seed).unwrap();
+            let at: Vec<&Example> = pos.iter().map(|&i| &task.dev[i]).collect();
+            assert_eq!(at, ep.dev.iter().collect::<Vec<_>>());
+            // Distinct positions: leaving them out leaves exactly the rest of the split.
+            let set: std::collections::BTreeSet<usize> = pos.iter().copied().collect();
+            assert_eq!(set.len(), pos.len());
         }
     }
 
