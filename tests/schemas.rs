@@ -316,6 +316,23 @@ fn transfer_study_results_validate() {
         .unwrap()
         .remove("correct");
     assert!(!schema.is_valid(&bad));
+    // The tune phase holds two kinds of record, each checked against its own shape.
+    let held: Value = serde_json::from_str(
+        text.lines()
+            .find(|l| l.contains("\"init\":\"heldout\""))
+            .expect("a heldout record in the committed study"),
+    )
+    .unwrap();
+    assert!(schema.is_valid(&held));
+    let mut bad = held.clone();
+    bad["data"].as_object_mut().unwrap().remove("answers");
+    assert!(!schema.is_valid(&bad));
+    let mut bad = held.clone();
+    bad["init"] = "grid".into();
+    assert!(!schema.is_valid(&bad), "a heldout record is not a grid record");
+    let mut bad = held;
+    bad["init"] = "other".into();
+    assert!(!schema.is_valid(&bad));
 }
 
 #[test]
