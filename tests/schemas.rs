@@ -329,7 +329,10 @@ fn transfer_study_results_validate() {
     assert!(!schema.is_valid(&bad));
     let mut bad = held.clone();
     bad["init"] = "grid".into();
-    assert!(!schema.is_valid(&bad), "a heldout record is not a grid record");
+    assert!(
+        !schema.is_valid(&bad),
+        "a heldout record is not a grid record"
+    );
     let mut bad = held;
     bad["init"] = "other".into();
     assert!(!schema.is_valid(&bad));
