@@ -807,252 +807,264 @@ impl<'a> Study<'a> {
         // Source-side TEXTEMB vectors (seed-free).
         let mut src_textemb: BTreeMap<String, Vec<f32>> = BTreeMap::new();
         let mut dev_cache: BTreeMap<(String, String), SplitEval> = BTreeMap::new();
-        for t in self.targets() {
-            for seed in self.cfg.tune_seeds.clone() {
-                let task = self.tasks[t].clone();
-                let unit = Unit {
-                    phase: Phase::Tune,
-                    task: &task.name,
-                    init: "grid",
-                    seed,
-                };
-                if self.has(unit) {
-                    continue;
+        for (t, seed) in self.missing_tune("grid") {
+            let task = self.tasks[t].clone();
+            let unit = Unit {
+                phase: Phase::Tune,
+                task: &task.name,
+                init: "grid",
+                seed,
+            };
+            let started = Instant::now();
+            let te = terr(&task.name);
+            let mut cfg = base.clone();
+            cfg.seed = seed;
+            let episode = Episode::sample(&task, cfg.shots, seed)?;
+            let snap = self.store.snapshot().map_err(|e| te(e.into()))?;
+            let base_model = store_base_model(&snap, &cfg).map_err(&te)?;
+            let (target, _) = target_adapter(
+                self.engine,
+                &task,
+                &episode,
+                None,
+                base_model.clone(),
+                &cfg,
+                &mut |_| {},
+            )
+            .map_err(&te)?;
+            // Rankings of every similarity over all sources.
+            let mut predictors: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
+            let all = self.sources(t).len();
+            for sim in Similarity::ALL {
+                let hits = retrieve(
+                    &snap,
+                    &self.index,
+                    &target,
+                    sim,
+                    cfg.method,
+                    &task.name,
+                    all,
+                )
+                .map_err(&te)?;
+                predictors.insert(
+                    sim.as_str().to_string(),
+                    hits.iter()
+                        .map(|h| (h.task.clone(), h.similarity as f64))
+                        .collect(),
+                );
+            }
+            let texts: Vec<&str> = episode.train.iter().map(|e| e.text.as_str()).collect();
+            let q = self.textemb(&texts)?;
+            let mut te_scores = BTreeMap::new();
+            let mut ds_scores = BTreeMap::new();
+            for s in self.sources(t) {
+                let name = self.tasks[s].name.clone();
+                if !src_textemb.contains_key(&name) {
+                    let n = self.cfg.textemb_examples.min(self.tasks[s].train.len());
+                    let texts: Vec<&str> = self.tasks[s].train[..n]
+                        .iter()
+                        .map(|e| e.text.as_str())
+                        .collect();
+                    let v = self.textemb(&texts)?;
+                    src_textemb.insert(name.clone(), v);
                 }
-                let started = Instant::now();
-                let te = terr(&task.name);
-                let mut cfg = base.clone();
-                cfg.seed = seed;
-                let episode = Episode::sample(&task, cfg.shots, seed)?;
-                let snap = self.store.snapshot().map_err(|e| te(e.into()))?;
-                let base_model = store_base_model(&snap, &cfg).map_err(&te)?;
-                let (target, _) = target_adapter(
+                te_scores.insert(
+                    name.clone(),
+                    crate::embed::cosine(&q, &src_textemb[&name]) as f64,
+                );
+                ds_scores.insert(name, self.tasks[s].train.len() as f64);
+            }
+            predictors.insert("textemb".into(), te_scores);
+            predictors.insert("datasize".into(), ds_scores);
+            // Every source scored once (scores are per candidate, so any top-K is a subset).
+            let src: Vec<usize> = self.sources(t);
+            let objs: Vec<LightweightObject> =
+                src.iter().map(|&s| self.object(s)).collect::<Result<_>>()?;
+            let refs: Vec<&LightweightObject> = objs.iter().collect();
+            // Scored under each label prior; the candidates and the `rerank:` predictors are those
+            // of the base setting's prior, the other prior's are `rerank:IND@PRIOR`.
+            let mut by_prior: BTreeMap<&'static str, crate::transfer::Scores> = BTreeMap::new();
+            for prior in LabelPrior::ALL {
+                let mut pc = cfg.clone();
+                pc.prior = prior;
+                let sc = score(
                     self.engine,
                     &task,
                     &episode,
-                    None,
-                    base_model.clone(),
-                    &cfg,
+                    &target,
+                    &refs,
+                    &pc,
                     &mut |_| {},
                 )
                 .map_err(&te)?;
-                // Rankings of every similarity over all sources.
-                let mut predictors: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
-                let all = self.sources(t).len();
-                for sim in Similarity::ALL {
-                    let hits = retrieve(
-                        &snap,
-                        &self.index,
-                        &target,
-                        sim,
-                        cfg.method,
-                        &task.name,
-                        all,
-                    )
-                    .map_err(&te)?;
-                    predictors.insert(
-                        sim.as_str().to_string(),
-                        hits.iter()
-                            .map(|h| (h.task.clone(), h.similarity as f64))
-                            .collect(),
-                    );
-                }
-                let texts: Vec<&str> = episode.train.iter().map(|e| e.text.as_str()).collect();
-                let q = self.textemb(&texts)?;
-                let mut te_scores = BTreeMap::new();
-                let mut ds_scores = BTreeMap::new();
-                for s in self.sources(t) {
-                    let name = self.tasks[s].name.clone();
-                    if !src_textemb.contains_key(&name) {
-                        let n = self.cfg.textemb_examples.min(self.tasks[s].train.len());
-                        let texts: Vec<&str> = self.tasks[s].train[..n]
-                            .iter()
-                            .map(|e| e.text.as_str())
-                            .collect();
-                        let v = self.textemb(&texts)?;
-                        src_textemb.insert(name.clone(), v);
-                    }
-                    te_scores.insert(
-                        name.clone(),
-                        crate::embed::cosine(&q, &src_textemb[&name]) as f64,
-                    );
-                    ds_scores.insert(name, self.tasks[s].train.len() as f64);
-                }
-                predictors.insert("textemb".into(), te_scores);
-                predictors.insert("datasize".into(), ds_scores);
-                // Every source scored once (scores are per candidate, so any top-K is a subset).
-                let src: Vec<usize> = self.sources(t);
-                let objs: Vec<LightweightObject> =
-                    src.iter().map(|&s| self.object(s)).collect::<Result<_>>()?;
-                let refs: Vec<&LightweightObject> = objs.iter().collect();
-                // Scored under each label prior; the candidates and the `rerank:` predictors are those
-                // of the base setting's prior, the other prior's are `rerank:IND@PRIOR`.
-                let mut by_prior: BTreeMap<&'static str, crate::transfer::Scores> = BTreeMap::new();
-                for prior in LabelPrior::ALL {
-                    let mut pc = cfg.clone();
-                    pc.prior = prior;
-                    let sc = score(
-                        self.engine,
-                        &task,
-                        &episode,
-                        &target,
-                        &refs,
-                        &pc,
-                        &mut |_| {},
-                    )
-                    .map_err(&te)?;
-                    by_prior.insert(prior.as_str(), sc);
-                }
-                let scores = &by_prior[cfg.prior.as_str()];
-                let names: Vec<String> = src.iter().map(|&s| self.tasks[s].name.clone()).collect();
-                let mut candidates: Vec<TunedCandidate> = Vec::with_capacity(names.len());
-                for ((n, c), obj) in names.iter().zip(&scores.candidates).zip(&refs) {
-                    let gains: BTreeMap<String, [f64; 2]> = [
-                        Indicator::Loss,
-                        Indicator::LossCal,
-                        Indicator::El2n,
-                        Indicator::CosLogits,
-                    ]
-                    .into_iter()
-                    .map(|ind| {
-                        let g = crate::transfer::Gain::of(c, &scores.bare, ind);
-                        (ind.as_str().to_string(), [g.mean, g.se])
-                    })
-                    .collect();
-                    let [gain, gain_se] = gains[Indicator::Loss.as_str()];
-                    // A source's dev accuracy does not depend on the seed: evaluated once.
-                    let dev = match dev_cache.get(&(task.name.clone(), n.clone())) {
-                        Some(d) => d.clone(),
-                        None => {
-                            let d = split_eval(
-                                self.engine,
-                                &task,
-                                Some(obj),
-                                self.limit(&task.dev),
-                                &opts,
-                            )?;
-                            dev_cache.insert((task.name.clone(), n.clone()), d.clone());
-                            d
-                        }
-                    };
-                    candidates.push(TunedCandidate {
-                        task: n.clone(),
-                        scores: c.scores.clone(),
-                        accuracy: c.accuracy,
-                        gain,
-                        gain_se,
-                        gains,
-                        dev: Some(dev),
-                    });
-                }
-                // A rerank predictor: each source's score of one indicator under one prior.
-                let ranking =
-                    |sc: &crate::transfer::Scores, ind: Indicator| -> BTreeMap<String, f64> {
-                        names
-                            .iter()
-                            .zip(&sc.candidates)
-                            .map(|(n, c)| {
-                                (
-                                    n.clone(),
-                                    c.scores.get(ind.as_str()).copied().unwrap_or(f64::NAN),
-                                )
-                            })
-                            .collect()
-                    };
-                for ind in [
+                by_prior.insert(prior.as_str(), sc);
+            }
+            let scores = &by_prior[cfg.prior.as_str()];
+            let names: Vec<String> = src.iter().map(|&s| self.tasks[s].name.clone()).collect();
+            let mut candidates: Vec<TunedCandidate> = Vec::with_capacity(names.len());
+            for ((n, c), obj) in names.iter().zip(&scores.candidates).zip(&refs) {
+                let gains: BTreeMap<String, [f64; 2]> = [
                     Indicator::Loss,
                     Indicator::LossCal,
-                    Indicator::CosLogits,
                     Indicator::El2n,
-                    Indicator::Kl,
-                ] {
-                    predictors.insert(format!("rerank:{}", ind.as_str()), ranking(scores, ind));
-                }
-                for (prior, sc) in &by_prior {
-                    if *prior == cfg.prior.as_str() {
-                        continue;
+                    Indicator::CosLogits,
+                ]
+                .into_iter()
+                .map(|ind| {
+                    let g = crate::transfer::Gain::of(c, &scores.bare, ind);
+                    (ind.as_str().to_string(), [g.mean, g.se])
+                })
+                .collect();
+                let [gain, gain_se] = gains[Indicator::Loss.as_str()];
+                // A source's dev accuracy does not depend on the seed: evaluated once.
+                let dev = match dev_cache.get(&(task.name.clone(), n.clone())) {
+                    Some(d) => d.clone(),
+                    None => {
+                        let d = split_eval(
+                            self.engine,
+                            &task,
+                            Some(obj),
+                            self.limit(&task.dev),
+                            &opts,
+                        )?;
+                        dev_cache.insert((task.name.clone(), n.clone()), d.clone());
+                        d
                     }
-                    for ind in [Indicator::Loss, Indicator::LossCal] {
-                        predictors
-                            .insert(format!("rerank:{}@{prior}", ind.as_str()), ranking(sc, ind));
-                    }
-                }
-                let scratch = scratch_init(self.engine, &cfg, base_model).map_err(&te)?;
-                // Each grid setting's answer, evaluated on the dev split (identical answers once).
-                let mut cache: BTreeMap<String, f64> = BTreeMap::new();
-                let bare_dev =
-                    split_eval(self.engine, &task, None, self.limit(&task.dev), &opts)?.accuracy;
-                let mut answers = Vec::new();
-                for c in &configs {
-                    let mut c = c.clone();
-                    c.seed = seed;
-                    let order = &predictors[c.similarity.as_str()];
-                    let mut ranked: Vec<(&String, &f64)> = order.iter().collect();
-                    ranked.sort_by(|a, b| b.1.total_cmp(a.1).then(a.0.cmp(b.0)));
-                    let pick: Vec<usize> = ranked
-                        .iter()
-                        .take(c.k)
-                        .filter_map(|(n, _)| names.iter().position(|x| x == *n))
-                        .collect();
-                    let ps = &by_prior[c.prior.as_str()];
-                    let sub = crate::transfer::Scores {
-                        examples: ps.examples,
-                        bare: ps.bare.clone(),
-                        candidates: pick.iter().map(|&i| ps.candidates[i].clone()).collect(),
-                    };
-                    let sub_refs: Vec<&LightweightObject> = pick.iter().map(|&i| refs[i]).collect();
-                    let d = decide(self.engine, &task, &episode, &sub_refs, &sub, &scratch, &c)
-                        .map_err(&te)?;
-                    let weights: BTreeMap<String, f64> = pick
-                        .iter()
-                        .zip(&d.weights)
-                        .filter(|(_, w)| **w > 0.0)
-                        .map(|(&i, w)| (names[i].clone(), *w))
-                        .collect();
-                    let key = format!(
-                        "{:?}/{:?}",
-                        d.decision,
-                        weights
-                            .iter()
-                            .map(|(n, w)| format!("{n}:{w:.6}"))
-                            .collect::<Vec<_>>()
-                    ) + &crate::transfer::merge_name(c.effective_merge());
-                    let dev_accuracy = match (d.decision, cache.get(&key)) {
-                        (Decision::Scratch, _) => bare_dev,
-                        (_, Some(a)) => *a,
-                        _ => {
-                            let a = evaluate(
-                                self.engine,
-                                &task,
-                                Some(&d.init),
-                                self.limit(&task.dev),
-                                &opts,
-                                &mut |_, _| {},
-                            )
-                            .map_err(&te)?
-                            .accuracy;
-                            cache.insert(key, a);
-                            a
-                        }
-                    };
-                    answers.push(GridAnswer {
-                        config: config_label(&c),
-                        decision: d.decision,
-                        weights,
-                        dev_accuracy,
-                    });
-                }
-                let rec = TuneRecord {
-                    predictors,
-                    candidates,
-                    bare_accuracy: scores.bare.accuracy,
-                    bare_dev_accuracy: bare_dev,
-                    answers,
                 };
-                self.append(unit, started, &rec, progress)?;
+                candidates.push(TunedCandidate {
+                    task: n.clone(),
+                    scores: c.scores.clone(),
+                    accuracy: c.accuracy,
+                    gain,
+                    gain_se,
+                    gains,
+                    dev: Some(dev),
+                });
             }
+            // A rerank predictor: each source's score of one indicator under one prior.
+            let ranking = |sc: &crate::transfer::Scores, ind: Indicator| -> BTreeMap<String, f64> {
+                names
+                    .iter()
+                    .zip(&sc.candidates)
+                    .map(|(n, c)| {
+                        (
+                            n.clone(),
+                            c.scores.get(ind.as_str()).copied().unwrap_or(f64::NAN),
+                        )
+                    })
+                    .collect()
+            };
+            for ind in [
+                Indicator::Loss,
+                Indicator::LossCal,
+                Indicator::CosLogits,
+                Indicator::El2n,
+                Indicator::Kl,
+            ] {
+                predictors.insert(format!("rerank:{}", ind.as_str()), ranking(scores, ind));
+            }
+            for (prior, sc) in &by_prior {
+                if *prior == cfg.prior.as_str() {
+                    continue;
+                }
+                for ind in [Indicator::Loss, Indicator::LossCal] {
+                    predictors.insert(format!("rerank:{}@{prior}", ind.as_str()), ranking(sc, ind));
+                }
+            }
+            let scratch = scratch_init(self.engine, &cfg, base_model).map_err(&te)?;
+            // Each grid setting's answer, evaluated on the dev split (identical answers once).
+            let mut cache: BTreeMap<String, f64> = BTreeMap::new();
+            let bare_dev =
+                split_eval(self.engine, &task, None, self.limit(&task.dev), &opts)?.accuracy;
+            let mut answers = Vec::new();
+            for c in &configs {
+                let mut c = c.clone();
+                c.seed = seed;
+                let order = &predictors[c.similarity.as_str()];
+                let mut ranked: Vec<(&String, &f64)> = order.iter().collect();
+                ranked.sort_by(|a, b| b.1.total_cmp(a.1).then(a.0.cmp(b.0)));
+                let pick: Vec<usize> = ranked
+                    .iter()
+                    .take(c.k)
+                    .filter_map(|(n, _)| names.iter().position(|x| x == *n))
+                    .collect();
+                let ps = &by_prior[c.prior.as_str()];
+                let sub = crate::transfer::Scores {
+                    examples: ps.examples,
+                    bare: ps.bare.clone(),
+                    candidates: pick.iter().map(|&i| ps.candidates[i].clone()).collect(),
+                };
+                let sub_refs: Vec<&LightweightObject> = pick.iter().map(|&i| refs[i]).collect();
+                let d = decide(self.engine, &task, &episode, &sub_refs, &sub, &scratch, &c)
+                    .map_err(&te)?;
+                let weights: BTreeMap<String, f64> = pick
+                    .iter()
+                    .zip(&d.weights)
+                    .filter(|(_, w)| **w > 0.0)
+                    .map(|(&i, w)| (names[i].clone(), *w))
+                    .collect();
+                let key = format!(
+                    "{:?}/{:?}",
+                    d.decision,
+                    weights
+                        .iter()
+                        .map(|(n, w)| format!("{n}:{w:.6}"))
+                        .collect::<Vec<_>>()
+                ) + &crate::transfer::merge_name(c.effective_merge());
+                let dev_accuracy = match (d.decision, cache.get(&key)) {
+                    (Decision::Scratch, _) => bare_dev,
+                    (_, Some(a)) => *a,
+                    _ => {
+                        let a = evaluate(
+                            self.engine,
+                            &task,
+                            Some(&d.init),
+                            self.limit(&task.dev),
+                            &opts,
+                            &mut |_, _| {},
+                        )
+                        .map_err(&te)?
+                        .accuracy;
+                        cache.insert(key, a);
+                        a
+                    }
+                };
+                answers.push(GridAnswer {
+                    config: config_label(&c),
+                    decision: d.decision,
+                    weights,
+                    dev_accuracy,
+                });
+            }
+            let rec = TuneRecord {
+                predictors,
+                candidates,
+                bare_accuracy: scores.bare.accuracy,
+                bare_dev_accuracy: bare_dev,
+                answers,
+            };
+            self.append(unit, started, &rec, progress)?;
         }
         self.run_heldout(&configs, progress)
+    }
+
+    /// The (target, tuning seed) pairs whose `tune` record `init` is not in the results file yet.
+    fn missing_tune(&self, init: &str) -> Vec<(usize, u64)> {
+        let mut out = Vec::new();
+        for t in self.targets() {
+            for &seed in &self.cfg.tune_seeds {
+                let unit = Unit {
+                    phase: Phase::Tune,
+                    task: &self.tasks[t].name,
+                    init,
+                    seed,
+                };
+                if !self.has(unit) {
+                    out.push((t, seed));
+                }
+            }
+        }
+        out
     }
 
     /// The `heldout` records: every grid answer of a `grid` record on the dev split without the
@@ -1064,128 +1076,114 @@ impl<'a> Study<'a> {
         progress: &mut dyn FnMut(StudyEvent),
     ) -> Result<()> {
         let opts = self.cfg.suggest.score.clone();
-        for t in self.targets() {
-            for seed in self.cfg.tune_seeds.clone() {
-                let task = self.tasks[t].clone();
-                let unit = Unit {
-                    phase: Phase::Tune,
-                    task: &task.name,
-                    init: "heldout",
-                    seed,
-                };
-                if self.has(unit) {
-                    continue;
-                }
-                let grid_unit = Unit {
-                    init: "grid",
-                    ..unit
-                };
-                let Some(r) = self.find(grid_unit) else {
-                    continue;
-                };
-                let tr: TuneRecord = data(r)?;
-                let started = Instant::now();
-                let te = terr(&task.name);
-                let dev = self.limit(&task.dev);
-                let left: BTreeSet<usize> =
-                    Episode::dev_positions(&task, self.cfg.suggest.shots, seed)?
-                        .into_iter()
-                        .filter(|&i| i < dev.len())
-                        .collect();
-                let kept: Vec<usize> = (0..dev.len()).filter(|i| !left.contains(i)).collect();
-                if kept.is_empty() {
-                    continue;
-                }
-                let kept_ex: Vec<Example> = kept.iter().map(|&i| dev[i].clone()).collect();
-                let on_kept = |correct: &str| -> f64 {
-                    let b = correct.as_bytes();
-                    kept.iter().filter(|&&i| b.get(i) == Some(&b'1')).count() as f64
-                        / kept.len() as f64
-                };
-                let bare = match self
-                    .find(Unit {
-                        phase: Phase::Zero,
-                        task: &task.name,
-                        init: "bare",
-                        seed: 0,
-                    })
-                    .map(data::<ZeroRecord>)
-                    .transpose()?
-                    .and_then(|z| z.dev)
-                {
-                    Some(d) => on_kept(&d.correct),
-                    None => split_eval(self.engine, &task, None, &kept_ex, &opts)?.accuracy,
-                };
-                let single: BTreeMap<&str, f64> = tr
-                    .candidates
-                    .iter()
-                    .filter_map(|c| {
-                        c.dev
-                            .as_ref()
-                            .map(|d| (c.task.as_str(), on_kept(&d.correct)))
-                    })
+        for (t, seed) in self.missing_tune("heldout") {
+            let task = self.tasks[t].clone();
+            let unit = Unit {
+                phase: Phase::Tune,
+                task: &task.name,
+                init: "heldout",
+                seed,
+            };
+            let grid_unit = Unit {
+                init: "grid",
+                ..unit
+            };
+            let Some(r) = self.find(grid_unit) else {
+                continue;
+            };
+            let tr: TuneRecord = data(r)?;
+            let started = Instant::now();
+            let te = terr(&task.name);
+            let dev = self.limit(&task.dev);
+            let left: BTreeSet<usize> =
+                Episode::dev_positions(&task, self.cfg.suggest.shots, seed)?
+                    .into_iter()
+                    .filter(|&i| i < dev.len())
                     .collect();
-                let mut cache: BTreeMap<String, f64> = BTreeMap::new();
-                let mut answers = BTreeMap::new();
-                for a in &tr.answers {
-                    let acc = match a.decision {
-                        Decision::Scratch => bare,
-                        Decision::BestSingle if a.weights.len() == 1 => {
-                            let name = a.weights.keys().next().expect("one");
-                            match single.get(name.as_str()) {
-                                Some(x) => *x,
-                                None => continue,
-                            }
-                        }
-                        _ => {
-                            let Some(c) = configs.iter().find(|c| config_label(c) == a.config)
-                            else {
-                                continue;
-                            };
-                            let mode = c.effective_merge();
-                            let key =
-                                format!("{:?}{}", a.weights, crate::transfer::merge_name(mode));
-                            match cache.get(&key) {
-                                Some(x) => *x,
-                                None => {
-                                    let mut objs = Vec::new();
-                                    let mut w = Vec::new();
-                                    for (name, wi) in &a.weights {
-                                        let Some(i) =
-                                            self.tasks.iter().position(|x| &x.name == name)
-                                        else {
-                                            continue;
-                                        };
-                                        objs.push(self.object(i)?);
-                                        w.push(*wi);
-                                    }
-                                    let refs: Vec<&LightweightObject> = objs.iter().collect();
-                                    let merged = merge(&refs, &w, mode)
-                                        .map_err(|e| te(TransferError::from(e)))?;
-                                    let x = split_eval(
-                                        self.engine,
-                                        &task,
-                                        Some(&merged),
-                                        &kept_ex,
-                                        &opts,
-                                    )?
-                                    .accuracy;
-                                    cache.insert(key, x);
-                                    x
-                                }
-                            }
-                        }
-                    };
-                    answers.insert(a.config.clone(), acc);
-                }
-                let rec = HeldOutRecord {
-                    left_out: left.len(),
-                    examples: kept.len(),
-                    bare_accuracy: bare,
-                    answers,
-                };
-                self.append(unit, started, &rec, progress)?;
+            let kept: Vec<usize> = (0..dev.len()).filter(|i| !left.contains(i)).collect();
+            if kept.is_empty() {
+                continue;
             }
+            let kept_ex: Vec<Example> = kept.iter().map(|&i| dev[i].clone()).collect();
+            let on_kept = |correct: &str| -> f64 {
+                let b = correct.as_bytes();
+                kept.iter().filter(|&&i| b.get(i) == Some(&b'1')).count() as f64 / kept.len() as f64
+            };
+            let bare = match self
+                .find(Unit {
+                    phase: Phase::Zero,
+                    task: &task.name,
+                    init: "bare",
+                    seed: 0,
+                })
+                .map(data::<ZeroRecord>)
+                .transpose()?
+                .and_then(|z| z.dev)
+            {
+                Some(d) => on_kept(&d.correct),
+                None => split_eval(self.engine, &task, None, &kept_ex, &opts)?.accuracy,
+            };
+            let single: BTreeMap<&str, f64> = tr
+                .candidates
+                .iter()
+                .filter_map(|c| {
+                    c.dev
+                        .as_ref()
+                        .map(|d| (c.task.as_str(), on_kept(&d.correct)))
+                })
+                .collect();
+            let mut cache: BTreeMap<String, f64> = BTreeMap::new();
+            let mut answers = BTreeMap::new();
+            for a in &tr.answers {
+                let acc = match a.decision {
+                    Decision::Scratch => bare,
+                    Decision::BestSingle if a.weights.len() == 1 => {
+                        let name = a.weights.keys().next().expect("one");
+                        match single.get(name.as_str()) {
+                            Some(x) => *x,
+                            None => continue,
+                        }
+                    }
+                    _ => {
+                        let Some(c) = configs.iter().find(|c| config_label(c) == a.config) else {
+                            continue;
+                        };
+                        let mode = c.effective_merge();
+                        let key = format!("{:?}{}", a.weights, crate::transfer::merge_name(mode));
+                        match cache.get(&key) {
+                            Some(x) => *x,
+                            None => {
+                                let mut objs = Vec::new();
+                                let mut w = Vec::new();
+                                for (name, wi) in &a.weights {
+                                    let Some(i) = self.tasks.iter().position(|x| &x.name == name)
+                                    else {
+                                        continue;
+                                    };
+                                    objs.push(self.object(i)?);
+                                    w.push(*wi);
+                                }
+                                let refs: Vec<&LightweightObject> = objs.iter().collect();
+                                let merged = merge(&refs, &w, mode)
+                                    .map_err(|e| te(TransferError::from(e)))?;
+                                let x =
+                                    split_eval(self.engine, &task, Some(&merged), &kept_ex, &opts)?
+                                        .accuracy;
+                                cache.insert(key, x);
+                                x
+                            }
+                        }
+                    }
+                };
+                answers.insert(a.config.clone(), acc);
+            }
+            let rec = HeldOutRecord {
+                left_out: left.len(),
+                examples: kept.len(),
+                bare_accuracy: bare,
+                answers,
+            };
+            self.append(unit, started, &rec, progress)?;
         }
         Ok(())
     }
