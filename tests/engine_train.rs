@@ -327,3 +327,92 @@ fn adapter_gradients_match_finite_differences() {
         let _ = DType::F32;
     }
 }
+
+/// `keep_start`: the starting adapter is evaluated before the first step and kept as a checkpoint, so a
+/// good initialization (the demo zoo's movie_sentiment LoRA, on its own task) that a destructive learning
+/// rate wrecks is handed back unchanged; without it, training hands back one of the wrecked checkpoints.
+#[test]
+fn keep_start_hands_back_a_good_init_that_training_wrecks() {
+    let _turn = heavy();
+    let engine = engine(32);
+    let task = Task::load(&common::task_dir("movie_sentiment")).expect("task loads");
+    let init = read_adapter(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples/demo-zoo/movie_sentiment/lora"),
+        &ReadOptions::default(),
+    )
+    .expect("the demo zoo's adapter reads");
+    let train_ex = few_shot(&task.train, task.labels.len(), 8, 0).expect("sample");
+    let dev: Vec<_> = task.dev.iter().step_by(4).cloned().collect(); // 50
+    let labels = task.label_texts();
+    let run = |keep_start: bool| {
+        let mut cfg = TrainConfig::new(MethodKind::Lora);
+        cfg.init = Some(init.clone());
+        cfg.lr = Some(0.5); // destructive on purpose
+        cfg.max_steps = Some(4);
+        cfg.eval_every = 2;
+        cfg.patience = None;
+        cfg.seed = 3;
+        cfg.keep_start = keep_start;
+        train(
+            &engine,
+            &TrainData {
+                label_texts: &labels,
+                train: &train_ex,
+                dev: &dev,
+                test: None,
+            },
+            &cfg,
+            &mut |_| {},
+        )
+        .expect("trains")
+    };
+    // The start's own dev accuracy, scored directly.
+    let lab = engine.tokenize(&labels).expect("tok");
+    let dev_ids = engine
+        .tokenize(&dev.iter().map(|e| e.text.as_str()).collect::<Vec<_>>())
+        .expect("tok");
+    let dev_t: Vec<usize> = dev.iter().map(|e| e.label).collect();
+    let start = engine
+        .score(
+            Some(&engine.prepare(&init).expect("prepare")),
+            &lab,
+            &dev_ids,
+            &ScoreOptions::default(),
+        )
+        .expect("score")
+        .accuracy(&dev_t);
+
+    let kept = run(true);
+    assert_eq!(
+        kept.history.iter().map(|h| h.step).collect::<Vec<_>>(),
+        [0, 2, 4]
+    );
+    assert!((kept.history[0].dev_accuracy - start).abs() < 1e-12);
+    assert!(kept.history[0].train_loss.is_finite() && kept.history[0].train_loss > 0.0);
+    let trained_best = kept.history[1..]
+        .iter()
+        .map(|h| h.dev_accuracy)
+        .fold(f64::NEG_INFINITY, f64::max);
+    eprintln!("start {start:.3}, trained checkpoints {trained_best:.3}");
+    assert!(
+        trained_best < start,
+        "the destructive rate did not hurt ({trained_best} >= {start}): the test shows nothing"
+    );
+    assert_eq!(kept.best.step, 0);
+    assert_eq!(kept.best.dev_accuracy, start);
+    // The start itself (the demo zoo stores f16; the checkpoint holds the same values).
+    assert_eq!(kept.best.object.tensors.len(), init.tensors.len());
+    for (a, b) in kept.best.object.tensors.iter().zip(&init.tensors) {
+        assert_eq!((&a.name, a.to_f32()), (&b.name, b.to_f32()));
+    }
+
+    let plain = run(false);
+    assert_eq!(
+        plain.history.iter().map(|h| h.step).collect::<Vec<_>>(),
+        [2, 4]
+    );
+    assert!(plain.best.step > 0 && plain.best.dev_accuracy < start);
+    // The trained checkpoints are the same with and without the extra evaluation.
+    assert_eq!(plain.history[..], kept.history[1..]);
+}

@@ -392,6 +392,7 @@ fn train_reports_validate_and_read_back_typed() {
             "1",
             "--max-len",
             "24",
+            "--keep-start",
             "--out",
             out.to_str().unwrap(),
         ],
@@ -401,7 +402,12 @@ fn train_reports_validate_and_read_back_typed() {
     check(&schema, &written, "peftdb train's train_report.json");
     assert_eq!(printed, written);
     let r: peftdb::engine::TrainReport = serde_json::from_value(written).unwrap();
-    assert_eq!((r.steps, r.history.len(), r.max_len), (2, 2, 24));
+    // --keep-start: the start is evaluated at step 0, then steps 1 and 2.
+    assert_eq!((r.steps, r.history.len(), r.max_len), (2, 3, 24));
+    assert_eq!(
+        r.history.iter().map(|h| h.step).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
     assert!(r.best.path.join("adapter_config.json").exists());
     // What the schema and the type refuse: a report without its history.
     let one = std::fs::read_dir(root().join("examples/transfer/zoo"))

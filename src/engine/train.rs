@@ -4,7 +4,8 @@
 //! the cross-entropy of the head-free label scores ([`super::scoring`]). Every `eval_every` steps the dev
 //! accuracy is measured; the first evaluation is kept as the "early" checkpoint and the best one (highest
 //! dev accuracy, earliest on ties) as "best"; training stops after `patience` evaluations without
-//! improvement. Everything random (initialisation, batch order) comes from one ChaCha8 stream seeded with
+//! improvement. With `keep_start` the starting adapter is evaluated first (step 0) and competes for
+//! "best", so training never hands back worse on dev than where it started. Everything random (initialisation, batch order) comes from one ChaCha8 stream seeded with
 //! `seed`, and candle's CPU kernels reduce in a fixed order, so the same seed gives bit-identical adapters
 //! on CPU.
 //!
@@ -114,6 +115,10 @@ pub struct TrainConfig {
     pub eval_batch_size: usize,
     /// Base model name written into the adapter's config; `None` for the model folder's name.
     pub base_model_name: Option<String>,
+    /// Evaluate the starting adapter on dev before the first step and keep it as a checkpoint (step 0):
+    /// the best checkpoint is then never worse on dev than where training started, so a good
+    /// initialization is not trained away. A fresh adapter starts as the bare model (LoRA's B is zero).
+    pub keep_start: bool,
 }
 
 impl TrainConfig {
@@ -132,6 +137,7 @@ impl TrainConfig {
             temperature: DEFAULT_TEMPERATURE,
             eval_batch_size: 64,
             base_model_name: None,
+            keep_start: false,
         }
     }
 }
@@ -152,7 +158,8 @@ pub struct EvalPoint {
     pub step: usize,
     pub dev_accuracy: f64,
     pub dev_loss: f64,
-    /// Mean training loss since the previous evaluation.
+    /// Mean training loss since the previous evaluation (at step 0, with
+    /// [`TrainConfig::keep_start`]: the start's loss on the training examples).
     pub train_loss: f64,
 }
 
@@ -703,6 +710,26 @@ pub fn train(
     let mut loss_n = 0usize;
     let mut stopped_early = false;
     let mut step = 0;
+    if cfg.keep_start {
+        let eval_set = tr.set(engine, true)?;
+        let scores = engine.score(Some(&eval_set), &label_ids, &dev_ids, &score_opts)?;
+        // Before any step, the training loss is the start's loss on the training examples.
+        let train_targets: Vec<usize> = data.train.iter().map(|e| e.label).collect();
+        let on_train = engine.score(Some(&eval_set), &label_ids, &train_ids, &score_opts)?;
+        let point = EvalPoint {
+            step: 0,
+            dev_accuracy: scores.accuracy(&dev_targets),
+            dev_loss: scores.cross_entropy(&dev_targets),
+            train_loss: on_train.cross_entropy(&train_targets),
+        };
+        progress(&Progress::Eval(point.clone()));
+        best = Some((
+            0,
+            tr.snapshot(&base_model, engine.model.is_decoder())?,
+            point.dev_accuracy,
+        ));
+        history.push(point);
+    }
     while step < total {
         if cursor >= order.len() {
             order = (0..n).collect();

@@ -55,6 +55,10 @@ pub struct TransferArgs {
     /// LIMITED training steps.
     #[arg(long, default_value_t = 32)]
     pub few_shot_steps: usize,
+    /// LIMITED training keeps its starting adapter as a checkpoint (step 0), so it never ends worse on
+    /// the dev shots than it began (records under their own keys; the committed studies ran without it).
+    #[arg(long)]
+    pub few_shot_keep_start: bool,
     /// Evaluate on the first N dev/test examples only (a quick check, not for reported numbers).
     #[arg(long)]
     pub eval_limit: Option<usize>,
@@ -261,6 +265,7 @@ fn transfer_cmd(a: &TransferArgs, json: bool) -> anyhow::Result<u8> {
         suggest: peftdb::suggest::SuggestConfig::default(),
         few_shot: FewShot {
             steps: a.few_shot_steps,
+            keep_start: a.few_shot_keep_start,
             ..FewShot::default()
         },
         textemb_examples: 64,

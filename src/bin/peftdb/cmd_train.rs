@@ -63,6 +63,10 @@ pub struct TrainArgs {
     pub patience: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Evaluate the starting adapter (--init, or the fresh one) on dev before the first step and keep it
+    /// as a checkpoint (step 0): the best checkpoint is then never worse on dev than the start.
+    #[arg(long)]
+    pub keep_start: bool,
     /// Start from this PEFT / AdapterHub / BitFit folder.
     #[arg(long, conflicts_with = "init_object")]
     pub init: Option<PathBuf>,
@@ -97,6 +101,7 @@ pub fn run(db: &Path, args: &TrainArgs, json: bool) -> anyhow::Result<()> {
     cfg.eval_every = args.eval_every;
     cfg.patience = (args.patience > 0).then_some(args.patience);
     cfg.seed = args.seed;
+    cfg.keep_start = args.keep_start;
     cfg.temperature = args.engine.temperature;
     cfg.base_model_name = args.base_model_name.clone();
     cfg.init = if let Some(dir) = &args.init {
