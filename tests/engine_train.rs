@@ -132,20 +132,31 @@ fn tiny_run(engine: &Engine, kind: MethodKind, seed: u64) -> LightweightObject {
     cfg.batch_size = 4;
     cfg.eval_every = 3;
     cfg.seed = seed;
+    train_quietly(engine, &labels, &train_ex, &dev, &cfg)
+        .best
+        .object
+}
+
+/// `train` without a test split or progress reports.
+fn train_quietly(
+    engine: &Engine,
+    labels: &[String],
+    train_ex: &[peftdb::task::Example],
+    dev: &[peftdb::task::Example],
+    cfg: &TrainConfig,
+) -> TrainOutcome {
     train(
         engine,
         &TrainData {
-            label_texts: &labels,
-            train: &train_ex,
-            dev: &dev,
+            label_texts: labels,
+            train: train_ex,
+            dev,
             test: None,
         },
-        &cfg,
+        cfg,
         &mut |_| {},
     )
     .expect("trains")
-    .best
-    .object
 }
 
 #[test]
@@ -354,18 +365,7 @@ fn keep_start_hands_back_a_good_init_that_training_wrecks() {
         cfg.patience = None;
         cfg.seed = 3;
         cfg.keep_start = keep_start;
-        train(
-            &engine,
-            &TrainData {
-                label_texts: &labels,
-                train: &train_ex,
-                dev: &dev,
-                test: None,
-            },
-            &cfg,
-            &mut |_| {},
-        )
-        .expect("trains")
+        train_quietly(&engine, &labels, &train_ex, &dev, &cfg)
     };
     // The start's own dev accuracy, scored directly.
     let lab = engine.tokenize(&labels).expect("tok");
