@@ -5,9 +5,9 @@
 //! accuracy is measured; the first evaluation is kept as the "early" checkpoint and the best one (highest
 //! dev accuracy, earliest on ties) as "best"; training stops after `patience` evaluations without
 //! improvement. With `keep_start` the starting adapter is evaluated first (step 0) and competes for
-//! "best", so training never hands back worse on dev than where it started. Everything random (initialisation, batch order) comes from one ChaCha8 stream seeded with
-//! `seed`, and candle's CPU kernels reduce in a fixed order, so the same seed gives bit-identical adapters
-//! on CPU.
+//! "best", so training never hands back worse on dev than where it started. Everything random
+//! (initialisation, batch order) comes from one ChaCha8 stream seeded with `seed`, and candle's CPU
+//! kernels reduce in a fixed order, so the same seed gives bit-identical adapters on CPU.
 //!
 //! Initialisation of new adapters (as the methods' papers / PEFT do, where it fits this model):
 //! - LoRA: A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's Kaiming-uniform), B = 0; default r = 8, alpha = 16 on
@@ -710,18 +710,29 @@ pub fn train(
     let mut loss_n = 0usize;
     let mut stopped_early = false;
     let mut step = 0;
-    if cfg.keep_start {
+    // One dev evaluation of the adapter as it stands.
+    let dev_point = |step: usize, train_loss: f64| -> EngineResult<EvalPoint> {
         let eval_set = tr.set(engine, true)?;
         let scores = engine.score(Some(&eval_set), &label_ids, &dev_ids, &score_opts)?;
-        // Before any step, the training loss is the start's loss on the training examples.
-        let train_targets: Vec<usize> = data.train.iter().map(|e| e.label).collect();
-        let on_train = engine.score(Some(&eval_set), &label_ids, &train_ids, &score_opts)?;
-        let point = EvalPoint {
-            step: 0,
+        Ok(EvalPoint {
+            step,
             dev_accuracy: scores.accuracy(&dev_targets),
             dev_loss: scores.cross_entropy(&dev_targets),
-            train_loss: on_train.cross_entropy(&train_targets),
-        };
+            train_loss,
+        })
+    };
+    if cfg.keep_start {
+        // Before any step, the training loss is the start's loss on the training examples.
+        let train_targets: Vec<usize> = data.train.iter().map(|e| e.label).collect();
+        let train_loss = engine
+            .score(
+                Some(&tr.set(engine, true)?),
+                &label_ids,
+                &train_ids,
+                &score_opts,
+            )?
+            .cross_entropy(&train_targets);
+        let point = dev_point(0, train_loss)?;
         progress(&Progress::Eval(point.clone()));
         best = Some((
             0,
@@ -767,14 +778,7 @@ pub fn train(
             loss: lv,
         });
         if step % cfg.eval_every == 0 || step == total {
-            let eval_set = tr.set(engine, true)?;
-            let scores = engine.score(Some(&eval_set), &label_ids, &dev_ids, &score_opts)?;
-            let point = EvalPoint {
-                step,
-                dev_accuracy: scores.accuracy(&dev_targets),
-                dev_loss: scores.cross_entropy(&dev_targets),
-                train_loss: loss_sum / loss_n.max(1) as f64,
-            };
+            let point = dev_point(step, loss_sum / loss_n.max(1) as f64)?;
             loss_sum = 0.0;
             loss_n = 0;
             progress(&Progress::Eval(point.clone()));

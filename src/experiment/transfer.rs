@@ -134,20 +134,25 @@ pub struct FewShot {
 }
 
 impl FewShot {
-    /// What the records' protocol hashes: the form it had before `keep_start` existed, which is added only
-    /// when set, so the committed studies' records stay valid.
-    fn protocol(&self) -> String {
+    /// The schedule, in the form the records' protocol hashed before `keep_start` existed.
+    fn schedule(&self) -> String {
         let FewShot {
             steps,
             batch_size,
             lr,
             eval_every,
-            keep_start,
+            keep_start: _,
         } = self;
-        let mut p = format!(
+        format!(
             "FewShot {{ steps: {steps}, batch_size: {batch_size}, lr: {lr:?}, eval_every: {eval_every} }}"
-        );
-        if *keep_start {
+        )
+    }
+
+    /// What the records' protocol hashes: the schedule, and `keep_start` only when set, so the committed
+    /// studies' records stay valid.
+    fn protocol(&self) -> String {
+        let mut p = self.schedule();
+        if self.keep_start {
             p.push_str(";keep_start");
         }
         p
@@ -1179,16 +1184,18 @@ impl<'a> Study<'a> {
                         match cache.get(&key) {
                             Some(x) => *x,
                             None => {
-                                let mut objs = Vec::new();
-                                let mut w = Vec::new();
-                                for (name, wi) in &a.weights {
-                                    let Some(i) = self.tasks.iter().position(|x| &x.name == name)
-                                    else {
-                                        continue;
-                                    };
-                                    objs.push(self.object(i)?);
-                                    w.push(*wi);
-                                }
+                                // Every weighted source, or no answer: a partial merge is another one.
+                                let Some(idx) = a
+                                    .weights
+                                    .keys()
+                                    .map(|name| self.tasks.iter().position(|x| &x.name == name))
+                                    .collect::<Option<Vec<usize>>>()
+                                else {
+                                    continue;
+                                };
+                                let objs: Vec<LightweightObject> =
+                                    idx.iter().map(|&i| self.object(i)).collect::<Result<_>>()?;
+                                let w: Vec<f64> = a.weights.values().copied().collect();
                                 let refs: Vec<&LightweightObject> = objs.iter().collect();
                                 let merged = merge(&refs, &w, mode)
                                     .map_err(|e| te(TransferError::from(e)))?;
@@ -1450,7 +1457,7 @@ fn report(study: &Study<'_>) -> Result<String> {
         cfg.seeds,
         cfg.tune_seeds,
         cfg.suggest.shots,
-        cfg.few_shot.protocol().trim_end_matches(";keep_start"),
+        cfg.few_shot.schedule(),
         if cfg.few_shot.keep_start {
             ", the starting adapter kept as a checkpoint (step 0)"
         } else {
@@ -1957,10 +1964,11 @@ fn report(study: &Study<'_>) -> Result<String> {
             }
         }
     }
+    let held_out = "on the dev split without the episode's dev shots (the answer was scored, weighted and gated on them, so they are left out: held out)";
     let what = if full_units == 0 {
-        "on the dev split without the episode's dev shots (the answer was scored, weighted and gated on them, so they are left out: held out)".to_string()
+        held_out.to_string()
     } else {
-        format!("on the dev split without the episode's dev shots (the answer was scored, weighted and gated on them, so they are left out: held out) for {held_units} target x seed units; on the full dev split, the episode's dev shots included, for the {full_units} units without a `heldout` record ({}: an episode that takes every dev example, as 16 shots of each of 7 classes do of an 80-example split, leaves nothing to hold out)", full_targets.iter().cloned().collect::<Vec<_>>().join(", "))
+        format!("{held_out} for {held_units} target x seed units; on the full dev split, the episode's dev shots included, for the {full_units} units without a `heldout` record ({}: an episode that takes every dev example, as 16 shots of each of 7 classes do of an 80-example split, leaves nothing to hold out)", full_targets.iter().cloned().collect::<Vec<_>>().join(", "))
     };
     let _ = writeln!(md, "Answer's accuracy {what}, minus the bare model's on the same examples. Mean over targets and tuning seeds; `transfer` over the {} dev transfer targets only (a source beats the bare model on the full dev split beyond 2 paired SE: {}); `worst` is the lowest target's mean over tuning seeds. The defaults are chosen from this table and the dev columns of section 3, never from the test split, by the rule: the highest mean over all targets among the settings whose worst target is within 1 point of the bare model.\n", dev_transfer.len(), dev_transfer.iter().cloned().collect::<Vec<_>>().join(", "));
     let worst_of = |per_target: &BTreeMap<String, Vec<f64>>| {
