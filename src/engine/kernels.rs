@@ -99,6 +99,11 @@ fn f32_operand<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Res<&'a [f32]> 
     contiguous_slice(s.as_slice::<f32>()?, l, what)
 }
 
+/// A kept buffer's lock was poisoned by a panic in another thread.
+fn poisoned() -> candle_core::Error {
+    candle_core::Error::Msg("a kernel's kept buffer was poisoned by a panic".into())
+}
+
 fn out_tensor(v: Vec<f32>, shape: impl Into<Shape>) -> Res<Tensor> {
     Tensor::from_vec(v, shape.into(), &candle_core::Device::Cpu)
 }
@@ -112,6 +117,18 @@ unsafe impl Sync for SendPtr {}
 impl SendPtr {
     /// The pointer `i` elements on (a method, so that closures capture the whole `SendPtr`).
     fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// A raw read-only pointer shared with worker threads.
+#[derive(Clone, Copy)]
+struct SendConst(*const f32);
+unsafe impl Send for SendConst {}
+unsafe impl Sync for SendConst {}
+
+impl SendConst {
+    fn at(self, i: usize) -> *const f32 {
         self.0.wrapping_add(i)
     }
 }
@@ -202,6 +219,58 @@ impl Dst {
 /// `lhs.rows x rhs.cols` elements inside its own; `dst` must not overlap the operands.
 unsafe fn mm(dst: Dst, lhs: Mat, rhs: Mat, par: gemm::Parallelism) {
     debug_assert_eq!(lhs.cols, rhs.rows, "mm: inner dimensions");
+    if let gemm::Parallelism::Rayon(t) = par {
+        // One single-threaded GEMM per thread on its own block of output columns. Left to itself,
+        // gemm packs a row-major left operand on the calling thread while the workers wait (a
+        // serial 5% of a training step); split here, every thread packs its own block in
+        // parallel. Measured against gemm's own split and against blocks of rows: 5-10% off a
+        // training step, 2-5% off a forward pass.
+        //
+        // The result does not depend on the number of threads: gemm's k-blocking depends on k
+        // alone, and the conditions keep every block off gemm's small-matrix paths (which sum in
+        // another order): over 64 rows, blocks of at least 17 columns, k over 2.
+        let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
+        let blocks = t.min(n / 32);
+        if blocks > 1 && m > 64 && k > 2 {
+            let edge = move |c: usize| {
+                if c == blocks {
+                    n
+                } else {
+                    c * n / blocks / 16 * 16
+                }
+            };
+            let (d, l, r) = (SendPtr(dst.ptr), SendConst(lhs.ptr), SendConst(rhs.ptr));
+            let (ld, add, scale) = (dst.ld, dst.add, dst.scale);
+            let (lrs, lcs) = (lhs.rs, lhs.cs);
+            let (rrs, rcs) = (rhs.rs, rhs.cs);
+            (0..blocks).into_par_iter().for_each(move |c| {
+                let (j0, j1) = (edge(c), edge(c + 1));
+                let dst = Dst {
+                    ptr: d.at(j0),
+                    ld,
+                    add,
+                    scale,
+                };
+                let lhs = Mat {
+                    ptr: l.at(0),
+                    rows: m,
+                    cols: k,
+                    rs: lrs,
+                    cs: lcs,
+                };
+                let rhs = Mat {
+                    ptr: r.at(j0 * rcs),
+                    rows: k,
+                    cols: j1 - j0,
+                    rs: rrs,
+                    cs: rcs,
+                };
+                // SAFETY: blocks of the caller's operands; the blocks of dst are disjoint.
+                unsafe { mm(dst, lhs, rhs, gemm::Parallelism::None) }
+            });
+            return;
+        }
+    }
     gemm::gemm(
         lhs.rows,
         rhs.cols,
@@ -560,9 +629,7 @@ impl Attention {
             },
         );
         if let (Some(slot), Some(p)) = (&self.probs, kept) {
-            *slot
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("poisoned".into()))? = p;
+            *slot.lock().map_err(|_| poisoned())? = p;
         }
         Ok(out)
     }
@@ -582,9 +649,7 @@ impl Attention {
         let Some(slot) = &self.probs else {
             return err("attention: backward of a forward run without gradients");
         };
-        let probs = slot
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        let probs = slot.lock().map_err(|_| poisoned())?;
         let hd = self.check(&q, &k, &v)?;
         let (b, sq, skv, h, nh) = (q.b, q.s, k.s, q.h, self.heads);
         if probs.len() != b * nh * sq * skv || go.len() != b * sq * h {
@@ -787,7 +852,28 @@ fn block_col_sums(
 
 /// `x W^T + b` for a frozen weight `w` (out, in); `x` (N, in). Differentiable in `x` and `b`.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, differentiable: bool) -> Res<Tensor> {
-    let op = Linear { w: w.contiguous()? };
+    linear_op(x, w, b, None, differentiable)
+}
+
+/// `gelu(x W^T + b)` (erf GELU, as [`gelu_erf`]) in one op: the activation is applied in place
+/// and, when differentiable, its derivative kept for the backward pass, so the pre-activation is
+/// neither a graph node of its own nor re-derived (erf, exp) on the way back.
+pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor, differentiable: bool) -> Res<Tensor> {
+    linear_op(x, w, b, Some(Mutex::new(Vec::new())), differentiable)
+}
+
+fn linear_op(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    gelu: Option<Mutex<Vec<f32>>>,
+    differentiable: bool,
+) -> Res<Tensor> {
+    let op = Linear {
+        w: w.contiguous()?,
+        gelu,
+        differentiable,
+    };
     let x = x.contiguous()?;
     if differentiable {
         x.apply_op2(b, op)
@@ -798,9 +884,143 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, differentiable: bool) -> Res<T
 
 struct Linear {
     w: Tensor,
+    /// `Some` when erf-GELU follows ([`linear_gelu`]); holds gelu'(pre) once a differentiable
+    /// forward pass has run.
+    gelu: Option<Mutex<Vec<f32>>>,
+    differentiable: bool,
+}
+
+/// Rows of `x` up to which [`Linear`] reads its weight in place instead of calling gemm: with a
+/// handful of rows (a task's verbalizers: 6 tokens for two one-word labels) gemm's packing of the
+/// weight costs several times the product itself, while the product only needs each weight row
+/// read once. Measured on the verbalizer pass of a LoRA training step: see `docs/engine.md`.
+const SMALL_ROWS: usize = 16;
+
+/// Four dot products of rows of `x` with one weight row `w` (all the same length), each summed in
+/// a fixed order; written like [`row_dot`] so that it compiles to vector FMAs.
+#[inline(always)]
+fn dots4(x: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+    let mut acc = [[0f32; LANES]; 4];
+    for ((((c0, c1), c2), c3), cw) in x[0]
+        .chunks_exact(LANES)
+        .zip(x[1].chunks_exact(LANES))
+        .zip(x[2].chunks_exact(LANES))
+        .zip(x[3].chunks_exact(LANES))
+        .zip(w.chunks_exact(LANES))
+    {
+        for i in 0..LANES {
+            acc[0][i] += c0[i] * cw[i];
+            acc[1][i] += c1[i] * cw[i];
+            acc[2][i] += c2[i] * cw[i];
+            acc[3][i] += c3[i] * cw[i];
+        }
+    }
+    let k = w.len() / LANES * LANES;
+    let mut out = [0f32; 4];
+    for ((o, a), xr) in out.iter_mut().zip(&acc).zip(&x) {
+        let mut s = 0f32;
+        for v in a {
+            s += v;
+        }
+        for (p, q) in xr[k..].iter().zip(&w[k..]) {
+            s += p * q;
+        }
+        *o = s;
+    }
+    out
+}
+
+multiversion! {
+    /// `t[jj * n + i] = x_i . w_jj` for the `n` rows of `x` (each `k` long) and the rows of the
+    /// weight block `w` (each `k` long): the block's outputs, transposed.
+    fn small_rows_block(t: &mut [f32], x: &[f32], n: usize, k: usize, w: &[f32]) {
+        for (jj, wr) in w.chunks_exact(k).enumerate() {
+            let o = &mut t[jj * n..(jj + 1) * n];
+            // Rows four at a time (four independent sums in flight); a last group of fewer
+            // repeats its last row and keeps only its own results.
+            for i in (0..n).step_by(4) {
+                let r = |a: usize| {
+                    let row = (i + a).min(n - 1);
+                    &x[row * k..(row + 1) * k]
+                };
+                let d = dots4([r(0), r(1), r(2), r(3)], wr);
+                let m = (n - i).min(4);
+                o[i..i + m].copy_from_slice(&d[..m]);
+            }
+        }
+    }
+}
+
+/// `y += x W^T` for few rows of `x` (N <= [`SMALL_ROWS`]) and `w` (out, in) row-major, reading
+/// each weight row once; parallel over blocks of output features when the product is large.
+fn small_rows_linear(y: &mut [f32], x: &[f32], n: usize, inp: usize, w: &[f32], out: usize) {
+    const BLOCK: usize = 64;
+    let yp = SendPtr(y.as_mut_ptr());
+    let run = |b: usize| {
+        let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(out));
+        let mut t = vec![0f32; (j1 - j0) * n];
+        small_rows_block(&mut t, x, n, inp, &w[j0 * inp..j1 * inp]);
+        for (jj, col) in t.chunks_exact(n).enumerate() {
+            for (i, v) in col.iter().enumerate() {
+                // SAFETY: row i, column j0 + jj of the (n, out) output; blocks own disjoint columns.
+                unsafe { *yp.at(i * out + j0 + jj) += v };
+            }
+        }
+    };
+    let blocks = out.div_ceil(BLOCK);
+    if threads() > 1 && n * out * inp >= 1 << 20 {
+        (0..blocks).into_par_iter().for_each(run);
+    } else {
+        (0..blocks).for_each(run);
+    }
+}
+
+/// `n` rows, each a copy of `row`, filled in parallel when large.
+fn repeat_rows(row: &[f32], n: usize) -> Vec<f32> {
+    let w = row.len();
+    let mut y: Vec<f32> = Vec::with_capacity(n * w);
+    let fill = |rows: &mut [std::mem::MaybeUninit<f32>]| {
+        for r in rows.chunks_exact_mut(w.max(1)) {
+            for (d, &v) in r.iter_mut().zip(row) {
+                d.write(v);
+            }
+        }
+    };
+    let spare = &mut y.spare_capacity_mut()[..n * w];
+    if n * w < 4 * PAR_CHUNK || w == 0 {
+        fill(spare);
+    } else {
+        let rows_per = (PAR_CHUNK / w).max(1);
+        spare.par_chunks_mut(rows_per * w).for_each(fill);
+    }
+    // SAFETY: all n * w elements were written above.
+    unsafe { y.set_len(n * w) };
+    y
+}
+
+/// A vector of `len` elements that `write` fills completely through the pointer it is given (a
+/// GEMM that overwrites its destination), without zeroing it first.
+///
+/// # Safety
+/// `write` must initialise every one of the `len` elements.
+unsafe fn written_by(len: usize, write: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    write(v.as_mut_ptr());
+    // SAFETY: the caller's contract.
+    unsafe { v.set_len(len) };
+    v
 }
 
 impl Linear {
+    /// The linear layer alone, for another op's forward or backward pass.
+    fn plain(w: Tensor) -> Linear {
+        Linear {
+            w,
+            gelu: None,
+            differentiable: false,
+        }
+    }
+
     /// `x W^T + bias` (N, out) and out.
     fn forward(&self, x: &[f32], bias: &[f32], n: usize, inp: usize) -> Res<(Vec<f32>, usize)> {
         with_f32(&self.w, |ws, lw| {
@@ -812,18 +1032,30 @@ impl Linear {
                     bias.len()
                 ));
             }
-            let mut y: Vec<f32> = Vec::with_capacity(n * out);
-            for _ in 0..n {
-                y.extend_from_slice(bias);
+            let mut y = repeat_rows(bias, n);
+            if n <= SMALL_ROWS {
+                small_rows_linear(&mut y, x, n, inp, w, out);
+            } else {
+                // SAFETY: shapes checked.
+                unsafe {
+                    mm(
+                        Dst::add(y.as_mut_ptr(), out),
+                        Mat::new(x.as_ptr(), n, inp, inp),
+                        Mat::new(w.as_ptr(), out, inp, inp).t(),
+                        gemm_par(n * out * inp),
+                    );
+                }
             }
-            // SAFETY: shapes checked.
-            unsafe {
-                mm(
-                    Dst::add(y.as_mut_ptr(), out),
-                    Mat::new(x.as_ptr(), n, inp, inp),
-                    Mat::new(w.as_ptr(), out, inp, inp).t(),
-                    gemm_par(n * out * inp),
-                );
+            if let Some(keep) = &self.gelu {
+                if self.differentiable {
+                    let mut d: Vec<f32> = vec![0f32; y.len()];
+                    y.par_chunks_mut(PAR_CHUNK)
+                        .zip(d.par_chunks_mut(PAR_CHUNK))
+                        .for_each(|(yc, dc)| gelu_fwd_grad_vec(yc, dc));
+                    *keep.lock().map_err(|_| poisoned())? = d;
+                } else {
+                    y.par_chunks_mut(PAR_CHUNK).for_each(gelu_inplace_vec);
+                }
             }
             Ok((y, out))
         })
@@ -837,16 +1069,17 @@ impl Linear {
             if wout != out || g.len() != n * out {
                 return err("linear: gradient does not fit the weight");
             }
-            let mut dx = vec![0f32; n * inp];
-            // SAFETY: shapes checked.
-            unsafe {
-                mm(
-                    Dst::set(dx.as_mut_ptr(), inp),
-                    Mat::new(g.as_ptr(), n, out, out),
-                    Mat::new(w.as_ptr(), out, inp, inp),
-                    gemm_par(n * out * inp),
-                );
-            }
+            // SAFETY: shapes checked; the GEMM overwrites all n x inp elements of dx.
+            let dx = unsafe {
+                written_by(n * inp, |dx| {
+                    mm(
+                        Dst::set(dx, inp),
+                        Mat::new(g.as_ptr(), n, out, out),
+                        Mat::new(w.as_ptr(), out, inp, inp),
+                        gemm_par(n * out * inp),
+                    )
+                })
+            };
             Ok(dx)
         })
     }
@@ -883,6 +1116,24 @@ impl CustomOp2 for Linear {
         let inp = self.w.dim(1)?;
         let (dx, db) = with_f32(&grad, |gs, lg| {
             let g = contiguous_slice(gs, lg, "grad")?;
+            // Through the GELU first: the gradient of the pre-activation.
+            let pre;
+            let g = match &self.gelu {
+                Some(keep) => {
+                    let d = keep.lock().map_err(|_| poisoned())?;
+                    if d.len() != g.len() {
+                        return err("linear_gelu: backward pass without its forward pass");
+                    }
+                    let mut p = vec![0f32; g.len()];
+                    p.par_chunks_mut(PAR_CHUNK)
+                        .zip(g.par_chunks(PAR_CHUNK))
+                        .zip(d.par_chunks(PAR_CHUNK))
+                        .for_each(|((pc, gc), dc)| mul_vec(pc, gc, dc));
+                    pre = p;
+                    &pre[..]
+                }
+                None => g,
+            };
             // No trained parameter below this layer's input: its gradient is never used.
             let dx = x
                 .track_op()
@@ -999,7 +1250,7 @@ impl CustomOp3 for LoraLinear {
         let a = f32_operand(a_s, a_layout, "a")?;
         let b = f32_operand(b_s, b_layout, "b")?;
         let (n, inp) = x_layout.shape().dims2()?;
-        let base = Linear { w: self.w.clone() };
+        let base = Linear::plain(self.w.clone());
         let y = with_f32(&self.bias, |bs, lb| {
             base.forward(x, contiguous_slice(bs, lb, "bias")?, n, inp)
         })?;
@@ -1048,7 +1299,7 @@ impl CustomOp3 for LoraLinear {
                         // LoRA): its gradient is never used, and it is this backward's largest GEMM.
                         let want_dx = xt.track_op();
                         let mut dx = if want_dx {
-                            Linear { w: self.w.clone() }.input_grad(g, n, out)?
+                            Linear::plain(self.w.clone()).input_grad(g, n, out)?
                         } else {
                             Vec::new()
                         };
@@ -1409,18 +1660,21 @@ impl CustomOp3 for LayerNorm {
 /// erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7).
 #[inline(always)]
 fn erf_as(x: f32) -> f32 {
+    erf_parts(x).0
+}
+
+/// `(erf(x), exp(-x^2))`: [`erf_as`] and the exponential it is built on.
+#[inline(always)]
+fn erf_parts(x: f32) -> (f32, f32) {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let e = exp_poly(-a * a);
     let y = 1.0
         - (((((1.061_405_4 * t - 1.453_152_1) * t) + 1.421_413_7) * t - 0.284_496_74) * t
             + 0.254_829_6)
             * t
-            * exp_poly(-a * a);
-    if x < 0.0 {
-        -y
-    } else {
-        y
-    }
+            * e;
+    (if x < 0.0 { -y } else { y }, e)
 }
 
 const PAR_CHUNK: usize = 16 * 1024;
@@ -1430,6 +1684,44 @@ multiversion! {
     fn gelu_fwd_vec(out: &mut [f32], x: &[f32]) {
         for (o, &v) in out.iter_mut().zip(x) {
             *o = gelu_f(v);
+        }
+    }
+}
+
+/// erf-GELU and its derivative at `v`: `(x Phi(x), Phi(x) + x phi(x))`. The value is computed
+/// exactly as [`gelu_f`] computes it, and the derivative shares its `exp`.
+#[inline(always)]
+fn gelu_and_grad(v: f32) -> (f32, f32) {
+    let (erf, e) = erf_parts(v * std::f32::consts::FRAC_1_SQRT_2);
+    let cdf = 0.5 * (1.0 + erf);
+    (0.5 * v * (1.0 + erf), cdf + v * 0.398_942_3 * e)
+}
+
+multiversion! {
+    /// `y = gelu(y)` in place, and `d = gelu'(y)` (of the value before).
+    fn gelu_fwd_grad_vec(y: &mut [f32], d: &mut [f32]) {
+        for (v, dv) in y.iter_mut().zip(d.iter_mut()) {
+            let (g, gd) = gelu_and_grad(*v);
+            *v = g;
+            *dv = gd;
+        }
+    }
+}
+
+multiversion! {
+    /// `y = gelu(y)` in place.
+    fn gelu_inplace_vec(y: &mut [f32]) {
+        for v in y.iter_mut() {
+            *v = gelu_f(*v);
+        }
+    }
+}
+
+multiversion! {
+    /// `out = a * b`, element by element.
+    fn mul_vec(out: &mut [f32], a: &[f32], b: &[f32]) {
+        for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+            *o = x * y;
         }
     }
 }
@@ -1805,6 +2097,142 @@ mod tests {
                 .backward()
                 .unwrap();
             assert!(g.get(&c).is_none());
+        }
+    }
+
+    #[test]
+    fn linear_gelu_is_linear_then_gelu_in_values_and_gradients() {
+        for (i, &(n, inp, out)) in [(512, 384, 1536), (7, 5, 3)].iter().enumerate() {
+            let s = 300 + i as u64 * 10;
+            let x = Var::from_tensor(&(rand(&[n, inp], s) * 3.0).unwrap()).unwrap();
+            let w = rand(&[out, inp], s + 1);
+            let bias = Var::from_tensor(&rand(&[out], s + 2)).unwrap();
+            let r = rand(&[n, out], s + 3);
+            let two = gelu_erf(&linear(&x, &w, &bias, true).unwrap(), true).unwrap();
+            let one = linear_gelu(&x, &w, &bias, true).unwrap();
+            // The same GEMM and the same erf: the same bits.
+            assert_eq!(max_diff(&one, &two), 0.0, "case {i}: forward");
+            let frozen = linear_gelu(&x, &w, &bias, false).unwrap();
+            assert_eq!(
+                max_diff(&frozen, &two),
+                0.0,
+                "case {i}: forward without gradients"
+            );
+            let g1 = (one * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (two * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx = max_diff(g1.get(&x).unwrap(), g2.get(&x).unwrap());
+            let db = max_diff(g1.get(&bias).unwrap(), g2.get(&bias).unwrap());
+            assert!(dx < 1e-5 && db < 1e-4, "case {i}: dx {dx} db {db}");
+            // And against candle's own erf GELU on a plain matmul.
+            let want = x
+                .matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&bias)
+                .unwrap()
+                .gelu_erf()
+                .unwrap();
+            let g3 = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx = max_diff(g1.get(&x).unwrap(), g3.get(&x).unwrap());
+            assert!(dx < 1e-3, "case {i}: dx against candle {dx}");
+        }
+    }
+
+    #[test]
+    fn a_linear_layer_on_a_few_rows_reads_its_weight_in_place_and_matches_matmul() {
+        // Up to SMALL_ROWS rows the weight is read in place (four rows at a time, the last group
+        // padded); above it gemm runs. Both sides of the threshold, ragged lengths, any threads.
+        for (i, &(n, inp, out)) in [
+            (1, 384, 1152),
+            (3, 384, 1536),
+            (6, 384, 384),
+            (7, 37, 70),
+            (16, 1536, 384),
+            (17, 384, 1152),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let s = 500 + i as u64 * 10;
+            let x = Var::from_tensor(&rand(&[n, inp], s)).unwrap();
+            let w = rand(&[out, inp], s + 1);
+            let bias = rand(&[out], s + 2);
+            let want = x
+                .matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&bias)
+                .unwrap();
+            let run = || linear(&x, &w, &bias, true).unwrap();
+            let got = run();
+            let d = max_diff(&got, &want);
+            assert!(d < 1e-4, "case {i} ({n} rows): max diff {d}");
+            let three = rayon::ThreadPoolBuilder::new()
+                .num_threads(3)
+                .build()
+                .unwrap()
+                .install(run);
+            assert_eq!(
+                max_diff(&got, &three),
+                0.0,
+                "case {i}: thread count changed the bits"
+            );
+        }
+    }
+
+    #[test]
+    fn a_split_gemm_gives_the_bits_of_one_gemm_for_any_thread_count() {
+        // Shapes of a training step (tokens x hidden x 3*hidden, ...) and ragged ones; both the
+        // forward layout (x W^T) and the backward one (dY W).
+        for (i, &(m, k, n)) in [
+            (512, 384, 1152),
+            (512, 1536, 384),
+            (65, 29, 83),
+            (37, 29, 83),
+            (6, 384, 1536),
+            (70, 2, 300),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let s = 400 + i as u64 * 10;
+            let x = rand(&[m, k], s).to_vec2::<f32>().unwrap().concat();
+            let w = rand(&[n, k], s + 1).to_vec2::<f32>().unwrap().concat();
+            let wt = rand(&[k, n], s + 2).to_vec2::<f32>().unwrap().concat();
+            let run = |rhs_t: bool, par: gemm::Parallelism| {
+                let mut y = vec![f32::NAN; m * n];
+                let rhs = if rhs_t {
+                    Mat::new(w.as_ptr(), n, k, k).t()
+                } else {
+                    Mat::new(wt.as_ptr(), k, n, n)
+                };
+                // SAFETY: the operands are m x k, k x n and m x n buffers.
+                unsafe {
+                    mm(
+                        Dst::set(y.as_mut_ptr(), n),
+                        Mat::new(x.as_ptr(), m, k, k),
+                        rhs,
+                        par,
+                    )
+                };
+                y
+            };
+            for rhs_t in [true, false] {
+                let one = run(rhs_t, gemm::Parallelism::None);
+                assert!(
+                    one.iter().all(|v| v.is_finite()),
+                    "case {i}: a value not written"
+                );
+                for t in [2, 3, 7] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(t)
+                        .build()
+                        .unwrap();
+                    let split = pool.install(|| run(rhs_t, gemm::Parallelism::Rayon(t)));
+                    assert!(
+                        one == split,
+                        "case {i} ({rhs_t}): {t} threads differ from one"
+                    );
+                }
+            }
         }
     }
 

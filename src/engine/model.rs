@@ -675,8 +675,24 @@ impl BertModel {
             .and_then(|l| l.norm_bias[0].as_ref())
             .unwrap_or(&layer.norms[0].1);
         let h1 = add_layer_norm(&attn, x2, &layer.norms[0].0, ln0_bias, eps, grad)?;
-        let inter = linear(&layer.linears[INTER], lin_ad(INTER), &h1, grad)?;
-        let inter = self.activation.apply(&inter)?;
+        let inter = match lin_ad(INTER) {
+            // Only a bias (or nothing) trained here: the linear layer and its GELU in one op.
+            ad if self.activation == Activation::Gelu
+                && ad.is_none_or(|a| {
+                    a.lora.is_none() && a.ia3_in.is_none() && a.ia3_out.is_none()
+                })
+                && kernels::usable(&h1)
+                && h1.rank() == 2
+                && layer.linears[INTER].weight.dtype() == h1.dtype() =>
+            {
+                let base = &layer.linears[INTER];
+                let bias = ad.and_then(|a| a.bias.as_ref()).unwrap_or(&base.bias);
+                kernels::linear_gelu(&h1, &base.weight, bias, grad == Grad::Yes)?
+            }
+            ad => self
+                .activation
+                .apply(&linear(&layer.linears[INTER], ad, &h1, grad)?)?,
+        };
         let out = linear(&layer.linears[OUT], lin_ad(OUT), &inter, grad)?;
         let out = match la.and_then(|l| l.bottlenecks[1].as_ref()) {
             Some(bn) => bottleneck(bn, &out)?,
