@@ -10,14 +10,17 @@
 //!   generic graph of transposes, broadcasts and reductions.
 //! - [`linear`]: `x W^T + b` with the bias written first and accumulated into by the GEMM (no separate
 //!   broadcast pass, no zero fill); backward returns only the input's gradient and, when the bias is
-//!   trained (BitFit, LoRA `bias="all"`), its column sums. The frozen weight gets no gradient.
+//!   trained (BitFit, LoRA `bias="all"`), its column sums. The frozen weight gets no gradient. On up
+//!   to 16 rows (verbalizers) the weight is read in place, four rows against each weight row, instead
+//!   of being packed by gemm. [`linear_gelu`]: the same followed by erf-GELU in place, keeping GELU's
+//!   derivative for the backward pass.
 //! - [`layer_norm`]: one pass per row forward; backward in one pass per row, with the weight and bias
 //!   gradients summed over fixed blocks of rows in a fixed order (bit-identical whatever the threads).
 //! - [`gelu_erf`]: exact GELU with a vectorised erf (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7).
 //!
 //! Element loops are compiled for AVX-512 / AVX2+FMA as the CPU allows (runtime dispatch), with a
 //! polynomial `exp` (relative error ~2e-7); GEMMs go to the gemm crate (candle's), single-threaded per
-//! head inside attention and multi-threaded otherwise. Every kernel computes each output element in a
+//! head inside attention and otherwise split by output columns into one single-threaded call per thread. Every kernel computes each output element in a
 //! fixed order, so results do not depend on the number of threads.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
@@ -955,6 +958,9 @@ multiversion! {
 /// each weight row once; parallel over blocks of output features when the product is large.
 fn small_rows_linear(y: &mut [f32], x: &[f32], n: usize, inp: usize, w: &[f32], out: usize) {
     const BLOCK: usize = 64;
+    if n == 0 || inp == 0 {
+        return; // nothing to add
+    }
     let yp = SendPtr(y.as_mut_ptr());
     let run = |b: usize| {
         let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(out));
