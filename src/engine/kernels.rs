@@ -20,8 +20,9 @@
 //!
 //! Element loops are compiled for AVX-512 / AVX2+FMA as the CPU allows (runtime dispatch), with a
 //! polynomial `exp` (relative error ~2e-7); GEMMs go to the gemm crate (candle's), single-threaded per
-//! head inside attention and otherwise split by output columns into one single-threaded call per thread. Every kernel computes each output element in a
-//! fixed order, so results do not depend on the number of threads.
+//! head inside attention and otherwise split by output columns into one single-threaded call per
+//! thread. Every kernel computes each output element in a fixed order, so results do not depend on
+//! the number of threads.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
