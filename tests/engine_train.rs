@@ -3,12 +3,12 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use peftdb::engine::ScoreOptions;
 use peftdb::engine::{init_adapter, train, MethodSpec, TrainConfig, TrainData, TrainOutcome};
 use peftdb::engine::{BertModel, Engine, EngineOptions, TextTokenizer};
+use peftdb::engine::{ScoreOptions, TokenIds};
 use peftdb::object::build_object;
 use peftdb::object::{read_adapter, write_adapter, LightweightObject, MethodKind, ReadOptions};
-use peftdb::task::{few_shot, Task};
+use peftdb::task::{few_shot, Example, Task};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 
@@ -66,19 +66,13 @@ fn learns_bbc(kind: MethodKind) -> TrainOutcome {
     )
     .expect("trains");
     let lab = engine.tokenize(&labels).expect("tok");
-    let dev_ids = engine
-        .tokenize(&dev.iter().map(|e| e.text.as_str()).collect::<Vec<_>>())
-        .expect("tok");
-    let dev_t: Vec<usize> = dev.iter().map(|e| e.label).collect();
+    let (dev_ids, dev_t) = tokenized(&engine, &dev);
     let zero = engine
         .score(None, &lab, &dev_ids, &ScoreOptions::default())
         .expect("score")
         .cross_entropy(&dev_t);
     let best = engine.prepare(&out.best.object).expect("prepare");
-    let test_ids = engine
-        .tokenize(&test.iter().map(|e| e.text.as_str()).collect::<Vec<_>>())
-        .expect("tok");
-    let test_t: Vec<usize> = test.iter().map(|e| e.label).collect();
+    let (test_ids, test_t) = tokenized(&engine, &test);
     let acc = engine
         .score(Some(&best), &lab, &test_ids, &ScoreOptions::default())
         .expect("score")
@@ -122,6 +116,13 @@ fn bitfit_learns_bbc_topic() {
     learns_bbc(MethodKind::Bitfit);
 }
 
+/// The examples' token ids and their labels.
+fn tokenized(engine: &Engine, examples: &[Example]) -> (Vec<TokenIds>, Vec<usize>) {
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let ids = engine.tokenize(&texts).expect("tok");
+    (ids, examples.iter().map(|e| e.label).collect())
+}
+
 fn tiny_run(engine: &Engine, kind: MethodKind, seed: u64) -> LightweightObject {
     let task = Task::load(&common::task_dir("movie_sentiment")).expect("task");
     let train_ex = few_shot(&task.train, 2, 4, 3).expect("sample");
@@ -141,8 +142,8 @@ fn tiny_run(engine: &Engine, kind: MethodKind, seed: u64) -> LightweightObject {
 fn train_quietly(
     engine: &Engine,
     labels: &[String],
-    train_ex: &[peftdb::task::Example],
-    dev: &[peftdb::task::Example],
+    train_ex: &[Example],
+    dev: &[Example],
     cfg: &TrainConfig,
 ) -> TrainOutcome {
     train(
@@ -369,10 +370,7 @@ fn keep_start_hands_back_a_good_init_that_training_wrecks() {
     };
     // The start's own dev accuracy, scored directly.
     let lab = engine.tokenize(&labels).expect("tok");
-    let dev_ids = engine
-        .tokenize(&dev.iter().map(|e| e.text.as_str()).collect::<Vec<_>>())
-        .expect("tok");
-    let dev_t: Vec<usize> = dev.iter().map(|e| e.label).collect();
+    let (dev_ids, dev_t) = tokenized(&engine, &dev);
     let start = engine
         .score(
             Some(&engine.prepare(&init).expect("prepare")),

@@ -1664,13 +1664,8 @@ impl CustomOp3 for LayerNorm {
 // ---------------------------------------------------------------------------------------------------
 // GELU.
 
-/// erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7).
-#[inline(always)]
-fn erf_as(x: f32) -> f32 {
-    erf_parts(x).0
-}
-
-/// `(erf(x), exp(-x^2))`: [`erf_as`] and the exponential it is built on.
+/// `(erf(x), exp(-x^2))`: erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7) and the exponential
+/// it is built on.
 #[inline(always)]
 fn erf_parts(x: f32) -> (f32, f32) {
     let a = x.abs();
@@ -1686,17 +1681,8 @@ fn erf_parts(x: f32) -> (f32, f32) {
 
 const PAR_CHUNK: usize = 16 * 1024;
 
-multiversion! {
-    /// `out = gelu(x)`.
-    fn gelu_fwd_vec(out: &mut [f32], x: &[f32]) {
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o = gelu_f(v);
-        }
-    }
-}
-
-/// erf-GELU and its derivative at `v`: `(x Phi(x), Phi(x) + x phi(x))`. The value is computed
-/// exactly as [`gelu_f`] computes it, and the derivative shares its `exp`.
+/// erf-GELU and its derivative at `v`: `(x Phi(x), Phi(x) + x phi(x))`, the derivative sharing the
+/// value's `exp`. The one formula of both: [`gelu_f`] and the backward passes call it.
 #[inline(always)]
 fn gelu_and_grad(v: f32) -> (f32, f32) {
     let (erf, e) = erf_parts(v * std::f32::consts::FRAC_1_SQRT_2);
@@ -1736,11 +1722,8 @@ multiversion! {
 multiversion! {
     /// `out = g * gelu'(x)`, `gelu'(x) = Phi(x) + x phi(x)`.
     fn gelu_bwd_vec(out: &mut [f32], x: &[f32], g: &[f32]) {
-        let inv_sqrt_2pi = 0.398_942_3_f32;
         for ((o, &v), &gv) in out.iter_mut().zip(x).zip(g) {
-            let d = 0.5 * (1.0 + erf_as(v * std::f32::consts::FRAC_1_SQRT_2))
-                + v * inv_sqrt_2pi * exp_poly(-0.5 * v * v);
-            *o = gv * d;
+            *o = gv * gelu_and_grad(v).1;
         }
     }
 }
@@ -1759,7 +1742,7 @@ struct GeluErf;
 
 #[inline(always)]
 fn gelu_f(v: f32) -> f32 {
-    0.5 * v * (1.0 + erf_as(v * std::f32::consts::FRAC_1_SQRT_2))
+    gelu_and_grad(v).0
 }
 
 impl CustomOp1 for GeluErf {
@@ -1768,14 +1751,11 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Res<(CpuStorage, Shape)> {
-        let src = f32_operand(s, l, "x")?;
-        let mut out = vec![0f32; src.len()];
-        if src.len() < 4 * PAR_CHUNK {
-            gelu_fwd_vec(&mut out, src);
+        let mut out = f32_operand(s, l, "x")?.to_vec();
+        if out.len() < 4 * PAR_CHUNK {
+            gelu_inplace_vec(&mut out);
         } else {
-            out.par_chunks_mut(PAR_CHUNK)
-                .zip(src.par_chunks(PAR_CHUNK))
-                .for_each(|(o, i)| gelu_fwd_vec(o, i));
+            out.par_chunks_mut(PAR_CHUNK).for_each(gelu_inplace_vec);
         }
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -2419,7 +2399,9 @@ mod tests {
             let g = got.sum_all().unwrap().backward().unwrap();
             let dx = g.get(&x).unwrap().to_vec1::<f32>().unwrap();
             let xs = x.to_vec1::<f32>().unwrap();
-            let f = |v: f64| 0.5 * v * (1.0 + erf_as((v / std::f64::consts::SQRT_2) as f32) as f64);
+            let f = |v: f64| {
+                0.5 * v * (1.0 + erf_parts((v / std::f64::consts::SQRT_2) as f32).0 as f64)
+            };
             for (j, (&v, &gd)) in xs.iter().zip(&dx).enumerate().step_by(97) {
                 let e = 1e-3;
                 let fd = (f(v as f64 + e) - f(v as f64 - e)) / (2.0 * e);
