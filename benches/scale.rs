@@ -3,8 +3,11 @@
 //!
 //! - **footprint**: bytes on disk (store file + its index folder) against the adapter files' bytes, after
 //!   ingestion and again after `peftdb rm` of half the objects plus `peftdb compact`;
-//! - **ingestion**: `peftdb ingest` of the zoo (a cold process, page cache warm) in MB/s against
-//!   `dd if=/dev/zero bs=1M conv=fdatasync` of the same number of bytes on the same disk;
+//! - **ingestion**: `peftdb ingest` of the zoo (a cold process, the zoo read into the page cache just
+//!   before) in MB/s against `dd if=/dev/zero bs=1M conv=fdatasync` of the same number of bytes on the same
+//!   disk, and against the same `dd` with `oflag=direct` (the disk's bandwidth without the page cache, the
+//!   way the store writes its pages): `PEFTDB_SCALE_ROUNDS` (default 3) rounds of dd, dd direct, ingest,
+//!   each after `sync` and 10 s for the disk to settle; the medians, and each round's ratio;
 //! - **cold `nearest`**: `peftdb nearest --task T -k 10` as a new process each time (median wall time and
 //!   peak RSS over 21 queries after one warm-up), against numpy brute force over the same embeddings stored
 //!   as a `.npy` file (a new Python process each time, `np.load(mmap_mode="r")`, imports not counted, as
@@ -137,21 +140,43 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// dd of `bytes` with fdatasync into the bench folder: MB/s.
-fn dd_mb_s(bytes: u64) -> f64 {
+/// dd of `bytes` with fdatasync into the bench folder (`oflag=direct` too when `direct`): MB/s.
+fn dd_mb_s(bytes: u64, direct: bool) -> f64 {
     let f = bench_dir().join(".dd");
     let mb = bytes.div_ceil(1 << 20);
-    let (wall, _, _) = timed(
-        Command::new("dd")
-            .arg("if=/dev/zero")
-            .arg(format!("of={}", f.display()))
-            .arg("bs=1M")
-            .arg(format!("count={mb}"))
-            .arg("conv=fdatasync")
-            .arg("status=none"),
-    );
+    let mut cmd = Command::new("dd");
+    cmd.arg("if=/dev/zero")
+        .arg(format!("of={}", f.display()))
+        .arg("bs=1M")
+        .arg(format!("count={mb}"))
+        .arg("conv=fdatasync")
+        .arg("status=none");
+    if direct {
+        cmd.arg("oflag=direct");
+    }
+    let (wall, _, _) = timed(&mut cmd);
     let _ = std::fs::remove_file(&f);
     (mb << 20) as f64 / 1e6 / wall
+}
+
+/// Let the disk settle before a timed write: write back what is dirty and give the discards of files
+/// just deleted (the build machine mounts with `discard`) time to finish; they slowed the next write by
+/// up to 3x.
+fn settle(smoke: bool) {
+    let _ = Command::new("sync").status();
+    if !smoke {
+        std::thread::sleep(std::time::Duration::from_secs(10));
+    }
+}
+
+/// Read every file of the zoo, so ingestion reads it from the page cache, as a zoo just written or used
+/// is (the build machine's kernel pages cold page cache out within minutes).
+fn warm(dir: &Path) {
+    for e in walkdir::WalkDir::new(dir).into_iter().flatten() {
+        if e.file_type().is_file() {
+            let _ = std::fs::read(e.path());
+        }
+    }
 }
 
 fn python() -> Option<String> {
@@ -332,17 +357,44 @@ fn main() {
     std::fs::create_dir_all(&work).unwrap();
     let store = work.join("zoo.peftdb");
 
-    // Ingestion against dd.
-    let _ = dir_bytes(&zoo);
-    let dd = dd_mb_s(adapter_bytes);
-    timed(Command::new(PEFTDB).arg("--db").arg(&store).arg("init"));
-    let (ingest_s, ingest_rss, _) = timed(
-        Command::new(PEFTDB)
-            .arg("--db")
-            .arg(&store)
-            .arg("ingest")
-            .arg(&zoo),
-    );
+    // Ingestion against dd: rounds of (dd, dd direct, ingest), each after the disk settled, the zoo read
+    // into the page cache before each ingestion; medians, and each round's ratio.
+    let rounds: usize = if smoke {
+        1
+    } else {
+        std::env::var("PEFTDB_SCALE_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3)
+    };
+    let (mut dds, mut dd_directs, mut ingests, mut ingest_rss) = (vec![], vec![], vec![], 0);
+    for _ in 0..rounds {
+        let _ = std::fs::remove_file(&store);
+        settle(smoke);
+        dds.push(dd_mb_s(adapter_bytes, false));
+        settle(smoke);
+        dd_directs.push(dd_mb_s(adapter_bytes, true));
+        settle(smoke);
+        timed(Command::new(PEFTDB).arg("--db").arg(&store).arg("init"));
+        warm(&zoo);
+        let (s, rss, _) = timed(
+            Command::new(PEFTDB)
+                .arg("--db")
+                .arg(&store)
+                .arg("ingest")
+                .arg(&zoo),
+        );
+        ingests.push(s);
+        ingest_rss = ingest_rss.max(rss);
+    }
+    let round_ratios: Vec<String> = ingests
+        .iter()
+        .zip(&dds)
+        .map(|(s, dd)| format!("{:.2}", adapter_bytes as f64 / 1e6 / s / dd))
+        .collect();
+    let dd = median(dds.clone());
+    let dd_direct = median(dd_directs.clone());
+    let ingest_s = median(ingests.clone());
     let ingest_mb_s = adapter_bytes as f64 / 1e6 / ingest_s;
     let after_ingest = store_bytes(&store);
     let len_after_ingest = file_len(&store);
@@ -396,9 +448,14 @@ fn main() {
     println!("| measure | peftdb | reference (same run) | ratio |");
     println!("|---|---|---|---|");
     println!(
-        "| ingest (`peftdb ingest`, whole command) | {ingest_mb_s:.0} MB/s, peak RSS {:.0} MB | `dd bs=1M conv=fdatasync`: {dd:.0} MB/s | {:.2}x of dd |",
+        "| ingest (`peftdb ingest`, whole command; median of {rounds}) | {ingest_mb_s:.0} MB/s, peak RSS {:.0} MB | `dd bs=1M conv=fdatasync`: {dd:.0} MB/s (median) | {:.2}x of dd (rounds: {}) |",
         ingest_rss as f64 / 1024.0,
-        ingest_mb_s / dd
+        ingest_mb_s / dd,
+        round_ratios.join(", ")
+    );
+    println!(
+        "| ingest against the disk's direct-write bandwidth | {ingest_mb_s:.0} MB/s | `dd bs=1M oflag=direct conv=fdatasync`: {dd_direct:.0} MB/s (median) | {:.2}x |",
+        ingest_mb_s / dd_direct
     );
     println!(
         "| disk after ingest | {:.2} GB | adapter files: {:.2} GB | {:.3}x |",
@@ -457,7 +514,8 @@ fn main() {
     }
     let json = serde_json::json!({
         "n": n, "adapter_bytes": adapter_bytes, "ingest_s": ingest_s, "ingest_mb_s": ingest_mb_s,
-        "dd_mb_s": dd, "after_ingest": after_ingest, "after_query": after_query, "kept_bytes": kept_bytes,
+        "dd_mb_s": dd, "dd_direct_mb_s": dd_direct, "rounds": {"dd_mb_s": dds, "dd_direct_mb_s": dd_directs, "ingest_s": ingests},
+        "after_ingest": after_ingest, "after_query": after_query, "kept_bytes": kept_bytes,
         "after_rm": after_rm, "after_compact": after_compact,
         "file_len_after_ingest": len_after_ingest, "file_len_after_compact": len_after_compact, "compact_s": compact_s,
         "cold_query_ms": q10k.median_ms, "cold_query_rss_mb": q10k.peak_rss_mb, "numpy_ms": q10k.numpy_ms,

@@ -467,6 +467,8 @@ pub fn ingest_candidates(
     progress(IngestEvent::Discovered {
         total: candidates.len(),
     });
+    // Every adapter file and encoded value is a large buffer: keep freed ones in the heap.
+    crate::memory::keep_freed_memory();
     let mut report = IngestReport::default();
     let batch = opts.batch_size.max(1);
     let chunks: Vec<&[Candidate]> = candidates.chunks(batch).collect();
@@ -480,6 +482,7 @@ pub fn ingest_candidates(
             .as_ref()
             .is_some_and(|c| c.load(Ordering::SeqCst))
     };
+    let mut spent: Vec<PreparedObject> = Vec::new();
     while let Some((ci, prepared)) = pending.take() {
         let chunk = chunks[ci];
         if cancelled() {
@@ -488,10 +491,14 @@ pub fn ingest_candidates(
                 remaining: candidates.len() - report.items.len(),
             });
         }
-        // Commit this chunk while the next one is being prepared.
+        // Commit this chunk while the next one is being prepared (and the last one freed).
+        let freed = std::mem::take(&mut spent);
         let (committed, next) = rayon::join(
-            || commit_chunk(store, chunk, prepared, opts),
-            || chunks.get(ci + 1).map(|c| (ci + 1, prep(c))),
+            || commit_chunk(store, chunk, prepared, opts, &mut spent),
+            || {
+                drop(freed);
+                chunks.get(ci + 1).map(|c| (ci + 1, prep(c)))
+            },
         );
         let items = committed?;
         for it in items {
@@ -506,14 +513,16 @@ pub fn ingest_candidates(
     Ok(report)
 }
 
+/// Commit one chunk; the prepared objects go into `spent`, for the caller to free off the writer's thread.
 fn commit_chunk(
     store: &Store,
     chunk: &[Candidate],
     prepared: Vec<Result<PreparedObject, String>>,
     opts: &IngestOptions,
+    spent: &mut Vec<PreparedObject>,
 ) -> Result<Vec<ItemReport>, IngestError> {
     if opts.strict {
-        return commit_chunk_strict(store, chunk, prepared);
+        return commit_chunk_strict(store, chunk, prepared, spent);
     }
     let mut items: Vec<Option<ItemReport>> = vec![None; chunk.len()];
     let mut to_commit = Vec::new();
@@ -532,8 +541,9 @@ fn commit_chunk(
             }
         }
     }
-    let outcomes = store.commit_batch(to_commit)?;
-    for (pos, o) in positions.into_iter().zip(outcomes) {
+    let outcomes = store.commit_prepared(&to_commit, false);
+    *spent = to_commit;
+    for (pos, o) in positions.into_iter().zip(outcomes?) {
         items[pos] = Some(ItemReport {
             path: chunk[pos].path.clone(),
             outcome: item_outcome(o),
@@ -560,6 +570,7 @@ fn commit_chunk_strict(
     store: &Store,
     chunk: &[Candidate],
     prepared: Vec<Result<PreparedObject, String>>,
+    spent: &mut Vec<PreparedObject>,
 ) -> Result<Vec<ItemReport>, IngestError> {
     let first_bad = prepared.iter().position(|p| p.is_err());
     let mut prepared = prepared.into_iter();
@@ -568,7 +579,9 @@ fn commit_chunk_strict(
         .take(first_bad.unwrap_or(chunk.len()))
         .map(|p| p.expect("before the first error"))
         .collect();
-    let outcomes = store.commit_batch_until_rejected(good)?;
+    let outcomes = store.commit_prepared(&good, true);
+    *spent = good;
+    let outcomes = outcomes?;
     let mut items = Vec::with_capacity(outcomes.len());
     for (c, o) in chunk.iter().zip(outcomes) {
         if let Outcome::Rejected(reason) = o {

@@ -39,6 +39,7 @@ pub mod ensemble;
 pub mod error;
 pub mod experiment;
 pub mod ingest;
+pub mod memory;
 pub mod object;
 pub mod rerank;
 pub mod store;

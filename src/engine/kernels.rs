@@ -44,24 +44,15 @@ fn err<T>(msg: impl Into<String>) -> Res<T> {
 /// time slice: it took up to 40% of a LoRA training step on the 2-core build machine. The GEMMs and
 /// these kernels use rayon's pool (`RAYON_NUM_THREADS`) and are not affected.
 ///
-/// Also, on Linux with glibc and unless `GLIBC_TUNABLES` is set: freed memory stays in the heap for reuse
-/// (`M_MMAP_THRESHOLD` 32 MiB, `M_TRIM_THRESHOLD` 1 GiB). Every candle tensor is a fresh `Vec`; by
-/// default glibc maps each large one afresh and unmaps it when freed, so every training step faulted
-/// its pages in again (17% of a LoRA step). The price: the process keeps up to its peak heap.
+/// Also keeps freed memory in the heap ([`crate::memory::keep_freed_memory`]): every candle tensor is a
+/// fresh `Vec`, and faulting their pages in again was 17% of a LoRA step.
 pub fn tune_threads() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
             std::env::set_var("CANDLE_NUM_THREADS", "1");
         }
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        if std::env::var_os("GLIBC_TUNABLES").is_none() {
-            // SAFETY: mallopt only sets allocator parameters; a rejected value leaves the default.
-            unsafe {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-                libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-            }
-        }
+        crate::memory::keep_freed_memory();
     });
 }
 

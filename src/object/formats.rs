@@ -76,6 +76,50 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ReadError + '_ {
 
 /// Read a file, refusing it when larger than `limit` (checked before and while reading).
 fn read_limited(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, ReadError> {
+    let mut buf = Vec::new();
+    read_limited_into(path, limit, what, &mut buf)?;
+    Ok(buf)
+}
+
+/// Files up to this size are read into a buffer kept per thread (its memory stays mapped from one file
+/// to the next; a fresh one per file was 3% of ingesting a zoo, mostly the kernel zeroing new pages).
+const REUSED_READ_BUFFER: usize = 16 << 20;
+
+thread_local! {
+    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`read_limited`], handing `f` the bytes in this thread's reused buffer where the file is small enough.
+fn with_file_bytes<R>(
+    path: &Path,
+    limit: u64,
+    what: &str,
+    f: impl FnOnce(&[u8]) -> R,
+) -> Result<R, ReadError> {
+    let small = fs::metadata(path).is_ok_and(|m| m.len() <= REUSED_READ_BUFFER as u64);
+    let mut f = Some(f);
+    if small {
+        let r = READ_BUFFER.with(|b| {
+            let mut buf = b.try_borrow_mut().ok()?;
+            let f = f.take()?;
+            Some(read_limited_into(path, limit, what, &mut buf).map(|()| f(&buf)))
+        });
+        if let Some(r) = r {
+            return r;
+        }
+    }
+    let f = f.expect("not taken: the buffer was not used");
+    Ok(f(&read_limited(path, limit, what)?))
+}
+
+/// [`read_limited`] into `buf` (cleared first).
+fn read_limited_into(
+    path: &Path,
+    limit: u64,
+    what: &str,
+    buf: &mut Vec<u8>,
+) -> Result<(), ReadError> {
+    buf.clear();
     let f = fs::File::open(path).map_err(io_err(path))?;
     let len = f.metadata().map_err(io_err(path))?.len();
     if len > limit {
@@ -84,17 +128,15 @@ fn read_limited(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, ReadErro
             reason: format!("{what} is {len} bytes, over the {limit}-byte limit"),
         });
     }
-    let mut buf = Vec::with_capacity(len as usize);
-    f.take(limit + 1)
-        .read_to_end(&mut buf)
-        .map_err(io_err(path))?;
+    buf.reserve(len as usize);
+    f.take(limit + 1).read_to_end(buf).map_err(io_err(path))?;
     if buf.len() as u64 > limit {
         return Err(ReadError::Config {
             path: path.to_path_buf(),
             reason: format!("{what} grew past the {limit}-byte limit while being read"),
         });
     }
-    Ok(buf)
+    Ok(())
 }
 
 /// Whether a folder looks like an adapter (has an adapter_config.json).
@@ -192,12 +234,16 @@ pub fn read_adapter(dir: &Path, opts: &ReadOptions) -> Result<LightweightObject,
             });
         }
     };
-    let bytes = read_limited(&weights_path, MAX_WEIGHTS_BYTES, "weights file")?;
-    let st = safetensors_io::parse(&bytes).map_err(|source| ReadError::Safetensors {
+    let st = with_file_bytes(
+        &weights_path,
+        MAX_WEIGHTS_BYTES,
+        "weights file",
+        safetensors_io::parse,
+    )?
+    .map_err(|source| ReadError::Safetensors {
         path: weights_path.clone(),
         source,
     })?;
-    drop(bytes);
     let mut tensors = st.tensors;
     if tensors.is_empty() {
         return Err(ReadError::Empty { path: weights_path });

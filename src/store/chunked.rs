@@ -10,7 +10,7 @@
 //! were as compact but made ingestion 40% slower (a redb page write and a B-tree entry per 4 KiB).
 //!
 //! - `object_tensors`, key `(object id, chunk index)`: an object's tensors as one stream, each tensor as
-//!   `u32 LE length | tensor value` ([`super::codec::encode_tensor`]), cut into chunks;
+//!   `u32 LE length | tensor value` ([`super::codec::encode_tensor_into`]), cut into chunks;
 //! - `space_embeddings`, key `(space id, object id, chunk index)`: an embedding value
 //!   ([`super::codec::encode_embedding`]) cut into chunks. A space's rows stay one contiguous key range.
 
@@ -56,13 +56,12 @@ pub(crate) const SPACE_EMBEDDINGS: TableDefinition<(u64, u64, u32), &[u8]> =
 pub(crate) fn tensor_stream(tensors: &[Tensor]) -> Vec<u8> {
     let total: usize = tensors
         .iter()
-        .map(|t| 64 + t.name.len() + t.data.len())
+        .map(|t| 4 + codec::encoded_tensor_len(t))
         .sum();
     let mut out = Vec::with_capacity(total);
     for t in tensors {
-        let enc = codec::encode_tensor(t);
-        out.extend_from_slice(&(enc.len() as u32).to_le_bytes());
-        out.extend_from_slice(&enc);
+        out.extend_from_slice(&(codec::encoded_tensor_len(t) as u32).to_le_bytes());
+        codec::encode_tensor_into(t, &mut out);
     }
     out
 }
@@ -96,8 +95,16 @@ pub(crate) fn put_tensors(
     id: u64,
     tensors: &[Tensor],
 ) -> Result<(), StorageError> {
-    let stream = tensor_stream(tensors);
-    for (i, c) in chunks(&stream).into_iter().enumerate() {
+    put_tensor_stream(t, id, &tensor_stream(tensors))
+}
+
+/// Write an object's tensor stream ([`tensor_stream`]).
+pub(crate) fn put_tensor_stream(
+    t: &mut Table<(u64, u32), &[u8]>,
+    id: u64,
+    stream: &[u8],
+) -> Result<(), StorageError> {
+    for (i, c) in chunks(stream).into_iter().enumerate() {
         t.insert((id, i as u32), c)?;
     }
     Ok(())
@@ -134,8 +141,17 @@ pub(crate) fn put_embedding(
     id: u64,
     v: &[f32],
 ) -> Result<(), StorageError> {
-    let enc = codec::encode_embedding(v);
-    for (i, c) in chunks(&enc).into_iter().enumerate() {
+    put_encoded_embedding(t, space, id, &codec::encode_embedding(v))
+}
+
+/// Write an embedding already encoded by [`codec::encode_embedding`].
+pub(crate) fn put_encoded_embedding(
+    t: &mut Table<(u64, u64, u32), &[u8]>,
+    space: u64,
+    id: u64,
+    enc: &[u8],
+) -> Result<(), StorageError> {
+    for (i, c) in chunks(enc).into_iter().enumerate() {
         t.insert((space, id, i as u32), c)?;
     }
     Ok(())

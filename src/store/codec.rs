@@ -5,12 +5,16 @@ use crate::object::{DType, Tensor};
 /// Version byte of the tensor value encoding.
 pub const TENSOR_CODEC_V1: u8 = 1;
 
-/// Encode a tensor value:
+/// The length of a tensor's value ([`encode_tensor_into`]).
+pub fn encoded_tensor_len(t: &Tensor) -> usize {
+    5 + t.name.len() + 8 * t.shape.len() + t.data.len()
+}
+
+/// Append a tensor value to `v`:
 /// `u8 version(=1) | u8 dtype (0=F32,1=F16,2=BF16) | u8 ndim | u16 LE name length | name (UTF-8) |
 /// ndim x u64 LE dims | data (little-endian elements)`.
-pub fn encode_tensor(t: &Tensor) -> Vec<u8> {
+pub fn encode_tensor_into(t: &Tensor, v: &mut Vec<u8>) {
     let name = t.name.as_bytes();
-    let mut v = Vec::with_capacity(5 + name.len() + 8 * t.shape.len() + t.data.len());
     v.push(TENSOR_CODEC_V1);
     v.push(t.dtype.code());
     v.push(t.shape.len() as u8);
@@ -20,7 +24,6 @@ pub fn encode_tensor(t: &Tensor) -> Vec<u8> {
         v.extend_from_slice(&(*d as u64).to_le_bytes());
     }
     v.extend_from_slice(&t.data);
-    v
 }
 
 /// Decode a tensor value, validating every length.
@@ -274,6 +277,12 @@ pub fn decode_facts(id: u64, b: &[u8]) -> Result<super::ObjectFacts, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn encode_tensor(t: &Tensor) -> Vec<u8> {
+        let mut v = Vec::new();
+        encode_tensor_into(t, &mut v);
+        v
+    }
     use proptest::prelude::*;
 
     proptest! {
@@ -283,6 +292,7 @@ mod tests {
             let n: usize = shape.iter().product();
             let t = Tensor { name, dtype, shape, data: (0..n * dtype.size()).map(|i| i as u8).collect() };
             let enc = encode_tensor(&t);
+            prop_assert_eq!(enc.len(), encoded_tensor_len(&t));
             prop_assert_eq!(decode_tensor(&enc).unwrap(), t.clone());
             // Any strict prefix or extension is refused, not misread.
             prop_assert!(decode_tensor(&enc[..enc.len() - 1]).is_err() || t.data.is_empty());

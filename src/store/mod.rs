@@ -13,6 +13,7 @@
 pub(crate) mod backend;
 pub(crate) mod chunked;
 pub(crate) mod codec;
+pub mod direct;
 pub(crate) mod index_meta;
 mod migrate;
 
@@ -302,7 +303,9 @@ pub struct NewObject {
     pub metrics: BTreeMap<String, f64>,
 }
 
-/// An object with its hash and embedding computed (the parallel part of ingestion).
+/// An object with its hash and embeddings computed, and its stored values encoded (the parallel part of
+/// ingestion, so the single writer only inserts bytes). Build it with [`PreparedObject::prepare`]; the
+/// fields are for reading: the encoded values are made from them once, there.
 #[derive(Debug, Clone)]
 pub struct PreparedObject {
     pub new: NewObject,
@@ -310,6 +313,10 @@ pub struct PreparedObject {
     pub tupate: Result<Embedding, NoEmbedding>,
     /// LoRA only: the delta-W sketch ([`delta_sketch`]).
     pub sketch: Option<Result<Embedding, NoEmbedding>>,
+    /// The tensor stream ([`chunked::tensor_stream`]).
+    stream: Vec<u8>,
+    /// Each embedding of [`Self::embeddings`] encoded ([`codec::encode_embedding`]), `None` where absent.
+    encoded: Vec<Option<Vec<u8>>>,
 }
 
 impl PreparedObject {
@@ -317,12 +324,21 @@ impl PreparedObject {
         let hash = content_hash(&new.object);
         let tupate = tupate(&new.object);
         let sketch = delta_sketch(&new.object);
-        PreparedObject {
+        let stream = chunked::tensor_stream(&new.object.tensors);
+        let mut p = PreparedObject {
             new,
             hash,
             tupate,
             sketch,
-        }
+            stream,
+            encoded: Vec::new(),
+        };
+        p.encoded = p
+            .embeddings()
+            .into_iter()
+            .map(|(_, e)| e.as_ref().ok().map(|e| codec::encode_embedding(&e.vector)))
+            .collect();
+        p
     }
 
     /// Every embedding of the object by kind (TuPaTE first), or why it has none of that kind.
@@ -355,6 +371,8 @@ pub struct Store {
     db: Db,
     path: PathBuf,
     owner_file: Option<PathBuf>,
+    /// Direct page writes, where the store was opened over [`direct::DirectFileBackend`].
+    direct: Option<direct::DirectWrites>,
 }
 
 impl std::fmt::Debug for Store {
@@ -448,13 +466,12 @@ impl Store {
         tmp.push(format!(".creating-{}", std::process::id()));
         let tmp = PathBuf::from(tmp);
         let _ = std::fs::remove_file(&tmp);
-        let db = Store::builder()
-            .create(&tmp)
-            .map_err(|e| Self::map_open_err(path, e))?;
+        let (db, direct) = Store::open_file(&tmp, true).map_err(|e| Self::map_open_err(path, e))?;
         let store = Store {
             db: Db::Rw(db),
             path: path.to_path_buf(),
             owner_file: None,
+            direct,
         };
         let linked = store.init_schema().map_err(OpenError::from).and_then(|()| {
             std::fs::hard_link(&tmp, path)
@@ -497,10 +514,34 @@ impl Store {
                 path: path.to_path_buf(),
             });
         }
-        let db = Store::builder()
+        let (db, direct) =
+            Store::open_file(path, false).map_err(|e| Self::map_open_err(path, e))?;
+        let mut store = Store::from_writable(db, path)?;
+        store.direct = direct;
+        Ok(store.with_owner_file())
+    }
+
+    /// Open (or, with `create`, create) the redb file for writing over [`direct::DirectFileBackend`].
+    /// An existing empty file is not a store: it goes through redb's own open, which refuses it.
+    fn open_file(
+        path: &Path,
+        create: bool,
+    ) -> Result<(Database, Option<direct::DirectWrites>), redb::DatabaseError> {
+        let io = |e: std::io::Error| redb::DatabaseError::Storage(redb::StorageError::Io(e));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
             .open(path)
-            .map_err(|e| Self::map_open_err(path, e))?;
-        Ok(Store::from_writable(db, path)?.with_owner_file())
+            .map_err(io)?;
+        if !create && file.metadata().map_err(io)?.len() == 0 {
+            drop(file);
+            return Ok((Store::builder().open(path)?, None));
+        }
+        let backend = direct::DirectFileBackend::new(file, path)?;
+        let switch = backend.switch();
+        Ok((Store::builder().create_with_backend(backend)?, Some(switch)))
     }
 
     fn has_no_tables(&self) -> Result<bool, StoreError> {
@@ -534,6 +575,7 @@ impl Store {
             db: Db::Ro(db),
             path: path.to_path_buf(),
             owner_file: None,
+            direct: None,
         };
         store.check_schema()?;
         Ok(store)
@@ -555,6 +597,7 @@ impl Store {
             db: Db::Rw(db),
             path: path.to_path_buf(),
             owner_file: None,
+            direct: None,
         };
         if store.check_schema().is_err() && store.has_no_tables()? {
             store.init_schema()?;
@@ -786,8 +829,20 @@ impl Store {
     /// [`Outcome::Rejected`]; a storage failure aborts the whole batch (nothing of it is stored, every
     /// earlier batch stays).
     pub fn commit_batch(&self, batch: Vec<PreparedObject>) -> Result<Vec<Outcome>, StoreError> {
+        self.commit_prepared(&batch, false)
+    }
+
+    /// [`Store::commit_batch`] (or, with `stop_at_rejection`, [`Store::commit_batch_until_rejected`])
+    /// leaving the batch to the caller, so ingestion frees it on another thread than the writer's.
+    pub(crate) fn commit_prepared(
+        &self,
+        batch: &[PreparedObject],
+        stop_at_rejection: bool,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        // A batch is new pages, read back rarely: write them around the page cache.
+        let _direct = self.direct.as_ref().map(|d| d.on());
         let w = self.write()?;
-        let outcomes = self.apply_batch(&w, batch, false)?;
+        let outcomes = self.apply_batch(&w, batch, stop_at_rejection)?;
         w.commit().during(&self.path, "committing a batch")?;
         Ok(outcomes)
     }
@@ -798,16 +853,13 @@ impl Store {
         &self,
         batch: Vec<PreparedObject>,
     ) -> Result<Vec<Outcome>, StoreError> {
-        let w = self.write()?;
-        let outcomes = self.apply_batch(&w, batch, true)?;
-        w.commit().during(&self.path, "committing a batch")?;
-        Ok(outcomes)
+        self.commit_prepared(&batch, true)
     }
 
     fn apply_batch(
         &self,
         w: &WriteTransaction,
-        batch: Vec<PreparedObject>,
+        batch: &[PreparedObject],
         stop_at_rejection: bool,
     ) -> Result<Vec<Outcome>, StoreError> {
         let mut meta = w.open_table(META).during(&self.path, "ingesting")?;
@@ -914,11 +966,11 @@ impl Store {
 
             let id = next_id;
             next_id += 1;
-            chunked::put_tensors(&mut tensors, id, &obj.tensors)
+            chunked::put_tensor_stream(&mut tensors, id, &p.stream)
                 .during(&self.path, "writing tensors")?;
             let mut emb_refs = Vec::new();
             let mut missing = Vec::new();
-            for (kind, emb) in p.embeddings() {
+            for ((kind, emb), enc) in p.embeddings().into_iter().zip(&p.encoded) {
                 match emb {
                     Ok(e) => {
                         let sid = e.space.id();
@@ -941,8 +993,13 @@ impl Store {
                                 serde_json::to_vec(&rec).expect("serializes").as_slice(),
                             )
                             .during(&self.path, "ingesting")?;
-                        chunked::put_embedding(&mut embeddings, sid.0, id, &e.vector)
-                            .during(&self.path, "writing embeddings")?;
+                        let written = match enc {
+                            Some(enc) => {
+                                chunked::put_encoded_embedding(&mut embeddings, sid.0, id, enc)
+                            }
+                            None => chunked::put_embedding(&mut embeddings, sid.0, id, &e.vector),
+                        };
+                        written.during(&self.path, "writing embeddings")?;
                         emb_refs.push(EmbeddingRef { kind, space: sid });
                     }
                     Err(n) => missing.push(MissingEmbedding {
