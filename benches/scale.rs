@@ -159,9 +159,9 @@ fn dd_mb_s(bytes: u64, direct: bool) -> f64 {
     (mb << 20) as f64 / 1e6 / wall
 }
 
-/// Let the disk settle before a timed write: write back what is dirty and give the discards of files
-/// just deleted (the build machine mounts with `discard`) time to finish; they slowed the next write by
-/// up to 3x.
+/// Let the disk settle before a timed write: write back what is dirty and wait. On the build machine a
+/// write right after a large file was deleted ran up to 3x slower (the cause was not found: the disk
+/// counted no discards meanwhile).
 fn settle(smoke: bool) {
     let _ = Command::new("sync").status();
     if !smoke {

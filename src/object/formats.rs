@@ -81,35 +81,32 @@ fn read_limited(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, ReadErro
     Ok(buf)
 }
 
-/// Files up to this size are read into a buffer kept per thread (its memory stays mapped from one file
-/// to the next; a fresh one per file was 3% of ingesting a zoo, mostly the kernel zeroing new pages).
+/// A buffer kept per thread up to this size (its memory stays mapped from one file to the next; a fresh
+/// one per file was 3% of ingesting a zoo, mostly the kernel zeroing new pages); a larger file's buffer
+/// is freed after use.
 const REUSED_READ_BUFFER: usize = 16 << 20;
 
 thread_local! {
     static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// [`read_limited`], handing `f` the bytes in this thread's reused buffer where the file is small enough.
+/// [`read_limited`], handing `f` the bytes in this thread's reused buffer.
 fn with_file_bytes<R>(
     path: &Path,
     limit: u64,
     what: &str,
     f: impl FnOnce(&[u8]) -> R,
 ) -> Result<R, ReadError> {
-    let small = fs::metadata(path).is_ok_and(|m| m.len() <= REUSED_READ_BUFFER as u64);
-    let mut f = Some(f);
-    if small {
-        let r = READ_BUFFER.with(|b| {
-            let mut buf = b.try_borrow_mut().ok()?;
-            let f = f.take()?;
-            Some(read_limited_into(path, limit, what, &mut buf).map(|()| f(&buf)))
-        });
-        if let Some(r) = r {
-            return r;
+    READ_BUFFER.with(|b| {
+        let Ok(mut buf) = b.try_borrow_mut() else {
+            return Ok(f(&read_limited(path, limit, what)?));
+        };
+        let r = read_limited_into(path, limit, what, &mut buf).map(|()| f(&buf));
+        if buf.capacity() > REUSED_READ_BUFFER {
+            *buf = Vec::new();
         }
-    }
-    let f = f.expect("not taken: the buffer was not used");
-    Ok(f(&read_limited(path, limit, what)?))
+        r
+    })
 }
 
 /// [`read_limited`] into `buf` (cleared first).

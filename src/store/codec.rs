@@ -277,13 +277,13 @@ pub fn decode_facts(id: u64, b: &[u8]) -> Result<super::ObjectFacts, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn encode_tensor(t: &Tensor) -> Vec<u8> {
         let mut v = Vec::new();
         encode_tensor_into(t, &mut v);
         v
     }
-    use proptest::prelude::*;
 
     proptest! {
         #[test]

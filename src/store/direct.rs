@@ -25,8 +25,9 @@
 //!
 //! Writes that are not whole 4 KiB blocks at 4 KiB offsets (redb's header), writes on a file system that
 //! refuses `O_DIRECT` (the open or the first write fails with `EINVAL`), every platform but Linux, and
-//! every write when `PEFTDB_BUFFERED_WRITES=1` is set go through the buffered file as before. After a failed write the backend fails every later operation, as
-//! redb does, so nothing reads a page whose write was lost: reopen the store.
+//! every write when `PEFTDB_BUFFERED_WRITES=1` is set go through the buffered file as before. After a
+//! failed write the backend fails every later operation, as redb does, so nothing reads a page whose
+//! write was lost: reopen the store.
 
 use redb::backends::FileBackend;
 use redb::{BackendError, StorageBackend};
@@ -84,7 +85,6 @@ struct State {
     blocks: Vec<Block>,
     /// Gathered writes by file offset; they never overlap.
     writes: BTreeMap<u64, Gathered>,
-    bytes: usize,
     /// Whether direct writes still work here (false after `EINVAL`, or where the open failed).
     direct: bool,
     /// Set when a write failed: every later operation fails.
@@ -100,6 +100,10 @@ impl State {
             }
         }
         self.writes.range(offset..end).next().is_some()
+    }
+    /// Bytes gathered since the last flush.
+    fn gathered(&self) -> usize {
+        self.blocks.iter().map(|b| b.used).sum()
     }
     fn end(&self) -> u64 {
         self.writes
@@ -224,9 +228,8 @@ impl DirectFileBackend {
         if st.writes.is_empty() {
             return Ok(());
         }
-        let result = self.write_gathered(st);
+        let result = self.write_runs(st);
         st.writes.clear();
-        st.bytes = 0;
         for b in &mut st.blocks {
             b.used = 0;
         }
@@ -236,30 +239,24 @@ impl DirectFileBackend {
         result
     }
 
-    fn write_gathered(&self, st: &mut State) -> io::Result<()> {
-        let mut direct = st.direct;
-        let result = self.write_runs(st, &mut direct);
-        st.direct = direct;
-        result
-    }
-
-    fn write_runs(&self, st: &State, direct: &mut bool) -> io::Result<()> {
+    fn write_runs(&self, st: &mut State) -> io::Result<()> {
+        let blocks = &st.blocks;
         let runs: Vec<(u64, Vec<&[u8]>)> = runs(&st.writes)
             .into_iter()
             .map(|run| {
                 let parts = run
                     .iter()
-                    .map(|(_, g)| st.blocks[g.block].bytes(g.pos, g.len))
+                    .map(|(_, g)| blocks[g.block].bytes(g.pos, g.len))
                     .collect();
                 (run[0].0, parts)
             })
             .collect();
-        if *direct {
+        if st.direct {
             match self.write_runs_direct(&runs) {
                 Ok(()) => return Ok(()),
                 // The file system takes no direct writes after all: buffered from now on (runs already
                 // written direct are written again, with the same bytes).
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => *direct = false,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => st.direct = false,
                 Err(e) => return Err(e),
             }
         }
@@ -451,7 +448,7 @@ impl StorageBackend for DirectFileBackend {
                 return self.inner.write(offset, data);
             }
         }
-        if st.bytes + data.len() > FLUSH_AT {
+        if st.gathered() + data.len() > FLUSH_AT {
             self.flush(&mut st)?;
         }
         let block = match st.blocks.iter().position(|b| b.room() >= data.len()) {
@@ -466,7 +463,6 @@ impl StorageBackend for DirectFileBackend {
         let at = b.start + pos;
         b.buf[at..at + data.len()].copy_from_slice(data);
         b.used += data.len();
-        st.bytes += data.len();
         st.writes.insert(
             offset,
             Gathered {
