@@ -24,7 +24,7 @@
 //! The stage is the sidecar's or manifest's `stage`, else the folder name when it is `early`, `best`,
 //! `final` or `last`.
 
-use crate::error::IngestError;
+use crate::error::{IngestError, StoreError};
 use crate::object::formats::{is_adapter_dir, ReadOptions};
 use crate::object::read_adapter;
 use crate::store::{NewObject, ObjectId, Outcome, PreparedObject, Store, TaskRecord};
@@ -42,7 +42,8 @@ pub struct IngestOptions {
     pub strict: bool,
     /// Store adapters with NaN/Inf values instead of rejecting them.
     pub allow_non_finite: bool,
-    /// Objects per transaction.
+    /// Objects per transaction, at most: a transaction also holds no more than
+    /// [`crate::store::BATCH_BYTES`] of stored values (or one object, if that alone is more).
     pub batch_size: usize,
     /// Task name for every adapter found (overrides sidecars and folder names, not manifest entries).
     pub task: Option<String>,
@@ -500,7 +501,8 @@ pub fn ingest_candidates(
                 chunks.get(ci + 1).map(|c| (ci + 1, prep(c)))
             },
         );
-        let items = committed?;
+        // What was committed is reported even when a later transaction of the chunk failed.
+        let (items, failed) = committed;
         for it in items {
             progress(IngestEvent::Processed {
                 path: it.path.clone(),
@@ -508,19 +510,58 @@ pub fn ingest_candidates(
             });
             report.items.push(it);
         }
+        if let Some(e) = failed {
+            return Err(e);
+        }
         pending = next;
     }
     Ok(report)
 }
 
+/// Commit `objects` in transactions of at most [`crate::store::BATCH_BYTES`] of stored values (at least one
+/// object each). With `stop_at_rejection`, no transaction follows one that ended with a rejection. Returns
+/// the outcomes of the committed transactions, and the error that stopped the rest, if one did.
+fn commit_in_transactions(
+    store: &Store,
+    objects: &[PreparedObject],
+    stop_at_rejection: bool,
+) -> (Vec<Outcome>, Option<StoreError>) {
+    let mut outcomes = Vec::with_capacity(objects.len());
+    let mut start = 0;
+    while start < objects.len() {
+        let mut end = start + 1;
+        let mut bytes = objects[start].stored_bytes();
+        while end < objects.len()
+            && bytes + objects[end].stored_bytes() <= crate::store::BATCH_BYTES
+        {
+            bytes += objects[end].stored_bytes();
+            end += 1;
+        }
+        match store.commit_prepared(&objects[start..end], stop_at_rejection) {
+            Ok(o) => {
+                let rejected = matches!(o.last(), Some(Outcome::Rejected(_)));
+                outcomes.extend(o);
+                if stop_at_rejection && rejected {
+                    break;
+                }
+            }
+            Err(e) => return (outcomes, Some(e)),
+        }
+        start = end;
+    }
+    (outcomes, None)
+}
+
 /// Commit one chunk; the prepared objects go into `spent`, for the caller to free off the writer's thread.
+/// Returns the reports of the chunk's adapters up to the first one a failed transaction left undecided,
+/// and that failure.
 fn commit_chunk(
     store: &Store,
     chunk: &[Candidate],
     prepared: Vec<Result<PreparedObject, String>>,
     opts: &IngestOptions,
     spent: &mut Vec<PreparedObject>,
-) -> Result<Vec<ItemReport>, IngestError> {
+) -> (Vec<ItemReport>, Option<IngestError>) {
     if opts.strict {
         return commit_chunk_strict(store, chunk, prepared, spent);
     }
@@ -541,18 +582,18 @@ fn commit_chunk(
             }
         }
     }
-    let outcomes = store.commit_prepared(&to_commit, false);
+    let (outcomes, failed) = commit_in_transactions(store, &to_commit, false);
     *spent = to_commit;
-    for (pos, o) in positions.into_iter().zip(outcomes?) {
+    for (pos, o) in positions.into_iter().zip(outcomes) {
         items[pos] = Some(ItemReport {
             path: chunk[pos].path.clone(),
             outcome: item_outcome(o),
         });
     }
-    Ok(items
-        .into_iter()
-        .map(|i| i.expect("every item decided"))
-        .collect())
+    (
+        items.into_iter().map_while(|i| i).collect(),
+        failed.map(IngestError::from),
+    )
 }
 
 /// What the report says of the store's outcome for one adapter.
@@ -571,7 +612,7 @@ fn commit_chunk_strict(
     chunk: &[Candidate],
     prepared: Vec<Result<PreparedObject, String>>,
     spent: &mut Vec<PreparedObject>,
-) -> Result<Vec<ItemReport>, IngestError> {
+) -> (Vec<ItemReport>, Option<IngestError>) {
     let first_bad = prepared.iter().position(|p| p.is_err());
     let mut prepared = prepared.into_iter();
     let good: Vec<PreparedObject> = prepared
@@ -579,29 +620,33 @@ fn commit_chunk_strict(
         .take(first_bad.unwrap_or(chunk.len()))
         .map(|p| p.expect("before the first error"))
         .collect();
-    let outcomes = store.commit_prepared(&good, true);
+    let (outcomes, failed) = commit_in_transactions(store, &good, true);
     *spent = good;
-    let outcomes = outcomes?;
     let mut items = Vec::with_capacity(outcomes.len());
     for (c, o) in chunk.iter().zip(outcomes) {
         if let Outcome::Rejected(reason) = o {
-            return Err(IngestError::Strict {
+            let e = IngestError::Strict {
                 path: c.path.clone(),
                 reason,
-            });
+            };
+            return (items, Some(e));
         }
         items.push(ItemReport {
             path: c.path.clone(),
             outcome: item_outcome(o),
         });
     }
+    if let Some(e) = failed {
+        return (items, Some(e.into()));
+    }
     if let (Some(i), Some(Err(reason))) = (first_bad, prepared.next()) {
-        return Err(IngestError::Strict {
+        let e = IngestError::Strict {
             path: chunk[i].path.clone(),
             reason,
-        });
+        };
+        return (items, Some(e));
     }
-    Ok(items)
+    (items, None)
 }
 
 /// Discover and ingest folders (and/or a manifest) into the store.

@@ -55,6 +55,12 @@ fn a_version_1_store_is_migrated_in_place_by_a_writable_open() {
         let space = o.tupate_space().unwrap();
         let stored = store.embedding(space, o.id).unwrap().unwrap();
         let obj = read_adapter(&src, &Default::default()).unwrap();
+        // The content hash is the one version-1 code stored (a golden check of the hash's bytes).
+        let hex: String = peftdb::store::content_hash(&obj)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(hex, o.content_hash, "{}", o.task);
         let exact = tupate(&obj).unwrap().vector;
         let max = exact.iter().fold(0f32, |m, x| m.max(x.abs()));
         for (a, b) in stored.iter().zip(&exact) {

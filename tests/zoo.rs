@@ -93,6 +93,43 @@ fn ingest_a_zoo_of_210_adapters_and_read_every_one_back() {
     assert_eq!(store.objects().unwrap().len(), 210);
 }
 
+/// A transaction holds at most `BATCH_BYTES` of values: 40 BERT-base LoRAs (1.2 MB each, 48 MB) with a
+/// batch size of 64 are committed in several transactions (each bumps the space's generation), while 40
+/// MiniLM LoRAs (0.3 MB each) fit one. Past redb's write buffer a transaction's pages are read back
+/// before its commit (4x slower ingestion).
+#[test]
+fn batches_are_bounded_by_bytes_as_well_as_by_count() {
+    let transactions = |shape: &ModelShape, seed| {
+        let dir = tempfile::tempdir().unwrap();
+        let zoo = dir.path().join("zoo");
+        write_zoo(&zoo, shape, 40, 4, &[MethodKind::Lora], seed).unwrap();
+        let store = Store::create(dir.path().join("z.redb")).unwrap();
+        let opts = IngestOptions {
+            batch_size: 64,
+            ..IngestOptions::default()
+        };
+        let report = ingest_zoo(&store, &[zoo], None, &opts, &no_progress()).unwrap();
+        assert_eq!(report.ingested(), 40);
+        let spaces = store.spaces().unwrap();
+        let tupate = spaces
+            .iter()
+            .find(|s| s.key.kind == peftdb::embed::EmbeddingKind::Tupate)
+            .unwrap();
+        assert_eq!(tupate.count, 40);
+        (tupate.generation, store.objects().unwrap().len())
+    };
+    let bytes_per_object = 2 * 2 * 12 * 8 * 768 * 4; // A and B of query and value, 12 layers, r = 8
+    let per_transaction = (peftdb::store::BATCH_BYTES / bytes_per_object).max(1);
+    let (bert, n) = transactions(&ModelShape::bert_base(), 5);
+    assert_eq!(n, 40);
+    assert!(
+        bert >= 40_u64.div_ceil(per_transaction as u64) && bert > 1,
+        "40 BERT-base LoRAs in {bert} transactions, at most {per_transaction} per transaction"
+    );
+    let (minilm, _) = transactions(&ModelShape::minilm(), 6);
+    assert_eq!(minilm, 1, "40 MiniLM LoRAs fit one transaction");
+}
+
 #[test]
 fn an_interrupted_ingestion_rerun_finishes_without_duplicates() {
     let dir = tempfile::tempdir().unwrap();

@@ -256,21 +256,28 @@ impl DeltaSketch {
                 *o += s * *b as f64;
             }
         }
-        // Rt = A Psi^T (r x q)
-        let mut rt = vec![0f64; r * q];
-        for t in 0..r {
-            let arow = &m.a[t * m.k..(t + 1) * m.k];
-            let out = &mut rt[t * q..(t + 1) * q];
-            for (a, &(v, s)) in arow.iter().zip(cols.iter()) {
-                out[v as usize] += s * *a as f64;
+        // R = Psi A^T (q x r): each column of A (its r values, gathered once into a row) adds, signed,
+        // into one of q rows, as L does for B. Each R[v][t] sums the same terms in the same order as the
+        // (r x q) A Psi^T did, with contiguous rows instead of scattered single adds.
+        let mut rm = vec![0f64; q * r];
+        let mut col = vec![0f64; r];
+        for (i, &(v, s)) in cols.iter().enumerate() {
+            for (t, c) in col.iter_mut().enumerate() {
+                *c = s * m.a[t * m.k + i] as f64;
+            }
+            let rrow = &mut rm[v as usize * r..(v as usize + 1) * r];
+            for (o, c) in rrow.iter_mut().zip(&col) {
+                *o += *c;
             }
         }
         let mut y = vec![0f32; p * q];
         for u in 0..p {
+            let lrow = &l[u * r..(u + 1) * r];
             for v in 0..q {
+                let rrow = &rm[v * r..(v + 1) * r];
                 let mut acc = 0f64;
-                for t in 0..r {
-                    acc += l[u * r + t] * rt[t * q + v];
+                for (a, b) in lrow.iter().zip(rrow) {
+                    acc += a * b;
                 }
                 y[u * q + v] = (m.scale * acc) as f32;
             }
@@ -321,6 +328,64 @@ impl DeltaSketch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The sketch's arithmetic as first written (A Psi^T by single scattered adds), which stored stores'
+    /// sketches came from: [`DeltaSketch::module`] must give the same bits.
+    fn module_as_first_written(s: &DeltaSketch, path: &str, m: &LowRank) -> Vec<f32> {
+        let key = u64::from_le_bytes(
+            blake3::hash(path.as_bytes()).as_bytes()[..8]
+                .try_into()
+                .unwrap(),
+        );
+        let (p, q, r) = (s.p.max(1), s.q.max(1), m.r);
+        let mut l = vec![0f64; p * r];
+        for i in 0..m.d {
+            let (u, sg) = s.hash(key, 1, i, p);
+            for t in 0..r {
+                l[u * r + t] += sg * m.b[i * r + t] as f64;
+            }
+        }
+        let mut rt = vec![0f64; r * q];
+        for t in 0..r {
+            for i in 0..m.k {
+                let (v, sg) = s.hash(key, 2, i, q);
+                rt[t * q + v] += sg * m.a[t * m.k + i] as f64;
+            }
+        }
+        let mut y = vec![0f32; p * q];
+        for u in 0..p {
+            for v in 0..q {
+                let mut acc = 0f64;
+                for t in 0..r {
+                    acc += l[u * r + t] * rt[t * q + v];
+                }
+                y[u * q + v] = (m.scale * acc) as f32;
+            }
+        }
+        y
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        #[test]
+        fn module_gives_the_bits_of_the_first_implementation(
+            (d, k, r) in (1usize..40, 1usize..40, 1usize..9),
+            seed in proptest::prelude::any::<u64>(),
+            (p, q) in (1usize..20, 1usize..20),
+        ) {
+            let val = |i: usize, m: u64| (((i as u64).wrapping_mul(m) ^ seed) % 1000) as f32 / 333.0 - 1.5;
+            let a: Vec<f32> = (0..r * k).map(|i| val(i, 7)).collect();
+            let b: Vec<f32> = (0..d * r).map(|i| val(i, 13)).collect();
+            let m = LowRank::new(a, b, r, k, d, 0.75);
+            let s = DeltaSketch { seed, p, q };
+            let got = s.module("encoder.layer.0.attention.self.query", &m);
+            let want = module_as_first_written(&s, "encoder.layer.0.attention.self.query", &m);
+            proptest::prop_assert_eq!(
+                got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+        }
+    }
 
     /// The sketch equals `scale * Phi (B A) Psi^T` with Phi and Psi built densely from [`DeltaSketch::hash`]
     /// (the format schema/store.md specifies), on the first call and on a cached second call.

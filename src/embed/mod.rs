@@ -312,7 +312,6 @@ fn layered(obj: &LightweightObject) -> Result<(Vec<(String, Vec<usize>)>, Vec<f3
         };
         let mut first_sig: Option<(usize, Vec<(String, Vec<usize>)>)> = None;
         let mut acc: Vec<f64> = Vec::new();
-        let mut buf: Vec<f32> = Vec::new();
         for (layer, entries) in layers.iter_mut() {
             entries.sort_by(|a, b| a.0.cmp(&b.0));
             let sig: Vec<(String, Vec<usize>)> = entries
@@ -329,15 +328,20 @@ fn layered(obj: &LightweightObject) -> Result<(Vec<(String, Vec<usize>)>, Vec<f3
                     }
                 }
             }
-            buf.clear();
-            for (_, i) in entries.iter() {
-                obj.tensors[*i].extend_f32(&mut buf);
-            }
+            // The layer's tensors, concatenated in key order, added into the running sum.
             if acc.is_empty() {
-                acc = vec![0f64; buf.len()];
+                let len = entries
+                    .iter()
+                    .map(|(_, i)| obj.tensors[*i].values_len())
+                    .sum();
+                acc = vec![0f64; len];
             }
-            for (a, v) in acc.iter_mut().zip(&buf) {
-                *a += *v as f64;
+            let mut at = 0;
+            for (_, i) in entries.iter() {
+                let t = &obj.tensors[*i];
+                let end = (at + t.values_len()).min(acc.len());
+                t.add_to_f64(&mut acc[at..end]);
+                at = end;
             }
         }
         let n = layers.len() as f64;

@@ -70,6 +70,35 @@ impl Tensor {
         self.shape.iter().product()
     }
 
+    /// Add the values, converted to f32 and then f64, to `acc` element by element (`acc[i] += v[i]`, for
+    /// as many as both have), without a converted copy of the tensor.
+    pub fn add_to_f64(&self, acc: &mut [f64]) {
+        fn add<const W: usize>(data: &[u8], acc: &mut [f64], f: impl Fn([u8; W]) -> f32) {
+            for (a, c) in acc.iter_mut().zip(data.chunks_exact(W)) {
+                *a += f(c.try_into().expect("W bytes")) as f64;
+            }
+        }
+        match self.dtype {
+            DType::F32 => {
+                match bytemuck::try_cast_slice::<u8, f32>(&self.data[..self.data.len() / 4 * 4]) {
+                    Ok(values) if cfg!(target_endian = "little") => {
+                        for (a, v) in acc.iter_mut().zip(values) {
+                            *a += *v as f64;
+                        }
+                    }
+                    _ => add::<4>(&self.data, acc, f32::from_le_bytes),
+                }
+            }
+            DType::F16 => add::<2>(&self.data, acc, |b| half::f16::from_le_bytes(b).to_f32()),
+            DType::BF16 => add::<2>(&self.data, acc, |b| half::bf16::from_le_bytes(b).to_f32()),
+        }
+    }
+
+    /// Number of values the data holds (its bytes over the dtype's width).
+    pub fn values_len(&self) -> usize {
+        self.data.len() / self.dtype.size()
+    }
+
     /// The values converted to f32, whatever the stored dtype.
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.numel());
@@ -82,10 +111,18 @@ impl Tensor {
         match self.dtype {
             // Little-endian f32 bytes are the values: one copy.
             DType::F32 if cfg!(target_endian = "little") => {
-                let start = out.len();
-                out.resize(start + self.data.len() / 4, 0.0);
-                bytemuck::cast_slice_mut::<f32, u8>(&mut out[start..])
-                    .copy_from_slice(&self.data[..self.data.len() / 4 * 4]);
+                let whole = &self.data[..self.data.len() / 4 * 4];
+                match bytemuck::try_cast_slice::<u8, f32>(whole) {
+                    // The allocator gave the bytes f32 alignment (it always does on glibc): one copy,
+                    // without zeroing the destination first.
+                    Ok(values) => out.extend_from_slice(values),
+                    Err(_) => {
+                        let start = out.len();
+                        out.resize(start + whole.len() / 4, 0.0);
+                        bytemuck::cast_slice_mut::<f32, u8>(&mut out[start..])
+                            .copy_from_slice(whole);
+                    }
+                }
             }
             DType::F32 => out.extend(
                 self.data

@@ -122,8 +122,12 @@ pub fn encode_embedding(v: &[f32]) -> Vec<u8> {
     let scaled: Vec<f32> = v.iter().map(|x| x * inv).collect();
     let mut h = vec![half::f16::ZERO; v.len()];
     h.convert_from_f32_slice(&scaled);
-    for x in h {
-        out.extend_from_slice(&x.to_le_bytes());
+    if cfg!(target_endian = "little") {
+        out.extend_from_slice(bytemuck::cast_slice(&h));
+    } else {
+        for x in h {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
     }
     out
 }

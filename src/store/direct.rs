@@ -18,10 +18,16 @@
 //! The contract redb needs from a backend holds as before:
 //! - every write is on the device when `sync_data` returns (gathered writes are written, then the file is
 //!   `fdatasync`ed, as before);
-//! - a read sees every earlier write (a read that overlaps a gathered write writes the gathered ones first);
+//! - a read sees every earlier write (a read within one gathered write is served from it; a read that
+//!   overlaps gathered writes otherwise writes them first);
 //! - a later write of the same bytes wins (an overlapping write writes the gathered ones first);
 //! - between two syncs writes may reach the disk in any order, which the page cache's write-back already
 //!   did, so redb's commit protocol is untouched.
+//!
+//! A transaction that gathers more than [`FLUSH_AT`] bytes (bigger than redb's write buffer, so redb
+//! writes some of its pages before the commit and reads them back for their checksums) writes what it
+//! gathered, and the rest of its writes until the sync, through the page cache, where those reads find
+//! them. Ingestion keeps its transactions under that ([`super::BATCH_BYTES`]).
 //!
 //! Writes that are not whole 4 KiB blocks at 4 KiB offsets (redb's header), writes on a file system that
 //! refuses `O_DIRECT` (the open or the first write fails with `EINVAL`), every platform but Linux, and
@@ -41,7 +47,8 @@ use std::sync::Mutex;
 const ALIGN: usize = 4096;
 /// One gathering buffer.
 const BLOCK: usize = 4 << 20;
-/// Gathered bytes at which the writes go out before the next sync.
+/// Gathered bytes past which a transaction's writes go through the page cache instead (it is bigger than
+/// ingestion's transactions, [`super::BATCH_BYTES`], and redb will read some of its pages back).
 const FLUSH_AT: usize = 8 * BLOCK;
 /// Direct writes in flight at once when writing gathered runs (the device takes 2 GB/s at depth 2
 /// against 1.4 GB/s at depth 1 for 384 KiB writes here).
@@ -89,6 +96,9 @@ struct State {
     direct: bool,
     /// Set when a write failed: every later operation fails.
     failed: Option<String>,
+    /// Set when more than [`FLUSH_AT`] bytes were gathered since the last sync: the rest of the
+    /// transaction goes through the page cache (see [`DirectFileBackend::write`]).
+    spilled: bool,
 }
 
 impl State {
@@ -100,6 +110,12 @@ impl State {
             }
         }
         self.writes.range(offset..end).next().is_some()
+    }
+    /// The gathered bytes of `offset..offset + len` when one gathered write holds them all.
+    fn held(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let (o, g) = self.writes.range(..=offset).next_back()?;
+        let skip = (offset - o) as usize;
+        (skip + len <= g.len).then(|| self.blocks[g.block].bytes(g.pos + skip, len))
     }
     /// Bytes gathered since the last flush.
     fn gathered(&self) -> usize {
@@ -148,6 +164,8 @@ pub struct DirectFileBackend {
     /// The same file opened with `O_DIRECT`, where the platform and file system allow it.
     direct: Option<File>,
     state: Mutex<State>,
+    /// Gathered bytes at which a transaction spills to the page cache ([`FLUSH_AT`]; less in tests).
+    flush_at: usize,
 }
 
 impl std::fmt::Debug for DirectFileBackend {
@@ -195,6 +213,7 @@ impl DirectFileBackend {
                 ..State::default()
             }),
             direct,
+            flush_at: FLUSH_AT,
         })
     }
 
@@ -224,11 +243,16 @@ impl DirectFileBackend {
 
     /// Write every gathered write, in offset order, contiguous ones in one call.
     fn flush(&self, st: &mut State) -> io::Result<()> {
+        self.flush_as(st, st.direct)
+    }
+
+    /// [`Self::flush`], around the page cache (`direct`, where direct writes work) or through it.
+    fn flush_as(&self, st: &mut State, direct: bool) -> io::Result<()> {
         Self::check(st)?;
         if st.writes.is_empty() {
             return Ok(());
         }
-        let result = self.write_runs(st);
+        let result = self.write_runs(st, direct);
         st.writes.clear();
         for b in &mut st.blocks {
             b.used = 0;
@@ -239,7 +263,7 @@ impl DirectFileBackend {
         result
     }
 
-    fn write_runs(&self, st: &mut State) -> io::Result<()> {
+    fn write_runs(&self, st: &mut State, direct: bool) -> io::Result<()> {
         let blocks = &st.blocks;
         let runs: Vec<(u64, Vec<&[u8]>)> = runs(&st.writes)
             .into_iter()
@@ -251,7 +275,7 @@ impl DirectFileBackend {
                 (run[0].0, parts)
             })
             .collect();
-        if st.direct {
+        if st.direct && direct {
             match self.write_runs_direct(&runs) {
                 Ok(()) => return Ok(()),
                 // The file system takes no direct writes after all: buffered from now on (runs already
@@ -414,6 +438,12 @@ impl StorageBackend for DirectFileBackend {
         {
             let mut st = self.lock();
             Self::check(&st)?;
+            // A page written since the last sync is read where it waits (redb reads back the pages of a
+            // transaction bigger than its write buffer, for their checksums, before the commit).
+            if let Some(bytes) = st.held(offset, out.len()) {
+                out.copy_from_slice(bytes);
+                return Ok(());
+            }
             if st.overlaps(offset, out.len()) {
                 self.flush(&mut st)?;
             }
@@ -430,6 +460,7 @@ impl StorageBackend for DirectFileBackend {
     fn sync_data(&self) -> Result<(), io::Error> {
         let mut st = self.lock();
         self.flush(&mut st)?;
+        st.spilled = false;
         self.inner.sync_data()
     }
 
@@ -437,6 +468,7 @@ impl StorageBackend for DirectFileBackend {
         let mut st = self.lock();
         Self::check(&st)?;
         let gatherable = st.direct
+            && !st.spilled
             && self.switch.get()
             && offset % ALIGN as u64 == 0
             && data.len() % ALIGN == 0
@@ -448,8 +480,13 @@ impl StorageBackend for DirectFileBackend {
                 return self.inner.write(offset, data);
             }
         }
-        if st.gathered() + data.len() > FLUSH_AT {
-            self.flush(&mut st)?;
+        if st.gathered() + data.len() > self.flush_at {
+            // A transaction bigger than the gathering budget: redb reads some of its pages back before
+            // the commit. Written around the page cache, each of those reads would go to the disk; so
+            // what is gathered, and the rest of the transaction, go through the page cache.
+            self.flush_as(&mut st, false)?;
+            st.spilled = true;
+            return self.inner.write(offset, data);
         }
         let block = match st.blocks.iter().position(|b| b.room() >= data.len()) {
             Some(b) => b,
@@ -537,7 +574,11 @@ mod tests {
         ]
     }
 
-    fn backend(path: &std::path::Path, direct: bool) -> DirectFileBackend {
+    fn backend_spilling_at(
+        path: &std::path::Path,
+        direct: bool,
+        flush_at: usize,
+    ) -> DirectFileBackend {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -545,7 +586,8 @@ mod tests {
             .truncate(false)
             .open(path)
             .unwrap();
-        let b = DirectFileBackend::new(file, path).unwrap();
+        let mut b = DirectFileBackend::new(file, path).unwrap();
+        b.flush_at = flush_at;
         if !direct {
             b.lock().direct = false;
         }
@@ -554,12 +596,16 @@ mod tests {
 
     /// Run `ops` against the backend and a byte vector; every read and the length agree with the vector
     /// before and after syncs, and the file holds the vector's bytes after the backend is dropped.
-    fn agrees_with_a_byte_vector(ops: &[Op], direct: bool) -> Result<(), TestCaseError> {
+    fn agrees_with_a_byte_vector(
+        ops: &[Op],
+        direct: bool,
+        flush_at: usize,
+    ) -> Result<(), TestCaseError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let mut model: Vec<u8> = Vec::new();
         {
-            let b = backend(&path, direct);
+            let b = backend_spilling_at(&path, direct, flush_at);
             let switch = b.switch();
             let _on = switch.on();
             for op in ops {
@@ -611,12 +657,21 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(64))]
         #[test]
         fn gathered_direct_writes_behave_like_a_plain_file(ops in proptest::collection::vec(op(), 1..60)) {
-            agrees_with_a_byte_vector(&ops, true)?;
+            agrees_with_a_byte_vector(&ops, true, FLUSH_AT)?;
+        }
+
+        /// With a budget of a few pages, transactions spill to the page cache between syncs.
+        #[test]
+        fn spilling_past_the_budget_behaves_like_a_plain_file(
+            ops in proptest::collection::vec(op(), 1..60),
+            pages in 1usize..8,
+        ) {
+            agrees_with_a_byte_vector(&ops, true, pages * ALIGN)?;
         }
 
         #[test]
         fn with_direct_writes_off_it_is_the_buffered_file(ops in proptest::collection::vec(op(), 1..30)) {
-            agrees_with_a_byte_vector(&ops, false)?;
+            agrees_with_a_byte_vector(&ops, false, FLUSH_AT)?;
         }
     }
 
@@ -646,11 +701,22 @@ mod tests {
     /// with direct writes on where the file system takes them (reported either way).
     #[test]
     fn a_store_written_through_it_reopens_with_redbs_own_backend() {
+        written_through_the_backend_reopens(None, FLUSH_AT);
+    }
+
+    /// The same with transactions bigger than redb's write buffer (redb writes pages before the commit
+    /// and reads them back) and than the backend's gathering budget (they spill to the page cache).
+    #[test]
+    fn transactions_past_the_write_buffer_and_the_budget_reopen_too() {
+        written_through_the_backend_reopens(Some(256 << 10), 96 << 10);
+    }
+
+    fn written_through_the_backend_reopens(cache: Option<usize>, flush_at: usize) {
         use redb::{ReadableDatabase, TableDefinition};
         const T: TableDefinition<u64, &[u8]> = TableDefinition::new("t");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.redb");
-        let b = backend(&path, true);
+        let b = backend_spilling_at(&path, true, flush_at);
         eprintln!(
             "direct writes on {}: {}",
             dir.path().display(),
@@ -658,7 +724,11 @@ mod tests {
         );
         let switch = b.switch();
         let _on = switch.on();
-        let db = redb::Builder::new().create_with_backend(b).unwrap();
+        let mut builder = redb::Builder::new();
+        if let Some(c) = cache {
+            builder.set_cache_size(c);
+        }
+        let db = builder.create_with_backend(b).unwrap();
         for batch in 0..5u64 {
             let w = db.begin_write().unwrap();
             {

@@ -37,6 +37,12 @@ use std::path::{Path, PathBuf};
 /// redb's page cache per open store. redb's default (1 GiB) let ingestion's resident memory grow with the
 /// zoo (every written page stayed cached); the OS page cache still caches the file.
 pub const CACHE_BYTES: usize = 64 << 20;
+/// The most bytes of values ingestion puts in one transaction (more when one object alone is bigger).
+/// redb holds a transaction's pages in its write buffer (half of [`CACHE_BYTES`]) until the commit; pages
+/// of a bigger transaction are written out early and read back at the commit for their checksums. Batches
+/// of 128 MiniLM LoRAs (40 MB) took 26-35 s to ingest 10,000 of them against 6 s for batches of 64 (20
+/// MB), most of it reading back what had just been written.
+pub const BATCH_BYTES: usize = CACHE_BYTES * 3 / 8;
 
 /// The schema version this peftdb reads and writes.
 pub const SCHEMA_VERSION: u32 = 2;
@@ -263,30 +269,56 @@ pub fn implied_dims(obj: &LightweightObject) -> BTreeMap<String, (usize, String)
 
 /// Content hash of an object: BLAKE3 over a domain tag, the config bytes, then each tensor's name, dtype,
 /// shape and data (lengths prefixed). Two ingestions of the same adapter bytes hash equal.
+///
+/// The bytes are laid out in one buffer (reused per thread) and hashed at once: fed piece by piece, BLAKE3
+/// could not hash a tensor's chunks side by side (a small prefix before each tensor leaves its chunks
+/// unaligned to the tree), and ran at 2 GB/s instead of the 5-6 GB/s its SIMD path reaches.
 pub fn content_hash(obj: &LightweightObject) -> [u8; 32] {
-    let mut h = blake3::Hasher::new();
-    h.update(b"peftdb-object-v1\0");
-    h.update(&(obj.config_json.len() as u64).to_le_bytes());
-    h.update(&obj.config_json);
+    thread_local! {
+        static INPUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    INPUT.with(|input| {
+        let mut b = input.borrow_mut();
+        b.clear();
+        content_hash_input(obj, &mut b);
+        let hash = *blake3::hash(&b).as_bytes();
+        // Keep the buffer for the next object of a zoo, not the largest object ever hashed.
+        if b.capacity() > 64 << 20 {
+            *b = Vec::new();
+        }
+        hash
+    })
+}
+
+/// The bytes [`content_hash`] hashes (the store's format: see schema/store.md).
+fn content_hash_input(obj: &LightweightObject, b: &mut Vec<u8>) {
+    let data: usize = obj
+        .tensors
+        .iter()
+        .map(|t| t.data.len() + t.name.len() + 64)
+        .sum();
+    b.reserve(64 + obj.config_json.len() + data);
+    b.extend_from_slice(b"peftdb-object-v1\0");
+    b.extend_from_slice(&(obj.config_json.len() as u64).to_le_bytes());
+    b.extend_from_slice(&obj.config_json);
     if let Some(m) = &obj.metadata {
         for (k, v) in m {
-            h.update(&(k.len() as u64).to_le_bytes());
-            h.update(k.as_bytes());
-            h.update(&(v.len() as u64).to_le_bytes());
-            h.update(v.as_bytes());
+            b.extend_from_slice(&(k.len() as u64).to_le_bytes());
+            b.extend_from_slice(k.as_bytes());
+            b.extend_from_slice(&(v.len() as u64).to_le_bytes());
+            b.extend_from_slice(v.as_bytes());
         }
     }
     for t in &obj.tensors {
-        h.update(&(t.name.len() as u64).to_le_bytes());
-        h.update(t.name.as_bytes());
-        h.update(&[t.dtype.code(), t.shape.len() as u8]);
+        b.extend_from_slice(&(t.name.len() as u64).to_le_bytes());
+        b.extend_from_slice(t.name.as_bytes());
+        b.extend_from_slice(&[t.dtype.code(), t.shape.len() as u8]);
         for d in &t.shape {
-            h.update(&(*d as u64).to_le_bytes());
+            b.extend_from_slice(&(*d as u64).to_le_bytes());
         }
-        h.update(&(t.data.len() as u64).to_le_bytes());
-        h.update(&t.data);
+        b.extend_from_slice(&(t.data.len() as u64).to_le_bytes());
+        b.extend_from_slice(&t.data);
     }
-    *h.finalize().as_bytes()
 }
 
 fn hex(b: &[u8]) -> String {
@@ -339,6 +371,11 @@ impl PreparedObject {
             .map(|(_, e)| e.as_ref().ok().map(|e| codec::encode_embedding(&e.vector)))
             .collect();
         p
+    }
+
+    /// Bytes of the values this object adds to the store (its tensor stream and encoded embeddings).
+    pub(crate) fn stored_bytes(&self) -> usize {
+        self.stream.len() + self.encoded.iter().flatten().map(Vec::len).sum::<usize>()
     }
 
     /// Every embedding of the object by kind (TuPaTE first), or why it has none of that kind.
@@ -1591,6 +1628,83 @@ impl Drop for Store {
     fn drop(&mut self) {
         if let Some(p) = &self.owner_file {
             let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// [`content_hash`] as first written: the same bytes fed to the hasher piece by piece.
+    fn piecewise(obj: &LightweightObject) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(b"peftdb-object-v1\0");
+        h.update(&(obj.config_json.len() as u64).to_le_bytes());
+        h.update(&obj.config_json);
+        for (k, v) in obj.metadata.iter().flatten() {
+            h.update(&(k.len() as u64).to_le_bytes());
+            h.update(k.as_bytes());
+            h.update(&(v.len() as u64).to_le_bytes());
+            h.update(v.as_bytes());
+        }
+        for t in &obj.tensors {
+            h.update(&(t.name.len() as u64).to_le_bytes());
+            h.update(t.name.as_bytes());
+            h.update(&[t.dtype.code(), t.shape.len() as u8]);
+            for d in &t.shape {
+                h.update(&(*d as u64).to_le_bytes());
+            }
+            h.update(&(t.data.len() as u64).to_le_bytes());
+            h.update(&t.data);
+        }
+        *h.finalize().as_bytes()
+    }
+
+    /// A real PEFT adapter, with and without a metadata map, hashes as the piecewise definition does.
+    #[test]
+    fn content_hash_of_a_peft_adapter_is_the_piecewise_hash() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peft-fixtures/lora_r8_qv");
+        let mut obj = crate::object::read_adapter(&dir, &Default::default()).unwrap();
+        assert_eq!(content_hash(&obj), piecewise(&obj));
+        obj.metadata = Some(BTreeMap::from([
+            ("format".to_string(), "pt".to_string()),
+            ("note".to_string(), "x".repeat(3000)),
+        ]));
+        assert_eq!(content_hash(&obj), piecewise(&obj));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Objects of random tensor sizes (chunk-aligned or not) and metadata hash as the piecewise
+        /// definition does, one after another on the same thread (the reused buffer).
+        #[test]
+        fn content_hash_is_the_piecewise_hash(
+            sizes in proptest::collection::vec(0usize..5000, 0..6),
+            meta in proptest::option::of(proptest::collection::btree_map("[a-z]{0,8}", "[ -~]{0,40}", 0..4)),
+            config in proptest::collection::vec(any::<u8>(), 0..300),
+            seed in any::<u8>(),
+        ) {
+            let tensors = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| crate::object::Tensor {
+                    name: format!("t{i}.weight"),
+                    dtype: crate::dtype::DType::F32,
+                    shape: vec![n],
+                    data: (0..4 * n).map(|j| (j as u8).wrapping_mul(seed)).collect(),
+                })
+                .collect();
+            let obj = LightweightObject {
+                method: crate::object::Method::Bitfit(Default::default()),
+                base_model: "m".into(),
+                format: crate::object::AdapterFormat::Bitfit,
+                tensors,
+                metadata: meta,
+                config_json: config,
+            };
+            prop_assert_eq!(content_hash(&obj), piecewise(&obj));
         }
     }
 }
