@@ -24,7 +24,7 @@
 //! - between two syncs writes may reach the disk in any order, which the page cache's write-back already
 //!   did, so redb's commit protocol is untouched.
 //!
-//! A transaction that gathers more than [`FLUSH_AT`] bytes (bigger than redb's write buffer, so redb
+//! A transaction that gathers more than 32 MiB (bigger than redb's write buffer, so redb
 //! writes some of its pages before the commit and reads them back for their checksums) writes what it
 //! gathered, and the rest of its writes until the sync, through the page cache, where those reads find
 //! them. Ingestion keeps its transactions under that ([`super::BATCH_BYTES`]).
