@@ -1,5 +1,6 @@
 //! The process's memory policy, set once by the parts of peftdb that churn through large buffers (the
-//! engine's tensors, ingestion's adapter files and encoded values).
+//! engine's tensors, ingestion's adapter files and encoded values), and the per-thread buffers that
+//! such parts reuse from one item to the next (`with_reused_buffer`).
 //!
 //! On Linux with glibc, and unless the user set `GLIBC_TUNABLES`: freed memory stays in the heap for reuse
 //! (`M_MMAP_THRESHOLD` 32 MiB, `M_TRIM_THRESHOLD` 1 GiB). By default glibc maps each large allocation
@@ -22,4 +23,25 @@ pub fn keep_freed_memory() {
             }
         }
     });
+}
+
+/// Run `f` with this thread's buffer in `key`, emptied. The buffer stays for the next call (its memory
+/// stays mapped, where a fresh one per item cost the kernel's zeroing of new pages), unless `f` grew it
+/// past `keep_up_to` bytes: then it is freed. A nested call on the same key gets a fresh buffer.
+pub(crate) fn with_reused_buffer<R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<Vec<u8>>>,
+    keep_up_to: usize,
+    f: impl FnOnce(&mut Vec<u8>) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            buf.clear();
+            let r = f(&mut buf);
+            if buf.capacity() > keep_up_to {
+                *buf = Vec::new();
+            }
+            r
+        }
+        Err(_) => f(&mut Vec::new()),
+    })
 }

@@ -97,15 +97,8 @@ fn with_file_bytes<R>(
     what: &str,
     f: impl FnOnce(&[u8]) -> R,
 ) -> Result<R, ReadError> {
-    READ_BUFFER.with(|b| {
-        let Ok(mut buf) = b.try_borrow_mut() else {
-            return Ok(f(&read_limited(path, limit, what)?));
-        };
-        let r = read_limited_into(path, limit, what, &mut buf).map(|()| f(&buf));
-        if buf.capacity() > REUSED_READ_BUFFER {
-            *buf = Vec::new();
-        }
-        r
+    crate::memory::with_reused_buffer(&READ_BUFFER, REUSED_READ_BUFFER, |buf| {
+        read_limited_into(path, limit, what, buf).map(|()| f(buf))
     })
 }
 

@@ -73,24 +73,53 @@ impl Tensor {
     /// Add the values, converted to f32 and then f64, to `acc` element by element (`acc[i] += v[i]`, for
     /// as many as both have), without a converted copy of the tensor.
     pub fn add_to_f64(&self, acc: &mut [f64]) {
-        fn add<const W: usize>(data: &[u8], acc: &mut [f64], f: impl Fn([u8; W]) -> f32) {
-            for (a, c) in acc.iter_mut().zip(data.chunks_exact(W)) {
-                *a += f(c.try_into().expect("W bytes")) as f64;
+        match self.f32_in_place() {
+            Some(values) => {
+                for (a, v) in acc.iter_mut().zip(values) {
+                    *a += *v as f64;
+                }
+            }
+            None => {
+                let mut acc = acc.iter_mut();
+                self.for_each_decoded(|v| {
+                    if let Some(a) = acc.next() {
+                        *a += v as f64;
+                    }
+                });
+            }
+        }
+    }
+
+    /// The values where they are: f32 data on a little-endian machine, its bytes f32-aligned (the
+    /// allocator always gives that on glibc).
+    fn f32_in_place(&self) -> Option<&[f32]> {
+        if self.dtype != DType::F32 || cfg!(target_endian = "big") {
+            return None;
+        }
+        bytemuck::try_cast_slice(&self.data[..self.data.len() / 4 * 4]).ok()
+    }
+
+    /// Hand `f` each value in order, decoded from its little-endian bytes and converted to f32 (the path
+    /// for data that [`Self::f32_in_place`] cannot lend).
+    #[inline]
+    fn for_each_decoded(&self, mut f: impl FnMut(f32)) {
+        fn each<const W: usize>(
+            data: &[u8],
+            conv: impl Fn([u8; W]) -> f32,
+            f: &mut impl FnMut(f32),
+        ) {
+            for c in data.chunks_exact(W) {
+                f(conv(c.try_into().expect("W bytes")));
             }
         }
         match self.dtype {
-            DType::F32 => {
-                match bytemuck::try_cast_slice::<u8, f32>(&self.data[..self.data.len() / 4 * 4]) {
-                    Ok(values) if cfg!(target_endian = "little") => {
-                        for (a, v) in acc.iter_mut().zip(values) {
-                            *a += *v as f64;
-                        }
-                    }
-                    _ => add::<4>(&self.data, acc, f32::from_le_bytes),
-                }
-            }
-            DType::F16 => add::<2>(&self.data, acc, |b| half::f16::from_le_bytes(b).to_f32()),
-            DType::BF16 => add::<2>(&self.data, acc, |b| half::bf16::from_le_bytes(b).to_f32()),
+            DType::F32 => each::<4>(&self.data, f32::from_le_bytes, &mut f),
+            DType::F16 => each::<2>(&self.data, |b| half::f16::from_le_bytes(b).to_f32(), &mut f),
+            DType::BF16 => each::<2>(
+                &self.data,
+                |b| half::bf16::from_le_bytes(b).to_f32(),
+                &mut f,
+            ),
         }
     }
 
@@ -106,39 +135,14 @@ impl Tensor {
         out
     }
 
-    /// Append the values, converted to f32, to `out`.
+    /// Append the values, converted to f32, to `out`: f32 data in one copy, other dtypes decoded.
     pub fn extend_f32(&self, out: &mut Vec<f32>) {
-        match self.dtype {
-            // Little-endian f32 bytes are the values: one copy.
-            DType::F32 if cfg!(target_endian = "little") => {
-                let whole = &self.data[..self.data.len() / 4 * 4];
-                match bytemuck::try_cast_slice::<u8, f32>(whole) {
-                    // The allocator gave the bytes f32 alignment (it always does on glibc): one copy,
-                    // without zeroing the destination first.
-                    Ok(values) => out.extend_from_slice(values),
-                    Err(_) => {
-                        let start = out.len();
-                        out.resize(start + whole.len() / 4, 0.0);
-                        bytemuck::cast_slice_mut::<f32, u8>(&mut out[start..])
-                            .copy_from_slice(whole);
-                    }
-                }
+        match self.f32_in_place() {
+            Some(values) => out.extend_from_slice(values),
+            None => {
+                out.reserve(self.values_len());
+                self.for_each_decoded(|v| out.push(v));
             }
-            DType::F32 => out.extend(
-                self.data
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            ),
-            DType::F16 => out.extend(
-                self.data
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
-            ),
-            DType::BF16 => out.extend(
-                self.data
-                    .chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
-            ),
         }
     }
 

@@ -243,10 +243,10 @@ impl DirectFileBackend {
 
     /// Write every gathered write, in offset order, contiguous ones in one call.
     fn flush(&self, st: &mut State) -> io::Result<()> {
-        self.flush_as(st, st.direct)
+        self.flush_as(st, true)
     }
 
-    /// [`Self::flush`], around the page cache (`direct`, where direct writes work) or through it.
+    /// [`Self::flush`], around the page cache where direct writes work (`direct`) or through it.
     fn flush_as(&self, st: &mut State, direct: bool) -> io::Result<()> {
         Self::check(st)?;
         if st.writes.is_empty() {

@@ -277,16 +277,10 @@ pub fn content_hash(obj: &LightweightObject) -> [u8; 32] {
     thread_local! {
         static INPUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    INPUT.with(|input| {
-        let mut b = input.borrow_mut();
-        b.clear();
-        content_hash_input(obj, &mut b);
-        let hash = *blake3::hash(&b).as_bytes();
-        // Keep the buffer for the next object of a zoo, not the largest object ever hashed.
-        if b.capacity() > 64 << 20 {
-            *b = Vec::new();
-        }
-        hash
+    // Kept for the next object of a zoo, not the largest object ever hashed.
+    crate::memory::with_reused_buffer(&INPUT, 64 << 20, |b| {
+        content_hash_input(obj, b);
+        *blake3::hash(b).as_bytes()
     })
 }
 
