@@ -27,6 +27,7 @@
 use crate::error::{IngestError, StoreError};
 use crate::object::formats::{is_adapter_dir, ReadOptions};
 use crate::object::read_adapter;
+use crate::store::direct::Ticket;
 use crate::store::{NewObject, ObjectId, Outcome, PreparedObject, Store, TaskRecord};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -465,6 +466,24 @@ pub fn ingest_candidates(
     opts: &IngestOptions,
     progress: &(dyn Fn(IngestEvent) + Sync),
 ) -> Result<IngestReport, IngestError> {
+    let result = ingest_in_chunks(store, candidates, opts, progress);
+    // Every write queued behind the commits (redb's last header write too) is done before the caller
+    // goes on: a process that ends without closing the store leaves the same file as one that closes it.
+    let written = store.wait_all_written();
+    match (result, written) {
+        (Ok(report), Ok(())) => Ok(report),
+        (Ok(_), Err(e)) => Err(e.into()),
+        (Err(e), _) => Err(e),
+    }
+}
+
+/// [`ingest_candidates`] up to the last commit.
+fn ingest_in_chunks(
+    store: &Store,
+    candidates: &[Candidate],
+    opts: &IngestOptions,
+    progress: &(dyn Fn(IngestEvent) + Sync),
+) -> Result<IngestReport, IngestError> {
     progress(IngestEvent::Discovered {
         total: candidates.len(),
     });
@@ -484,9 +503,29 @@ pub fn ingest_candidates(
             .is_some_and(|c| c.load(Ordering::SeqCst))
     };
     let mut spent: Vec<PreparedObject> = Vec::new();
+    // A chunk's adapters are reported once its commits are on the disk: the store writes them behind
+    // the next chunk's commits, so the reports trail by one chunk.
+    let mut held: Option<(Ticket, Vec<ItemReport>)> = None;
+    let release = |held: Option<(Ticket, Vec<ItemReport>)>,
+                   report: &mut IngestReport|
+     -> Result<(), IngestError> {
+        let Some((ticket, items)) = held else {
+            return Ok(());
+        };
+        store.wait_durable(ticket)?;
+        for it in items {
+            progress(IngestEvent::Processed {
+                path: it.path.clone(),
+                outcome: it.outcome.clone(),
+            });
+            report.items.push(it);
+        }
+        Ok(())
+    };
     while let Some((ci, prepared)) = pending.take() {
         let chunk = chunks[ci];
         if cancelled() {
+            release(held.take(), &mut report)?;
             return Err(IngestError::Interrupted {
                 done: report.items.len(),
                 remaining: candidates.len() - report.items.len(),
@@ -503,18 +542,15 @@ pub fn ingest_candidates(
         );
         // What was committed is reported even when a later transaction of the chunk failed.
         let (items, failed) = committed;
-        for it in items {
-            progress(IngestEvent::Processed {
-                path: it.path.clone(),
-                outcome: it.outcome.clone(),
-            });
-            report.items.push(it);
-        }
+        let ticket = store.write_ticket();
+        release(held.replace((ticket, items)), &mut report)?;
         if let Some(e) = failed {
+            release(held.take(), &mut report)?;
             return Err(e);
         }
         pending = next;
     }
+    release(held.take(), &mut report)?;
     Ok(report)
 }
 

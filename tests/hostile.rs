@@ -1210,3 +1210,35 @@ fn a_zoo_with_configs_peft_cannot_load_stores_only_the_good_adapters() {
     tasks.sort();
     assert_eq!(tasks, ["a_good", "c_good", "e_good"]);
 }
+
+/// Output piped into a reader that stops early ends the command quietly: no panic on the broken pipe.
+#[cfg(unix)]
+#[test]
+fn a_closed_output_pipe_ends_the_command_without_a_panic() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("z.peftdb");
+    let store = Store::create(&db).unwrap();
+    let r = ingest_all(&store, fixture("lora_r8_qv").parent().unwrap());
+    assert!(r.ingested() > 0, "{:?}", r.items);
+    drop(store);
+    // The reading end is closed before the command has opened the store, so its first write meets it.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_peftdb"))
+        .args(["--db", db.to_str().unwrap(), "ls", "objects"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    assert_ne!(status.code(), Some(101), "{err}");
+}

@@ -860,22 +860,58 @@ impl Store {
     /// [`Outcome::Rejected`]; a storage failure aborts the whole batch (nothing of it is stored, every
     /// earlier batch stays).
     pub fn commit_batch(&self, batch: Vec<PreparedObject>) -> Result<Vec<Outcome>, StoreError> {
-        self.commit_prepared(&batch, false)
+        let outcomes = self.commit_prepared(&batch, false)?;
+        self.wait_all_written()?;
+        Ok(outcomes)
     }
 
     /// [`Store::commit_batch`] (or, with `stop_at_rejection`, [`Store::commit_batch_until_rejected`])
     /// leaving the batch to the caller, so ingestion frees it on another thread than the writer's.
+    /// Returns once the transaction is committed, maybe before it is durable: the caller waits for
+    /// [`Store::write_ticket`] with [`Store::wait_durable`] before it reports the objects stored.
     pub(crate) fn commit_prepared(
         &self,
         batch: &[PreparedObject],
         stop_at_rejection: bool,
     ) -> Result<Vec<Outcome>, StoreError> {
-        // A batch is new pages, read back rarely: write them around the page cache.
+        // A batch is new pages, read back rarely: write them around the page cache, behind the commit.
         let _direct = self.direct.as_ref().map(|d| d.on());
         let w = self.write()?;
         let outcomes = self.apply_batch(&w, batch, stop_at_rejection)?;
         w.commit().during(&self.path, "committing a batch")?;
         Ok(outcomes)
+    }
+
+    /// Every commit so far ([`direct::DirectWrites`]): [`Store::wait_durable`] on it returns once they
+    /// are all on the disk.
+    pub(crate) fn write_ticket(&self) -> direct::Ticket {
+        self.direct
+            .as_ref()
+            .map_or_else(direct::Ticket::default, |d| d.ticket())
+    }
+
+    /// Wait until every write queued behind the commits is done (the commits are durable, and so is
+    /// redb's header write after the last one); fails like [`Store::wait_durable`].
+    pub(crate) fn wait_all_written(&self) -> Result<(), StoreError> {
+        match &self.direct {
+            Some(d) => d
+                .settle()
+                .map_err(redb::StorageError::from)
+                .during(&self.path, "writing committed batches to the disk"),
+            None => Ok(()),
+        }
+    }
+
+    /// Wait until the commits up to `t` are on the disk; fails when a write behind them failed (the
+    /// store must then be reopened; what was durable before stays).
+    pub(crate) fn wait_durable(&self, t: direct::Ticket) -> Result<(), StoreError> {
+        match &self.direct {
+            Some(d) => d
+                .wait(t)
+                .map_err(redb::StorageError::from)
+                .during(&self.path, "writing committed batches to the disk"),
+            None => Ok(()),
+        }
     }
 
     /// Like [`Store::commit_batch`], but stops at the first rejected object: only the objects before it
@@ -884,7 +920,9 @@ impl Store {
         &self,
         batch: Vec<PreparedObject>,
     ) -> Result<Vec<Outcome>, StoreError> {
-        self.commit_prepared(&batch, true)
+        let outcomes = self.commit_prepared(&batch, true)?;
+        self.wait_all_written()?;
+        Ok(outcomes)
     }
 
     fn apply_batch(

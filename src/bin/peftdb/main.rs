@@ -88,6 +88,13 @@ pub fn exit_code_for(e: &anyhow::Error) -> u8 {
 }
 
 fn main() -> ExitCode {
+    // Output piped into a reader that stops early (`peftdb ls | head`) ends the command quietly, as a
+    // Unix tool does, instead of a panic in `println!` on the broken pipe.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let r = match &cli.cmd {
         Cmd::Init => cmd_store::init(&cli.db, cli.json),
