@@ -340,7 +340,9 @@ impl DirectWrites {
                     }
                 }
             };
-            let result = io.run(&job);
+            // A panic in a job would leave every waiter waiting: it fails the job instead.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| io.run(&job)))
+                .unwrap_or_else(|_| Err(io::Error::other("the store's writer thread panicked")));
             let mut q = self.queue();
             q.jobs.pop_front();
             match (&*job, &result) {
