@@ -74,7 +74,8 @@ impl Default for IngestOptions {
 pub enum IngestEvent {
     /// Discovery finished: this many adapter folders will be processed.
     Discovered { total: usize },
-    /// One adapter was processed.
+    /// One adapter was processed: when it was stored, its batch is on the disk (reports of a batch come
+    /// after the next batch has committed, which the store writes behind).
     Processed { path: PathBuf, outcome: ItemOutcome },
 }
 
