@@ -258,32 +258,23 @@ impl DirectWrites {
     pub fn ticket(&self) -> Ticket {
         Ticket(self.queue().queued_syncs)
     }
-    /// Whether every sync up to `t` is done (false after a failed write too).
-    pub fn is_durable(&self, t: Ticket) -> bool {
-        let q = self.queue();
-        q.failed.is_none() && q.done_syncs >= t.0
-    }
     /// Wait until every sync up to `t` is done, or fail with the write that failed.
     pub fn wait(&self, t: Ticket) -> io::Result<()> {
-        let mut q = self.queue();
-        while q.failed.is_none() && q.done_syncs < t.0 {
-            q = self.0.changed.wait(q).unwrap_or_else(|p| p.into_inner());
-        }
-        check(&q)
+        self.wait_until(|q| q.done_syncs >= t.0)
     }
     /// Wait until the writer thread has done every queued job (fails like [`DirectWrites::wait`]).
     pub(crate) fn settle(&self) -> io::Result<()> {
-        let mut q = self.queue();
-        while q.failed.is_none() && !q.jobs.is_empty() {
-            q = self.0.changed.wait(q).unwrap_or_else(|p| p.into_inner());
-        }
-        check(&q)
+        self.wait_until(|q| q.jobs.is_empty())
     }
     /// Wait while gathered writes of an earlier transaction are still queued (at most one transaction's
     /// writes wait in memory behind the one being built).
     fn wait_for_runs(&self) -> io::Result<()> {
+        self.wait_until(|q| q.runs == 0)
+    }
+    /// Wait until `done` holds of the queue, or a write failed (then its error).
+    fn wait_until(&self, done: impl Fn(&Queue) -> bool) -> io::Result<()> {
         let mut q = self.queue();
-        while q.failed.is_none() && q.runs > 0 {
+        while q.failed.is_none() && !done(&q) {
             q = self.0.changed.wait(q).unwrap_or_else(|p| p.into_inner());
         }
         check(&q)
