@@ -966,6 +966,17 @@ mod tests {
         b
     }
 
+    /// A backend at `path` that writes around the page cache, or `None` (with a message) where the file
+    /// system refuses `O_DIRECT`.
+    fn direct_backend(path: &std::path::Path) -> Option<DirectFileBackend> {
+        let b = backend_spilling_at(path, true, FLUSH_AT);
+        if !b.writes_direct() {
+            eprintln!("no direct writes on {}: skipped", path.display());
+            return None;
+        }
+        Some(b)
+    }
+
     /// Run `ops` against the backend and a byte vector; every read and the length agree with the vector
     /// before and after syncs, and the file holds the vector's bytes after the backend is dropped.
     fn agrees_with_a_byte_vector(
@@ -1059,11 +1070,9 @@ mod tests {
         for fail_at in [0usize, 1, 2] {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("f");
-            let b = backend_spilling_at(&path, true, FLUSH_AT);
-            if !b.writes_direct() {
-                eprintln!("no direct writes on {}: skipped", dir.path().display());
+            let Some(b) = direct_backend(&path) else {
                 return;
-            }
+            };
             let switch = b.switch();
             let _on = switch.on();
             let page = |byte: u8| vec![byte; 2 * ALIGN];
@@ -1153,11 +1162,9 @@ mod tests {
     fn single_pages_are_written_through_the_page_cache() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let b = backend_spilling_at(&path, true, FLUSH_AT);
-        if !b.writes_direct() {
-            eprintln!("no direct writes on {}: skipped", dir.path().display());
+        let Some(b) = direct_backend(&path) else {
             return;
-        }
+        };
         let switch = b.switch();
         let _on = switch.on();
         // Page 0 alone; pages 2..18 as one write.
