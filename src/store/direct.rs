@@ -19,8 +19,8 @@
 //! gathered writes and the `fdatasync` for a writer thread and returns, so the next transaction is built
 //! while the disk takes this one. Measured on 10,000 MiniLM LoRAs in a slow phase of the disk (dd 288
 //! MB/s), the writing thread was busy about 9.5 s of a 13.5 s ingestion; writing behind took the
-//! ingestion from 15.1 and 16.2 s to 13.1-15.2 s (six runs), where the preparing side (CPU) is the
-//! longest path.
+//! ingestion from 15.1 and 16.2 s to 13.1-15.2 s (six runs). The preparing side (CPU) then looked like
+//! the longest path; timing each step in session 22 showed the commit waiting on reads instead (below).
 //!
 //! Two things keep the commit from waiting on the disk (session 22). redb's read cache takes the pages a
 //! commit flushes only while it has room, so once an ingestion has filled it, the pages redb reads back
@@ -28,7 +28,7 @@
 //! from the backend: about 10 per transaction. Written around the page cache, each was a disk read queued
 //! behind the writer's megabytes (5.0-5.4 s of a 13.2 s ingestion), and a read of a page still in the
 //! queue waited for the whole queue (4.1 s of another). Now a gathered write of a single page goes
-//! through the page cache (3-4% of an ingestion's bytes; reads of them then cost 14 ms in all), and a read
+//! through the page cache (about 4% of an ingestion's bytes; the reads then took 14 ms in all), and a read
 //! that one queued write holds is served from the queue's memory.
 //!
 //! The contract redb needs from a backend, and what the store adds:
