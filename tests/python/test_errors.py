@@ -95,9 +95,14 @@ def test_ctrl_c_during_ingest_keeps_the_store_whole(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C
 
     with peftdb.Store(path, create=True) as db:
-        with pytest.raises(KeyboardInterrupt):
+        try:
             db.ingest(DEMO_ZOO, batch_size=3, progress=interrupt)
+            raised = False
+        except KeyboardInterrupt:
+            raised = True
         kept = db.objects()
+    # Seen once in CI (session 22) and not reproduced: say what the callback saw if it happens again.
+    assert raised, f"no KeyboardInterrupt; the callback saw done = {seen}, {len(kept)} objects stored"
     # A batch is reported once it is on the disk, which the store writes behind the next batch's commit:
     # the first batch's reports come after the second batch committed, and nothing after that is stored.
     assert len(kept) == 6 and max(seen) == 3
