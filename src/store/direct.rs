@@ -22,19 +22,33 @@
 //! ingestion from 15.1 and 16.2 s to 13.1-15.2 s (six runs). The preparing side (CPU) then looked like
 //! the longest path; timing each step in session 22 showed the commit waiting on reads instead (below).
 //!
-//! Two things keep the commit from waiting on the disk (session 22). redb's read cache takes the pages a
-//! commit flushes only while it has room, so once an ingestion has filled it, the pages redb reads back
-//! in the next transaction (the branch pages of the trees it appends to, written one 4 KiB page each) come
-//! from the backend: about 10 per transaction. Written around the page cache, each was a disk read queued
-//! behind the writer's megabytes (5.0-5.4 s of a 13.2 s ingestion), and a read of a page still in the
-//! queue waited for the whole queue (4.1 s of another). Now a gathered write of a single page goes
-//! through the page cache (about 4% of an ingestion's bytes; the reads then took 14 ms in all), and a read
-//! that one queued write holds is served from the queue's memory.
+//! Two things keep the commit from waiting on the disk. redb's read cache takes the pages a commit
+//! flushes only while it has room, so once an ingestion has filled it, the pages redb reads back in the
+//! next transactions (branch pages, and leaves of the hash index, whose random keys touch about 50 of its
+//! leaves per transaction: single 4 KiB pages) come from the backend. Written around the page cache, each
+//! was a disk read queued behind the writer's megabytes (5.0-5.4 s of a 13.2 s ingestion, session 22),
+//! and a read of a page still in the queue waited for the whole queue (4.1 s of another).
+//! - A read that one queued write holds is served from the queue's memory (session 22).
+//! - The **memo** keeps copies of the last [`MEMO_PAGES`] single pages written around the page cache (16
+//!   MiB), and serves reads within one of them (session 23). It skips leaves of one key-value pair (redb's
+//!   page format: the last chunk of a stored value, which nothing reads back during ingestion), so it
+//!   holds the other single pages of the last 20-odd transactions. Every write to the file updates or forgets the copies it
+//!   overlaps and a shrink forgets those past the end, so a copy is always what the file holds; a page
+//!   the memo does not have is read from the file.
+//!
+//!   Session 22 wrote single pages through the page cache instead, where redb's reads found them. That
+//!   broke each transaction's runs at every single page (about 360 per transaction), and the buffered
+//!   pages went to the disk as scattered 4 KiB writes at the sync: on 10,000 MiniLM LoRAs the writer
+//!   thread spent 9.2-9.5 s with every page written direct against 11.9-13.8 s (same binary, switched by
+//!   a variable; the reads then cost 5.2-5.3 s, which the memo removes: 28-35 reads from the file, 0.2-0.3
+//!   s). Whole ingestions, interleaved, the zoo warmed before each: medians 12.1 s with the memo against
+//!   14.2 s before it (four each; the disk in its slow phase, `dd conv=fdatasync` 253-317 MB/s).
 //!
 //! The contract redb needs from a backend, and what the store adds:
 //! - a read sees every earlier write (a read within one gathered write, or within the newest queued write
-//!   that overlaps it, is served from memory; a read that overlaps gathered writes, or queued writes that
-//!   do not hold all of it, waits for them to be written first);
+//!   that overlaps it, or within a page the memo keeps, is served from memory; a read that overlaps
+//!   gathered writes, or queued writes that do not hold all of it, waits for them to be written first;
+//!   the writer thread updates the memo before a job leaves the queue);
 //! - a later write of the same bytes wins (an overlapping write queues the gathered ones first);
 //! - the writer thread runs its jobs one after the other in the order redb asked for them (the gathered
 //!   writes, then the sync, then redb's header write, then the next sync...), so the file on the disk is
@@ -78,6 +92,10 @@ const BLOCK: usize = 4 << 20;
 /// Gathered bytes past which a transaction's writes go through the page cache instead (it is bigger than
 /// ingestion's transactions, [`super::BATCH_BYTES`], and redb will read some of its pages back).
 const FLUSH_AT: usize = 8 * BLOCK;
+/// Single pages written around the page cache that the backend keeps copies of, for redb's reads of
+/// them (16 MiB). An ingestion transaction of 64 MiniLM LoRAs writes about 360 single pages, some 190 of
+/// them the last chunks of its values, which the memo skips.
+const MEMO_PAGES: usize = 4096;
 /// Direct writes in flight at once when writing gathered runs (the device takes 2 GB/s at depth 2
 /// against 1.4 GB/s at depth 1 for 384 KiB writes here).
 const IO_DEPTH: usize = 4;
@@ -148,6 +166,92 @@ impl Gathering {
             .iter()
             .next_back()
             .map_or(0, |(o, g)| o + g.len as u64)
+    }
+}
+
+/// Copies of the last [`MEMO_PAGES`] single pages written around the page cache (module docs): each
+/// holds what the file holds at that page. Every write to the file goes through [`Io`], which updates
+/// or forgets the copies it overlaps; a shrink forgets those past the new end.
+#[derive(Default)]
+struct Memo {
+    /// Page offset -> its slot in `slots`.
+    at: std::collections::HashMap<u64, usize>,
+    /// `(page offset, bytes)`; replaced oldest first, from `next`. A forgotten slot keeps its buffer.
+    slots: Vec<(Option<u64>, Box<[u8]>)>,
+    next: usize,
+}
+
+impl Memo {
+    /// Keep a copy of the page written at `offset`.
+    fn put(&mut self, offset: u64, page: &[u8]) {
+        if let Some(&s) = self.at.get(&offset) {
+            self.slots[s].1.copy_from_slice(page);
+            return;
+        }
+        let s = if self.slots.len() < MEMO_PAGES {
+            self.slots.push((None, vec![0u8; ALIGN].into_boxed_slice()));
+            self.slots.len() - 1
+        } else {
+            let s = self.next;
+            self.next = (s + 1) % MEMO_PAGES;
+            s
+        };
+        let (at, buf) = &mut self.slots[s];
+        if let Some(old) = at.replace(offset) {
+            self.at.remove(&old);
+        }
+        buf.copy_from_slice(page);
+        self.at.insert(offset, s);
+    }
+    /// Forget the copies of every page that `offset..offset + len` touches.
+    fn forget(&mut self, offset: u64, len: usize) {
+        if self.at.is_empty() || len == 0 {
+            return;
+        }
+        let first = offset - offset % ALIGN as u64;
+        let end = offset + len as u64;
+        if (end - first) / ALIGN as u64 > self.at.len() as u64 {
+            let slots = &mut self.slots;
+            self.at.retain(|&o, s| {
+                let keep = o + (ALIGN as u64) <= offset || o >= end;
+                if !keep {
+                    slots[*s].0 = None;
+                }
+                keep
+            });
+            return;
+        }
+        for page in (first..end).step_by(ALIGN) {
+            if let Some(s) = self.at.remove(&page) {
+                self.slots[s].0 = None;
+            }
+        }
+    }
+    /// Forget the copies of the pages that reach past `len`.
+    fn forget_past(&mut self, len: u64) {
+        let slots = &mut self.slots;
+        self.at.retain(|&o, s| {
+            let keep = o + ALIGN as u64 <= len;
+            if !keep {
+                slots[*s].0 = None;
+            }
+            keep
+        });
+    }
+    /// Fill `out` from a copy, when one page holds all of `offset..offset + out.len()`.
+    fn read(&self, offset: u64, out: &mut [u8]) -> bool {
+        let page = offset - offset % ALIGN as u64;
+        let skip = (offset - page) as usize;
+        if skip + out.len() > ALIGN {
+            return false;
+        }
+        match self.at.get(&page) {
+            Some(&s) => {
+                out.copy_from_slice(&self.slots[s].1[skip..skip + out.len()]);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -419,6 +523,11 @@ struct Io {
     direct: Option<File>,
     /// Whether direct writes still work here (false after `EINVAL`, or where the open failed).
     direct_ok: std::sync::atomic::AtomicBool,
+    /// Copies of the single pages last written around the page cache.
+    memo: Mutex<Memo>,
+    /// Reads that went to the file (tests check which reads the memo served).
+    #[cfg(test)]
+    file_reads: std::sync::atomic::AtomicUsize,
     /// Jobs the writer thread runs before the next one fails with `ENOSPC` (tests inject faults).
     #[cfg(test)]
     jobs_left: std::sync::atomic::AtomicUsize,
@@ -478,6 +587,9 @@ impl DirectFileBackend {
                 inner: FileBackend::new(file)?,
                 direct_ok: std::sync::atomic::AtomicBool::new(direct.is_some()),
                 direct,
+                memo: Mutex::new(Memo::default()),
+                #[cfg(test)]
+                file_reads: std::sync::atomic::AtomicUsize::new(0),
                 #[cfg(test)]
                 jobs_left: std::sync::atomic::AtomicUsize::new(usize::MAX),
                 #[cfg(test)]
@@ -568,7 +680,7 @@ impl Io {
         }
         match job {
             Job::Runs(g) => self.write_gathering(g, true),
-            Job::Write { offset, data } => self.inner.write(*offset, data),
+            Job::Write { offset, data } => self.write_buffered(*offset, data),
             Job::Sync => self.inner.sync_data(),
         }
     }
@@ -576,17 +688,7 @@ impl Io {
     fn write_gathering(&self, g: &Gathering, direct: bool) -> io::Result<()> {
         let blocks = &g.blocks;
         let direct = direct && self.direct_ok();
-        // Single pages go through the page cache, where redb's reads of them find them (module docs).
-        let mut around = BTreeMap::new();
-        for (&offset, &w) in &g.writes {
-            if direct && w.len == ALIGN {
-                self.inner
-                    .write(offset, blocks[w.block].bytes(w.pos, w.len))?;
-            } else {
-                around.insert(offset, w);
-            }
-        }
-        let runs: Vec<(u64, Vec<&[u8]>)> = runs(&around)
+        let runs: Vec<(u64, Vec<&[u8]>)> = runs(&g.writes)
             .into_iter()
             .map(|run| {
                 let parts = run
@@ -598,7 +700,19 @@ impl Io {
             .collect();
         if direct {
             match self.write_runs_direct(&runs) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    // The single pages are kept for redb's reads of them (module docs).
+                    let mut memo = self.memo();
+                    for (&offset, w) in &g.writes {
+                        let bytes = blocks[w.block].bytes(w.pos, w.len);
+                        if w.len == ALIGN && !holds_one_value(bytes) {
+                            memo.put(offset, bytes);
+                        } else {
+                            memo.forget(offset, w.len);
+                        }
+                    }
+                    return Ok(());
+                }
                 // The file system takes no direct writes after all: buffered from now on (runs already
                 // written direct are written again, with the same bytes).
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self
@@ -610,11 +724,40 @@ impl Io {
         for (offset, parts) in &runs {
             let mut at = *offset;
             for p in parts {
-                self.inner.write(at, p)?;
+                self.write_buffered(at, p)?;
                 at += p.len() as u64;
             }
         }
         Ok(())
+    }
+
+    fn memo(&self) -> std::sync::MutexGuard<'_, Memo> {
+        self.memo.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A write through the page cache; the memo forgets what it overwrites.
+    fn write_buffered(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let result = self.inner.write(offset, data);
+        self.memo().forget(offset, data.len());
+        result
+    }
+
+    /// Resize the file; the memo forgets the pages past its end.
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let result = self.inner.set_len(len);
+        self.memo().forget_past(len);
+        result
+    }
+
+    /// Read from the memo or, failing that, from the file.
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        if self.memo().read(offset, out) {
+            return Ok(());
+        }
+        #[cfg(test)]
+        self.file_reads
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.read(offset, out)
     }
 
     /// The runs as direct writes, [`IO_DEPTH`] at a time when there are enough bytes to gain from it.
@@ -709,7 +852,7 @@ impl Io {
             if done % ALIGN != 0 {
                 // A short direct write that ends inside a block: finish this part buffered.
                 let rest = &parts[i][done..];
-                self.inner.write(offset, rest)?;
+                self.write_buffered(offset, rest)?;
                 offset += rest.len() as u64;
                 i += 1;
                 done = 0;
@@ -722,6 +865,15 @@ impl Io {
     fn write_direct(&self, _offset: u64, _parts: &[&[u8]]) -> io::Result<()> {
         Err(io::Error::from_raw_os_error(libc::EINVAL))
     }
+}
+
+/// Whether a page is a redb leaf of one key-value pair (its file format, redb's `docs/design.md`: a
+/// type byte, 1 for a leaf, and the number of pairs as `u16` LE at bytes 2..4): the last chunk of a
+/// stored value, which ingestion does not read back. The memo keeps the other single pages (branches
+/// and leaves of many small pairs, which the next transactions read and rewrite); a wrong guess costs a
+/// read from the disk, never a wrong byte.
+fn holds_one_value(page: &[u8]) -> bool {
+    page.len() >= 4 && page[0] == 1 && u16::from_le_bytes([page[2], page[3]]) == 1
 }
 
 /// Gathered writes grouped into runs of contiguous offsets.
@@ -793,7 +945,7 @@ impl StorageBackend for DirectFileBackend {
                 }
             }
         }
-        self.io.inner.read(offset, out)
+        self.io.read(offset, out)
     }
 
     fn set_len(&self, len: u64) -> Result<(), io::Error> {
@@ -806,10 +958,10 @@ impl StorageBackend for DirectFileBackend {
             && len >= self.switch.queued_end()
             && len >= self.io.inner.len()?
         {
-            return self.io.inner.set_len(len);
+            return self.io.set_len(len);
         }
         self.flush(&mut st)?;
-        self.io.inner.set_len(len)
+        self.io.set_len(len)
     }
 
     fn sync_data(&self) -> Result<(), io::Error> {
@@ -850,7 +1002,7 @@ impl StorageBackend for DirectFileBackend {
                 );
             }
             self.flush(&mut st)?;
-            return self.io.inner.write(offset, data);
+            return self.io.write_buffered(offset, data);
         }
         if st.gathering.overlaps(offset, data.len()) {
             // A later write of gathered bytes: the earlier ones go first.
@@ -862,7 +1014,7 @@ impl StorageBackend for DirectFileBackend {
             // what is gathered, and the rest of the transaction, go through the page cache.
             self.flush_as(&mut st, false)?;
             st.spilled = true;
-            return self.io.inner.write(offset, data);
+            return self.io.write_buffered(offset, data);
         }
         let g = &mut st.gathering;
         let block = match g.blocks.iter().position(|b| b.room() >= data.len()) {
@@ -939,6 +1091,8 @@ mod tests {
         SetLen {
             len: u64,
         },
+        /// Turn gathering off (writes go through the page cache), or back on.
+        Switch,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -946,8 +1100,12 @@ mod tests {
             6 => (0u64..40, 1usize..5, proptest::bool::weighted(0.8), any::<u8>())
                 .prop_map(|(page, pages, aligned, byte)| Op::Write { page, pages, aligned, byte }),
             3 => (0u64..180_000, 1usize..20_000).prop_map(|(at, len)| Op::Read { at, len }),
+            // Within one page (what the memo serves).
+            2 => (0u64..45, 0usize..4000, 1usize..97)
+                .prop_map(|(page, skip, len)| Op::Read { at: page * ALIGN as u64 + skip as u64, len }),
             1 => Just(Op::Sync),
             1 => (0u64..180_000).prop_map(|len| Op::SetLen { len }),
+            1 => Just(Op::Switch),
         ]
     }
 
@@ -996,7 +1154,7 @@ mod tests {
         {
             let b = backend_spilling_at(&path, direct, flush_at);
             let switch = b.switch();
-            let _on = switch.on();
+            let mut on = Some(switch.on());
             for op in ops {
                 match *op {
                     Op::Write {
@@ -1037,6 +1195,12 @@ mod tests {
                     Op::SetLen { len } => {
                         b.set_len(len).unwrap();
                         model.resize(len as usize, 0);
+                    }
+                    Op::Switch => {
+                        on = match on {
+                            Some(_) => None,
+                            None => Some(switch.on()),
+                        };
                     }
                 }
                 prop_assert_eq!(b.len().unwrap(), model.len() as u64);
@@ -1165,60 +1329,127 @@ mod tests {
         assert_eq!(across.recv_timeout(within).unwrap().unwrap(), want);
     }
 
-    /// A gathered write of one page goes through the page cache (redb reads such pages back); a longer
-    /// one goes around it.
-    #[cfg(target_os = "linux")]
+    /// A single page written around the page cache is read back from the memo, unless it is a leaf of
+    /// one value; a longer write is read from the file. A buffered write over a kept page, and a shrink
+    /// past it, make the memo forget it.
     #[test]
-    fn single_pages_are_written_through_the_page_cache() {
+    fn single_pages_written_direct_are_read_from_the_memo() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let Some(b) = direct_backend(&path) else {
             return;
         };
-        // On tmpfs every page is in the page cache, direct writes too: nothing to tell apart.
-        // SAFETY: `statfs` is plain old data, valid when zeroed.
-        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-        let c_dir = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a NUL-terminated path and a statfs buffer that outlives the call.
-        assert_eq!(unsafe { libc::statfs(c_dir.as_ptr(), &mut fs) }, 0);
-        if fs.f_type == libc::TMPFS_MAGIC {
-            eprintln!("{} is tmpfs: skipped", dir.path().display());
-            return;
-        }
-        let switch = b.switch();
-        let _on = switch.on();
-        // Page 0 alone; pages 2..18 as one write.
-        b.write(0, &[7u8; ALIGN]).unwrap();
-        b.write(2 * ALIGN as u64, &[8u8; 16 * ALIGN]).unwrap();
-        b.sync_data().unwrap();
-        switch.wait(switch.ticket()).unwrap();
-        let file = std::fs::File::open(&path).unwrap();
-        let len = 18 * ALIGN;
-        use std::os::fd::AsRawFd;
-        // SAFETY: a read-only shared mapping of `len` bytes of an open file of that length; unmapped below.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
+        let file_reads = || b.io.file_reads.load(std::sync::atomic::Ordering::SeqCst);
+        let read = |at: u64, len: usize| {
+            let mut out = vec![0u8; len];
+            b.read(at, &mut out).unwrap();
+            out
         };
-        assert_ne!(map, libc::MAP_FAILED);
-        let mut resident = vec![0u8; 18];
-        // SAFETY: `map` is a mapping of `len` bytes and `resident` has one byte per page of it.
-        let rc = unsafe { libc::mincore(map, len, resident.as_mut_ptr()) };
-        // SAFETY: unmapping the mapping made above.
-        unsafe { libc::munmap(map, len) };
-        assert_eq!(rc, 0);
-        assert_eq!(resident[0] & 1, 1, "the single page is in the page cache");
-        assert!(
-            resident[2..].iter().all(|r| r & 1 == 0),
-            "the long write went around the page cache: {resident:?}"
+        // A branch-like page 0, a leaf of one value at page 1, pages 2..18 as one write.
+        let mut branch = vec![9u8; ALIGN];
+        branch[0] = 2;
+        let mut one_value = vec![5u8; ALIGN];
+        one_value[..4].copy_from_slice(&[1, 0, 1, 0]);
+        let switch = b.switch();
+        {
+            let _on = switch.on();
+            b.write(0, &branch).unwrap();
+            b.write(ALIGN as u64, &one_value).unwrap();
+            b.write(2 * ALIGN as u64, &[8u8; 16 * ALIGN]).unwrap();
+            b.sync_data().unwrap();
+            switch.wait(switch.ticket()).unwrap();
+            switch.settle().unwrap();
+        }
+        assert_eq!(std::fs::read(&path).unwrap()[..ALIGN], branch[..]);
+        let before = file_reads();
+        assert_eq!(read(0, ALIGN), branch);
+        assert_eq!(read(100, 50), branch[100..150]);
+        assert_eq!(file_reads(), before, "the kept page is read from memory");
+        assert_eq!(read(ALIGN as u64, ALIGN), one_value);
+        assert_eq!(file_reads(), before + 1, "a leaf of one value is not kept");
+        assert_eq!(read(4 * ALIGN as u64, ALIGN), vec![8u8; ALIGN]);
+        let across = read(ALIGN as u64 - 8, 16);
+        assert_eq!(across[..8], branch[ALIGN - 8..]);
+        assert_eq!(across[8..], one_value[..8]);
+        assert_eq!(
+            file_reads(),
+            before + 3,
+            "pages of a long write, and reads across pages, are not kept"
         );
-        assert_eq!(std::fs::read(&path).unwrap()[..ALIGN], [7u8; ALIGN]);
+        // A buffered write over part of the kept page: the memo forgets it.
+        b.write(10, b"buffered").unwrap();
+        let mut want = branch.clone();
+        want[10..18].copy_from_slice(b"buffered");
+        assert_eq!(read(0, ALIGN), want);
+        assert_eq!(file_reads(), before + 4);
+        // Kept again, then cut off by a shrink and grown back: zeros, from the file.
+        {
+            let _on = switch.on();
+            b.write(0, &branch).unwrap();
+            b.sync_data().unwrap();
+            switch.wait(switch.ticket()).unwrap();
+            switch.settle().unwrap();
+        }
+        assert_eq!(read(0, ALIGN), branch);
+        assert_eq!(file_reads(), before + 4);
+        b.set_len(100).unwrap();
+        b.set_len(18 * ALIGN as u64).unwrap();
+        let mut want = vec![0u8; ALIGN];
+        want[..100].copy_from_slice(&branch[..100]);
+        assert_eq!(read(0, ALIGN), want);
+        assert_eq!(file_reads(), before + 5);
+    }
+
+    /// The memo against a map of pages: it never returns bytes other than the last ones put for a page,
+    /// forgets what it is told to, and keeps at most [`MEMO_PAGES`] pages, the newest.
+    #[test]
+    fn the_memo_keeps_the_newest_pages_and_forgets_overwritten_ones() {
+        let mut memo = Memo::default();
+        let page = |o: u64, tag: u8| {
+            let mut p = vec![tag; ALIGN];
+            p[..8].copy_from_slice(&o.to_le_bytes());
+            p
+        };
+        let mut out = vec![0u8; ALIGN];
+        for i in 0..(MEMO_PAGES as u64 + 10) {
+            memo.put(i * ALIGN as u64, &page(i, 1));
+        }
+        // The oldest ten were replaced; the rest are whole and right.
+        for i in 0..(MEMO_PAGES as u64 + 10) {
+            let kept = memo.read(i * ALIGN as u64, &mut out);
+            assert_eq!(kept, i >= 10, "page {i}");
+            if kept {
+                assert_eq!(out, page(i, 1));
+            }
+        }
+        assert_eq!(memo.at.len(), MEMO_PAGES);
+        // Put again: replaced in place.
+        memo.put(20 * ALIGN as u64, &page(20, 2));
+        assert!(memo.read(20 * ALIGN as u64, &mut out));
+        assert_eq!(out, page(20, 2));
+        // Writes over one byte of page 30, over pages 40..=50, then over pages ..1000 (page by page).
+        let a = ALIGN as u64;
+        memo.forget(30 * a + 4095, 1);
+        memo.forget(40 * a + 1, 10 * ALIGN);
+        memo.forget(0, 1000 * ALIGN);
+        // Pages 1000.. are left; a write over more pages than the memo holds (through the whole map).
+        memo.forget(1500 * a, MEMO_PAGES * ALIGN);
+        for i in 0..(MEMO_PAGES as u64 + 10) {
+            let kept = (1000..1500).contains(&i);
+            assert_eq!(memo.read(i * a, &mut out), kept, "page {i}");
+        }
+        memo.forget_past(1200 * a + 1);
+        assert!(!memo.read(1200 * a, &mut out), "reaches past the end");
+        assert!(memo.read(1199 * a, &mut out));
+        assert_eq!(out, page(1199, 1));
+        // Forgotten slots are used again, and the map and the slots still agree.
+        for i in 0..MEMO_PAGES as u64 {
+            memo.put((5000 + i) * ALIGN as u64, &page(5000 + i, 3));
+        }
+        assert_eq!(memo.at.len(), MEMO_PAGES);
+        for (&o, &s) in &memo.at {
+            assert_eq!(memo.slots[s].0, Some(o));
+        }
     }
 
     /// Gathered writes leave in offset order as contiguous runs, whatever order redb wrote them in.
