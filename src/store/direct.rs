@@ -29,7 +29,7 @@
 //! was a disk read queued behind the writer's megabytes (5.0-5.4 s of a 13.2 s ingestion, session 22),
 //! and a read of a page still in the queue waited for the whole queue (4.1 s of another).
 //! - A read that one queued write holds is served from the queue's memory (session 22).
-//! - The **memo** keeps copies of the last [`MEMO_PAGES`] single pages written around the page cache (16
+//! - The **memo** keeps copies of the last 4,096 single pages written around the page cache (16
 //!   MiB), and serves reads within one of them (session 23). It skips leaves of one key-value pair (redb's
 //!   page format: the last chunk of a stored value, which nothing reads back during ingestion), so it
 //!   holds the other single pages of the last 20-odd transactions. Every write to the file updates or forgets the copies it
