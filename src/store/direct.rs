@@ -32,9 +32,11 @@
 //! - The **memo** keeps copies of the last 4,096 single pages written around the page cache (16
 //!   MiB), and serves reads within one of them (session 23). It skips leaves of one key-value pair (redb's
 //!   page format: the last chunk of a stored value, which nothing reads back during ingestion), so it
-//!   holds the other single pages of the last 20-odd transactions. Every write to the file updates or forgets the copies it
-//!   overlaps and a shrink forgets those past the end, so a copy is always what the file holds; a page
-//!   the memo does not have is read from the file.
+//!   holds the other single pages of the last 20-odd transactions. Every write to the file updates or
+//!   forgets the copies it overlaps and a shrink forgets those past the end, so a copy is what the file
+//!   holds once its write is done; a page the memo does not have is read from the file. (It also skips
+//!   redb's leaves of freed-page lists, one pair each, which later commits read: 28-35 file reads per
+//!   ingestion of 10,000 adapters.)
 //!
 //!   Session 22 wrote single pages through the page cache instead, where redb's reads found them. That
 //!   broke each transaction's runs at every single page (about 360 per transaction), and the buffered
@@ -170,8 +172,11 @@ impl Gathering {
 }
 
 /// Copies of the last [`MEMO_PAGES`] single pages written around the page cache (module docs): each
-/// holds what the file holds at that page. Every write to the file goes through [`Io`], which updates
-/// or forgets the copies it overlaps; a shrink forgets those past the new end.
+/// holds what the file holds at that page once the write that made it is done. Every write to the file
+/// goes through [`Io`], which updates or forgets the copies it overlaps right after the write (a shrink
+/// forgets those past the new end). The moments in between are never seen: a job's write is read from
+/// the queue until the job leaves it, after the memo was updated; and redb never writes a page that a
+/// reader can see, so no read of a page races a write of it on the calling thread.
 #[derive(Default)]
 struct Memo {
     /// Page offset -> its slot in `slots`.
@@ -184,9 +189,9 @@ struct Memo {
 impl Memo {
     /// Keep a copy of the page written at `offset`.
     fn put(&mut self, offset: u64, page: &[u8]) {
-        if let Some(&s) = self.at.get(&offset) {
-            self.slots[s].1.copy_from_slice(page);
-            return;
+        // A page written again is the newest again: its old slot is left free.
+        if let Some(s) = self.at.remove(&offset) {
+            self.slots[s].0 = None;
         }
         let s = if self.slots.len() < MEMO_PAGES {
             self.slots.push((None, vec![0u8; ALIGN].into_boxed_slice()));
@@ -1168,7 +1173,14 @@ mod tests {
                         } else {
                             (page * ALIGN as u64 + 100, 300 * pages)
                         };
-                        let data: Vec<u8> = (0..len).map(|i| byte.wrapping_add(i as u8)).collect();
+                        let mut data: Vec<u8> =
+                            (0..len).map(|i| byte.wrapping_add(i as u8)).collect();
+                        if aligned && byte % 4 == 0 {
+                            // Pages that look like redb leaves of one value (the memo skips them).
+                            for p in data.chunks_mut(ALIGN) {
+                                p[..4].copy_from_slice(&[1, 0, 1, 0]);
+                            }
+                        }
                         b.write(at, &data).unwrap();
                         let end = at as usize + len;
                         if model.len() < end {
@@ -1360,6 +1372,10 @@ mod tests {
             switch.wait(switch.ticket()).unwrap();
             switch.settle().unwrap();
         }
+        if !b.writes_direct() {
+            eprintln!("direct writes refused at the first write: skipped");
+            return;
+        }
         assert_eq!(std::fs::read(&path).unwrap()[..ALIGN], branch[..]);
         let before = file_reads();
         assert_eq!(read(0, ALIGN), branch);
@@ -1392,12 +1408,31 @@ mod tests {
         }
         assert_eq!(read(0, ALIGN), branch);
         assert_eq!(file_reads(), before + 4);
+        // A leaf of one value written direct over the kept page: forgotten, read from the file.
+        {
+            let _on = switch.on();
+            b.write(0, &one_value).unwrap();
+            b.sync_data().unwrap();
+            switch.wait(switch.ticket()).unwrap();
+            switch.settle().unwrap();
+        }
+        assert_eq!(read(0, ALIGN), one_value);
+        assert_eq!(file_reads(), before + 5);
+        {
+            let _on = switch.on();
+            b.write(0, &branch).unwrap();
+            b.sync_data().unwrap();
+            switch.wait(switch.ticket()).unwrap();
+            switch.settle().unwrap();
+        }
+        assert_eq!(read(0, ALIGN), branch);
+        assert_eq!(file_reads(), before + 5);
         b.set_len(100).unwrap();
         b.set_len(18 * ALIGN as u64).unwrap();
         let mut want = vec![0u8; ALIGN];
         want[..100].copy_from_slice(&branch[..100]);
         assert_eq!(read(0, ALIGN), want);
-        assert_eq!(file_reads(), before + 5);
+        assert_eq!(file_reads(), before + 6);
     }
 
     /// The memo against a map of pages: it never returns bytes other than the last ones put for a page,
@@ -1423,14 +1458,20 @@ mod tests {
             }
         }
         assert_eq!(memo.at.len(), MEMO_PAGES);
-        // Put again: replaced in place.
+        // Put again: the new bytes (the oldest page, 10, makes room).
         memo.put(20 * ALIGN as u64, &page(20, 2));
         assert!(memo.read(20 * ALIGN as u64, &mut out));
         assert_eq!(out, page(20, 2));
-        // Writes over one byte of page 30, over pages 40..=50, then over pages ..1000 (page by page).
+        assert!(!memo.read(10 * ALIGN as u64, &mut out));
+        // Writes over one byte of page 30 (its last), over pages 40..=50 (from inside 40 to inside 50).
         let a = ALIGN as u64;
         memo.forget(30 * a + 4095, 1);
         memo.forget(40 * a + 1, 10 * ALIGN);
+        for i in 25..60u64 {
+            let kept = i != 30 && !(40..=50).contains(&i);
+            assert_eq!(memo.read(i * a, &mut out), kept, "page {i}");
+        }
+        // Then over pages ..1000 (page by page).
         memo.forget(0, 1000 * ALIGN);
         // Pages 1000.. are left; a write over more pages than the memo holds (through the whole map).
         memo.forget(1500 * a, MEMO_PAGES * ALIGN);
@@ -1442,6 +1483,19 @@ mod tests {
         assert!(!memo.read(1200 * a, &mut out), "reaches past the end");
         assert!(memo.read(1199 * a, &mut out));
         assert_eq!(out, page(1199, 1));
+        // A page put again is the newest again: it outlives every page put before it.
+        let mut renewed = Memo::default();
+        for i in 0..MEMO_PAGES as u64 {
+            renewed.put(i * a, &page(i, 1));
+        }
+        renewed.put(0, &page(0, 2));
+        for i in 0..MEMO_PAGES as u64 - 1 {
+            renewed.put((10_000 + i) * a, &page(10_000 + i, 1));
+        }
+        assert!(renewed.read(0, &mut out), "the page put again stays");
+        assert_eq!(out, page(0, 2));
+        assert!((1..MEMO_PAGES as u64).all(|i| !renewed.read(i * a, &mut out)));
+        assert_eq!(renewed.at.len(), MEMO_PAGES);
         // Forgotten slots are used again, and the map and the slots still agree.
         for i in 0..MEMO_PAGES as u64 {
             memo.put((5000 + i) * ALIGN as u64, &page(5000 + i, 3));
