@@ -1363,15 +1363,17 @@ mod tests {
         let mut one_value = vec![5u8; ALIGN];
         one_value[..4].copy_from_slice(&[1, 0, 1, 0]);
         let switch = b.switch();
-        {
+        // Written with gathering on, then synced and waited for until the writer thread is done.
+        let write_direct = |at: u64, data: &[u8]| {
             let _on = switch.on();
-            b.write(0, &branch).unwrap();
-            b.write(ALIGN as u64, &one_value).unwrap();
-            b.write(2 * ALIGN as u64, &[8u8; 16 * ALIGN]).unwrap();
+            b.write(at, data).unwrap();
             b.sync_data().unwrap();
             switch.wait(switch.ticket()).unwrap();
             switch.settle().unwrap();
-        }
+        };
+        write_direct(0, &branch);
+        write_direct(ALIGN as u64, &one_value);
+        write_direct(2 * ALIGN as u64, &[8u8; 16 * ALIGN]);
         if !b.writes_direct() {
             eprintln!("direct writes refused at the first write: skipped");
             return;
@@ -1399,32 +1401,14 @@ mod tests {
         assert_eq!(read(0, ALIGN), want);
         assert_eq!(file_reads(), before + 4);
         // Kept again, then cut off by a shrink and grown back: zeros, from the file.
-        {
-            let _on = switch.on();
-            b.write(0, &branch).unwrap();
-            b.sync_data().unwrap();
-            switch.wait(switch.ticket()).unwrap();
-            switch.settle().unwrap();
-        }
+        write_direct(0, &branch);
         assert_eq!(read(0, ALIGN), branch);
         assert_eq!(file_reads(), before + 4);
         // A leaf of one value written direct over the kept page: forgotten, read from the file.
-        {
-            let _on = switch.on();
-            b.write(0, &one_value).unwrap();
-            b.sync_data().unwrap();
-            switch.wait(switch.ticket()).unwrap();
-            switch.settle().unwrap();
-        }
+        write_direct(0, &one_value);
         assert_eq!(read(0, ALIGN), one_value);
         assert_eq!(file_reads(), before + 5);
-        {
-            let _on = switch.on();
-            b.write(0, &branch).unwrap();
-            b.sync_data().unwrap();
-            switch.wait(switch.ticket()).unwrap();
-            switch.settle().unwrap();
-        }
+        write_direct(0, &branch);
         assert_eq!(read(0, ALIGN), branch);
         assert_eq!(file_reads(), before + 5);
         b.set_len(100).unwrap();
