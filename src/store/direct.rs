@@ -190,9 +190,7 @@ impl Memo {
     /// Keep a copy of the page written at `offset`.
     fn put(&mut self, offset: u64, page: &[u8]) {
         // A page written again is the newest again: its old slot is left free.
-        if let Some(s) = self.at.remove(&offset) {
-            self.slots[s].0 = None;
-        }
+        self.drop_page(offset);
         let s = if self.slots.len() < MEMO_PAGES {
             self.slots.push((None, vec![0u8; ALIGN].into_boxed_slice()));
             self.slots.len() - 1
@@ -216,31 +214,32 @@ impl Memo {
         let first = offset - offset % ALIGN as u64;
         let end = offset + len as u64;
         if (end - first) / ALIGN as u64 > self.at.len() as u64 {
-            let slots = &mut self.slots;
-            self.at.retain(|&o, s| {
-                let keep = o + (ALIGN as u64) <= offset || o >= end;
-                if !keep {
-                    slots[*s].0 = None;
-                }
-                keep
-            });
-            return;
-        }
-        for page in (first..end).step_by(ALIGN) {
-            if let Some(s) = self.at.remove(&page) {
-                self.slots[s].0 = None;
+            self.drop_where(|o| o + ALIGN as u64 > offset && o < end);
+        } else {
+            for page in (first..end).step_by(ALIGN) {
+                self.drop_page(page);
             }
         }
     }
     /// Forget the copies of the pages that reach past `len`.
     fn forget_past(&mut self, len: u64) {
+        self.drop_where(|o| o + ALIGN as u64 > len);
+    }
+    /// Drop the copy of the page at `offset`, if there is one; its slot stays for reuse.
+    fn drop_page(&mut self, offset: u64) {
+        if let Some(s) = self.at.remove(&offset) {
+            self.slots[s].0 = None;
+        }
+    }
+    /// Drop the copies of the pages at the offsets where `gone` holds; their slots stay for reuse.
+    fn drop_where(&mut self, gone: impl Fn(u64) -> bool) {
         let slots = &mut self.slots;
         self.at.retain(|&o, s| {
-            let keep = o + ALIGN as u64 <= len;
-            if !keep {
+            let drop = gone(o);
+            if drop {
                 slots[*s].0 = None;
             }
-            keep
+            !drop
         });
     }
     /// Fill `out` from a copy, when one page holds all of `offset..offset + out.len()`.
