@@ -256,30 +256,30 @@ impl DeltaSketch {
                 *o += s * *b as f64;
             }
         }
-        // R = Psi A^T (q x r): each column of A (its r values, gathered once into a row) adds, signed,
-        // into one of q rows, as L does for B. Each R[v][t] sums the same terms in the same order as the
-        // (r x q) A Psi^T did, with contiguous rows instead of scattered single adds.
-        let mut rm = vec![0f64; q * r];
-        let mut col = vec![0f64; r];
-        for (i, &(v, s)) in cols.iter().enumerate() {
-            for (t, c) in col.iter_mut().enumerate() {
-                *c = s * m.a[t * m.k + i] as f64;
-            }
-            let rrow = &mut rm[v as usize * r..(v as usize + 1) * r];
-            for (o, c) in rrow.iter_mut().zip(&col) {
-                *o += *c;
+        // R^T = A Psi^T (r x q): row t of A adds, signed, into q buckets, column by column, so each
+        // R^T[t][v] sums its terms in the order the first implementation did.
+        let mut rt = vec![0f64; r * q];
+        for t in 0..r {
+            let arow = &m.a[t * m.k..(t + 1) * m.k];
+            let rtrow = &mut rt[t * q..(t + 1) * q];
+            for (&x, &(v, s)) in arow.iter().zip(cols.iter()) {
+                rtrow[v as usize] += s * x as f64;
             }
         }
+        // Y = L R^T (p x q): the q sums of a row side by side, each over t in order (the same bits as one
+        // dot product per entry).
         let mut y = vec![0f32; p * q];
+        let mut acc = vec![0f64; q];
         for u in 0..p {
             let lrow = &l[u * r..(u + 1) * r];
-            for v in 0..q {
-                let rrow = &rm[v * r..(v + 1) * r];
-                let mut acc = 0f64;
-                for (a, b) in lrow.iter().zip(rrow) {
-                    acc += a * b;
+            acc.fill(0.0);
+            for (t, &lt) in lrow.iter().enumerate() {
+                for (a, &b) in acc.iter_mut().zip(&rt[t * q..(t + 1) * q]) {
+                    *a += lt * b;
                 }
-                y[u * q + v] = (m.scale * acc) as f32;
+            }
+            for (out, a) in y[u * q..(u + 1) * q].iter_mut().zip(&acc) {
+                *out = (m.scale * a) as f32;
             }
         }
         y
