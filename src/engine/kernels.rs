@@ -150,7 +150,7 @@ fn gemm_par(work: usize) -> gemm::Parallelism {
 /// a 100-step LoRA training took 136 s with them and 18.3 s flushed, with byte-identical checkpoints.
 /// Flushing changes an element only where a term below 1.2e-38 would have counted, and it is
 /// deterministic. TensorFlow flushes the same way on its own threads.
-pub(crate) struct FlushDenormals {
+struct FlushDenormals {
     #[cfg(target_arch = "x86_64")]
     saved: u32,
 }
@@ -161,7 +161,7 @@ const FTZ_DAZ: u32 = (1 << 15) | (1 << 6);
 impl FlushDenormals {
     /// Set FTZ and DAZ on the calling thread until the guard drops.
     #[inline]
-    pub(crate) fn here() -> FlushDenormals {
+    fn here() -> FlushDenormals {
         #[cfg(target_arch = "x86_64")]
         {
             let saved = read_mxcsr();
@@ -1991,8 +1991,8 @@ mod tests {
             0,
             "the test thread starts with IEEE denormals"
         );
-        let tiny = f32::MIN_POSITIVE / 4.0; // a denormal
-                                            // Outside the guard, the same arithmetic keeps denormals.
+        // A denormal; outside the guard, the same arithmetic keeps it.
+        let tiny = f32::MIN_POSITIVE / 4.0;
         assert_eq!(
             std::hint::black_box(tiny) * std::hint::black_box(1.0f32),
             tiny
