@@ -599,11 +599,11 @@ impl BertModel {
                     blocks,
                     differentiable,
                 )?
-            }
-            .reshape((b, s, 3 * h))?;
+            };
             if prefix.is_none() {
-                return kernels::attention_qkv(&qkv, nh, mask, differentiable)?.reshape((b * s, h));
+                return kernels::attention_qkv(&qkv, b, nh, mask, differentiable);
             }
+            let qkv = qkv.reshape((b, s, 3 * h))?;
             (
                 qkv.narrow(2, 0, h)?,
                 qkv.narrow(2, h, h)?,
