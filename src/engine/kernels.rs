@@ -30,6 +30,9 @@ use std::sync::Mutex;
 
 type Res<T> = candle_core::Result<T>;
 
+mod layer;
+pub use layer::{encoder_layer, EncoderLayerLora, EncoderLayerWeights};
+
 fn err<T>(msg: impl Into<String>) -> Res<T> {
     Err(candle_core::Error::Msg(msg.into()))
 }
@@ -1189,6 +1192,24 @@ impl Linear {
         })
     }
 
+    /// The gradient of a [`linear_gelu`]'s pre-activation: `g * gelu'(pre)`, with the derivative its
+    /// forward pass kept.
+    fn pre_activation_grad(&self, g: &[f32]) -> Res<Vec<f32>> {
+        let Some(keep) = &self.gelu else {
+            return err("linear: no GELU to differentiate");
+        };
+        let d = keep.lock().map_err(|_| poisoned())?;
+        if d.len() != g.len() {
+            return err("linear_gelu: backward pass without its forward pass");
+        }
+        let mut p = vec![0f32; g.len()];
+        p.par_chunks_mut(PAR_CHUNK)
+            .zip(g.par_chunks(PAR_CHUNK))
+            .zip(d.par_chunks(PAR_CHUNK))
+            .for_each(|((pc, gc), dc)| mul_vec(pc, gc, dc));
+        Ok(p)
+    }
+
     /// `dY W` (N, in) for `dY` (N, out).
     fn input_grad(&self, g: &[f32], n: usize, out: usize) -> Res<Vec<f32>> {
         with_f32(&self.w, |ws, lw| {
@@ -1246,21 +1267,12 @@ impl CustomOp2 for Linear {
             let g = contiguous_slice(gs, lg, "grad")?;
             // Through the GELU first: the gradient of the pre-activation.
             let pre;
-            let g = match &self.gelu {
-                Some(keep) => {
-                    let d = keep.lock().map_err(|_| poisoned())?;
-                    if d.len() != g.len() {
-                        return err("linear_gelu: backward pass without its forward pass");
-                    }
-                    let mut p = vec![0f32; g.len()];
-                    p.par_chunks_mut(PAR_CHUNK)
-                        .zip(g.par_chunks(PAR_CHUNK))
-                        .zip(d.par_chunks(PAR_CHUNK))
-                        .for_each(|((pc, gc), dc)| mul_vec(pc, gc, dc));
-                    pre = p;
+            let g = match self.gelu.is_some() {
+                true => {
+                    pre = self.pre_activation_grad(g)?;
                     &pre[..]
                 }
-                None => g,
+                false => g,
             };
             // No trained parameter below this layer's input: its gradient is never used.
             let dx = x
@@ -1344,6 +1356,98 @@ impl LoraLinear {
         Ok(bo)
     }
 
+    /// `x W^T + b` plus the blocks' updates, for rows `x` (N, in) and the factors `a`, `b` with their
+    /// dims; returns (y, out).
+    fn forward(
+        &self,
+        x: &[f32],
+        (a, adims): (&[f32], (usize, usize)),
+        (b, bdims): (&[f32], (usize, usize)),
+        n: usize,
+        inp: usize,
+    ) -> Res<(Vec<f32>, usize)> {
+        let base = Linear::plain(self.w.clone());
+        let (mut y, out) = with_f32(&self.bias, |bs, lb| {
+            base.forward(x, contiguous_slice(bs, lb, "bias")?, n, inp)
+        })?;
+        let rr = adims.0;
+        let bo = self.check(inp, out, adims, bdims)?;
+        if a.len() != rr * inp || b.len() != bo * rr {
+            return err("lora-linear: factor storage does not match its dims");
+        }
+        let t = LoraLinear::down(x, a, n, inp, rr);
+        for bl in &self.blocks {
+            // SAFETY: block inside the output and the factors (checked).
+            unsafe {
+                let dst = Dst::add(y.as_mut_ptr().add(bl.col), out).scaled(bl.scale);
+                let tj = Mat::new(t.as_ptr().add(bl.r0), n, bl.r, rr);
+                let bj = Mat::new(b.as_ptr().add(bl.r0), bo, bl.r, rr);
+                mm(dst, tj, bj.t(), gemm_par(n * bo * bl.r));
+            }
+        }
+        Ok((y, out))
+    }
+
+    /// (dx, da, db) for the output gradient `g` (N, out); dx only when `want_dx` (empty otherwise).
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        x: &[f32],
+        a: &[f32],
+        b: &[f32],
+        g: &[f32],
+        (n, inp, out): (usize, usize, usize),
+        (rr, bo): (usize, usize),
+        want_dx: bool,
+    ) -> Res<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        if x.len() != n * inp || g.len() != n * out || a.len() != rr * inp || b.len() != bo * rr {
+            return err("lora-linear: backward operands do not fit");
+        }
+        let mut dx = if want_dx {
+            Linear::plain(self.w.clone()).input_grad(g, n, out)?
+        } else {
+            Vec::new()
+        };
+        // u = scale_j * dY_j B_j (N, R), per block.
+        let mut u = vec![0f32; n * rr];
+        let mut db = vec![0f32; bo * rr];
+        let t = LoraLinear::down(x, a, n, inp, rr);
+        for bl in &self.blocks {
+            // SAFETY: blocks checked against the shapes.
+            unsafe {
+                let gj = Mat::new(g.as_ptr().add(bl.col), n, bo, out);
+                let bj = Mat::new(b.as_ptr().add(bl.r0), bo, bl.r, rr);
+                let tj = Mat::new(t.as_ptr().add(bl.r0), n, bl.r, rr);
+                let u_j = Dst::set(u.as_mut_ptr().add(bl.r0), rr).scaled(bl.scale);
+                mm(u_j, gj, bj, gemm_par(n * bl.r * bo));
+                // dB_j = scale_j dY_j^T t_j (out, r).
+                let db_j = Dst::set(db.as_mut_ptr().add(bl.r0), rr).scaled(bl.scale);
+                mm(db_j, gj.t(), tj, gemm::Parallelism::None);
+            }
+        }
+        let mut da = vec![0f32; rr * inp];
+        // SAFETY: shapes checked.
+        unsafe {
+            // dX += u A.
+            if want_dx {
+                mm(
+                    Dst::add(dx.as_mut_ptr(), inp),
+                    Mat::new(u.as_ptr(), n, rr, rr),
+                    Mat::new(a.as_ptr(), rr, inp, inp),
+                    gemm_par(n * inp * rr),
+                );
+            }
+            // dA = u^T X (R, in).
+            mm(
+                Dst::set(da.as_mut_ptr(), inp),
+                Mat::new(u.as_ptr(), n, rr, rr).t(),
+                Mat::new(x.as_ptr(), n, inp, inp),
+                gemm::Parallelism::None,
+            );
+        }
+        Ok((dx, da, db))
+    }
+
     /// t = x A^T (N, R).
     fn down(x: &[f32], a: &[f32], n: usize, inp: usize, rr: usize) -> Vec<f32> {
         let mut t = vec![0f32; n * rr];
@@ -1378,28 +1482,13 @@ impl CustomOp3 for LoraLinear {
         let a = f32_operand(a_s, a_layout, "a")?;
         let b = f32_operand(b_s, b_layout, "b")?;
         let (n, inp) = x_layout.shape().dims2()?;
-        let base = Linear::plain(self.w.clone());
-        let y = with_f32(&self.bias, |bs, lb| {
-            base.forward(x, contiguous_slice(bs, lb, "bias")?, n, inp)
-        })?;
-        let (mut y, out) = y;
-        let (rr, _) = a_layout.shape().dims2()?;
-        let bo = self.check(
+        let (y, out) = self.forward(
+            x,
+            (a, a_layout.shape().dims2()?),
+            (b, b_layout.shape().dims2()?),
+            n,
             inp,
-            out,
-            a_layout.shape().dims2()?,
-            b_layout.shape().dims2()?,
         )?;
-        let t = LoraLinear::down(x, a, n, inp, rr);
-        for bl in &self.blocks {
-            // SAFETY: block inside the output and the factors (checked).
-            unsafe {
-                let dst = Dst::add(y.as_mut_ptr().add(bl.col), out).scaled(bl.scale);
-                let tj = Mat::new(t.as_ptr().add(bl.r0), n, bl.r, rr);
-                let bj = Mat::new(b.as_ptr().add(bl.r0), bo, bl.r, rr);
-                mm(dst, tj, bj.t(), gemm_par(n * bo * bl.r));
-            }
-        }
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
@@ -1425,51 +1514,7 @@ impl CustomOp3 for LoraLinear {
                         let g = contiguous_slice(gs, lg, "grad")?;
                         // No trained parameter below this layer's input (the first layer's, for a
                         // LoRA): its gradient is never used, and it is this backward's largest GEMM.
-                        let want_dx = xt.track_op();
-                        let mut dx = if want_dx {
-                            Linear::plain(self.w.clone()).input_grad(g, n, out)?
-                        } else {
-                            Vec::new()
-                        };
-                        // u = scale_j * dY_j B_j (N, R), per block.
-                        let mut u = vec![0f32; n * rr];
-                        let mut db = vec![0f32; bo * rr];
-                        let t = LoraLinear::down(x, a, n, inp, rr);
-                        for bl in &self.blocks {
-                            // SAFETY: blocks checked against the shapes.
-                            unsafe {
-                                let gj = Mat::new(g.as_ptr().add(bl.col), n, bo, out);
-                                let bj = Mat::new(b.as_ptr().add(bl.r0), bo, bl.r, rr);
-                                let tj = Mat::new(t.as_ptr().add(bl.r0), n, bl.r, rr);
-                                let u_j = Dst::set(u.as_mut_ptr().add(bl.r0), rr).scaled(bl.scale);
-                                mm(u_j, gj, bj, gemm_par(n * bl.r * bo));
-                                // dB_j = scale_j dY_j^T t_j (out, r).
-                                let db_j =
-                                    Dst::set(db.as_mut_ptr().add(bl.r0), rr).scaled(bl.scale);
-                                mm(db_j, gj.t(), tj, gemm::Parallelism::None);
-                            }
-                        }
-                        let mut da = vec![0f32; rr * inp];
-                        // SAFETY: shapes checked.
-                        unsafe {
-                            // dX += u A.
-                            if want_dx {
-                                mm(
-                                    Dst::add(dx.as_mut_ptr(), inp),
-                                    Mat::new(u.as_ptr(), n, rr, rr),
-                                    Mat::new(a.as_ptr(), rr, inp, inp),
-                                    gemm_par(n * inp * rr),
-                                );
-                            }
-                            // dA = u^T X (R, in).
-                            mm(
-                                Dst::set(da.as_mut_ptr(), inp),
-                                Mat::new(u.as_ptr(), n, rr, rr).t(),
-                                Mat::new(x.as_ptr(), n, inp, inp),
-                                gemm::Parallelism::None,
-                            );
-                        }
-                        Ok((dx, da, db))
+                        self.backward(x, a, b, g, (n, inp, out), (rr, bo), xt.track_op())
                     })
                 })
             })
@@ -1674,26 +1719,42 @@ impl LayerNorm {
     fn backward(&self, x: &[f32], grad: &Tensor, want_b: bool) -> Res<(Tensor, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let (n, h) = grad.dims2()?;
+        let (dx, db) = with_f32(&grad, |gs, lg| {
+            self.backward_rows(x, contiguous_slice(gs, lg, "grad")?, n, h, want_b)
+        })?;
+        Ok((
+            out_tensor(dx, (n, h))?,
+            db.map(|db| out_tensor(db, h)).transpose()?,
+        ))
+    }
+
+    /// [`LayerNorm::backward`] on slices: (dx, db) for rows `x` (N, H) and the gradient `g` (N, H).
+    fn backward_rows(
+        &self,
+        x: &[f32],
+        g: &[f32],
+        n: usize,
+        h: usize,
+        want_b: bool,
+    ) -> Res<(Vec<f32>, Option<Vec<f32>>)> {
         let eps = self.eps;
         with_f32(&self.w, |ws, lw| {
             let w = contiguous_slice(ws, lw, "w")?;
-            with_f32(&grad, |gs, lg| {
-                let g = contiguous_slice(gs, lg, "grad")?;
-                let mut dx = vec![0f32; n * h];
-                dx.par_chunks_mut(h * ROW_BLOCK)
-                    .zip(x.par_chunks(h * ROW_BLOCK))
-                    .zip(g.par_chunks(h * ROW_BLOCK))
-                    .for_each(|((db, xb), gb)| ln_bwd_rows(db, xb, gb, w, eps));
-                let db = if want_b {
-                    let s = block_col_sums(n, h, 1, |rows, acc| {
-                        add_into_rows(&mut acc[0], &g[rows.start * h..rows.end * h]);
-                    });
-                    Some(out_tensor(s.into_iter().next().unwrap_or_default(), h)?)
-                } else {
-                    None
-                };
-                Ok((out_tensor(dx, (n, h))?, db))
-            })
+            if w.len() != h || x.len() != n * h || g.len() != n * h {
+                return err("layer-norm: backward operands do not fit");
+            }
+            let mut dx = vec![0f32; n * h];
+            dx.par_chunks_mut(h * ROW_BLOCK)
+                .zip(x.par_chunks(h * ROW_BLOCK))
+                .zip(g.par_chunks(h * ROW_BLOCK))
+                .for_each(|((db, xb), gb)| ln_bwd_rows(db, xb, gb, w, eps));
+            let db = want_b.then(|| {
+                let s = block_col_sums(n, h, 1, |rows, acc| {
+                    add_into_rows(&mut acc[0], &g[rows.start * h..rows.end * h]);
+                });
+                s.into_iter().next().unwrap_or_default()
+            });
+            Ok((dx, db))
         })
     }
 }

@@ -486,6 +486,9 @@ impl BertModel {
         let scale = 1.0 / (hd as f64).sqrt();
 
         if kernels::usable(x) {
+            if let Some(y) = self.layer_op(layer, la, &x2, b, add_mask, grad)? {
+                return y.reshape((b, s, h));
+            }
             let ctx = self.attention_cpu(layer, la, &x2, (b, s, h), add_mask, grad)?;
             return self
                 .layer_tail(layer, la, &x2, &ctx, grad)?
@@ -532,6 +535,115 @@ impl BertModel {
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * s, h))?;
         self.layer_tail(layer, la, &x2, &ctx, grad)?
             .reshape((b, s, h))
+    }
+
+    /// In training, the whole layer as one op ([`kernels::encoder_layer`]) when nothing but LoRA on
+    /// the query/key/value projections (one adapter, no prefix) touches it: the graph then holds one
+    /// node per layer instead of nine, each of which costs the backward pass a zero-filled gradient
+    /// and an addition. `None` where the layer needs the op-by-op path.
+    fn layer_op(
+        &self,
+        layer: &Layer,
+        la: Option<&LayerAdapter>,
+        x2: &Tensor,
+        batch: usize,
+        add_mask: Option<&Tensor>,
+        grad: Grad,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let h = self.config.hidden_size;
+        let nh = self.config.num_attention_heads;
+        if grad != Grad::Yes
+            || self.activation != Activation::Gelu
+            || x2.rank() != 2
+            || h % nh != 0
+            || layer
+                .linears
+                .iter()
+                .any(|l| l.weight.dtype() != x2.dtype() || l.bias.dtype() != x2.dtype())
+            || layer.qkv_weight.dtype() != x2.dtype()
+        {
+            return Ok(None);
+        }
+        let mut loras: Vec<(usize, &LoraWeights)> = Vec::new();
+        if let Some(l) = la {
+            let plain_tail = [ATTN_OUT, INTER, OUT]
+                .iter()
+                .all(|&slot| l.linears.get(slot).is_none_or(|a| a.is_empty()));
+            let lora_only_qkv = [Q, K, V].iter().all(|&slot| {
+                l.linears.get(slot).is_none_or(|a| {
+                    a.ia3_in.is_none()
+                        && a.ia3_out.is_none()
+                        && a.bias.is_none()
+                        && a.lora.as_ref().is_none_or(|w| w.groups == 1)
+                })
+            });
+            if !plain_tail
+                || !lora_only_qkv
+                || l.prefix.is_some()
+                || l.bottlenecks.iter().any(|b| b.is_some())
+                || l.norm_bias.iter().any(|b| b.is_some())
+            {
+                return Ok(None);
+            }
+            for slot in [Q, K, V] {
+                if let Some(w) = l.linears.get(slot).and_then(|a| a.lora.as_ref()) {
+                    loras.push((slot, w));
+                }
+            }
+        }
+        let scale = 1.0 / ((h / nh) as f64).sqrt();
+        let mask = match add_mask {
+            Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let weights = kernels::EncoderLayerWeights {
+            qkv: (layer.qkv_weight.clone(), layer.qkv_bias.clone()),
+            attn_out: (
+                layer.linears[ATTN_OUT].weight.clone(),
+                layer.linears[ATTN_OUT].bias.clone(),
+            ),
+            ln1: layer.norms[0].clone(),
+            inter: (
+                layer.linears[INTER].weight.clone(),
+                layer.linears[INTER].bias.clone(),
+            ),
+            out: (
+                layer.linears[OUT].weight.clone(),
+                layer.linears[OUT].bias.clone(),
+            ),
+            ln2: layer.norms[1].clone(),
+        };
+        let eps = self.config.layer_norm_eps;
+        let (a, bm);
+        let lora = if loras.is_empty() {
+            None
+        } else {
+            let mut blocks = Vec::new();
+            let mut r0 = 0;
+            for (slot, l) in &loras {
+                let r = l.a.dim(0)?;
+                let sc = if *slot == Q { l.scale * scale } else { l.scale };
+                blocks.push(kernels::LoraBlock {
+                    col: slot * h,
+                    r0,
+                    r,
+                    scale: sc as f32,
+                });
+                r0 += r;
+            }
+            a = Tensor::cat(&loras.iter().map(|(_, l)| &l.a).collect::<Vec<_>>(), 0)?;
+            bm = Tensor::cat(&loras.iter().map(|(_, l)| &l.b).collect::<Vec<_>>(), 1)?;
+            Some(kernels::EncoderLayerLora {
+                a: &a,
+                b: &bm,
+                blocks,
+            })
+        };
+        if lora.is_none() && !x2.track_op() {
+            // Nothing to differentiate in this layer or below it.
+            return Ok(None);
+        }
+        kernels::encoder_layer(x2, batch, nh, mask, &weights, lora, eps).map(Some)
     }
 
     /// Attention on the CPU kernels: Q, K, V as (B, S, H) (strided views of the fused projection when
