@@ -1129,6 +1129,26 @@ fn repeat_rows(row: &[f32], n: usize) -> Vec<f32> {
     y
 }
 
+/// `len` zeros, written by the pool's threads in chunks when large. A large `vec![0f32; len]` is a
+/// memset on the calling thread alone (the heap keeps freed memory, so the allocation gets no fresh
+/// zero pages) while the kernels' workers wait: 2% of a training step's samples.
+pub(super) fn zeroed(len: usize) -> Vec<f32> {
+    if len < 4 * PAR_CHUNK {
+        return vec![0f32; len];
+    }
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(PAR_CHUNK)
+        .for_each(|c| {
+            for x in c {
+                x.write(0.0);
+            }
+        });
+    // SAFETY: all len elements were written above.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// A vector of `len` elements that `write` fills completely through the pointer it is given (a
 /// GEMM that overwrites its destination), without zeroing it first.
 ///
@@ -1179,7 +1199,7 @@ impl Linear {
             }
             if let Some(keep) = &self.gelu {
                 if self.differentiable {
-                    let mut d: Vec<f32> = vec![0f32; y.len()];
+                    let mut d: Vec<f32> = zeroed(y.len());
                     y.par_chunks_mut(PAR_CHUNK)
                         .zip(d.par_chunks_mut(PAR_CHUNK))
                         .for_each(|(yc, dc)| gelu_fwd_grad_vec(yc, dc));
@@ -1202,7 +1222,7 @@ impl Linear {
         if d.len() != g.len() {
             return err("linear_gelu: backward pass without its forward pass");
         }
-        let mut p = vec![0f32; g.len()];
+        let mut p = zeroed(g.len());
         p.par_chunks_mut(PAR_CHUNK)
             .zip(g.par_chunks(PAR_CHUNK))
             .zip(d.par_chunks(PAR_CHUNK))
@@ -1695,7 +1715,7 @@ impl LayerNorm {
             if w.len() != h || b.len() != h || x.len() != n * h {
                 return err("layer-norm: weight/bias do not match the last dimension");
             }
-            let mut y = vec![0f32; n * h];
+            let mut y = zeroed(n * h);
             let eps = self.eps;
             y.par_chunks_mut(h * ROW_BLOCK)
                 .enumerate()
@@ -1743,7 +1763,7 @@ impl LayerNorm {
             if w.len() != h || x.len() != n * h || g.len() != n * h {
                 return err("layer-norm: backward operands do not fit");
             }
-            let mut dx = vec![0f32; n * h];
+            let mut dx = zeroed(n * h);
             dx.par_chunks_mut(h * ROW_BLOCK)
                 .zip(x.par_chunks(h * ROW_BLOCK))
                 .zip(g.par_chunks(h * ROW_BLOCK))
@@ -1829,7 +1849,7 @@ impl CustomOp3 for LayerNorm {
             with_f32(rt, |rs, lr| {
                 let a = contiguous_slice(as_, la, "a")?;
                 let r = contiguous_slice(rs, lr, "r")?;
-                let mut x = vec![0f32; a.len()];
+                let mut x = zeroed(a.len());
                 x.par_chunks_mut(PAR_CHUNK)
                     .zip(a.par_chunks(PAR_CHUNK))
                     .zip(r.par_chunks(PAR_CHUNK))

@@ -15,7 +15,7 @@
 //! (`the_layer_op_gives_the_op_by_op_values_and_gradients`).
 
 use super::{
-    add_into, add_vec, err, f32_operand, with_f32, Attention, LayerNorm, Linear, LoraBlock,
+    add_into, add_vec, err, f32_operand, with_f32, zeroed, Attention, LayerNorm, Linear, LoraBlock,
     LoraLinear, OutView, Res, SendPtr, View3, PAR_CHUNK,
 };
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
@@ -134,7 +134,7 @@ struct Kept {
 
 /// `a + r`, element by element, in parallel chunks.
 fn sum(a: &[f32], r: &[f32]) -> Vec<f32> {
-    let mut s = vec![0f32; a.len()];
+    let mut s = zeroed(a.len());
     s.par_chunks_mut(PAR_CHUNK)
         .zip(a.par_chunks(PAR_CHUNK))
         .zip(r.par_chunks(PAR_CHUNK))
