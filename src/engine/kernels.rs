@@ -1183,6 +1183,37 @@ impl Linear {
                     bias.len()
                 ));
             }
+            if self.gelu.is_some() && n > SMALL_ROWS {
+                // The GEMM overwrites y, and the bias is added in GELU's own pass over it: one
+                // pass over the (N, I) activation fewer than writing the bias first. Where gemm
+                // sums k in one block (MiniLM's k = 384: the test below), the bits are those of
+                // the bias-first form; otherwise the bias joins the sum last instead of first.
+                // SAFETY: shapes checked; the GEMM sets all n x out elements.
+                let mut y = unsafe {
+                    written_by(n * out, |y| {
+                        mm(
+                            Dst::set(y, out),
+                            Mat::new(x.as_ptr(), n, inp, inp),
+                            Mat::new(w.as_ptr(), out, inp, inp).t(),
+                            gemm_par(n * out * inp),
+                        )
+                    })
+                };
+                let rows = (PAR_CHUNK / out.max(1)).max(1) * out;
+                if self.differentiable {
+                    let mut d: Vec<f32> = zeroed(y.len());
+                    y.par_chunks_mut(rows)
+                        .zip(d.par_chunks_mut(rows))
+                        .for_each(|(yc, dc)| bias_gelu_fwd_grad_rows(yc, dc, bias));
+                    if let Some(keep) = &self.gelu {
+                        *keep.lock().map_err(|_| poisoned())? = d;
+                    }
+                } else {
+                    y.par_chunks_mut(rows)
+                        .for_each(|yc| bias_gelu_rows(yc, bias));
+                }
+                return Ok((y, out));
+            }
             let mut y = repeat_rows(bias, n);
             if n <= SMALL_ROWS {
                 small_rows_linear(&mut y, x, n, inp, w, out);
@@ -1899,6 +1930,30 @@ multiversion! {
             let (g, gd) = gelu_and_grad(*v);
             *v = g;
             *dv = gd;
+        }
+    }
+}
+
+multiversion! {
+    /// Rows of `y` (each `bias.len()` wide): `y = gelu(y + bias)` in place, and `d = gelu'(y + bias)`.
+    fn bias_gelu_fwd_grad_rows(y: &mut [f32], d: &mut [f32], bias: &[f32]) {
+        for (yr, dr) in y.chunks_exact_mut(bias.len()).zip(d.chunks_exact_mut(bias.len())) {
+            for ((v, dv), &b) in yr.iter_mut().zip(dr.iter_mut()).zip(bias) {
+                let (g, gd) = gelu_and_grad(*v + b);
+                *v = g;
+                *dv = gd;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Rows of `y` (each `bias.len()` wide): `y = gelu(y + bias)` in place.
+    fn bias_gelu_rows(y: &mut [f32], bias: &[f32]) {
+        for yr in y.chunks_exact_mut(bias.len()) {
+            for (v, &b) in yr.iter_mut().zip(bias) {
+                *v = gelu_f(*v + b);
+            }
         }
     }
 }
