@@ -407,12 +407,14 @@ const LANES: usize = 16;
 pub(crate) fn exp_poly(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     let k = (x * std::f32::consts::LOG2_E + 0.5).floor();
-    let r = x - k * 0.693_145_75 - k * 1.428_606_8e-6;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (0.166_666_67
-                    + r * (0.041_666_41 + r * (0.008_333_452 + r * 0.001_388_888_9)))));
+    let r = (-k).mul_add(1.428_606_8e-6, (-k).mul_add(0.693_145_75, x));
+    let p = r
+        .mul_add(0.001_388_888_9, 0.008_333_452)
+        .mul_add(r, 0.041_666_41)
+        .mul_add(r, 0.166_666_67)
+        .mul_add(r, 0.5)
+        .mul_add(r, 1.0)
+        .mul_add(r, 1.0);
     // 2^k from the bits of k + 1.5 * 2^23, whose low mantissa bits hold the integer k exactly
     // (|k| <= 127 after the clamp). `k as i32` would be the same number, but its saturating,
     // NaN-checking semantics kept LLVM from vectorising it: 16 scalar conversions per vector
@@ -1902,13 +1904,14 @@ impl CustomOp3 for LayerNorm {
 #[inline(always)]
 fn erf_parts(x: f32) -> (f32, f32) {
     let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let t = 1.0 / a.mul_add(0.327_591_1, 1.0);
     let e = exp_poly(-a * a);
-    let y = 1.0
-        - (((((1.061_405_4 * t - 1.453_152_1) * t) + 1.421_413_7) * t - 0.284_496_74) * t
-            + 0.254_829_6)
-            * t
-            * e;
+    let q = t
+        .mul_add(1.061_405_4, -1.453_152_1)
+        .mul_add(t, 1.421_413_7)
+        .mul_add(t, -0.284_496_74)
+        .mul_add(t, 0.254_829_6);
+    let y = (-q * t).mul_add(e, 1.0);
     (if x < 0.0 { -y } else { y }, e)
 }
 
@@ -2242,16 +2245,18 @@ mod tests {
 
     #[test]
     fn exp_poly_scales_by_the_power_of_two_an_integer_cast_gives() {
-        // The first form of exp_poly: 2^k through `k as i32`, which LLVM did not vectorise.
+        // exp_poly with 2^k through `k as i32`, which LLVM did not vectorise.
         let cast = |x: f32| -> f32 {
             let x = x.clamp(-87.0, 88.0);
             let k = (x * std::f32::consts::LOG2_E + 0.5).floor();
-            let r = x - k * 0.693_145_75 - k * 1.428_606_8e-6;
-            let p = 1.0
-                + r * (1.0
-                    + r * (0.5
-                        + r * (0.166_666_67
-                            + r * (0.041_666_41 + r * (0.008_333_452 + r * 0.001_388_888_9)))));
+            let r = (-k).mul_add(1.428_606_8e-6, (-k).mul_add(0.693_145_75, x));
+            let p = r
+                .mul_add(0.001_388_888_9, 0.008_333_452)
+                .mul_add(r, 0.041_666_41)
+                .mul_add(r, 0.166_666_67)
+                .mul_add(r, 0.5)
+                .mul_add(r, 1.0)
+                .mul_add(r, 1.0);
             p * f32::from_bits(((k as i32 + 127) as u32) << 23)
         };
         let mut n = 0;
