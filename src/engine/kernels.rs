@@ -17,6 +17,10 @@
 //! - [`layer_norm`]: one pass per row forward; backward in one pass per row, with the weight and bias
 //!   gradients summed over fixed blocks of rows in a fixed order (bit-identical whatever the threads).
 //! - [`gelu_erf`]: exact GELU with a vectorised erf (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7).
+//! - [`encoder_layer`] (in `layer.rs`): in training, a whole encoder layer (the kernels above in the
+//!   model's order) as one graph node whose backward pass chains theirs over plain buffers, so that
+//!   candle's backward pass does not zero-fill and add a gradient for each of the nine tensors the
+//!   layer reads op by op.
 //!
 //! Element loops are compiled for AVX-512 / AVX2+FMA as the CPU allows (runtime dispatch), with a
 //! polynomial `exp` (relative error ~2e-7); GEMMs go to the gemm crate (candle's), single-threaded per
