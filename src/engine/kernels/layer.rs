@@ -3,8 +3,8 @@
 //! Op by op, a layer is nine nodes of candle's graph, and candle's backward pass gives every tensor a
 //! node reads a gradient of its own: a zero-filled tensor the node's contribution is added into. For a
 //! LoRA training step that is 12.5 MB zeroed and summed per layer (the (N, 3H) projection, the (N, 4H)
-//! feed-forward activation, seven (N, H) rows), on the calling thread while the kernels' workers wait:
-//! 12% of a 2-thread step's samples. [`encoder_layer`] runs the same kernels in the same order
+//! feed-forward activation, seven (N, H) rows), on the calling thread while the kernels' workers wait
+//! (that thread alone had 12% of a 2-thread step's samples, mostly this). [`encoder_layer`] runs the same kernels in the same order
 //! (fused query/key/value projection with its LoRA updates, attention, output projection, residual +
 //! layer norm, feed-forward with GELU, residual + layer norm) and keeps what its backward pass needs;
 //! the backward pass chains the kernels' own backward passes over plain buffers. The graph then holds
