@@ -614,31 +614,16 @@ impl BertModel {
             ln2: layer.norms[1].clone(),
         };
         let eps = self.config.layer_norm_eps;
-        let (a, bm);
-        let lora = if loras.is_empty() {
-            None
-        } else {
-            let mut blocks = Vec::new();
-            let mut r0 = 0;
-            for (slot, l) in &loras {
-                let r = l.a.dim(0)?;
-                let sc = if *slot == Q { l.scale * scale } else { l.scale };
-                blocks.push(kernels::LoraBlock {
-                    col: slot * h,
-                    r0,
-                    r,
-                    scale: sc as f32,
-                });
-                r0 += r;
-            }
-            a = Tensor::cat(&loras.iter().map(|(_, l)| &l.a).collect::<Vec<_>>(), 0)?;
-            bm = Tensor::cat(&loras.iter().map(|(_, l)| &l.b).collect::<Vec<_>>(), 1)?;
-            Some(kernels::EncoderLayerLora {
-                a: &a,
-                b: &bm,
-                blocks,
-            })
-        };
+        let stacked = (!loras.is_empty())
+            .then(|| stack_qkv_loras(&loras, h, scale))
+            .transpose()?;
+        let lora = stacked
+            .as_ref()
+            .map(|(a, b, blocks)| kernels::EncoderLayerLora {
+                a,
+                b,
+                blocks: blocks.clone(),
+            });
         if lora.is_none() && !x2.track_op() {
             // Nothing to differentiate in this layer or below it.
             return Ok(None);
@@ -687,21 +672,7 @@ impl BertModel {
             let qkv = if loras.is_empty() {
                 kernels::linear(x2, &layer.qkv_weight, &layer.qkv_bias, differentiable)?
             } else {
-                let mut blocks = Vec::new();
-                let mut r0 = 0;
-                for (slot, l) in &loras {
-                    let r = l.a.dim(0)?;
-                    let s = if *slot == Q { l.scale * scale } else { l.scale };
-                    blocks.push(kernels::LoraBlock {
-                        col: slot * h,
-                        r0,
-                        r,
-                        scale: s as f32,
-                    });
-                    r0 += r;
-                }
-                let a = Tensor::cat(&loras.iter().map(|(_, l)| &l.a).collect::<Vec<_>>(), 0)?;
-                let bm = Tensor::cat(&loras.iter().map(|(_, l)| &l.b).collect::<Vec<_>>(), 1)?;
+                let (a, bm, blocks) = stack_qkv_loras(&loras, h, scale)?;
                 kernels::lora_linear(
                     x2,
                     &layer.qkv_weight,
@@ -815,6 +786,33 @@ impl BertModel {
             .unwrap_or(&layer.norms[1].1);
         add_layer_norm(&out, &h1, &layer.norms[1].0, ln1_bias, eps, grad)
     }
+}
+
+/// The LoRA adapters of the query/key/value projections (`(slot, weights)`, one group each) stacked
+/// for one fused op: A factors by rows, B factors by columns, and each one's column block of the
+/// (N, 3H) projection, the query's scale times the attention scale `scale` (folded into the query's
+/// frozen weight too).
+fn stack_qkv_loras(
+    loras: &[(usize, &LoraWeights)],
+    h: usize,
+    scale: f64,
+) -> candle_core::Result<(Tensor, Tensor, Vec<kernels::LoraBlock>)> {
+    let mut blocks = Vec::new();
+    let mut r0 = 0;
+    for (slot, l) in loras {
+        let r = l.a.dim(0)?;
+        let s = if *slot == Q { l.scale * scale } else { l.scale };
+        blocks.push(kernels::LoraBlock {
+            col: slot * h,
+            r0,
+            r,
+            scale: s as f32,
+        });
+        r0 += r;
+    }
+    let a = Tensor::cat(&loras.iter().map(|(_, l)| &l.a).collect::<Vec<_>>(), 0)?;
+    let b = Tensor::cat(&loras.iter().map(|(_, l)| &l.b).collect::<Vec<_>>(), 1)?;
+    Ok((a, b, blocks))
 }
 
 /// A linear layer with its adapters: IA3 input scaling (feed-forward modules), the bias (replaced by
