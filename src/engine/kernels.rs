@@ -1155,6 +1155,16 @@ pub(super) fn zeroed(len: usize) -> Vec<f32> {
     v
 }
 
+/// `a + r`, element by element, in parallel chunks (a residual sum: a layer norm's input).
+pub(super) fn sum_rows(a: &[f32], r: &[f32]) -> Vec<f32> {
+    let mut s = zeroed(a.len());
+    s.par_chunks_mut(PAR_CHUNK)
+        .zip(a.par_chunks(PAR_CHUNK))
+        .zip(r.par_chunks(PAR_CHUNK))
+        .for_each(|((s, a), r)| add_vec(s, a, r));
+    s
+}
+
 /// A vector of `len` elements that `write` fills completely through the pointer it is given (a
 /// GEMM that overwrites its destination), without zeroing it first.
 ///
@@ -1324,12 +1334,11 @@ impl CustomOp2 for Linear {
             let g = contiguous_slice(gs, lg, "grad")?;
             // Through the GELU first: the gradient of the pre-activation.
             let pre;
-            let g = match self.gelu.is_some() {
-                true => {
-                    pre = self.pre_activation_grad(g)?;
-                    &pre[..]
-                }
-                false => g,
+            let g = if self.gelu.is_some() {
+                pre = self.pre_activation_grad(g)?;
+                &pre[..]
+            } else {
+                g
             };
             // No trained parameter below this layer's input: its gradient is never used.
             let dx = x
@@ -1886,12 +1895,7 @@ impl CustomOp3 for LayerNorm {
             with_f32(rt, |rs, lr| {
                 let a = contiguous_slice(as_, la, "a")?;
                 let r = contiguous_slice(rs, lr, "r")?;
-                let mut x = zeroed(a.len());
-                x.par_chunks_mut(PAR_CHUNK)
-                    .zip(a.par_chunks(PAR_CHUNK))
-                    .zip(r.par_chunks(PAR_CHUNK))
-                    .for_each(|((x, a), r)| add_vec(x, a, r));
-                self.backward(&x, grad, bt.track_op())
+                self.backward(&sum_rows(a, r), grad, bt.track_op())
             })
         })?;
         let dr = rt.track_op().then(|| dx.clone());

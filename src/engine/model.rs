@@ -564,31 +564,20 @@ impl BertModel {
         {
             return Ok(None);
         }
-        let mut loras: Vec<(usize, &LoraWeights)> = Vec::new();
+        let (loras, lora_only) = qkv_loras(la);
+        if !lora_only || loras.iter().any(|(_, w)| w.groups != 1) {
+            return Ok(None);
+        }
         if let Some(l) = la {
             let plain_tail = [ATTN_OUT, INTER, OUT]
                 .iter()
                 .all(|&slot| l.linears.get(slot).is_none_or(|a| a.is_empty()));
-            let lora_only_qkv = [Q, K, V].iter().all(|&slot| {
-                l.linears.get(slot).is_none_or(|a| {
-                    a.ia3_in.is_none()
-                        && a.ia3_out.is_none()
-                        && a.bias.is_none()
-                        && a.lora.as_ref().is_none_or(|w| w.groups == 1)
-                })
-            });
             if !plain_tail
-                || !lora_only_qkv
                 || l.prefix.is_some()
                 || l.bottlenecks.iter().any(|b| b.is_some())
                 || l.norm_bias.iter().any(|b| b.is_some())
             {
                 return Ok(None);
-            }
-            for slot in [Q, K, V] {
-                if let Some(w) = l.linears.get(slot).and_then(|a| a.lora.as_ref()) {
-                    loras.push((slot, w));
-                }
             }
         }
         let scale = 1.0 / ((h / nh) as f64).sqrt();
@@ -646,25 +635,13 @@ impl BertModel {
         let hd = h / nh;
         let scale = 1.0 / (hd as f64).sqrt();
         let lin_ad = |slot: usize| la.map(|l| &l.linears[slot]);
-        let lora_only = [Q, K, V].iter().all(|&k| {
-            lin_ad(k)
-                .map(|a| a.ia3_in.is_none() && a.ia3_out.is_none() && a.bias.is_none())
-                .unwrap_or(true)
-        });
+        let (loras, lora_only) = qkv_loras(la);
         let prefix = la.and_then(|l| l.prefix.as_ref());
         let mask = match add_mask {
             Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
             None => None,
         };
         let differentiable = grad == Grad::Yes;
-        let loras: Vec<(usize, &LoraWeights)> = [Q, K, V]
-            .iter()
-            .filter_map(|&slot| {
-                lin_ad(slot)
-                    .and_then(|a| a.lora.as_ref())
-                    .map(|l| (slot, l))
-            })
-            .collect();
         let single = loras.iter().all(|(_, l)| l.groups == 1);
         let (q, k, v) = if lora_only && single {
             // One op for the frozen projections (attention scale folded into the query's) and the
@@ -786,6 +763,20 @@ impl BertModel {
             .unwrap_or(&layer.norms[1].1);
         add_layer_norm(&out, &h1, &layer.norms[1].0, ln1_bias, eps, grad)
     }
+}
+
+/// A layer's LoRA adapters on the query/key/value projections, `(slot, weights)`, and whether LoRA is
+/// all that touches those projections (no IA3 scaling, no replaced bias).
+fn qkv_loras(la: Option<&LayerAdapter>) -> (Vec<(usize, &LoraWeights)>, bool) {
+    let ad = |slot: usize| la.and_then(|l| l.linears.get(slot));
+    let lora_only = [Q, K, V].iter().all(|&slot| {
+        ad(slot).is_none_or(|a| a.ia3_in.is_none() && a.ia3_out.is_none() && a.bias.is_none())
+    });
+    let loras = [Q, K, V]
+        .iter()
+        .filter_map(|&slot| ad(slot).and_then(|a| a.lora.as_ref()).map(|l| (slot, l)))
+        .collect();
+    (loras, lora_only)
 }
 
 /// The LoRA adapters of the query/key/value projections (`(slot, weights)`, one group each) stacked

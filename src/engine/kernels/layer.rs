@@ -15,8 +15,8 @@
 //! (`the_layer_op_gives_the_op_by_op_values_and_gradients`).
 
 use super::{
-    add_into, add_vec, err, f32_operand, with_f32, zeroed, Attention, LayerNorm, Linear, LoraBlock,
-    LoraLinear, OutView, Res, SendPtr, View3, PAR_CHUNK,
+    add_into, err, f32_operand, poisoned, sum_rows, with_f32, Attention, LayerNorm, Linear,
+    LoraBlock, LoraLinear, OutView, Res, SendPtr, View3, PAR_CHUNK,
 };
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -132,25 +132,11 @@ struct Kept {
     x2: Vec<f32>,
 }
 
-/// `a + r`, element by element, in parallel chunks.
-fn sum(a: &[f32], r: &[f32]) -> Vec<f32> {
-    let mut s = zeroed(a.len());
-    s.par_chunks_mut(PAR_CHUNK)
-        .zip(a.par_chunks(PAR_CHUNK))
-        .zip(r.par_chunks(PAR_CHUNK))
-        .for_each(|((s, a), r)| add_vec(s, a, r));
-    s
-}
-
 /// `acc += x`, in parallel chunks.
 fn accumulate(acc: &mut [f32], x: &[f32]) {
     acc.par_chunks_mut(PAR_CHUNK)
         .zip(x.par_chunks(PAR_CHUNK))
         .for_each(|(a, x)| add_into(a, x));
-}
-
-fn poisoned() -> candle_core::Error {
-    super::poisoned()
 }
 
 impl EncoderLayer {
@@ -193,13 +179,13 @@ impl EncoderLayer {
         let ctx = self.attention.forward((&qkv, q), (&qkv, k), (&qkv, v))?;
         let (attn, _) = self.attn_out.0.forward(&ctx, &self.attn_out.1, n, h)?;
         drop(ctx);
-        let x1 = sum(&attn, x);
+        let x1 = sum_rows(&attn, x);
         drop(attn);
         let h1 = self.ln1.0.forward(&x1, None, &self.ln1.1, n, h)?;
         let (inter, wide) = self.inter.0.forward(&h1, &self.inter.1, n, h)?;
         let (out, _) = self.out.0.forward(&inter, &self.out.1, n, wide)?;
         drop(inter);
-        let x2 = sum(&out, &h1);
+        let x2 = sum_rows(&out, &h1);
         drop((out, h1));
         let y = self.ln2.0.forward(&x2, None, &self.ln2.1, n, h)?;
         *self.kept.lock().map_err(|_| poisoned())? = Kept { qkv, x1, x2 };
