@@ -11,7 +11,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use criterion::Criterion;
 use peftdb::engine::cross_entropy;
 use peftdb::engine::{init_adapter, MethodSpec};
-use peftdb::engine::{AdapterSet, Batch, Engine, Grad};
+use peftdb::engine::{AdapterSet, Batch, Engine, EngineOptions, Grad, MatmulPrecision};
 use peftdb::object::MethodKind;
 use rand::SeedableRng;
 use std::path::PathBuf;
@@ -54,14 +54,18 @@ struct Setup {
     vars: Vec<Var>,
 }
 
-fn setup() -> Setup {
+fn setup(matmul: MatmulPrecision) -> Setup {
     let dir = model_dir();
     assert!(
         dir.join("model.safetensors").is_file(),
         "model not found at {}: run scripts/fetch-model.sh",
         dir.display()
     );
-    let engine = Engine::load(&dir, &Device::Cpu).expect("model loads");
+    let opts = EngineOptions {
+        matmul,
+        ..Default::default()
+    };
+    let engine = Engine::load_with(&dir, &Device::Cpu, &opts).expect("model loads");
     let r32 = rows(32, 64);
     let r8 = rows(8, 64);
     let pad = engine.tokenizer.pad_id();
@@ -148,17 +152,21 @@ fn time_it(n: usize, mut f: impl FnMut()) -> f64 {
     )
 }
 
-fn main() {
-    let s = setup();
-    let mut opt = AdamW::new(
-        s.vars.clone(),
+fn adamw(vars: &[Var]) -> AdamW {
+    AdamW::new(
+        vars.to_vec(),
         ParamsAdamW {
             lr: 5e-4,
             weight_decay: 0.0,
             ..Default::default()
         },
     )
-    .expect("adamw");
+    .expect("adamw")
+}
+
+fn main() {
+    let s = setup(MatmulPrecision::F32);
+    let mut opt = adamw(&s.vars);
     let mut c = Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
@@ -179,6 +187,18 @@ fn main() {
     let step = time_it(n, || train_step(&s, &mut opt));
     let threads = candle_core::utils::get_num_threads();
     println!("candle  (threads {threads}): forward 32x64 {fwd:.3} s, train step 8x64 {step:.3} s");
+    // The same at bf16 precision of the frozen products (`--matmul bf16`), against f32 in this run.
+    let half = setup(MatmulPrecision::Bf16);
+    let mut half_opt = adamw(&half.vars);
+    let half_fwd = time_it(n, || forward(&half, None));
+    let half_step = time_it(n, || train_step(&half, &mut half_opt));
+    println!(
+        "candle, bf16 products (AVX512-BF16: {}): forward 32x64 {half_fwd:.3} s ({:.2}x of f32), train step 8x64 {half_step:.3} s ({:.2}x of f32)",
+        peftdb::engine::bf16_native(),
+        half_fwd / fwd,
+        half_step / step
+    );
+    drop(half);
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/torch_reference.py");
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let out = std::process::Command::new(&python)
@@ -201,6 +221,11 @@ fn main() {
                         "ratio candle/pytorch: forward {:.2}x, train step {:.2}x (below 1 = candle faster)",
                         fwd / tf,
                         step / ts
+                    );
+                    println!(
+                        "ratio candle bf16 products/pytorch f32: forward {:.2}x, train step {:.2}x",
+                        half_fwd / tf,
+                        half_step / ts
                     );
                 }
                 Err(e) => println!("torch reference printed no JSON ({e}): {text}"),

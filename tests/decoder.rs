@@ -975,6 +975,7 @@ fn a_bf16_base_halves_the_weights_and_scores_and_trains_as_the_f32_one() {
                 max_len: 64,
                 prompt: "{text}".into(),
                 base_dtype,
+                ..Default::default()
             },
         )
         .expect("the GGUF loads")
@@ -1107,4 +1108,42 @@ fn a_bf16_base_halves_the_weights_and_scores_and_trains_as_the_f32_one() {
     let msg = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{msg}");
     assert!(msg.contains("f32, bf16 or f16"), "{msg}");
+}
+
+/// `--matmul bf16` (an encoder's frozen products in bf16) from the CLI: the encoder evaluates a task to
+/// within one example in 100 of f32's accuracy, a decoder is refused naming the option it has instead
+/// (`--dtype`), and an unknown precision is a usage error.
+#[test]
+fn cli_matmul_bf16_evaluates_encoders_and_refuses_decoders() {
+    let eval = |model: &Path, matmul: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_peftdb"))
+            .args(["eval", "--json", "--split", "dev", "--max-len", "64"])
+            .arg("--model")
+            .arg(model)
+            .arg("--task")
+            .arg(common::task_dir("movie_sentiment"))
+            .args(["--matmul", matmul])
+            .output()
+            .unwrap()
+    };
+    let acc = |o: std::process::Output| -> f64 {
+        let v: serde_json::Value = serde_json::from_slice(&common::stdout_of(o)).unwrap();
+        v["accuracy"].as_f64().unwrap()
+    };
+    let exact = acc(eval(&common::model_dir(), "f32"));
+    let half = acc(eval(&common::model_dir(), "bf16"));
+    eprintln!("movie_sentiment dev: accuracy {exact:.3} (f32 products), {half:.3} (bf16)");
+    assert!(exact > 0.6, "{exact}");
+    assert!((half - exact).abs() <= 0.01, "bf16 {half} vs f32 {exact}");
+    let o = eval(&gguf(), "bf16");
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{msg}");
+    assert!(
+        msg.contains("encoder models") && msg.contains("--dtype bf16"),
+        "{msg}"
+    );
+    let o = eval(&common::model_dir(), "f16");
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{msg}");
+    assert!(msg.contains("f32 (exact) or bf16"), "{msg}");
 }

@@ -4,7 +4,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use peftdb::engine::{init_adapter, train, MethodSpec, TrainConfig, TrainData, TrainOutcome};
-use peftdb::engine::{BertModel, Engine, EngineOptions, TextTokenizer};
+use peftdb::engine::{BertModel, Engine, EngineOptions, MatmulPrecision, TextTokenizer};
 use peftdb::engine::{ScoreOptions, TokenIds};
 use peftdb::object::build_object;
 use peftdb::object::{read_adapter, write_adapter, LightweightObject, MethodKind, ReadOptions};
@@ -21,11 +21,16 @@ fn heavy() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn engine(max_len: usize) -> Engine {
+    engine_at(max_len, MatmulPrecision::F32)
+}
+
+fn engine_at(max_len: usize, matmul: MatmulPrecision) -> Engine {
     Engine::load_with(
         &common::model_dir(),
         &Device::Cpu,
         &EngineOptions {
             max_len,
+            matmul,
             ..Default::default()
         },
     )
@@ -41,8 +46,12 @@ fn bbc() -> Task {
 /// is clearly above chance, and the dev loss is lower than the bare model's (the training improved on
 /// zero-shot scoring, not only kept it).
 fn learns_bbc(kind: MethodKind) -> TrainOutcome {
+    learns_bbc_at(kind, MatmulPrecision::F32)
+}
+
+fn learns_bbc_at(kind: MethodKind, matmul: MatmulPrecision) -> TrainOutcome {
     let _turn = heavy();
-    let engine = engine(32);
+    let engine = engine_at(32, matmul);
     let task = bbc();
     let train_ex = few_shot(&task.train, task.labels.len(), 8, 0).expect("sample");
     let dev: Vec<_> = task.dev.iter().step_by(5).cloned().collect(); // 41
@@ -79,7 +88,8 @@ fn learns_bbc(kind: MethodKind) -> TrainOutcome {
         .accuracy(&test_t);
     let chance = 1.0 / labels.len() as f64;
     eprintln!(
-        "{kind}: test accuracy {acc:.3} (chance {chance:.2}, margin {:.3}); dev loss zero-shot {zero:.4} -> {:?}",
+        "{kind} ({} products): test accuracy {acc:.3} (chance {chance:.2}, margin {:.3}); dev loss zero-shot {zero:.4} -> {:?}",
+        matmul.as_str(),
         acc - chance,
         out.history.iter().map(|h| h.dev_loss).collect::<Vec<_>>()
     );
@@ -108,6 +118,15 @@ fn learns_bbc(kind: MethodKind) -> TrainOutcome {
 #[test]
 fn lora_learns_bbc_topic() {
     let out = learns_bbc(MethodKind::Lora);
+    assert!(out.early.step == 12 && out.best.step >= 12);
+}
+
+/// Training with the frozen products in bf16 (`--matmul bf16`) learns as well: the same bounds, and the
+/// forward and backward passes both go through the bf16 kernel (README "Performance" has both runs'
+/// accuracies).
+#[test]
+fn lora_learns_bbc_topic_with_bf16_products() {
+    let out = learns_bbc_at(MethodKind::Lora, MatmulPrecision::Bf16);
     assert!(out.early.step == 12 && out.best.step >= 12);
 }
 
@@ -171,6 +190,19 @@ fn training_is_bit_identical_for_a_seed() {
         assert_eq!(a.tensors, b.tensors, "{kind}: same seed, different adapter");
         assert_ne!(a.tensors, c.tensors, "{kind}: the seed has no effect");
     }
+    // Bit-identical at bf16 precision too, and not the f32 result.
+    let half = engine_at(24, MatmulPrecision::Bf16);
+    let a = tiny_run(&half, MethodKind::Lora, 5);
+    assert_eq!(
+        a.tensors,
+        tiny_run(&half, MethodKind::Lora, 5).tensors,
+        "bf16: same seed, different adapter"
+    );
+    assert_ne!(
+        a.tensors,
+        tiny_run(&engine, MethodKind::Lora, 5).tensors,
+        "bf16 products changed nothing"
+    );
 }
 
 /// A tiny random BERT (2 layers, hidden 8) with the real tokenizer, for finite differences.

@@ -26,7 +26,7 @@ fn lora_fixture_tensors() -> Vec<Tensor> {
 /// A safetensors file from a raw header string and data section (header padded like the writer does).
 fn raw_st(header: &str, data: &[u8]) -> Vec<u8> {
     let mut h = header.as_bytes().to_vec();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();

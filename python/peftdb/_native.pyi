@@ -81,6 +81,7 @@ class Model:
         max_len: int = 128,
         prompt: Optional[str] = None,
         dtype: str = "f32",
+        matmul: str = "f32",
     ) -> None: ...
 
 class TaskSpec:

@@ -148,7 +148,7 @@ struct Model {
 #[pymethods]
 impl Model {
     #[new]
-    #[pyo3(signature = (path, device = "cpu", max_len = 128, prompt = None, dtype = "f32"))]
+    #[pyo3(signature = (path, device = "cpu", max_len = 128, prompt = None, dtype = "f32", matmul = "f32"))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
@@ -156,8 +156,10 @@ impl Model {
         max_len: usize,
         prompt: Option<String>,
         dtype: &str,
+        matmul: &str,
     ) -> PyResult<Model> {
         let base_dtype = peftdb::engine::parse_base_dtype(dtype).map_err(to_py)?;
+        let matmul = peftdb::engine::MatmulPrecision::parse(matmul).map_err(to_py)?;
         let engine = py
             .detach(|| {
                 let dev = parse_device(device)?;
@@ -169,6 +171,7 @@ impl Model {
                         max_len,
                         prompt: prompt.unwrap_or(defaults.prompt),
                         base_dtype,
+                        matmul,
                     },
                 )
             })

@@ -405,6 +405,8 @@ macro_rules! multiversion {
 
 const LANES: usize = 16;
 
+pub(crate) mod bf16;
+
 /// exp(x) for x <= 0 range-reduced by powers of two, degree-6 polynomial (relative error ~2e-7);
 /// branch-free so that loops over it vectorise.
 #[inline(always)]
@@ -668,7 +670,7 @@ impl Attention {
                 "attention: shapes q {q:?} k {k:?} v {v:?} do not fit"
             ));
         }
-        if self.heads == 0 || q.h % self.heads != 0 {
+        if self.heads == 0 || !q.h.is_multiple_of(self.heads) {
             return err("attention: H is not a multiple of the head count");
         }
         if let Some(m) = &self.mask {
@@ -1003,8 +1005,10 @@ fn linear_op(
     gelu: Option<Mutex<Vec<f32>>>,
     differentiable: bool,
 ) -> Res<Tensor> {
+    let w = w.contiguous()?;
     let op = Linear {
-        w: w.contiguous()?,
+        twin: bf16::twin(&w),
+        w,
         gelu,
         differentiable,
     };
@@ -1018,6 +1022,8 @@ fn linear_op(
 
 struct Linear {
     w: Tensor,
+    /// The weight's bf16 twin ([`bf16::register`]): when there is one, the products run in bf16.
+    twin: Option<std::sync::Arc<bf16::Bf16Weight>>,
     /// `Some` when erf-GELU follows ([`linear_gelu`]); holds gelu'(pre) once a differentiable
     /// forward pass has run.
     gelu: Option<Mutex<Vec<f32>>>,
@@ -1182,6 +1188,7 @@ impl Linear {
     /// The linear layer alone, for another op's forward or backward pass.
     fn plain(w: Tensor) -> Linear {
         Linear {
+            twin: bf16::twin(&w),
             w,
             gelu: None,
             differentiable: false,
@@ -1198,6 +1205,26 @@ impl Linear {
                     "linear: x (.., {inp}), w ({out}, {win}), bias {}",
                     bias.len()
                 ));
+            }
+            if let Some(t) = self.bf16_twin(out, win)? {
+                // Reduced precision: the bias starts every sum, and GELU (if any) follows.
+                let rows = bf16::pack_rows(x, n, inp, inp);
+                // SAFETY: shapes checked; the GEMM sets all n x out elements.
+                let mut y = unsafe {
+                    written_by(n * out, |y| {
+                        bf16::gemm(
+                            y,
+                            out,
+                            &rows,
+                            n,
+                            &t.nt,
+                            Some(bias),
+                            n * out * inp >= 1 << 20,
+                        )
+                    })
+                };
+                self.gelu_in_place(&mut y)?;
+                return Ok((y, out));
             }
             if self.gelu.is_some() && n > SMALL_ROWS {
                 // The GEMM overwrites y, and the bias is added in GELU's own pass over it: one
@@ -1244,19 +1271,37 @@ impl Linear {
                     );
                 }
             }
-            if let Some(keep) = &self.gelu {
-                if self.differentiable {
-                    let mut d: Vec<f32> = zeroed(y.len());
-                    y.par_chunks_mut(PAR_CHUNK)
-                        .zip(d.par_chunks_mut(PAR_CHUNK))
-                        .for_each(|(yc, dc)| gelu_fwd_grad_vec(yc, dc));
-                    *keep.lock().map_err(|_| poisoned())? = d;
-                } else {
-                    y.par_chunks_mut(PAR_CHUNK).for_each(gelu_inplace_vec);
-                }
-            }
+            self.gelu_in_place(&mut y)?;
             Ok((y, out))
         })
+    }
+
+    /// Apply the GELU that follows (if any) to the pre-activation `y` in place, keeping its
+    /// derivative when differentiable.
+    fn gelu_in_place(&self, y: &mut [f32]) -> Res<()> {
+        if let Some(keep) = &self.gelu {
+            if self.differentiable {
+                let mut d: Vec<f32> = zeroed(y.len());
+                y.par_chunks_mut(PAR_CHUNK)
+                    .zip(d.par_chunks_mut(PAR_CHUNK))
+                    .for_each(|(yc, dc)| gelu_fwd_grad_vec(yc, dc));
+                *keep.lock().map_err(|_| poisoned())? = d;
+            } else {
+                y.par_chunks_mut(PAR_CHUNK).for_each(gelu_inplace_vec);
+            }
+        }
+        Ok(())
+    }
+
+    /// The bf16 twin of the weight, checked against the weight's shape.
+    fn bf16_twin(&self, out: usize, inp: usize) -> Res<Option<&bf16::Bf16Weight>> {
+        match &self.twin {
+            Some(t) if (t.out, t.inp) != (out, inp) => err(format!(
+                "linear: the weight's bf16 twin is ({}, {}), the weight ({out}, {inp})",
+                t.out, t.inp
+            )),
+            t => Ok(t.as_deref()),
+        }
     }
 
     /// The gradient of a [`linear_gelu`]'s pre-activation: `g * gelu'(pre)`, with the derivative its
@@ -1284,6 +1329,15 @@ impl Linear {
             let (wout, inp) = lw.shape().dims2()?;
             if wout != out || g.len() != n * out {
                 return err("linear: gradient does not fit the weight");
+            }
+            if let Some(t) = self.bf16_twin(out, inp)? {
+                let rows = bf16::pack_rows(g, n, out, out);
+                // SAFETY: shapes checked; the GEMM sets all n x inp elements.
+                return Ok(unsafe {
+                    written_by(n * inp, |dx| {
+                        bf16::gemm(dx, inp, &rows, n, t.nn(), None, n * out * inp >= 1 << 20)
+                    })
+                });
             }
             // SAFETY: shapes checked; the GEMM overwrites all n x inp elements of dx.
             let dx = unsafe {

@@ -156,7 +156,9 @@ impl BertConfig {
                 .into());
             }
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(LoadError::ModelConfig {
                 path: path.to_path_buf(),
                 reason: format!(
@@ -226,6 +228,9 @@ pub struct BertModel {
     pub embeddings_norm: (Tensor, Tensor),
     pub layers: Vec<Layer>,
     pub device: Device,
+    /// The frozen weights' bf16 twins while the model multiplies in bf16
+    /// ([`BertModel::use_bf16_products`]); the kernels find them by the weights' tensor ids.
+    bf16: Vec<std::sync::Arc<kernels::bf16::Bf16Weight>>,
 }
 
 struct WeightSource<'a> {
@@ -379,7 +384,29 @@ impl BertModel {
             embeddings_norm,
             layers,
             device: device.clone(),
+            bf16: Vec::new(),
         })
+    }
+
+    /// Multiply by the frozen linear weights in bf16 from now on (CPU kernels; see
+    /// [`super::MatmulPrecision::Bf16`]): each weight is rounded and packed once, here. Adapters,
+    /// embeddings, attention and norms stay f32.
+    pub fn use_bf16_products(&mut self) -> EngineResult<()> {
+        let mut twins = Vec::new();
+        for layer in &self.layers {
+            for w in
+                std::iter::once(&layer.qkv_weight).chain(layer.linears.iter().map(|l| &l.weight))
+            {
+                twins.push(kernels::bf16::register(w)?);
+            }
+        }
+        self.bf16 = twins;
+        Ok(())
+    }
+
+    /// Whether the frozen linear layers multiply in bf16 ([`BertModel::use_bf16_products`]).
+    pub fn bf16_products(&self) -> bool {
+        !self.bf16.is_empty()
     }
 
     pub fn hidden_size(&self) -> usize {
@@ -555,7 +582,7 @@ impl BertModel {
         if grad != Grad::Yes
             || self.activation != Activation::Gelu
             || x2.rank() != 2
-            || h % nh != 0
+            || !h.is_multiple_of(nh)
             || layer
                 .linears
                 .iter()

@@ -598,7 +598,8 @@ mod tests {
                     std::thread::sleep(std::time::Duration::from_micros(300));
                 }
                 // Every seventh candidate has no stored vector.
-                (id % 7 != 0).then(|| vectors.iter().find(|(i, _)| *i == id).unwrap().1.clone())
+                (!id.is_multiple_of(7))
+                    .then(|| vectors.iter().find(|(i, _)| *i == id).unwrap().1.clone())
             }
         };
         let sorted = |mut v: Vec<(u64, f32)>| {

@@ -84,7 +84,7 @@ pub fn encode_f32(v: &[f32]) -> Vec<u8> {
 
 /// Decode an embedding value.
 pub fn decode_f32(b: &[u8]) -> Result<Vec<f32>, String> {
-    if b.len() % 4 != 0 {
+    if !b.len().is_multiple_of(4) {
         return Err(format!(
             "embedding value of {} bytes is not a multiple of 4",
             b.len()

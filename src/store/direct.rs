@@ -988,8 +988,8 @@ impl StorageBackend for DirectFileBackend {
         self.check()?;
         let behind = self.behind(&st);
         let gatherable = behind
-            && offset % ALIGN as u64 == 0
-            && data.len() % ALIGN == 0
+            && offset.is_multiple_of(ALIGN as u64)
+            && data.len().is_multiple_of(ALIGN)
             && !data.is_empty()
             && data.len() <= BLOCK;
         if !gatherable {

@@ -87,9 +87,9 @@ pub fn encoder_layer(
         ln1: (ln(&w.ln1.0)?, bias(&w.ln1.1)?),
         inter: (
             Linear {
-                w: w.inter.0.contiguous()?,
                 gelu: Some(Mutex::new(Vec::new())),
                 differentiable: true,
+                ..Linear::plain(w.inter.0.contiguous()?)
             },
             bias(&w.inter.1)?,
         ),
@@ -143,7 +143,7 @@ impl EncoderLayer {
     /// (query, key, value) views of the fused (B*S, 3H) rows.
     fn views(&self, n: usize, h: usize) -> Res<[View3; 3]> {
         let b = self.batch;
-        if b == 0 || n % b != 0 {
+        if b == 0 || !n.is_multiple_of(b) {
             return err(format!(
                 "encoder layer: {n} rows are not {b} sequences of equal length"
             ));

@@ -1,0 +1,691 @@
+//! Reduced-precision GEMM for frozen weights: bf16 operands, exact products, f32 sums.
+//!
+//! With [`crate::engine::MatmulPrecision::Bf16`] an encoder's frozen linear layers multiply in bf16:
+//! each weight is rounded to bf16 once, when the model loads, and packed for the kernel
+//! ([`Bf16Weight`]); each input is rounded when the layer runs. The product of two bf16 numbers is
+//! exact in f32 and the sums are f32, so the only loss is the operands' rounding (8 significant bits:
+//! a relative error of at most 2^-9 each). On a CPU with AVX512-BF16 (`vdpbf16ps`: 32 products per
+//! instruction, twice an f32 FMA's 16) the kernel runs those instructions; elsewhere a portable kernel
+//! computes the same sums with f32 FMAs, at f32 speed.
+//!
+//! Layout: the right operand B (k x n) is stored in panels of [`NR`] columns; in a panel, each pair of
+//! rows (2p, 2p + 1) is [`NR`] `u32`s, column j's two bf16 values (row 2p in the low half), which is
+//! the operand `vdpbf16ps` multiplies a broadcast pair of the left operand's row with. An odd k is
+//! padded with a zero row. The left operand's rows are rounded into the same pairs ([`pack_rows`]).
+//!
+//! Every output element is `init + sum over pairs p (a_2p b_2p + a_2p+1 b_2p+1)` in the order of p,
+//! computed by one tile: the result does not depend on the number of threads, so training stays
+//! bit-deterministic at this precision. (The two CPU paths may differ in the last bit: `vdpbf16ps`'s
+//! internal order of the pair's two additions is the hardware's.)
+//!
+//! A frozen weight gets its packed twin through [`register`], which the model calls for each weight it
+//! loads at this precision and keeps alive; the [`super::Linear`] op looks the twin up by the weight's
+//! tensor id ([`twin`]) and, when there is one, multiplies with it instead of the f32 weight.
+
+use candle_core::{Tensor, TensorId};
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+/// Columns of a packed panel: four 16-lane vectors.
+pub(crate) const NR: usize = 64;
+/// Rows of a tile: 6 x 4 accumulators, plus 4 operand vectors and a broadcast, fit AVX-512's 32
+/// registers.
+const MR: usize = 6;
+/// Rows per task: a task's left rows (at most `MC * k / 2` u32) stay in the core's L2 cache while it
+/// runs over the panels.
+const MC: usize = 96;
+
+/// `x` rounded to bf16 as AVX512-BF16's conversion does: to nearest, ties to even; a denormal to zero
+/// of its sign; a NaN kept a (quiet) NaN. Branch-free, so loops over it vectorise.
+#[inline(always)]
+pub(crate) fn bf16_bits(x: f32) -> u32 {
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+    let denormal = (b & 0x7f80_0000) == 0;
+    let v = if denormal {
+        (b >> 16) & 0x8000
+    } else {
+        rounded
+    };
+    if nan {
+        (b >> 16) | 0x40
+    } else {
+        v
+    }
+}
+
+/// The f32 value of bf16 bits.
+#[inline(always)]
+pub(crate) fn bf16_value(bits: u32) -> f32 {
+    f32::from_bits(bits << 16)
+}
+
+/// The right operand B (k x n) of [`gemm`], rounded to bf16 and packed in panels of [`NR`] columns.
+#[derive(Debug)]
+pub(crate) struct PackedB {
+    n: usize,
+    /// Pairs of rows: `ceil(k / 2)`.
+    kp: usize,
+    data: Vec<u32>,
+}
+
+impl PackedB {
+    /// Pack B, whose element (i, j) is `src[i * rs + j * cs]`.
+    ///
+    /// # Panics
+    /// If an element lies outside `src` (callers pass a weight's own shape and strides).
+    pub(crate) fn pack(src: &[f32], k: usize, n: usize, rs: usize, cs: usize) -> PackedB {
+        let kp = k.div_ceil(2);
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0u32; panels * kp * NR];
+        if k > 0 && n > 0 {
+            assert!(
+                (k - 1) * rs + (n - 1) * cs < src.len(),
+                "PackedB::pack: B outside its buffer"
+            );
+        }
+        data.par_chunks_mut(kp * NR)
+            .enumerate()
+            .for_each(|(panel, out)| {
+                let j0 = panel * NR;
+                let cols = (n - j0).min(NR);
+                for p in 0..kp {
+                    let row = &mut out[p * NR..p * NR + cols];
+                    for (jj, d) in row.iter_mut().enumerate() {
+                        let j = j0 + jj;
+                        let lo = bf16_bits(src[2 * p * rs + j * cs]);
+                        let hi = if 2 * p + 1 < k {
+                            bf16_bits(src[(2 * p + 1) * rs + j * cs])
+                        } else {
+                            0
+                        };
+                        *d = lo | (hi << 16);
+                    }
+                }
+            });
+        PackedB { n, kp, data }
+    }
+
+    /// The bf16 bits of element (i, j).
+    fn bits(&self, i: usize, j: usize) -> u32 {
+        let pair = self.panel(j)[i / 2 * NR + j % NR];
+        if i.is_multiple_of(2) {
+            pair & 0xffff
+        } else {
+            pair >> 16
+        }
+    }
+
+    /// The panel holding column `j0`.
+    fn panel(&self, j0: usize) -> &[u32] {
+        let i = j0 / NR * self.kp * NR;
+        &self.data[i..i + self.kp * NR]
+    }
+}
+
+/// Rows of A (`rows` x `k`, row `i` at `a[i * lda..]`) rounded to bf16 pairs, `ceil(k / 2)` `u32`s a
+/// row (an odd k padded with a zero).
+pub(crate) fn pack_rows(a: &[f32], rows: usize, k: usize, lda: usize) -> Vec<u32> {
+    let kp = k.div_ceil(2);
+    let mut out = vec![0u32; rows * kp];
+    if kp == 0 {
+        return out;
+    }
+    let per = (super::PAR_CHUNK / kp).max(1);
+    out.par_chunks_mut(per * kp)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            for (r, row) in chunk.chunks_exact_mut(kp).enumerate() {
+                let i = c * per + r;
+                pack_row(row, &a[i * lda..i * lda + k]);
+            }
+        });
+    out
+}
+
+multiversion! {
+    /// One row of [`pack_rows`].
+    fn pack_row(row: &mut [u32], a: &[f32]) {
+        let mut pairs = a.chunks_exact(2);
+        for (d, p) in row.iter_mut().zip(&mut pairs) {
+            *d = bf16_bits(p[0]) | (bf16_bits(p[1]) << 16);
+        }
+        if let [last] = pairs.remainder() {
+            row[a.len() / 2] = bf16_bits(*last);
+        }
+    }
+}
+
+/// A frozen weight W (out, in) rounded to bf16 and packed for both products a linear layer takes:
+/// `x W^T` (forward) and `dY W` (the input's gradient: packed on first use, from the same rounded
+/// values).
+#[derive(Debug)]
+pub(crate) struct Bf16Weight {
+    pub(crate) out: usize,
+    pub(crate) inp: usize,
+    /// B = W^T (in x out).
+    pub(crate) nt: PackedB,
+    /// B = W (out x in).
+    nn: OnceLock<PackedB>,
+}
+
+impl Bf16Weight {
+    fn new(w: &[f32], out: usize, inp: usize) -> Bf16Weight {
+        Bf16Weight {
+            out,
+            inp,
+            nt: PackedB::pack(w, inp, out, 1, inp),
+            nn: OnceLock::new(),
+        }
+    }
+
+    /// B = W (out x in), for `dY W`.
+    pub(crate) fn nn(&self) -> &PackedB {
+        self.nn.get_or_init(|| {
+            // W's rounded values, unpacked from the forward packing (rounding again is exact).
+            let mut w = vec![0f32; self.out * self.inp];
+            for (j, row) in w.chunks_exact_mut(self.inp.max(1)).enumerate() {
+                for (i, v) in row.iter_mut().enumerate() {
+                    *v = bf16_value(self.nt.bits(i, j));
+                }
+            }
+            PackedB::pack(&w, self.out, self.inp, self.inp, 1)
+        })
+    }
+}
+
+type Registry = Mutex<HashMap<TensorId, Weak<Bf16Weight>>>;
+
+fn registry() -> &'static Registry {
+    static R: OnceLock<Registry> = OnceLock::new();
+    R.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Give the frozen weight `w` (out, in), f32 on the CPU, a packed bf16 twin that [`super::linear`]
+/// and the ops built on it multiply with from now on. The twin lives as long as the returned `Arc`
+/// (the model keeps it); entries of dropped twins are pruned here.
+pub(crate) fn register(w: &Tensor) -> candle_core::Result<Arc<Bf16Weight>> {
+    let (out, inp) = w.dims2()?;
+    let data = w
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let twin = Arc::new(Bf16Weight::new(&data, out, inp));
+    let mut r = registry().lock().map_err(|_| super::poisoned())?;
+    r.retain(|_, t| t.strong_count() > 0);
+    r.insert(w.id(), Arc::downgrade(&twin));
+    Ok(twin)
+}
+
+/// The bf16 twin of `w`, if [`register`] gave it one that is still alive.
+pub(crate) fn twin(w: &Tensor) -> Option<Arc<Bf16Weight>> {
+    let r = registry().lock().ok()?;
+    r.get(&w.id()).and_then(Weak::upgrade)
+}
+
+/// Whether this CPU runs the bf16 products natively (AVX512-BF16).
+pub fn native() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `C = init + A B` for A (`m` x `b.k`, rounded into pairs by [`pack_rows`]) and the packed B: C is
+/// row-major with `ldc` elements per row; `init` is a row added to every row of C (a bias, `b.n`
+/// long) or none (zeros). Parallel over tasks of up to [`MC`] rows by groups of panels, on rayon's
+/// pool when `parallel`.
+///
+/// # Safety
+/// `c` must hold `m` rows of `ldc >= b.n` elements, not overlapping `a`, `b` or `init`.
+pub(crate) unsafe fn gemm(
+    c: *mut f32,
+    ldc: usize,
+    a: &[u32],
+    m: usize,
+    b: &PackedB,
+    init: Option<&[f32]>,
+    parallel: bool,
+) {
+    let (n, kp) = (b.n, b.kp);
+    debug_assert!(a.len() >= m * kp && ldc >= n);
+    debug_assert!(init.is_none_or(|i| i.len() >= n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    let panels = n.div_ceil(NR);
+    let row_tasks = m.div_ceil(MC);
+    let threads = if parallel {
+        rayon::current_num_threads().max(1)
+    } else {
+        1
+    };
+    // Enough tasks for every thread several times over, splitting the panels only when the rows
+    // alone do not give them.
+    let groups = if row_tasks >= 2 * threads {
+        1
+    } else {
+        panels.min((2 * threads).div_ceil(row_tasks))
+    };
+    let per_group = panels.div_ceil(groups);
+    let cp = super::SendPtr(c);
+    let native = native();
+    let run = |t: usize| {
+        let (rt, g) = (t / groups, t % groups);
+        let (r0, r1) = (rt * MC, ((rt + 1) * MC).min(m));
+        let (p0, p1) = (g * per_group, ((g + 1) * per_group).min(panels));
+        for p in p0..p1 {
+            let j0 = p * NR;
+            let cols = (n - j0).min(NR);
+            let panel = b.panel(j0);
+            let bias = init.map(|i| &i[j0..j0 + cols]);
+            let mut r = r0;
+            while r < r1 {
+                let rows = (r1 - r).min(MR);
+                let ar = &a[r * kp..(r + rows) * kp];
+                let cr = cp.at(r * ldc + j0);
+                // SAFETY: rows r..r + rows, columns j0..j0 + cols of C: inside it (the caller's
+                // contract) and written by this task alone.
+                unsafe { tile(rows, kp, ar, panel, cr, ldc, cols, bias, native) };
+                r += rows;
+            }
+        }
+    };
+    let tasks = row_tasks * groups;
+    let _flush = super::FlushDenormals::here();
+    if threads > 1 && tasks > 1 {
+        (0..tasks).into_par_iter().for_each(|t| {
+            let _flush = super::FlushDenormals::here();
+            run(t)
+        });
+    } else {
+        (0..tasks).for_each(run);
+    }
+}
+
+/// One tile: `rows` (<= [`MR`]) rows of A times one panel, into `cols` (<= [`NR`]) columns of C.
+///
+/// # Safety
+/// `c` must hold `rows` rows of `ldc` elements, of which the first `cols` are written.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile(
+    rows: usize,
+    kp: usize,
+    a: &[u32],
+    panel: &[u32],
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    bias: Option<&[f32]>,
+    native: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if native {
+        // SAFETY: the CPU has AVX512-F and AVX512-BF16 (`native`); the rest is the caller's.
+        unsafe {
+            match rows {
+                6 => x86::tile::<6>(kp, a, panel, c, ldc, cols, bias),
+                5 => x86::tile::<5>(kp, a, panel, c, ldc, cols, bias),
+                4 => x86::tile::<4>(kp, a, panel, c, ldc, cols, bias),
+                3 => x86::tile::<3>(kp, a, panel, c, ldc, cols, bias),
+                2 => x86::tile::<2>(kp, a, panel, c, ldc, cols, bias),
+                _ => x86::tile::<1>(kp, a, panel, c, ldc, cols, bias),
+            }
+        }
+        return;
+    }
+    let _ = native;
+    let mut acc = [[0f32; NR]; MR];
+    portable_tile(&mut acc, rows, kp, a, panel);
+    for (r, row) in acc.iter().enumerate().take(rows) {
+        for (jj, v) in row.iter().enumerate().take(cols) {
+            let init = bias.map_or(0.0, |b| b[jj]);
+            // SAFETY: row r, column jj < cols of the caller's tile.
+            unsafe { *c.add(r * ldc + jj) = init + v };
+        }
+    }
+}
+
+multiversion! {
+    /// The portable tile: each pair's two products added in the order `vdpbf16ps` documents (the
+    /// odd element's first). Sums start at zero and the bias joins last.
+    fn portable_tile(acc: &mut [[f32; NR]; MR], rows: usize, kp: usize, a: &[u32], panel: &[u32]) {
+        for p in 0..kp {
+            let bp = &panel[p * NR..(p + 1) * NR];
+            let mut lo = [0f32; NR];
+            let mut hi = [0f32; NR];
+            for j in 0..NR {
+                lo[j] = bf16_value(bp[j] & 0xffff);
+                hi[j] = bf16_value(bp[j] >> 16);
+            }
+            for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+                let pair = a[r * kp + p];
+                let (a0, a1) = (bf16_value(pair & 0xffff), bf16_value(pair >> 16));
+                for j in 0..NR {
+                    acc[j] += a1 * hi[j];
+                    acc[j] += a0 * lo[j];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::NR;
+    use std::arch::x86_64::*;
+
+    /// The AVX512-BF16 tile: `M` rows x four 16-lane vectors of accumulators, one `vdpbf16ps` per
+    /// row, vector and pair of k. Sums start at zero and the bias joins last, as in the portable tile.
+    ///
+    /// # Safety
+    /// The CPU must have AVX512-F and AVX512-BF16; `c` as for [`super::tile`].
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn tile<const M: usize>(
+        kp: usize,
+        a: &[u32],
+        panel: &[u32],
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        bias: Option<&[f32]>,
+    ) {
+        debug_assert!(a.len() >= M * kp && panel.len() >= kp * NR);
+        let mut acc = [[_mm512_setzero_ps(); 4]; M];
+        let ap = a.as_ptr();
+        let bp = panel.as_ptr();
+        for p in 0..kp {
+            // SAFETY: pair p of the panel's NR columns and of the tile's M rows (asserted above).
+            unsafe {
+                let b: [__m512bh; 4] = std::array::from_fn(|q| {
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                        bp.add(p * NR + 16 * q) as *const __m512i,
+                    ))
+                });
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let pair = *ap.add(r * kp + p) as i32;
+                    let av = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pair));
+                    for q in 0..4 {
+                        acc[q] = _mm512_dpbf16_ps(acc[q], av, b[q]);
+                    }
+                }
+            }
+        }
+        for q in 0..4 {
+            let left = cols.saturating_sub(16 * q).min(16);
+            if left == 0 {
+                break;
+            }
+            let mask: __mmask16 = if left == 16 {
+                0xffff
+            } else {
+                (1u16 << left) - 1
+            };
+            // SAFETY: columns 16q..16q + left < cols of the bias and of each row of the tile.
+            unsafe {
+                let init = match bias {
+                    Some(b) => _mm512_maskz_loadu_ps(mask, b.as_ptr().add(16 * q)),
+                    None => _mm512_setzero_ps(),
+                };
+                for (r, acc) in acc.iter().enumerate() {
+                    _mm512_mask_storeu_ps(
+                        c.add(r * ldc + 16 * q),
+                        mask,
+                        _mm512_add_ps(init, acc[q]),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn round(x: f32) -> f64 {
+        bf16_value(bf16_bits(x)) as f64
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even_with_denormals_flushed_and_nan_kept() {
+        assert_eq!(bf16_bits(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to the even (1.0).
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: ties to the even (1 + 2^-6).
+        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(bf16_bits(1.0 + 1.0 / 200.0), 0x3f81);
+        assert_eq!(bf16_bits(-2.5), half::bf16::from_f32(-2.5).to_bits() as u32);
+        assert_eq!(bf16_bits(f32::from_bits(1)), 0);
+        assert_eq!(bf16_bits(-f32::from_bits(1)), 0x8000);
+        assert_eq!(bf16_bits(f32::INFINITY), 0x7f80);
+        assert_eq!(bf16_bits(f32::MAX), 0x7f80, "rounds up to infinity");
+        assert!(bf16_value(bf16_bits(f32::NAN)).is_nan());
+        // Normal values round as the `half` crate does.
+        for x in data(10_000, 3) {
+            let x = x * 1e3;
+            assert_eq!(
+                bf16_bits(x),
+                half::bf16::from_f32(x).to_bits() as u32,
+                "{x}"
+            );
+        }
+    }
+
+    /// The product of the bf16-rounded operands in f64, `init` added.
+    fn reference(
+        a: &[f32],
+        m: usize,
+        k: usize,
+        b: &[f32],
+        n: usize,
+        init: Option<&[f32]>,
+    ) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = init.map_or(0.0, |v| v[j] as f64);
+                for t in 0..k {
+                    s += round(a[i * k + t]) * round(b[t * n + j]);
+                }
+                c[i * n + j] = s;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn the_product_is_that_of_the_rounded_operands_at_every_edge() {
+        // Odd k, rows not a multiple of the tile, columns not a multiple of the panel, and enough
+        // rows for several tasks.
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (7, 5, 3),
+            (13, 33, 65),
+            (200, 64, 130),
+            (5, 384, 64),
+        ] {
+            let a = data(m * k, 1 + m as u64);
+            let b = data(k * n, 2 + n as u64);
+            let bias = data(n, 9);
+            let packed = PackedB::pack(&b, k, n, n, 1);
+            let rows = pack_rows(&a, m, k, k);
+            for (init, par) in [(None, false), (Some(&bias[..]), true)] {
+                let ldc = n + 3;
+                let mut c = vec![f32::NAN; m * ldc];
+                // SAFETY: c holds m rows of ldc >= n.
+                unsafe { gemm(c.as_mut_ptr(), ldc, &rows, m, &packed, init, par) };
+                let want = reference(&a, m, k, &b, n, init);
+                for i in 0..m {
+                    for j in 0..n {
+                        let (got, w) = (c[i * ldc + j] as f64, want[i * n + j]);
+                        // f32 sums of k exact products: k roundings of at most 2^-24 of a
+                        // partial sum each.
+                        assert!(
+                            (got - w).abs() <= 1e-6 * (k as f64 + 1.0),
+                            "({m},{k},{n}) [{i},{j}]: {got} vs {w}"
+                        );
+                    }
+                    assert!(
+                        c[i * ldc + n..(i + 1) * ldc].iter().all(|v| v.is_nan()),
+                        "wrote past the columns"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_transposed_packing_multiplies_by_the_transpose() {
+        let (m, k, n) = (9, 20, 70);
+        let a = data(m * k, 4);
+        let w = data(n * k, 5); // (n, k): B = W^T
+        let packed = PackedB::pack(&w, k, n, 1, k);
+        let mut wt = vec![0f32; k * n];
+        for j in 0..n {
+            for t in 0..k {
+                wt[t * n + j] = w[j * k + t];
+            }
+        }
+        let direct = PackedB::pack(&wt, k, n, n, 1);
+        assert_eq!(packed.data, direct.data);
+        let rows = pack_rows(&a, m, k, k);
+        let mut c = vec![0f32; m * n];
+        // SAFETY: c holds m rows of n.
+        unsafe { gemm(c.as_mut_ptr(), n, &rows, m, &packed, None, true) };
+        let want = reference(&a, m, k, &wt, n, None);
+        for (g, w) in c.iter().zip(&want) {
+            assert!((*g as f64 - w).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn a_weight_multiplies_both_ways_with_the_same_rounded_values() {
+        let (out, inp, m) = (70, 33, 8);
+        let w = data(out * inp, 10);
+        let t = Bf16Weight::new(&w, out, inp);
+        let mut wt = vec![0f32; inp * out];
+        for j in 0..out {
+            for i in 0..inp {
+                wt[i * out + j] = w[j * inp + i];
+            }
+        }
+        assert_eq!(t.nt.data, PackedB::pack(&wt, inp, out, out, 1).data);
+        assert_eq!(t.nn().data, PackedB::pack(&w, out, inp, inp, 1).data);
+        // dY W for dY (m, out).
+        let g = data(m * out, 11);
+        let mut dx = vec![0f32; m * inp];
+        // SAFETY: dx holds m rows of inp.
+        unsafe {
+            gemm(
+                dx.as_mut_ptr(),
+                inp,
+                &pack_rows(&g, m, out, out),
+                m,
+                t.nn(),
+                None,
+                false,
+            )
+        };
+        let want = reference(&g, m, out, &w, inp, None);
+        for (a, b) in dx.iter().zip(&want) {
+            assert!((*a as f64 - b).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn the_portable_tile_sums_as_the_native_one() {
+        let (k, cols): (usize, usize) = (301, 50);
+        let kp = k.div_ceil(2);
+        let a = pack_rows(&data(MR * k, 12), MR, k, k);
+        let b = data(k * cols, 13);
+        let packed = PackedB::pack(&b, k, cols, cols, 1);
+        let bias = data(cols, 14);
+        let run = |rows: usize, native: bool| {
+            let mut c = vec![0f32; MR * NR];
+            // SAFETY: c holds MR rows of NR >= cols.
+            unsafe {
+                tile(
+                    rows,
+                    kp,
+                    &a,
+                    packed.panel(0),
+                    c.as_mut_ptr(),
+                    NR,
+                    cols,
+                    Some(&bias),
+                    native,
+                )
+            };
+            c
+        };
+        for rows in 1..=MR {
+            let portable = run(rows, false);
+            let here = run(rows, native());
+            for (p, h) in portable.iter().zip(&here) {
+                // Both are f32 sums of the same exact products; only the order inside a pair may
+                // differ.
+                assert!(
+                    (p - h).abs() <= 1e-5 * (1.0 + p.abs()),
+                    "{rows} rows: {p} vs {h}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_threads() {
+        let (m, k, n) = (300, 96, 200);
+        let a = data(m * k, 6);
+        let b = data(k * n, 7);
+        let packed = PackedB::pack(&b, k, n, n, 1);
+        let rows = pack_rows(&a, m, k, k);
+        let run = |par: bool| {
+            let mut c = vec![0f32; m * n];
+            // SAFETY: c holds m rows of n.
+            unsafe { gemm(c.as_mut_ptr(), n, &rows, m, &packed, None, par) };
+            c
+        };
+        let one = run(false);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        assert_eq!(one, pool.install(|| run(true)));
+    }
+
+    #[test]
+    fn a_registered_twin_lives_as_long_as_its_owner_keeps_it() {
+        let w = Tensor::from_vec(data(12, 8), (3, 4), &candle_core::Device::Cpu).unwrap();
+        assert!(twin(&w).is_none());
+        let t = register(&w).unwrap();
+        assert_eq!((t.out, t.inp), (3, 4));
+        assert!(twin(&w).is_some());
+        assert!(twin(&w.clone()).is_some(), "a clone is the same tensor");
+        assert!(
+            twin(&(&w * 1.0).unwrap()).is_none(),
+            "another tensor has none"
+        );
+        drop(t);
+        assert!(twin(&w).is_none());
+    }
+}
