@@ -1207,22 +1207,8 @@ impl Linear {
                 ));
             }
             if let Some(t) = self.bf16_twin(out, win)? {
-                // Reduced precision: the bias starts every sum, and GELU (if any) follows.
-                let rows = bf16::pack_rows(x, n, inp, inp);
-                // SAFETY: shapes checked; the GEMM sets all n x out elements.
-                let mut y = unsafe {
-                    written_by(n * out, |y| {
-                        bf16::gemm(
-                            y,
-                            out,
-                            &rows,
-                            n,
-                            &t.nt,
-                            Some(bias),
-                            n * out * inp >= 1 << 20,
-                        )
-                    })
-                };
+                // Reduced precision (the bias starts every sum), then GELU if it follows.
+                let mut y = t.forward(x, n, bias);
                 self.gelu_in_place(&mut y)?;
                 return Ok((y, out));
             }
@@ -1331,13 +1317,7 @@ impl Linear {
                 return err("linear: gradient does not fit the weight");
             }
             if let Some(t) = self.bf16_twin(out, inp)? {
-                let rows = bf16::pack_rows(g, n, out, out);
-                // SAFETY: shapes checked; the GEMM sets all n x inp elements.
-                return Ok(unsafe {
-                    written_by(n * inp, |dx| {
-                        bf16::gemm(dx, inp, &rows, n, t.nn(), None, n * out * inp >= 1 << 20)
-                    })
-                });
+                return Ok(t.input_grad(g, n));
             }
             // SAFETY: shapes checked; the GEMM overwrites all n x inp elements of dx.
             let dx = unsafe {
