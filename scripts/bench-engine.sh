@@ -3,7 +3,8 @@
 # $PYTHON, default python3): `cargo bench --bench engine` (forward 32x64, LoRA training step; pass
 # `none` to skip the criterion part), then whole CLI runs side by side with benches/torch_cli_reference.py:
 # `peftdb eval` of the bare model on bbc_topic test and `peftdb train` of a 16-shot LoRA, 100 steps, on
-# movie_sentiment (skip with PEFTDB_BENCH_CLI=0). Prints each time and the ratio candle / PyTorch.
+# movie_sentiment (skip with PEFTDB_BENCH_CLI=0). Prints each time and the ratio candle / PyTorch, then
+# both commands again with `--matmul bf16` and their ratio to the f32 runs.
 #
 # PEFTDB_BENCH_VENV=DIR makes (once) a virtual environment in DIR with torch, transformers and peft from
 # PyPI and uses its python (PyPI's Linux torch wheel pulls in the CUDA libraries: about 3 GB).
@@ -60,4 +61,20 @@ echo "train movie_sentiment LoRA 16-shot 100 steps: peftdb $(printf %.2f "$c_tra
 echo "  pytorch: $p_train_json"
 p_train=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["seconds"])' "$p_train_json")
 echo "  ratio peftdb/pytorch: $(python3 -c 'import sys; print(f"{float(sys.argv[1]) / float(sys.argv[2]):.2f}x")' "$c_train" "$p_train")"
+
+# The same two commands with the frozen products in bf16 (`--matmul bf16`), against the f32 runs above.
+t0=$(date +%s.%N)
+"$BIN" eval --model "$MODEL" --task "$TASKS/bbc_topic" --split test --matmul bf16 --json > "$OUT/eval16.json"
+t1=$(date +%s.%N)
+h_eval=$(secs "$t0" "$t1")
+acc16=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["accuracy"])' "$OUT/eval16.json")
+echo "eval, --matmul bf16 (AVX512-BF16: $(grep -qw avx512_bf16 /proc/cpuinfo && echo yes || echo no)): $(printf %.2f "$h_eval") s, accuracy $acc16; ratio to f32 peftdb $(python3 -c 'import sys; print(f"{float(sys.argv[1]) / float(sys.argv[2]):.2f}x")' "$h_eval" "$c_eval"), to pytorch $(python3 -c 'import sys; print(f"{float(sys.argv[1]) / float(sys.argv[2]):.2f}x")' "$h_eval" "$p_eval")"
+t0=$(date +%s.%N)
+"$BIN" train --model "$MODEL" --task "$TASKS/movie_sentiment" --method lora --k 16 --steps 100 \
+  --patience 1000 --matmul bf16 --out "$OUT/train16" --json > "$OUT/train16.json"
+t1=$(date +%s.%N)
+h_train=$(secs "$t0" "$t1")
+test16=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["best"].get("test_accuracy"))' "$OUT/train16/train_report.json" 2>/dev/null || echo "?")
+test32=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["best"].get("test_accuracy"))' "$OUT/train/train_report.json" 2>/dev/null || echo "?")
+echo "train, --matmul bf16: $(printf %.2f "$h_train") s, best test accuracy $test16 (f32: $test32); ratio to f32 peftdb $(python3 -c 'import sys; print(f"{float(sys.argv[1]) / float(sys.argv[2]):.2f}x")' "$h_train" "$c_train"), to pytorch $(python3 -c 'import sys; print(f"{float(sys.argv[1]) / float(sys.argv[2]):.2f}x")' "$h_train" "$p_train")"
 echo "load after: $(uptime)"
