@@ -395,7 +395,9 @@ class Model:
     ``prompt`` (decoders only) wraps each input text, with ``{text}`` where it goes; each label's
     verbalizer (a space and its text) follows it. ``None``: ``"Input: {text}\nAnswer:"``. ``dtype``
     (decoders only): ``"f32"``, ``"bf16"`` or ``"f16"``, the dtype the frozen base's matrices are held in
-    (half the memory; activations and adapters stay f32)."""
+    (half the memory; activations and adapters stay f32). ``matmul`` (encoders on the CPU): ``"f32"``
+    (exact) or ``"bf16"``, the frozen linear layers' products with weights and inputs rounded to bf16
+    (faster on CPUs with AVX512-BF16, at a small accuracy cost: README "Performance")."""
 
     def __init__(
         self,
@@ -404,8 +406,11 @@ class Model:
         max_len: int = 128,
         prompt: Optional[str] = None,
         dtype: str = "f32",
+        matmul: str = "f32",
     ) -> None:
-        self._m = _native.Model(os.fspath(path), device=device, max_len=max_len, prompt=prompt, dtype=dtype)
+        self._m = _native.Model(
+            os.fspath(path), device=device, max_len=max_len, prompt=prompt, dtype=dtype, matmul=matmul
+        )
 
     @property
     def path(self) -> Path:

@@ -67,6 +67,15 @@ def test_evaluate_equals_the_cli(demo, tasks_dir, model_dir, cli):
     assert got.loss == pytest.approx(want["loss"], rel=1e-12)
     bare = peftdb.evaluate(model_dir, folder, split="dev", max_len=64, progress=False)
     assert bare.adapter == "base model" and 0 <= bare.accuracy <= 1
+    # bf16 products (`--matmul bf16`): the same numbers as the CLI's; an unknown precision is refused.
+    half = peftdb.Model(model_dir, max_len=64, matmul="bf16")
+    got = peftdb.evaluate(half, folder, split="dev", progress=False)
+    want = json.loads(run_cli(cli, demo, "eval", "--model", str(model_dir), "--task", str(folder), "--split", "dev",
+                              "--max-len", "64", "--matmul", "bf16"))
+    assert got.accuracy == want["accuracy"] and got.loss == pytest.approx(want["loss"], rel=1e-9)
+    assert got.loss != pytest.approx(bare.loss, rel=1e-9), "bf16 products changed nothing"
+    with pytest.raises(ValueError, match="f32 \\(exact\\) or bf16"):
+        peftdb.Model(model_dir, matmul="f16")
 
 
 PEFT_PYTHON = os.environ.get("PEFTDB_PEFT_PYTHON")

@@ -7,7 +7,7 @@
 //! a relative error of at most 2^-9 each).
 //!
 //! - On a CPU with AVX512-BF16 ([`native`]) the twin is packed for [`gemm`], a kernel of `vdpbf16ps`
-//!   instructions (32 products each, twice an f32 FMA's 16): about 1.7x the f32 GEMM's rate here.
+//!   instructions (32 products each, twice an f32 FMA's 16).
 //! - Elsewhere the twin holds the rounded weight as f32 and the inputs are rounded the same way; the
 //!   engine's f32 GEMM multiplies them. The same products and f32 sums (in another order), at f32
 //!   speed: the option then changes the numbers, not the speed.
