@@ -360,7 +360,13 @@ fn train_reports_validate_and_read_back_typed() {
         check(&schema, &v, &p.display().to_string());
         let r: peftdb::engine::TrainReport =
             serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-        assert_eq!(serde_json::to_value(&r).unwrap(), v, "{}", p.display());
+        let mut back = serde_json::to_value(&r).unwrap();
+        // Reports written before `--matmul` existed have no `matmul`: they read back as f32.
+        if v.get("matmul").is_none() {
+            assert_eq!(r.matmul, peftdb::engine::MatmulPrecision::F32);
+            back.as_object_mut().unwrap().remove("matmul");
+        }
+        assert_eq!(back, v, "{}", p.display());
         assert!(r.history.iter().any(|h| h.step == r.best.step));
         if p.starts_with(root().join("examples/transfer/zoo")) {
             n += 1;
@@ -374,29 +380,34 @@ fn train_reports_validate_and_read_back_typed() {
     let task = common::task_dir("intent_recognition");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let printed = peftdb(
-        &dir.path().join("unused.peftdb"),
-        &[
-            "train",
-            "--model",
-            model.to_str().unwrap(),
-            "--task",
-            task.to_str().unwrap(),
-            "--method",
-            "lora",
-            "--k",
-            "2",
-            "--steps",
-            "2",
-            "--eval-every",
-            "1",
-            "--max-len",
-            "24",
-            "--keep-start",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-    );
+    let train = |out: &Path, matmul: &str| {
+        peftdb(
+            &dir.path().join("unused.peftdb"),
+            &[
+                "train",
+                "--model",
+                model.to_str().unwrap(),
+                "--task",
+                task.to_str().unwrap(),
+                "--method",
+                "lora",
+                "--k",
+                "2",
+                "--steps",
+                "2",
+                "--eval-every",
+                "1",
+                "--max-len",
+                "24",
+                "--keep-start",
+                "--matmul",
+                matmul,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        )
+    };
+    let printed = train(&out, "f32");
     let written: Value =
         serde_json::from_slice(&std::fs::read(out.join("train_report.json")).unwrap()).unwrap();
     check(&schema, &written, "peftdb train's train_report.json");
@@ -409,6 +420,12 @@ fn train_reports_validate_and_read_back_typed() {
         [0, 1, 2]
     );
     assert!(r.best.path.join("adapter_config.json").exists());
+    assert_eq!(r.matmul, peftdb::engine::MatmulPrecision::F32);
+    // Trained with bf16 products, the report says so.
+    let half = dir.path().join("half");
+    let printed = train(&half, "bf16");
+    check(&schema, &printed, "peftdb train --matmul bf16's report");
+    assert_eq!(printed["matmul"], "bf16");
     // What the schema and the type refuse: a report without its history.
     let one = std::fs::read_dir(root().join("examples/transfer/zoo"))
         .unwrap()

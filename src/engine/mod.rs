@@ -106,7 +106,8 @@ pub struct EngineOptions {
 }
 
 /// The precision of an encoder's frozen matrix products on the CPU ([`EngineOptions::matmul`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum MatmulPrecision {
     /// f32 operands (the default).
     #[default]

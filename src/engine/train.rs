@@ -212,6 +212,10 @@ pub struct TrainReport {
     pub lr: f64,
     /// Maximum tokens per text.
     pub max_len: usize,
+    /// The precision of the frozen products it trained under (`--matmul`); reports written before the
+    /// option existed have none, and were f32.
+    #[serde(default)]
+    pub matmul: super::MatmulPrecision,
     pub best: CheckpointReport,
     pub early: CheckpointReport,
     pub history: Vec<EvalPoint>,
@@ -219,6 +223,7 @@ pub struct TrainReport {
 
 impl TrainReport {
     /// The report of `outcome`, whose checkpoints were written to `out/best` and `out/early`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         task: &str,
         cfg: &TrainConfig,
@@ -226,6 +231,7 @@ impl TrainReport {
         train_examples: usize,
         seconds: f64,
         max_len: usize,
+        matmul: super::MatmulPrecision,
         out: &std::path::Path,
     ) -> TrainReport {
         let ck = |c: &Checkpoint, name: &str| CheckpointReport {
@@ -247,6 +253,7 @@ impl TrainReport {
                 .lr
                 .unwrap_or_else(|| MethodSpec::default_lr(outcome.best.object.method.kind())),
             max_len,
+            matmul,
             best: ck(&outcome.best, "best"),
             early: ck(&outcome.early, "early"),
             history: outcome.history.clone(),

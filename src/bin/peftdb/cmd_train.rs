@@ -158,6 +158,7 @@ pub fn run(db: &Path, args: &TrainArgs, json: bool) -> anyhow::Result<()> {
         train_ex.len(),
         started.elapsed().as_secs_f64(),
         args.engine.max_len,
+        args.engine.matmul,
         &args.out,
     );
     std::fs::write(
