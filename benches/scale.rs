@@ -404,6 +404,7 @@ fn main() {
     if py.is_some() {
         write_npy(&store, &npy);
     }
+    settle(smoke);
     let q10k = cold_queries(&store, n, py.as_deref().map(|p| (npy.as_path(), p)));
     let after_query = store_bytes(&store);
     let _ = std::fs::remove_file(&npy);
@@ -437,6 +438,10 @@ fn main() {
         if py.is_some() && !npy.exists() {
             write_npy(&s, &npy);
         }
+        // Generating the store and its .npy writes about 15 GB: let the write-back finish first, or
+        // the queries time the disk flushing it (session 26: 103.6 ms median without this wait, 60-70
+        // ms run alone a minute later).
+        settle(smoke);
         cold_queries(&s, 100_000, py.as_deref().map(|p| (npy.as_path(), p)))
     });
 

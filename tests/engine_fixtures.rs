@@ -15,6 +15,24 @@ fn reference() -> Value {
     serde_json::from_slice(&std::fs::read(&p).expect("reference_outputs.json")).expect("json")
 }
 
+/// PEFT's first 8 values of the mean-pooled output for `name` (a fixture, or "base").
+fn first8(r: &Value, name: &str) -> Vec<f32> {
+    r[name]["mean_pooled_first8"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no reference for {name}"))
+        .iter()
+        .map(|v| v.as_f64().expect("number") as f32)
+        .collect()
+}
+
+/// The largest |want - got| over `want`'s length.
+fn max_abs_error(want: &[f32], got: &[f32]) -> f32 {
+    want.iter()
+        .zip(got)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+}
+
 fn pooled(engine: &Engine, adapter: Option<&str>, text: &str) -> Vec<f32> {
     let set = adapter.map(|name| {
         let dir = common::fixtures().join(name);
@@ -45,18 +63,9 @@ fn base_and_every_fixture_match_peft() {
     // Every fixture with a PEFT reference (prompt_10's is checked against its own script's output).
     let names = std::iter::once("base").chain(common::FIXTURES);
     for name in names.filter(|n| *n != "prompt_10") {
-        let want: Vec<f32> = r[name]["mean_pooled_first8"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no reference for {name}"))
-            .iter()
-            .map(|v| v.as_f64().expect("number") as f32)
-            .collect();
+        let want = first8(&r, name);
         let got = pooled(&engine, (name != "base").then_some(name), text);
-        let err = want
-            .iter()
-            .zip(&got)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let err = max_abs_error(&want, &got);
         eprintln!("{name}: max abs error {err:.2e}");
         worst.push((name, err, got[..8].to_vec(), want));
     }
@@ -242,11 +251,7 @@ fn prompt_tuning_matches_peft() {
     let r = reference();
     let text = r["input"]["text"].as_str().expect("text");
     let got = pooled(&engine, Some("prompt_10"), text);
-    let err = want
-        .iter()
-        .zip(&got)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let err = max_abs_error(&want, &got);
     eprintln!("prompt_10: max abs error {err:.2e}");
     assert!(
         err <= TOL,
@@ -278,20 +283,11 @@ fn bf16_products_stay_close_to_peft() {
     let names = std::iter::once("base").chain(common::FIXTURES);
     let mut worst = Vec::new();
     for name in names.filter(|n| *n != "prompt_10") {
-        let want: Vec<f32> = r[name]["mean_pooled_first8"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no reference for {name}"))
-            .iter()
-            .map(|v| v.as_f64().expect("number") as f32)
-            .collect();
+        let want = first8(&r, name);
         let adapter = (name != "base").then_some(name);
         let got = pooled(&engine, adapter, text);
         let exact = pooled(&f32_engine, adapter, text);
-        let err = want
-            .iter()
-            .zip(&got)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let err = max_abs_error(&want, &got);
         let dot: f64 = got
             .iter()
             .zip(&exact)
