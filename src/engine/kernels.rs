@@ -1206,12 +1206,21 @@ impl Linear {
                     bias.len()
                 ));
             }
-            if let Some(t) = self.bf16_twin(out, win)? {
-                // Reduced precision (the bias starts every sum), then GELU if it follows.
-                let mut y = t.forward(x, n, bias);
+            // Reduced precision: the packed twin's kernel (the bias starts every sum), then GELU
+            // if it follows; or the f32 path below on the rounded weight and rounded inputs.
+            let twin = self.bf16_twin(out, win)?;
+            if let Some(mut y) = twin.and_then(|t| t.packed_forward(x, n, bias)) {
                 self.gelu_in_place(&mut y)?;
                 return Ok((y, out));
             }
+            let rounded_x;
+            let (x, w) = match twin.and_then(|t| t.rounded()) {
+                Some(rw) => {
+                    rounded_x = bf16::rounded(x);
+                    (&rounded_x[..], rw)
+                }
+                None => (x, w),
+            };
             if self.gelu.is_some() && n > SMALL_ROWS {
                 // The GEMM overwrites y, and the bias is added in GELU's own pass over it: one
                 // pass over the (N, I) activation fewer than writing the bias first. Where gemm
@@ -1316,9 +1325,18 @@ impl Linear {
             if wout != out || g.len() != n * out {
                 return err("linear: gradient does not fit the weight");
             }
-            if let Some(t) = self.bf16_twin(out, inp)? {
-                return Ok(t.input_grad(g, n));
+            let twin = self.bf16_twin(out, inp)?;
+            if let Some(dx) = twin.and_then(|t| t.packed_input_grad(g, n)) {
+                return Ok(dx);
             }
+            let rounded_g;
+            let (g, w) = match twin.and_then(|t| t.rounded()) {
+                Some(rw) => {
+                    rounded_g = bf16::rounded(g);
+                    (&rounded_g[..], rw)
+                }
+                None => (g, w),
+            };
             // SAFETY: shapes checked; the GEMM overwrites all n x inp elements of dx.
             let dx = unsafe {
                 written_by(n * inp, |dx| {

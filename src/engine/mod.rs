@@ -101,7 +101,8 @@ pub struct EngineOptions {
     /// Encoder models on the CPU: the precision of the frozen base's matrix products (its six linear
     /// layers). [`MatmulPrecision::F32`] (default) is exact to PEFT's outputs;
     /// [`MatmulPrecision::Bf16`] rounds weights and inputs to bf16 (products exact, sums f32), which a
-    /// CPU with AVX512-BF16 runs at twice f32's rate. Measured cost and speed: README "Performance".
+    /// CPU with AVX512-BF16 multiplies with twice the products per instruction. Measured cost and
+    /// speed: README "Performance".
     pub matmul: MatmulPrecision,
 }
 

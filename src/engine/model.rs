@@ -404,11 +404,6 @@ impl BertModel {
         Ok(())
     }
 
-    /// Whether the frozen linear layers multiply in bf16 ([`BertModel::use_bf16_products`]).
-    pub fn bf16_products(&self) -> bool {
-        !self.bf16.is_empty()
-    }
-
     pub fn hidden_size(&self) -> usize {
         self.config.hidden_size
     }

@@ -8,8 +8,8 @@
 //!
 //! - On a CPU with AVX512-BF16 ([`native`]) the twin is packed for [`gemm`], a kernel of `vdpbf16ps`
 //!   instructions (32 products each, twice an f32 FMA's 16).
-//! - Elsewhere the twin holds the rounded weight as f32 and the inputs are rounded the same way; the
-//!   engine's f32 GEMM multiplies them. The same products and f32 sums (in another order), at f32
+//! - Elsewhere the twin holds the rounded weight as f32, and the f32 linear layer
+//!   ([`super::Linear`]) multiplies it with inputs rounded the same way. The same products and f32 sums (in another order), at f32
 //!   speed: the option then changes the numbers, not the speed.
 //!
 //! Layout of the packed form: the right operand B (k x n) is stored in panels of [`NR`] columns; in a
@@ -198,79 +198,57 @@ impl Bf16Weight {
         Bf16Weight { out, inp, form }
     }
 
-    /// `bias + x W^T` for the `n` rows of `x` (n, in): (n, out).
-    pub(crate) fn forward(&self, x: &[f32], n: usize, bias: &[f32]) -> Vec<f32> {
-        let (out, inp) = (self.out, self.inp);
-        debug_assert!(x.len() == n * inp && bias.len() == out);
-        let par = n * out * inp >= 1 << 20;
+    /// The rounded form's weight (out, in) as f32, which the f32 linear layer multiplies rounded
+    /// inputs with; `None` for the packed form.
+    pub(crate) fn rounded(&self) -> Option<&[f32]> {
         match &self.form {
-            Form::Packed { nt, .. } => {
-                let rows = pack_rows(x, n, inp, inp);
-                // SAFETY: a packed twin exists only on a CPU with AVX512-BF16; the GEMM sets all
-                // n x out elements.
-                unsafe {
-                    super::written_by(n * out, |y| gemm(y, out, &rows, n, nt, Some(bias), par))
-                }
-            }
-            Form::Rounded(w) => {
-                let xr = rounded(x);
-                let mut y = super::repeat_rows(bias, n);
-                // SAFETY: x (n, in), w (out, in), y (n, out).
-                unsafe {
-                    super::mm(
-                        super::Dst::add(y.as_mut_ptr(), out),
-                        super::Mat::new(xr.as_ptr(), n, inp, inp),
-                        super::Mat::new(w.as_ptr(), out, inp, inp).t(),
-                        super::gemm_par(n * out * inp),
-                    )
-                };
-                y
-            }
+            Form::Rounded(w) => Some(w),
+            Form::Packed { .. } => None,
         }
     }
 
-    /// `dY W` for the `n` rows of `g` (n, out): (n, in).
-    pub(crate) fn input_grad(&self, g: &[f32], n: usize) -> Vec<f32> {
+    /// The packed form's `bias + x W^T` for the `n` rows of `x` (n, in): (n, out); `None` for the
+    /// rounded form ([`Bf16Weight::rounded`]).
+    pub(crate) fn packed_forward(&self, x: &[f32], n: usize, bias: &[f32]) -> Option<Vec<f32>> {
+        let Form::Packed { nt, .. } = &self.form else {
+            return None;
+        };
+        let (out, inp) = (self.out, self.inp);
+        debug_assert!(x.len() == n * inp && bias.len() == out);
+        let rows = pack_rows(x, n, inp, inp);
+        let par = n * out * inp >= 1 << 20;
+        // SAFETY: a packed twin exists only on a CPU with AVX512-BF16; the GEMM sets all n x out
+        // elements.
+        Some(unsafe { super::written_by(n * out, |y| gemm(y, out, &rows, n, nt, Some(bias), par)) })
+    }
+
+    /// The packed form's `dY W` for the `n` rows of `g` (n, out): (n, in); `None` for the rounded
+    /// form.
+    pub(crate) fn packed_input_grad(&self, g: &[f32], n: usize) -> Option<Vec<f32>> {
+        let Form::Packed { nt, nn } = &self.form else {
+            return None;
+        };
         let (out, inp) = (self.out, self.inp);
         debug_assert!(g.len() == n * out);
-        match &self.form {
-            Form::Packed { nt, nn } => {
-                let nn = nn.get_or_init(|| {
-                    // W's rounded values, unpacked from the forward packing (rounding them
-                    // again is exact).
-                    let mut w = vec![0f32; out * inp];
-                    for (j, row) in w.chunks_exact_mut(inp.max(1)).enumerate() {
-                        for (i, v) in row.iter_mut().enumerate() {
-                            *v = bf16_value(nt.bits(i, j));
-                        }
-                    }
-                    PackedB::pack(&w, out, inp, inp, 1)
-                });
-                let rows = pack_rows(g, n, out, out);
-                let par = n * out * inp >= 1 << 20;
-                // SAFETY: as in `forward`; the GEMM sets all n x in elements.
-                unsafe { super::written_by(n * inp, |dx| gemm(dx, inp, &rows, n, nn, None, par)) }
-            }
-            Form::Rounded(w) => {
-                let gr = rounded(g);
-                // SAFETY: g (n, out), w (out, in); the GEMM sets all n x in elements of dx.
-                unsafe {
-                    super::written_by(n * inp, |dx| {
-                        super::mm(
-                            super::Dst::set(dx, inp),
-                            super::Mat::new(gr.as_ptr(), n, out, out),
-                            super::Mat::new(w.as_ptr(), out, inp, inp),
-                            super::gemm_par(n * out * inp),
-                        )
-                    })
+        let nn = nn.get_or_init(|| {
+            // W's rounded values, unpacked from the forward packing (rounding them again is exact).
+            let mut w = vec![0f32; out * inp];
+            for (j, row) in w.chunks_exact_mut(inp.max(1)).enumerate() {
+                for (i, v) in row.iter_mut().enumerate() {
+                    *v = bf16_value(nt.bits(i, j));
                 }
             }
-        }
+            PackedB::pack(&w, out, inp, inp, 1)
+        });
+        let rows = pack_rows(g, n, out, out);
+        let par = n * out * inp >= 1 << 20;
+        // SAFETY: as in `packed_forward`; the GEMM sets all n x in elements.
+        Some(unsafe { super::written_by(n * inp, |dx| gemm(dx, inp, &rows, n, nn, None, par)) })
     }
 }
 
 /// `v`'s elements rounded to bf16, as f32.
-fn rounded(v: &[f32]) -> Vec<f32> {
+pub(crate) fn rounded(v: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; v.len()];
     out.par_chunks_mut(super::PAR_CHUNK)
         .zip(v.par_chunks(super::PAR_CHUNK))
@@ -650,10 +628,9 @@ mod tests {
 
     #[test]
     fn both_forms_multiply_both_ways_with_the_same_rounded_values() {
-        let (out, inp, m) = (70, 33, 8);
+        // Through the linear layer that uses them, with few rows (its few-row path) and more.
+        let (out, inp) = (70, 33);
         let w = data(out * inp, 10);
-        let x = data(m * inp, 11);
-        let g = data(m * out, 12);
         let bias = data(out, 13);
         let mut wt = vec![0f32; inp * out];
         for j in 0..out {
@@ -661,29 +638,39 @@ mod tests {
                 wt[i * out + j] = w[j * inp + i];
             }
         }
-        let want_y = reference(&x, m, inp, &wt, out, Some(&bias));
-        let want_dx = reference(&g, m, out, &w, inp, None);
+        let wten = Tensor::from_vec(w.clone(), (out, inp), &candle_core::Device::Cpu).unwrap();
         let forms = if native() {
             &[true, false][..]
         } else {
             &[false][..]
         };
         for &packed in forms {
-            let t = Bf16Weight::new_as(&w, out, inp, packed);
-            let y = t.forward(&x, m, &bias);
-            let dx = t.input_grad(&g, m);
-            for (got, want) in y.iter().zip(&want_y).chain(dx.iter().zip(&want_dx)) {
-                assert!(
-                    (*got as f64 - want).abs() < 1e-5,
-                    "packed {packed}: {got} vs {want}"
-                );
+            let linear = super::super::Linear {
+                twin: Some(Arc::new(Bf16Weight::new_as(&w, out, inp, packed))),
+                ..super::super::Linear::plain(wten.clone())
+            };
+            for m in [8, 40] {
+                let x = data(m * inp, 11);
+                let g = data(m * out, 12);
+                let (y, _) = linear.forward(&x, &bias, m, inp).unwrap();
+                let dx = linear.input_grad(&g, m, out).unwrap();
+                let want_y = reference(&x, m, inp, &wt, out, Some(&bias));
+                let want_dx = reference(&g, m, out, &w, inp, None);
+                for (got, want) in y.iter().zip(&want_y).chain(dx.iter().zip(&want_dx)) {
+                    assert!(
+                        (*got as f64 - want).abs() < 1e-5,
+                        "packed {packed}, {m} rows: {got} vs {want}"
+                    );
+                }
             }
-            if let Form::Packed { nt, nn } = &t.form {
-                assert_eq!(nt.data, PackedB::pack(&wt, inp, out, out, 1).data);
-                assert_eq!(
-                    nn.get().unwrap().data,
-                    PackedB::pack(&w, out, inp, inp, 1).data
-                );
+            if let Some(t) = &linear.twin {
+                if let Form::Packed { nt, nn } = &t.form {
+                    assert_eq!(nt.data, PackedB::pack(&wt, inp, out, out, 1).data);
+                    assert_eq!(
+                        nn.get().unwrap().data,
+                        PackedB::pack(&w, out, inp, inp, 1).data
+                    );
+                }
             }
         }
     }
